@@ -3,6 +3,11 @@
     python bench/decode_vs_hf.py                          # tiny + ~130M configs, gpt-neox and internlm families
     python bench/decode_vs_hf.py --sizes 130m --family gpt-neox --batches 1 8 --device cuda --dtype fp16
     python bench/decode_vs_hf.py --profile                # also where npuinfer's decode step spends its time
+    python bench/decode_vs_hf.py --no-compile             # only the eager decode step
+
+npuinfer is measured twice: the eager step, and the step captured as one graph (`--compile` of the runtime:
+torch.compile with inductor's C++ wrapper on cpu, CUDA graphs on cuda), which compiles once per shape in the
+warm-up.
 
 Both sides run the same checkpoint on the same device: a transformers model with random weights is written with
 `save_pretrained` (plus a tokenizer file from the tiny checkpoint) and loaded back by npuinfer's `load_model`.
@@ -34,7 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from npuinfer.device import get_device, parse_dtype  # noqa: E402
-from npuinfer.generate import generate  # noqa: E402
+from npuinfer.generate import compile_decode, generate  # noqa: E402
 from npuinfer.runtime import load_model  # noqa: E402
 from npuinfer.tiny import ensure_tiny  # noqa: E402
 
@@ -129,7 +134,8 @@ class _Stamps:
         return [b - a for a, b in zip(self.t, self.t[1:])][skip:]
 
 
-def measure(loaded, hf, batch: int, prompt_len: int, n: int, repeats: int) -> dict[str, float]:
+def measure(loaded, hf, batch: int, prompt_len: int, n: int, repeats: int, compiled=None) -> dict[str, float]:
+    """Median step times; ``compiled`` (the model's compiled decode step) adds the "compiled" contender."""
     from transformers import GenerationConfig, StoppingCriteriaList
 
     device, model = loaded.device, loaded.model
@@ -138,8 +144,14 @@ def measure(loaded, hf, batch: int, prompt_len: int, n: int, repeats: int) -> di
     ids = ids.to(device.torch_device)
     mask = torch.ones_like(ids)
 
-    def ours(k, stamps=None):
-        return lambda: generate(model, ids, k, mask, observer=stamps)
+    def ours(k, stamps=None, step=None):
+        def run():
+            model.compiled_decode = step
+            return generate(model, ids, k, mask, observer=stamps)
+        return run
+
+    def ours_compiled(k, stamps=None):
+        return ours(k, stamps, compiled)
 
     def theirs(k, stamps=None):
         cfg = GenerationConfig(do_sample=False, max_new_tokens=k, min_new_tokens=k, eos_token_id=None,
@@ -153,18 +165,21 @@ def measure(loaded, hf, batch: int, prompt_len: int, n: int, repeats: int) -> di
         return run
 
     # warm-up at the largest shape, then check both sides produce the same tokens (same maths)
+    contenders = [("npuinfer", ours), ("transformers", theirs)] + ([("compiled", ours_compiled)] if compiled else [])
     model.setup_caches(batch, prompt_len + 2 * n)
-    for fn in (ours(2 * n), theirs(2 * n)):
-        fn()
-    same = torch.equal(ours(8)().cpu(), theirs(8)()[:, prompt_len:].cpu())
+    for _, make in contenders:  # the compiled step compiles here, once per (batch, length)
+        for k in (n, 2 * n):
+            make(k)()
+    reference = theirs(n)()[:, prompt_len:].cpu()
+    same = all(torch.equal(make(n)().cpu(), reference) for name, make in contenders if name != "transformers")
     floor = floor_step(model, batch)
     with torch.inference_mode():
         for _ in range(3):
             floor()
-    diff = {"npuinfer": [], "transformers": []}
-    steps = {"npuinfer": [], "transformers": [], "floor": []}
+    diff = {name: [] for name, _ in contenders}
+    steps = {**{name: [] for name, _ in contenders}, "floor": []}
     for _ in range(repeats):
-        for name, make in (("npuinfer", ours), ("transformers", theirs)):
+        for name, make in contenders:
             stamps = _Stamps(device)
             short = timed(device, make(n))
             long = timed(device, make(2 * n, stamps))
@@ -208,6 +223,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="N (the long run makes 2N); default by size")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of npuinfer's decode step")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="measure only the eager decode step (compiling costs seconds to a minute per shape)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads:
@@ -226,9 +243,13 @@ def main(argv=None) -> int:
                 loaded = load_model(model_path=path, device=device, dtype=dtype)
                 hf = hf.to(device=device.torch_device, dtype=dtype)
                 params = sum(t.numel() for t in loaded.model.parameters())
+                compiled = None
+                if args.compile:
+                    compile_decode(loaded.model, device)
+                    compiled = loaded.model.compiled_decode
                 n = args.new_tokens or (64 if size == "tiny" else 16)
                 for batch in args.batches:
-                    r = measure(loaded, hf, batch, args.prompt_len, n, args.repeats)
+                    r = measure(loaded, hf, batch, args.prompt_len, n, args.repeats, compiled)
                     row = dict(family=family, size=size, params=params, batch=batch, **r)
                     rows.append(row)
                     print(format_row(row), flush=True)
@@ -250,29 +271,42 @@ def _load() -> str:
         return "n/a"
 
 
+VARIANTS = (("npuinfer", "eager"), ("compiled", "compiled"))
+
+
+def _ratios(r: dict, key: str) -> tuple[float, float, float]:
+    """(vs transformers, vs floor, (T2N-TN)/N vs transformers) of one npuinfer variant."""
+    return r[key] / r["transformers"], r[key] / r["floor"], r[f"{key}_diff"] / r["transformers_diff"]
+
+
 def format_row(r: dict) -> str:
-    hf_ratio, floor_ratio = r["npuinfer"] / r["transformers"], r["npuinfer"] / r["floor"]
-    return (f"{r['family']:9s} {r['size']:5s} {r['params'] / 1e6:7.1f}M  batch {r['batch']:2d}  "
-            f"npuinfer {r['npuinfer'] * 1e3:8.3f} ms  transformers {r['transformers'] * 1e3:8.3f} ms  "
-            f"floor {r['floor'] * 1e3:8.3f} ms  | npuinfer/transformers {hf_ratio:5.2f}  npuinfer/floor "
-            f"{floor_ratio:5.2f}  | (T2N-TN)/N: npuinfer {r['npuinfer_diff'] * 1e3:.3f} ms  transformers "
-            f"{r['transformers_diff'] * 1e3:.3f} ms  ratio {r['npuinfer_diff'] / r['transformers_diff']:.2f}  "
-            f"| same tokens: {r['same_tokens']}")
+    head = (f"{r['family']:9s} {r['size']:5s} {r['params'] / 1e6:7.1f}M  batch {r['batch']:2d}  "
+            f"transformers {r['transformers'] * 1e3:8.3f} ms  floor {r['floor'] * 1e3:8.3f} ms  "
+            f"same tokens: {r['same_tokens']}")
+    lines = [head]
+    for key, label in VARIANTS:
+        if key in r:
+            hf, floor, diff = _ratios(r, key)
+            lines.append(f"    npuinfer {label:8s} {r[key] * 1e3:8.3f} ms  | /transformers {hf:5.2f}  /floor {floor:5.2f}"
+                         f"  | (T2N-TN)/N {r[f'{key}_diff'] * 1e3:.3f} ms, /transformers {diff:.2f}")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| family | size | params | batch | npuinfer ms/step | transformers ms/step | floor ms/step | "
-            "npuinfer/transformers (target) | npuinfer/floor (target <= 1.15) | (T2N-TN)/N ratio |")
-    lines = [head, "|" + "---|" * 10]
+    head = ("| family | size | params | batch | npuinfer step | npuinfer ms/step | transformers ms/step | "
+            "floor ms/step | npuinfer/transformers (target) | npuinfer/floor (target <= 1.15) | (T2N-TN)/N ratio |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
-        hf_ratio, floor_ratio = r["npuinfer"] / r["transformers"], r["npuinfer"] / r["floor"]
         target = TARGET_HF.get(r["batch"])
-        mark = "" if target is None else f" ({'met' if hf_ratio <= target else 'missed'}, <= {target})"
-        floor_mark = "met" if floor_ratio <= TARGET_FLOOR else "missed"
-        lines.append(f"| {r['family']} | {r['size']} | {r['params'] / 1e6:.1f}M | {r['batch']} | "
-                     f"{r['npuinfer'] * 1e3:.3f} | {r['transformers'] * 1e3:.3f} | {r['floor'] * 1e3:.3f} | "
-                     f"{hf_ratio:.2f}{mark} | {floor_ratio:.2f} ({floor_mark}) | "
-                     f"{r['npuinfer_diff'] / r['transformers_diff']:.2f} |")
+        for key, label in VARIANTS:
+            if key not in r:
+                continue
+            hf, floor, diff = _ratios(r, key)
+            mark = "" if target is None else f" ({'met' if hf <= target else 'missed'}, <= {target})"
+            floor_mark = "met" if floor <= TARGET_FLOOR else "missed"
+            lines.append(f"| {r['family']} | {r['size']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {label} | "
+                         f"{r[key] * 1e3:.3f} | {r['transformers'] * 1e3:.3f} | {r['floor'] * 1e3:.3f} | "
+                         f"{hf:.2f}{mark} | {floor:.2f} ({floor_mark}) | {diff:.2f} |")
     return "\n".join(lines)
 
 

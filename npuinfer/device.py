@@ -150,6 +150,19 @@ class Device:
     def profiler_sort_key(self) -> str:
         return "self_cuda_time_total" if self.type == "cuda" else "self_cpu_time_total"
 
+    def compile(self, fn):
+        """``fn`` (the static-shape decode step) captured for this device: CUDA graphs through inductor's
+        reduce-overhead mode on cuda, torchair's graph mode on npu, inductor's C++ wrapper on cpu."""
+        if self.type == "cuda":
+            return torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        if self.type == "npu":
+            try:
+                import torchair  # type: ignore[import-not-found]
+            except ImportError as exc:
+                raise DeviceError(f"--compile on npu needs torchair (shipped with torch_npu): {exc}") from exc
+            return torch.compile(fn, backend=torchair.get_npu_backend(), fullgraph=True, dynamic=False)
+        return torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+
     def supports_dtype(self, dtype: torch.dtype) -> bool:
         if self.type == "cuda" and dtype == torch.bfloat16:
             return torch.cuda.is_bf16_supported()

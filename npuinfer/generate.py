@@ -11,7 +11,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .model import SeqState, Transformer
+from .device import Device
+from .model import DecodeSlot, SeqState, Transformer
 
 
 class StepObserver(Protocol):
@@ -40,8 +41,24 @@ def prefill(model: Transformer, tokens: Tensor, state: SeqState | None) -> Tenso
     return model(tokens, 0, state, last_only=True)[:, -1]
 
 
-def decode_one_token(model: Transformer, token: Tensor, pos: int, state: SeqState | None) -> Tensor:
+def decode_one_token(model: Transformer, token: Tensor, pos: int | DecodeSlot, state: SeqState | None) -> Tensor:
+    if isinstance(pos, DecodeSlot):
+        step = model.compiled_decode or model.forward_slot
+        return step(token, pos, state)
     return model(token, pos, state)[:, -1]
+
+
+def compile_decode(model: Transformer, device: Device) -> None:
+    """Capture the decode step as one graph (gpt-fast's recipe); ``generate`` then replays it every step.
+
+    The first step at each (batch, cache length) compiles, which takes seconds to a minute: warm up per shape.
+    """
+    import torch._dynamo
+
+    # a sweep over batch sizes and lengths compiles once per shape; past the default limit torch would
+    # silently fall back to the uncompiled step
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    model.compiled_decode = device.compile(model.forward_slot)
 
 
 def greedy(logits: Tensor) -> Tensor:
@@ -80,6 +97,8 @@ def generate(
     done = (token == eos_id) if stop_at_eos and eos_id is not None else None
     obs.step_end(0)
 
+    # Compiled decoding: the step's position is a tensor (one graph for every position), sliced from here.
+    slots = torch.arange(total, device=device) if model.compiled_decode is not None else None
     for step in range(1, max_new_tokens):
         if done is not None and bool(done.all()):
             out[:, step:] = eos_id
@@ -87,7 +106,10 @@ def generate(
         obs.step_start(step)
         current = token.view(batch, 1)
         obs.forward_start(step)
-        logits = decode_one_token(model, current, prompt_len + step - 1, state)
+        pos = prompt_len + step - 1
+        if slots is not None:
+            pos = DecodeSlot(slots[pos : pos + 1], total)
+        logits = decode_one_token(model, current, pos, state)
         obs.forward_end(step)
         token = greedy(logits)
         if done is not None:

@@ -27,6 +27,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="cap the KV cache (also $MAX_SEQ_LEN)")
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
                         help="scaled_dot_product_attention (default) or the eager path")
+    parser.add_argument("--compile", action="store_true",
+                        help="capture the decode step as one graph (torch.compile; CUDA graphs on cuda)")
 
 
 def model_name(args: argparse.Namespace) -> str | None:

@@ -64,6 +64,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     max_seq_len: int | None = None,
     attention: str = "sdpa",
+    compile: bool = False,
 ) -> LoadedModel:
     """Load a registry model (``name``) or any supported directory (``model_path``) ready to run."""
     from .tokenizer import load_tokenizer
@@ -109,6 +110,10 @@ def load_model(
     model.load_state_dict(state, assign=True, strict=True)
     model.eval().requires_grad_(False)
     model.set_attention(attention)
+    if compile:
+        from .generate import compile_decode
+
+        compile_decode(model, dev)
     if parallel is not None:
         tp_dist.install_all_reduce(model)  # sum the row-parallel partial outputs (attention wo, mlp w2)
 

@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime import load_model
 
     device = init_tensor_parallel(args.tp, args.device)
-    loaded = load_model(model_name(args), args.model_path, device, args.dtype, args.max_seq_len, args.attention)
+    loaded = load_model(model_name(args), args.model_path, device, args.dtype, args.max_seq_len, args.attention,
+                        compile=args.compile)
     tok = loaded.tokenizer
     input_ids, mask = tok.encode_batch(list(args.prompts))
     out = generate(loaded.model, input_ids, args.max_new_tokens, mask, eos_id=tok.eos_id, stop_at_eos=not args.no_stop)

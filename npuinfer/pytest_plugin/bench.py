@@ -176,6 +176,9 @@ class BenchOptions:
     def from_config(cls, config: pytest.Config) -> "BenchOptions":
         opt = config.getoption
         grid = opt("bench_grid")
+        if opt("npuinfer_compile") and opt("bench_backend") != "npuinfer":
+            raise pytest.UsageError("--compile captures npuinfer's decode step; it does not apply to --backend "
+                                    f"{opt('bench_backend')}")
         if opt("bench_pairs") and opt("bench_seq_lens"):
             raise pytest.UsageError("--case-pairs and --seq-lens both given: --seq-lens 256,1024 means the pairs "
                                     "256x256,1024x1024, so give one of them")
@@ -189,6 +192,10 @@ class BenchOptions:
         return cls(batches=tuple(batches), pairs=tuple(pairs), rounds=opt("bench_rounds"), warmup=opt("bench_warmup"),
                    timing=opt("bench_timing"), backend=opt("bench_backend"), memory_limit=opt("bench_memory_limit"),
                    skip_measured=opt("bench_skip_measured"), seed=opt("bench_seed"))
+
+
+def opt_compile(config: pytest.Config) -> bool:
+    return bool(config.getoption("npuinfer_compile"))
 
 
 _OPTIONS = pytest.StashKey[BenchOptions]()
@@ -371,7 +378,7 @@ class BenchSession:
         import torch
 
         return {"model": model, "device": self.device.label, "device_name": self.device.name(),
-                "dtype": dtype_name(backend.dtype), "backend": self.options.backend, "timing": self.options.timing,
+                "dtype": dtype_name(backend.dtype), "backend": self.options.backend + ("+compile" if opt_compile(self.config) else ""), "timing": self.options.timing,
                 "rounds": self.options.rounds, "warmup": self.options.warmup, "tp": self._tp_size(),
                 "checkpoint": backend.checkpoint, "torch": torch.__version__}
 

@@ -27,6 +27,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--max-seq-len", default=None, type=int, dest="npuinfer_max_seq_len",
                     help="cap the KV cache (also $MAX_SEQ_LEN)")
     group.addoption("--attention", default="sdpa", choices=["sdpa", "eager"], dest="npuinfer_attention")
+    group.addoption("--compile", action="store_true", default=False, dest="npuinfer_compile",
+                    help="capture the decode step as one graph (torch.compile; CUDA graphs on cuda); each new "
+                         "(batch, length) shape compiles first, in the warm-up")
     group.addoption("--results-dir", default="results", dest="npuinfer_results_dir",
                     help="where CSV, markdown and plots are written (default results/)")
     group.addoption("--tp", default=1, type=int, dest="npuinfer_tp",
@@ -90,7 +93,8 @@ class ModelCache:
             registry_name = None if path and name == Path(path).name and name not in _names() else name
             self._loaded[name] = load_model(
                 registry_name, path, self.device, self.config.getoption("npuinfer_dtype"),
-                self.config.getoption("npuinfer_max_seq_len"), self.config.getoption("npuinfer_attention"))
+                self.config.getoption("npuinfer_max_seq_len"), self.config.getoption("npuinfer_attention"),
+                compile=self.config.getoption("npuinfer_compile"))
         return self._loaded[name]
 
 
