@@ -190,7 +190,7 @@ class Attention(nn.Module):
         self.eager = False
 
     def forward(self, x: Tensor, start: int | DecodeSlot, cos: Tensor | None, sin: Tensor | None,
-                mask: Tensor | None) -> Tensor:
+                mask: Tensor | None, prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
         args = self.args
         bsz, seqlen, _ = x.shape
         qkv = self.wqkv(x).view(bsz, seqlen, 3, args.n_local_heads, args.head_dim).permute(2, 0, 3, 1, 4)
@@ -199,6 +199,9 @@ class Attention(nn.Module):
             v = qkv[2]
         else:
             q, k, v = qkv
+        if prefix is not None:
+            y = self._attend_after_prefix(q, k, v, prefix, mask)
+            return self.reduce(self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1)))
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v)
         causal = mask is None and seqlen > 1
@@ -210,6 +213,42 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         y = y.transpose(1, 2).reshape(bsz, seqlen, -1)
         return self.reduce(self.wo(y))
+
+
+    def _attend_after_prefix(self, q: Tensor, k: Tensor, v: Tensor, prefix: tuple[Tensor, Tensor],
+                             mask: Tensor | None) -> Tensor:
+        """Rows that all continue one shared prefix ([1, H, P, D] K/V, not copied per row): see every prefix
+        slot and their own earlier tokens. ``mask`` is the same rule (or ALiBi bias) over [prefix; own]."""
+        kp, vp = prefix
+        if mask is None and not self.eager and q.is_cpu:
+            return _split_prefix_attention(q, k, v, kp, vp)
+        bsz = q.shape[0]
+        k = torch.cat([kp.expand(bsz, -1, -1, -1), k], dim=2)
+        v = torch.cat([vp.expand(bsz, -1, -1, -1), v], dim=2)
+        if self.eager:
+            return _eager_attention(q, k, v, mask, mask is None)
+        if mask is None:
+            mask = _causal_mask(None, kp.shape[2], q.shape[2], bsz=bsz, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _split_prefix_attention(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor) -> Tensor:
+    """Attention over [shared prefix; own causal tokens] as two unmasked flash calls merged by log-sum-exp.
+
+    Every row's queries go against the one prefix K/V in a single call (the batch folded into the query
+    length), and against their own K/V with a plain causal mask; no [B, H, T, P+T] mask is built. This is
+    where prefix-cached C-Eval scoring spends most of its time on small models (2x less than the masked call).
+    """
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    bsz, heads, seqlen, dim = q.shape
+    folded = q.transpose(0, 1).reshape(1, heads, bsz * seqlen, dim)
+    out_p, lse_p = flash(folded, kp, vp, 0.0, False)
+    out_p = out_p.view(heads, bsz, seqlen, dim).transpose(0, 1)
+    lse_p = lse_p.view(heads, bsz, seqlen).transpose(0, 1)
+    out_o, lse_o = flash(q, k, v, 0.0, True)
+    # softmax over both parts = the two partial outputs weighted by their shares of the normaliser
+    weight = torch.sigmoid(lse_p - lse_o).unsqueeze(-1).to(q.dtype)
+    return torch.lerp(out_o, out_p, weight)
 
 
 def _eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
@@ -252,8 +291,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = _norm(args)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: Tensor, start: int | DecodeSlot, cos, sin, mask) -> Tensor:
-        attn = self.attention(self.attention_norm(x), start, cos, sin, mask)
+    def forward(self, x: Tensor, start: int | DecodeSlot, cos, sin, mask,
+                prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        attn = self.attention(self.attention_norm(x), start, cos, sin, mask, prefix)
         if self.parallel_residual:
             return x + attn + self.feed_forward(self.ffn_norm(x))
         h = x + attn
@@ -317,12 +357,16 @@ class Transformer(nn.Module):
             self._tables = {"slopes": alibi_slopes(args.n_heads)[heads].to(device)}
 
     def forward(self, tokens: Tensor, start: int, state: SeqState | None = None, last_only: bool = False,
-                logits_from: int = 0) -> Tensor:
+                logits_from: int = 0, prefix: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """Logits [B, T, vocab] for ``tokens`` written into cache slots start..start+T.
 
         ``last_only`` projects only the last position ([B, 1, vocab]), ``logits_from`` only positions from
         that index on: a prefill then never holds [B, T, vocab] logits (5 GB for qwen-7b at batch 8 x 2048).
+        ``prefix``: per layer the [1, H, start, D] K/V of slots 0..start shared by every (unpadded) row; the
+        rows then attend to it in place and the KV cache is neither read nor written.
         """
+        if prefix is not None and (state is not None or prefix[0][0].shape[2] != start):
+            raise ValueError("a shared prefix needs rows without padding state that start right after it")
         bsz, seqlen = tokens.shape
         end = start + seqlen
         if state is None:
@@ -340,7 +384,7 @@ class Transformer(nn.Module):
                 cos, sin = self._tables["cos"][positions].unsqueeze(1), self._tables["sin"][positions].unsqueeze(1)
             if padded:
                 mask = _causal_mask(valid, start, seqlen)
-            elif seqlen > 1 and start > 0:
+            elif seqlen > 1 and start > 0 and prefix is None:
                 mask = _causal_mask(None, start, seqlen, bsz=bsz, device=tokens.device)
         else:
             if positions is None:  # one bias row for the whole batch: SDPA broadcasts it
@@ -348,8 +392,8 @@ class Transformer(nn.Module):
                 k_pos = torch.arange(end, device=tokens.device)[None]
             mask = self._alibi_bias(positions, k_pos, _causal_mask(valid, start, seqlen, device=tokens.device))
         x = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            x = layer(x, start, cos, sin, mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, start, cos, sin, mask, prefix[i] if prefix is not None else None)
         if last_only:
             x = x[:, -1:]
         elif logits_from:

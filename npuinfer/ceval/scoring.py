@@ -1,8 +1,9 @@
 """Scoring C-Eval questions with a loaded model: log-likelihood of each choice, or generate-and-parse.
 
 Modes
-  prefix    (default) the k-shot prefix of a subject is run once at batch 1; its KV cache is copied into
-            every row of a batch of questions, which then run only their own tokens.
+  prefix    (default) the k-shot prefix of a subject is run once at batch 1; a batch of questions then runs
+            only their own tokens, attending to that one copy of the prefix's K/V (generate mode copies it
+            into every row of its cache, which decoding extends).
   naive     every question runs its whole prompt from position 0 (the reference the prefix mode must equal).
   generate  greedy decoding of up to ``max_new_tokens``; the prediction is the first letter A-D of the text
             (the Ascend tool's extraction); uses the cached prefix too.
@@ -107,6 +108,8 @@ BOUNDARY_SLACK = 4
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case, compared in C
+        return n
     for i in range(n):
         if a[i] != b[i]:
             return i
@@ -321,9 +324,12 @@ class SubjectScorer:
         ids = torch.full((len(rows), width), self.tok.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        self._prepare(len(rows), start, width, kv)
         first = min(len(it.tokens) for it in batch) - 1  # no continuation is read before this position
-        logits = model(ids.to(model.device), start, logits_from=first)
+        if kv is None:
+            model.setup_caches(len(rows), width)
+            self._holds_prefix = None  # this forward writes from slot 0
+        # With a cached prefix the rows attend to its one copy in place: no cache, nothing copied per row.
+        logits = model(ids.to(model.device), start, logits_from=first, prefix=kv)
         self._count(rows, width)
         # Gather the logits every continuation token needs: row, position, token.
         row_idx, pos_idx, tok_idx, owner = [], [], [], []

@@ -1,0 +1,53 @@
+"""Rows attending to one shared prefix K/V in place (`forward(..., prefix=)`, what prefix-cached C-Eval scoring
+runs) give the logits of the same rows run after the prefix was copied into every row's KV cache."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_NAMES
+
+
+def _prefix_kv(model, prefix_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    p = prefix_ids.shape[1]
+    model.setup_caches(1, p)
+    model(prefix_ids, 0, last_only=True)
+    return [(layer.attention.kv_cache.k[:, :, :p].clone(), layer.attention.kv_cache.v[:, :, :p].clone())
+            for layer in model.layers]
+
+
+def _through_the_cache(model, kv, rows: torch.Tensor) -> torch.Tensor:
+    p = kv[0][0].shape[2]
+    model.setup_caches(rows.shape[0], p + rows.shape[1])
+    for layer, (k, v) in zip(model.layers, kv):
+        layer.attention.kv_cache.k[:, :, :p] = k
+        layer.attention.kv_cache.v[:, :, :p] = v
+    return model(rows, p)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_rows_after_a_shared_prefix_equal_rows_after_a_copied_prefix(load_tiny, name, attention):
+    model = load_tiny(name).model
+    g = torch.Generator().manual_seed(0)
+    prefix_ids = torch.randint(3, 200, (1, 37), generator=g)
+    rows = torch.randint(3, 200, (5, 11), generator=g)
+    try:
+        model.set_attention(attention)
+        with torch.inference_mode():
+            kv = _prefix_kv(model, prefix_ids)
+            expected = _through_the_cache(model, kv, rows)
+            got = model(rows, prefix_ids.shape[1], prefix=kv)
+            tail = model(rows, prefix_ids.shape[1], logits_from=6, prefix=kv)
+    finally:
+        model.set_attention("sdpa")
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), f"{(got - expected).abs().max():.3e}"
+    assert torch.allclose(tail, expected[:, 6:], atol=1e-5, rtol=0)
+
+
+def test_a_prefix_that_does_not_end_where_the_rows_start_is_refused(load_tiny):
+    model = load_tiny("qwen-tiny").model
+    with torch.inference_mode():
+        kv = _prefix_kv(model, torch.randint(3, 200, (1, 8)))
+        with pytest.raises(ValueError, match="shared prefix"):
+            model(torch.randint(3, 200, (2, 4)), 9, prefix=kv)
