@@ -73,6 +73,40 @@ def test_several_rows_per_question(load_tiny, data):
     assert_same(one, many)
 
 
+def _whole_encodings(encode, context, continuations):
+    """lm-eval's _encode_pair written out: every continuation encoded with the whole context."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuations = [context[-n_spaces:] + c for c in continuations]
+        context = context[:-n_spaces]
+    ctx = encode(context)
+    return ctx, [encode(context + c)[len(ctx):] for c in continuations]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_lmeval_split_equals_whole_encodings(name, load_tiny):
+    """The last-line shortcut of lmeval_split gives lm-eval's ids, for every tokenizer kind and template,
+    on every shipped sample question with its 5-shot prefix (and on lines it must not shortcut)."""
+    from npuinfer.ceval import available_subjects
+    from npuinfer.ceval.prompts import get_template
+
+    encode = load_tiny(name).tokenizer.encode
+    data = sample_dir()
+    checked = 0
+    for subject in available_subjects(data, "val"):
+        dev, val = load_split(data, subject, "dev"), load_split(data, subject, "val")
+        for template in (get_template("lmeval"), get_template("atb"), ODD):
+            for q in val:
+                context = build_prompt(template, subject, dev, q).context
+                expected = _whole_encodings(encode, context, template.continuations)
+                assert lmeval_split(encode, context, template.continuations) == expected, (subject, q.question_id)
+                checked += 1
+    for context in ("no newline at all 答案：", "line\n  indented last line", "ends with a newline\n",
+                    "中文\n答案：", "x\n\n"):
+        assert lmeval_split(encode, context, (" A", "B")) == _whole_encodings(encode, context, (" A", "B"))
+    assert checked == 52 * 3 * 3
+
+
 def test_tail_rows():
     # tails: (), (7, 8), (7,), (6,): () and (7,) are read from the rows of longer tails that start with them
     tails, row_of = _tail_rows([[5], [7, 8, 9], [7, 8], [6, 1]])
