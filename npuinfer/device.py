@@ -161,7 +161,15 @@ class Device:
             except ImportError as exc:
                 raise DeviceError(f"--compile on npu needs torchair (shipped with torch_npu): {exc}") from exc
             return torch.compile(fn, backend=torchair.get_npu_backend(), fullgraph=True, dynamic=False)
-        return torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        import torch._inductor.config as inductor_config
+
+        # Freezing makes the weights constants, so inductor prepacks them and generates its own GEMM kernels
+        # with the element-wise work fused in (set globally: the per-compile option does not reach freezing).
+        # On a 130M model that decode step beats the same matmuls called through aten (0.5-0.8x of them).
+        inductor_config.freezing = True
+        return torch.compile(fn, fullgraph=True, dynamic=False,
+                             options={"cpp_wrapper": True, "max_autotune": True,
+                                      "max_autotune_gemm_backends": "CPP,ATEN"})
 
     def supports_dtype(self, dtype: torch.dtype) -> bool:
         if self.type == "cuda" and dtype == torch.bfloat16:

@@ -91,6 +91,9 @@ def load_model(
         check_config_matches(spec, family, args, config_path)
 
     parallel = tp_dist.tp_world()  # (world size, rank) under torch.distributed, else None
+    if compile and parallel is not None:
+        raise ValueError("--compile is not supported with tensor parallelism (--tp > 1) yet: the all-reduce "
+                         "after each row-parallel layer is outside the captured graph; drop one of the two")
     if parallel is not None:  # tensor parallel: this rank reads only part_model/{rank}
         from .parallel.shard import load_shard
 

@@ -14,9 +14,10 @@ from test_bench_suite import rows_of, run_bench
 PROMPTS = ["苹果公司的CEO是", "The capital of France is a city", "Hello"]  # different lengths: left padding
 
 
-def _decode_logits(model, ids, mask, steps: int, slot: bool, step_fn=None) -> list[torch.Tensor]:
+def _decode_logits(model, ids, mask, steps: int, slot: bool, step_fn=None, total: int | None = None
+                   ) -> list[torch.Tensor]:
     batch, prompt_len = ids.shape
-    total = prompt_len + steps + 1
+    total = total or prompt_len + steps + 1
     model.setup_caches(batch, total)
     state = seq_state(mask, total)
     positions = torch.arange(total)
@@ -51,16 +52,27 @@ def test_compiled_decode_generates_what_eager_does(tiny_dir, name, padded):
     loaded = load_model(model_path=tiny_dir(name), device="cpu", dtype="fp32")
     model = loaded.model
     ids, mask = loaded.tokenizer.encode_batch(PROMPTS if padded else PROMPTS[:1])
+    total = ids.shape[1] + 12  # what generate(..., 12) attends over: one compiled shape for both
     with torch.inference_mode():
-        eager_logits = _decode_logits(model, ids, mask, 4, slot=False)
+        eager_logits = _decode_logits(model, ids, mask, 4, slot=False, total=total)
         eager_tokens = generate(model, ids, 12, mask)
     compile_decode(model, loaded.device)
     with torch.inference_mode():
-        compiled_logits = _decode_logits(model, ids, mask, 4, slot=True, step_fn=model.compiled_decode)
+        compiled_logits = _decode_logits(model, ids, mask, 4, slot=True, step_fn=model.compiled_decode, total=total)
         compiled_tokens = generate(model, ids, 12, mask)
     for step, (a, b) in enumerate(zip(eager_logits, compiled_logits)):
         assert torch.allclose(a, b, atol=1e-4, rtol=0), f"step {step}: {(a - b).abs().max():.3e}"
     assert torch.equal(eager_tokens, compiled_tokens)
+    # Another shape reallocates the KV cache (and recompiles); coming back to the first shape allocates new
+    # cache tensors again, which the graph compiled for that shape must write and read, not the old ones.
+    other = ids[:1, -3:]
+    with torch.inference_mode():
+        other_compiled = generate(model, other, 20)
+        again = generate(model, ids, 12, mask)
+        model.compiled_decode = None
+        other_eager = generate(model, other, 20)
+    assert torch.equal(other_compiled, other_eager)
+    assert torch.equal(again, eager_tokens)
 
 
 def test_bench_compile_option_runs_compiled_and_says_so(tmp_path, npuinfer_cache):
