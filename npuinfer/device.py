@@ -10,6 +10,7 @@ import importlib
 import os
 import random
 import re
+import warnings
 from dataclasses import dataclass
 from functools import cache
 
@@ -167,9 +168,13 @@ class Device:
         # with the element-wise work fused in (set globally: the per-compile option does not reach freezing).
         # On a 130M model that decode step beats the same matmuls called through aten (0.5-0.8x of them).
         inductor_config.freezing = True
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # inductor's own GEMM selection
         return torch.compile(fn, fullgraph=True, dynamic=False,
                              options={"cpp_wrapper": True, "max_autotune": True,
-                                      "max_autotune_gemm_backends": "CPP,ATEN"})
+                                      "max_autotune_gemm_backends": "CPP,ATEN",
+                                      # the GEMM choice is made quietly: no AUTOTUNE tables on stderr
+                                      "autotune_num_choices_displayed": 0,
+                                      "max_autotune_report_choices_stats": False})
 
     def supports_dtype(self, dtype: torch.dtype) -> bool:
         if self.type == "cuda" and dtype == torch.bfloat16:
