@@ -169,12 +169,12 @@ class Device:
         # On a 130M model that decode step beats the same matmuls called through aten (0.5-0.8x of them).
         inductor_config.freezing = True
         warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # inductor's own GEMM selection
-        return torch.compile(fn, fullgraph=True, dynamic=False,
-                             options={"cpp_wrapper": True, "max_autotune": True,
-                                      "max_autotune_gemm_backends": "CPP,ATEN",
-                                      # the GEMM choice is made quietly: no AUTOTUNE tables on stderr
-                                      "autotune_num_choices_displayed": 0,
-                                      "max_autotune_report_choices_stats": False})
+        options = {"cpp_wrapper": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                   # the GEMM choice is made quietly: no AUTOTUNE tables on stderr
+                   "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+        # an older torch rejects options it does not know; it then runs with the ones it has
+        options = {k: v for k, v in options.items() if hasattr(inductor_config, k)}
+        return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
 
     def supports_dtype(self, dtype: torch.dtype) -> bool:
         if self.type == "cuda" and dtype == torch.bfloat16:

@@ -6,7 +6,8 @@ pre-processing, the forward and post-processing without touching this loop.
 """
 from __future__ import annotations
 
-from typing import Protocol
+import weakref
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -48,6 +49,35 @@ def decode_one_token(model: Transformer, token: Tensor, pos: int | DecodeSlot, s
     return model(token, pos, state)[:, -1]
 
 
+class CompiledDecode:
+    """The decode step captured as one graph, and the shapes it holds graphs for.
+
+    A graph pins the KV cache tensors it was built with (frozen on cpu, recorded in CUDA graphs), so when
+    ``setup_caches`` replaces the cache, or after ``max_shapes`` shapes, every graph is dropped
+    (``torch.compiler.reset``): old caches are freed, and a sweep never reaches torch's recompile limit,
+    which a fullgraph compile turns into an error.
+    """
+
+    def __init__(self, fn: Callable[[Tensor, DecodeSlot, SeqState | None], Tensor], max_shapes: int = 16) -> None:
+        self.fn = fn
+        self.max_shapes = max_shapes
+        self._cache: weakref.ref | None = None
+        self._shapes: set[tuple] = set()
+
+    def prepare(self, model: Transformer, shape: tuple) -> None:
+        """Call before decoding with a cache set up for ``shape`` (any hashable description of the step)."""
+        cache = model.layers[0].attention.kv_cache.k
+        replaced = self._cache is not None and self._cache() is not cache
+        if replaced or (shape not in self._shapes and len(self._shapes) >= self.max_shapes):
+            torch.compiler.reset()
+            self._shapes.clear()
+        self._cache = weakref.ref(cache)
+        self._shapes.add(shape)
+
+    def __call__(self, token: Tensor, slot: DecodeSlot, state: SeqState | None) -> Tensor:
+        return self.fn(token, slot, state)
+
+
 def compile_decode(model: Transformer, device: Device) -> None:
     """Capture the decode step as one graph (gpt-fast's recipe); ``generate`` then replays it every step.
 
@@ -55,10 +85,10 @@ def compile_decode(model: Transformer, device: Device) -> None:
     """
     import torch._dynamo
 
-    # a sweep over batch sizes and lengths compiles once per shape; past the default limit torch would
-    # silently fall back to the uncompiled step
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    model.compiled_decode = device.compile(model.forward_slot)
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(config, limit, max(getattr(config, limit), 32))  # CompiledDecode resets after 16 shapes
+    model.compiled_decode = CompiledDecode(device.compile(model.forward_slot))
 
 
 def greedy(logits: Tensor) -> Tensor:
@@ -98,7 +128,10 @@ def generate(
     obs.step_end(0)
 
     # Compiled decoding: the step's position is a tensor (one graph for every position), sliced from here.
-    slots = torch.arange(total, device=device) if model.compiled_decode is not None else None
+    slots = None
+    if model.compiled_decode is not None:
+        slots = torch.arange(total, device=device)
+        model.compiled_decode.prepare(model, (batch, total, state is None))
     for step in range(1, max_new_tokens):
         if done is not None and bool(done.all()):
             out[:, step:] = eos_id

@@ -220,7 +220,7 @@ class Attention(nn.Module):
         """Rows that all continue one shared prefix ([1, H, P, D] K/V, not copied per row): see every prefix
         slot and their own earlier tokens. ``mask`` is the same rule (or ALiBi bias) over [prefix; own]."""
         kp, vp = prefix
-        if mask is None and not self.eager and q.is_cpu:
+        if mask is None and not self.eager and q.is_cpu and _CPU_FLASH is not None:
             return _split_prefix_attention(q, k, v, kp, vp)
         bsz = q.shape[0]
         k = torch.cat([kp.expand(bsz, -1, -1, -1), k], dim=2)
@@ -239,16 +239,21 @@ def _split_prefix_attention(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Ten
     length), and against their own K/V with a plain causal mask; no [B, H, T, P+T] mask is built. This is
     where prefix-cached C-Eval scoring spends most of its time on small models (2x less than the masked call).
     """
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    flash = _CPU_FLASH
     bsz, heads, seqlen, dim = q.shape
     folded = q.transpose(0, 1).reshape(1, heads, bsz * seqlen, dim)
     out_p, lse_p = flash(folded, kp, vp, 0.0, False)
     out_p = out_p.view(heads, bsz, seqlen, dim).transpose(0, 1)
     lse_p = lse_p.view(heads, bsz, seqlen).transpose(0, 1)
     out_o, lse_o = flash(q, k, v, 0.0, True)
-    # softmax over both parts = the two partial outputs weighted by their shares of the normaliser
-    weight = torch.sigmoid(lse_p - lse_o).unsqueeze(-1).to(q.dtype)
-    return torch.lerp(out_o, out_p, weight)
+    # softmax over both parts = the two partial outputs weighted by their shares of the normaliser (in fp32:
+    # a bf16 weight and lerp doubled the error of one attention call)
+    weight = torch.sigmoid(lse_p.float() - lse_o.float()).unsqueeze(-1)
+    return torch.lerp(out_o.float(), out_p.float(), weight).to(q.dtype)
+
+
+# Flash attention on cpu that also returns the log-sum-exp (torch >= 2.3); without it the concatenated path runs.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
@@ -310,7 +315,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self._tables: dict[str, Tensor] = {}
         self.cache_shape: tuple[int, int] = (0, 0)
-        self.compiled_decode: Callable[[Tensor, DecodeSlot, SeqState | None], Tensor] | None = None
+        self.compiled_decode = None  # generate.CompiledDecode, set by generate.compile_decode
 
     @property
     def device(self) -> torch.device:

@@ -65,6 +65,10 @@ class Tokenizer:
     eos_id: int
     pad_id: int
     add_bos: bool
+    # Text is cut by a split regex before BPE, and no piece joins a newline with the non-space after it, so
+    # encode(a + b) == encode(a) + encode(b) when a ends with "\n" and b starts with a non-space (tiktoken's
+    # Qwen pattern, byte-level tokenizer.json). Sentencepiece merges over the whole text: no such promise.
+    splits_after_newlines: bool = False
 
     def __init__(self, family: str, vocab_size: int, bos_id: int | None, eos_id: int, pad_id: int,
                  add_bos: bool) -> None:
@@ -132,6 +136,8 @@ def _as_id_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
 class QwenTokenizer(Tokenizer):
     """qwen.tiktoken through tiktoken, as Qwen's own tokenizer does: NFC first, special tokens allowed in text."""
 
+    splits_after_newlines = True
+
     def __init__(self, encoding: Any, n_ranks: int, add_bos: bool, pad_token: str | None) -> None:
         self._enc = encoding
         self._n_ranks = n_ranks
@@ -185,6 +191,7 @@ class HFJsonTokenizer(Tokenizer):
     def __init__(self, family: str, backend: Any, bos_id: int | None, eos_id: int, pad_id: int,
                  add_bos: bool) -> None:
         self._tok = backend
+        self.splits_after_newlines = type(backend.pre_tokenizer).__name__ == "ByteLevel"
         super().__init__(family, backend.get_vocab_size(with_added_tokens=True), bos_id, eos_id, pad_id, add_bos)
 
     def _encode_text(self, text: str) -> list[int]:

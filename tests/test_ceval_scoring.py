@@ -90,7 +90,9 @@ def test_lmeval_split_equals_whole_encodings(name, load_tiny):
     from npuinfer.ceval import available_subjects
     from npuinfer.ceval.prompts import get_template
 
-    encode = load_tiny(name).tokenizer.encode
+    tok = load_tiny(name).tokenizer
+    encode, splits = tok.encode, tok.splits_after_newlines
+    assert splits == (name in ("qwen-tiny", "gpt-neox-tiny"))
     data = sample_dir()
     checked = 0
     for subject in available_subjects(data, "val"):
@@ -99,11 +101,11 @@ def test_lmeval_split_equals_whole_encodings(name, load_tiny):
             for q in val:
                 context = build_prompt(template, subject, dev, q).context
                 expected = _whole_encodings(encode, context, template.continuations)
-                assert lmeval_split(encode, context, template.continuations) == expected, (subject, q.question_id)
+                assert lmeval_split(encode, context, template.continuations, splits) == expected, (subject, q.question_id)
                 checked += 1
     for context in ("no newline at all 答案：", "line\n  indented last line", "ends with a newline\n",
                     "中文\n答案：", "x\n\n"):
-        assert lmeval_split(encode, context, (" A", "B")) == _whole_encodings(encode, context, (" A", "B"))
+        assert lmeval_split(encode, context, (" A", "B"), True) == _whole_encodings(encode, context, (" A", "B"))
     assert checked == 52 * 3 * 3
 
 

@@ -2,6 +2,9 @@
 the ordinary cached forward: for every family on a left-padded batch, and through torch.compile for real."""
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -66,8 +69,11 @@ def test_compiled_decode_generates_what_eager_does(tiny_dir, name, padded):
     # Another shape reallocates the KV cache (and recompiles); coming back to the first shape allocates new
     # cache tensors again, which the graph compiled for that shape must write and read, not the old ones.
     other = ids[:1, -3:]
+    first_cache = weakref.ref(model.layers[0].attention.kv_cache.k)
     with torch.inference_mode():
         other_compiled = generate(model, other, 20)
+        gc.collect()
+        assert first_cache() is None  # the graphs built for the replaced cache let it go
         again = generate(model, ids, 12, mask)
         model.compiled_decode = None
         other_eager = generate(model, other, 20)

@@ -84,15 +84,23 @@ class _Item:
     row_of: list[int]  # choice -> index into rows
 
 
-def lmeval_split(encode: Callable[[str], list[int]], context: str,
-                 continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
-    """(context ids, continuation ids per choice) exactly as lm-eval's ``_encode_pair`` makes them."""
+def lmeval_split(encode: Callable[[str], list[int]], context: str, continuations: Sequence[str],
+                 splits_after_newlines: bool = False) -> tuple[list[int], list[list[int]]]:
+    """(context ids, continuation ids per choice) exactly as lm-eval's ``_encode_pair`` makes them.
+
+    ``splits_after_newlines``: the tokenizer's promise (``Tokenizer.splits_after_newlines``) that lets each
+    choice re-encode only the context's last line.
+    """
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuations = [context[-n_spaces:] + c for c in continuations]
         context = context[:-n_spaces]
     ctx_ids = encode(context)
-    joint = _joint_encoder(encode, context, ctx_ids)
+    if splits_after_newlines:
+        joint = _joint_encoder(encode, context, ctx_ids)
+    else:
+        def joint(continuation: str) -> list[int]:
+            return encode(context + continuation)
     conts = []
     for continuation in continuations:
         cont = joint(continuation)[len(ctx_ids):]
@@ -108,10 +116,10 @@ def _joint_encoder(encode: Callable[[str], list[int]], context: str,
     """``encode(context + continuation)``, re-encoding only the context's last line with each continuation.
 
     A C-Eval context is ~1,000 tokens of shots and one short last line ("答案："); encoding it whole once per
-    choice was a fifth of prefix-cached scoring's time. The context's tokens up to its last line are reused
-    when the line starts on a token boundary of the context's own encoding (checked here, per context): the
-    split regexes of tiktoken and tokenizers' byte-level BPE never join a newline with the letter after it,
-    and tests compare the result with whole encodings for every tokenizer kind. Otherwise: whole encodings.
+    choice was a fifth of prefix-cached scoring's time. For a tokenizer that splits text after newlines
+    (see ``Tokenizer.splits_after_newlines``) the context's tokens up to its last line are reused, when the
+    line also starts on a token boundary of the context's own encoding (checked here, per context; a bos or a
+    dummy prefix fails it). Tests compare the result with whole encodings. Otherwise: whole encodings.
     """
     cut = context.rfind("\n") + 1
     line = context[cut:]
@@ -197,7 +205,8 @@ class SubjectScorer:
         else:
             probe = self.template.render_description(self.subject) + self.template.render_block(
                 self.questions[0]) if self.questions else "x"
-            reserve = max(len(c) for c in lmeval_split(self.tok.encode, probe, self.template.continuations)[1])
+            reserve = max(len(c) for c in lmeval_split(self.tok.encode, probe, self.template.continuations,
+                                                       self.tok.splits_after_newlines)[1])
         budget = self.model.args.max_seq_len - reserve
         if max_prompt_tokens is not None:
             budget = min(budget, max_prompt_tokens)
@@ -228,7 +237,8 @@ class SubjectScorer:
         if self.mode == "generate":
             ctx, conts = self.encode(context), []
         else:
-            ctx, conts = lmeval_split(self.encode, context, self.template.continuations)
+            ctx, conts = lmeval_split(self.encode, context, self.template.continuations,
+                                      self.tok.splits_after_newlines)
         extra = max((len(c) - 1 for c in conts), default=0)  # tail tokens fed after the context
         limit = min(self.budget, self.model.args.max_seq_len - extra)
         if len(ctx) > limit:
