@@ -85,10 +85,12 @@ def compile_decode(model: Transformer, device: Device) -> None:
     """
     import torch._dynamo
 
+    step = CompiledDecode(device.compile(model.forward_slot))
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
-    setattr(config, limit, max(getattr(config, limit), 32))  # CompiledDecode resets after 16 shapes
-    model.compiled_decode = CompiledDecode(device.compile(model.forward_slot))
+    # above the shapes CompiledDecode keeps before it resets, so a fullgraph compile never hits the limit
+    setattr(config, limit, max(getattr(config, limit), 2 * step.max_shapes))
+    model.compiled_decode = step
 
 
 def greedy(logits: Tensor) -> Tensor:

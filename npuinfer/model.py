@@ -199,37 +199,23 @@ class Attention(nn.Module):
             v = qkv[2]
         else:
             q, k, v = qkv
-        if prefix is not None:
-            y = self._attend_after_prefix(q, k, v, prefix, mask)
-            return self.reduce(self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1)))
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(start, k, v)
-        causal = mask is None and seqlen > 1
-        # One query row against the cache: plain matmuls, which a compiler fuses; CPU's flash kernel with a
-        # mask costs ~0.6 ms a layer there (12% of a 130M decode step at batch 8).
-        if self.eager or isinstance(start, DecodeSlot):
-            y = _eager_attention(q, k, v, mask, causal)
+        if prefix is not None and mask is None:  # see Transformer.forward: the split needs no mask
+            y = _split_prefix_attention(q, k, v, *prefix)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            if prefix is not None:  # rows that all continue one shared [1, H, P, D] prefix, not copied per row
+                k = torch.cat([prefix[0].expand(bsz, -1, -1, -1), k], dim=2)
+                v = torch.cat([prefix[1].expand(bsz, -1, -1, -1), v], dim=2)
+            elif self.kv_cache is not None:
+                k, v = self.kv_cache.update(start, k, v)
+            causal = mask is None and seqlen > 1
+            # One query row against the cache: plain matmuls, which a compiler fuses; CPU's flash kernel with a
+            # mask costs ~0.6 ms a layer there (12% of a 130M decode step at batch 8).
+            if self.eager or isinstance(start, DecodeSlot):
+                y = _eager_attention(q, k, v, mask, causal)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         y = y.transpose(1, 2).reshape(bsz, seqlen, -1)
         return self.reduce(self.wo(y))
-
-
-    def _attend_after_prefix(self, q: Tensor, k: Tensor, v: Tensor, prefix: tuple[Tensor, Tensor],
-                             mask: Tensor | None) -> Tensor:
-        """Rows that all continue one shared prefix ([1, H, P, D] K/V, not copied per row): see every prefix
-        slot and their own earlier tokens. ``mask`` is the same rule (or ALiBi bias) over [prefix; own]."""
-        kp, vp = prefix
-        if mask is None and not self.eager and q.is_cpu and _CPU_FLASH is not None:
-            return _split_prefix_attention(q, k, v, kp, vp)
-        bsz = q.shape[0]
-        k = torch.cat([kp.expand(bsz, -1, -1, -1), k], dim=2)
-        v = torch.cat([vp.expand(bsz, -1, -1, -1), v], dim=2)
-        if self.eager:
-            return _eager_attention(q, k, v, mask, mask is None)
-        if mask is None:
-            mask = _causal_mask(None, kp.shape[2], q.shape[2], bsz=bsz, device=q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def _split_prefix_attention(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor) -> Tensor:
@@ -372,6 +358,9 @@ class Transformer(nn.Module):
         """
         if prefix is not None and (state is not None or prefix[0][0].shape[2] != start):
             raise ValueError("a shared prefix needs rows without padding state that start right after it")
+        # RoPE rows after a shared prefix on cpu: two unmasked flash calls, no mask at all (_split_prefix_attention)
+        split_prefix = (prefix is not None and tokens.is_cpu and _CPU_FLASH is not None
+                        and not self.layers[0].attention.eager)
         bsz, seqlen = tokens.shape
         end = start + seqlen
         if state is None:
@@ -386,10 +375,11 @@ class Transformer(nn.Module):
             if positions is None:  # every row at the same positions: a slice, no gather
                 cos, sin = self._tables["cos"][start:end][None, None], self._tables["sin"][start:end][None, None]
             else:
-                cos, sin = self._tables["cos"][positions].unsqueeze(1), self._tables["sin"][positions].unsqueeze(1)
+                cos, sin = self._rope_at(positions)
             if padded:
                 mask = _causal_mask(valid, start, seqlen)
-            elif seqlen > 1 and start > 0 and prefix is None:
+            elif start > 0 and (seqlen > 1 or prefix is not None) and not split_prefix:
+                # with a prefix the mask is what tells the layers to concatenate instead of splitting
                 mask = _causal_mask(None, start, seqlen, bsz=bsz, device=tokens.device)
         else:
             if positions is None:  # one bias row for the whole batch: SDPA broadcasts it
@@ -424,7 +414,7 @@ class Transformer(nn.Module):
             k_pos = state.positions[:, : slot.window]
         cos = sin = None
         if self.args.position == "rope":
-            cos, sin = self._tables["cos"][q_pos].unsqueeze(1), self._tables["sin"][q_pos].unsqueeze(1)
+            cos, sin = self._rope_at(q_pos)
             mask = visible[:, None, None, :]
         else:
             mask = self._alibi_bias(q_pos, k_pos, visible[:, None, None, :])
@@ -432,6 +422,10 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, slot, cos, sin, mask)
         return self.output(self.norm(x))[:, -1]
+
+    def _rope_at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin [B, 1, T, rot] for per-row position ids [B, T]."""
+        return self._tables["cos"][positions].unsqueeze(1), self._tables["sin"][positions].unsqueeze(1)
 
     def _alibi_bias(self, q_pos: Tensor, k_pos: Tensor, allowed: Tensor) -> Tensor:
         slopes = self._tables["slopes"].view(1, -1, 1, 1)

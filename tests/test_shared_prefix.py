@@ -25,24 +25,26 @@ def _through_the_cache(model, kv, rows: torch.Tensor) -> torch.Tensor:
     return model(rows, p)
 
 
+@pytest.mark.parametrize("width", [11, 1])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", TINY_NAMES)
-def test_rows_after_a_shared_prefix_equal_rows_after_a_copied_prefix(load_tiny, name, attention):
+def test_rows_after_a_shared_prefix_equal_rows_after_a_copied_prefix(load_tiny, name, attention, width):
     model = load_tiny(name).model
     g = torch.Generator().manual_seed(0)
     prefix_ids = torch.randint(3, 200, (1, 37), generator=g)
-    rows = torch.randint(3, 200, (5, 11), generator=g)
+    rows = torch.randint(3, 200, (5, width), generator=g)
+    tail_from = min(6, width - 1)
     try:
         model.set_attention(attention)
         with torch.inference_mode():
             kv = _prefix_kv(model, prefix_ids)
             expected = _through_the_cache(model, kv, rows)
             got = model(rows, prefix_ids.shape[1], prefix=kv)
-            tail = model(rows, prefix_ids.shape[1], logits_from=6, prefix=kv)
+            tail = model(rows, prefix_ids.shape[1], logits_from=tail_from, prefix=kv)
     finally:
         model.set_attention("sdpa")
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), f"{(got - expected).abs().max():.3e}"
-    assert torch.allclose(tail, expected[:, 6:], atol=1e-5, rtol=0)
+    assert torch.allclose(tail, expected[:, tail_from:], atol=1e-5, rtol=0)
 
 
 def test_a_prefix_that_does_not_end_where_the_rows_start_is_refused(load_tiny):

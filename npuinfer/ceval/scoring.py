@@ -96,9 +96,8 @@ def lmeval_split(encode: Callable[[str], list[int]], context: str, continuations
         continuations = [context[-n_spaces:] + c for c in continuations]
         context = context[:-n_spaces]
     ctx_ids = encode(context)
-    if splits_after_newlines:
-        joint = _joint_encoder(encode, context, ctx_ids)
-    else:
+    joint = _last_line_encoder(encode, context, ctx_ids) if splits_after_newlines else None
+    if joint is None:
         def joint(continuation: str) -> list[int]:
             return encode(context + continuation)
     conts = []
@@ -111,24 +110,24 @@ def lmeval_split(encode: Callable[[str], list[int]], context: str, continuations
     return ctx_ids, conts
 
 
-def _joint_encoder(encode: Callable[[str], list[int]], context: str,
-                   ctx_ids: list[int]) -> Callable[[str], list[int]]:
+def _last_line_encoder(encode: Callable[[str], list[int]], context: str,
+                       ctx_ids: list[int]) -> Callable[[str], list[int]] | None:
     """``encode(context + continuation)``, re-encoding only the context's last line with each continuation.
 
     A C-Eval context is ~1,000 tokens of shots and one short last line ("答案："); encoding it whole once per
     choice was a fifth of prefix-cached scoring's time. For a tokenizer that splits text after newlines
     (see ``Tokenizer.splits_after_newlines``) the context's tokens up to its last line are reused, when the
     line also starts on a token boundary of the context's own encoding (checked here, per context; a bos or a
-    dummy prefix fails it). Tests compare the result with whole encodings. Otherwise: whole encodings.
+    dummy prefix fails it). Tests compare the result with whole encodings. None: encode whole.
     """
     cut = context.rfind("\n") + 1
     line = context[cut:]
     if cut == 0 or not line or line[0].isspace():
-        return lambda continuation: encode(context + continuation)
+        return None
     line_ids = encode(line)
     keep = len(ctx_ids) - len(line_ids)
     if keep <= 0 or ctx_ids[keep:] != line_ids:
-        return lambda continuation: encode(context + continuation)
+        return None
     head = ctx_ids[:keep]
     return lambda continuation: head + encode(line + continuation)
 

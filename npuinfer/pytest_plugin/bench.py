@@ -168,9 +168,15 @@ class BenchOptions:
     warmup: int
     timing: str
     backend: str
+    compile: bool
     memory_limit: int | None
     skip_measured: bool
     seed: int
+
+    @property
+    def backend_label(self) -> str:
+        """The backend column of a row: compiled npuinfer rows are not comparable with eager ones."""
+        return self.backend + ("+compile" if self.compile else "")
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "BenchOptions":
@@ -190,12 +196,9 @@ class BenchOptions:
             pairs = SEED_PAIRS if grid == "seed" else DEFAULT_PAIRS
         batches = opt("bench_batches") or (SEED_BATCHES if grid == "seed" else DEFAULT_BATCHES)
         return cls(batches=tuple(batches), pairs=tuple(pairs), rounds=opt("bench_rounds"), warmup=opt("bench_warmup"),
-                   timing=opt("bench_timing"), backend=opt("bench_backend"), memory_limit=opt("bench_memory_limit"),
+                   timing=opt("bench_timing"), backend=opt("bench_backend"), compile=opt("npuinfer_compile"),
+                   memory_limit=opt("bench_memory_limit"),
                    skip_measured=opt("bench_skip_measured"), seed=opt("bench_seed"))
-
-
-def opt_compile(config: pytest.Config) -> bool:
-    return bool(config.getoption("npuinfer_compile"))
 
 
 _OPTIONS = pytest.StashKey[BenchOptions]()
@@ -378,7 +381,7 @@ class BenchSession:
         import torch
 
         return {"model": model, "device": self.device.label, "device_name": self.device.name(),
-                "dtype": dtype_name(backend.dtype), "backend": self.options.backend + ("+compile" if opt_compile(self.config) else ""), "timing": self.options.timing,
+                "dtype": dtype_name(backend.dtype), "backend": self.options.backend_label, "timing": self.options.timing,
                 "rounds": self.options.rounds, "warmup": self.options.warmup, "tp": self._tp_size(),
                 "checkpoint": backend.checkpoint, "torch": torch.__version__}
 
