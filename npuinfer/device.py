@@ -13,6 +13,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -191,9 +192,22 @@ class Device:
             return torch.cuda.get_device_name(self.torch_device)
         if self.type == "npu":
             return torch.npu.get_device_name(self.torch_device)  # type: ignore[attr-defined]
-        import platform
+        return cpu_model_name()
 
-        return platform.processor() or platform.machine()
+
+@cache
+def cpu_model_name() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) Processor"), not just "x86_64": cpu baselines keep
+    rows per CPU model, because the calibration workload and a model's forward scale differently across them."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def get_device(spec: str = "auto", local_rank: int | None = None) -> Device:

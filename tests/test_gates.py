@@ -154,6 +154,34 @@ def test_calibration_cancels_a_machine_that_is_uniformly_slower(rows):
         assert all(c.slowdown == pytest.approx(1.0) for c in outcome.checks)
 
 
+def test_a_baseline_keeps_rows_per_cpu_model_with_their_own_calibrations(measured, tmp_path):
+    """Rows of two cpu models in one baseline: a run is gated against its own machine's row and that row's
+    calibration (nearest in time among rows with the same key); another machine falls back with a note."""
+    import datetime as dt
+
+    from npuinfer.results.baseline import PerformanceBaseline
+
+    two = tmp_path / "two"
+    shutil.copytree(measured, two)
+    later = lambda r: {**r, "measured_at": (dt.datetime.fromisoformat(r["measured_at"]) + dt.timedelta(days=1)
+                                             ).isoformat()}  # noqa: E731
+    header, perf = read_rows(two / "performance_qwen-tiny_cpu.csv")
+    other = [later({**faster(r, 0.5), "device_name": "Other CPU"}) for r in perf]
+    write_rows(two / "performance_qwen-tiny_cpu.csv", header, perf + other)
+    cal_header, cal = read_rows(two / "calibration_qwen-tiny_cpu.csv")
+    other_cal = [later({**r, "calibration(ms)": repr(float(r["calibration(ms)"]) / 2)}) for r in cal]
+    write_rows(two / "calibration_qwen-tiny_cpu.csv", cal_header, cal + other_cal)
+
+    baseline = PerformanceBaseline(two)
+    for mine, theirs in ((perf, cal), (other, other_cal)):
+        for row, expected_cal in zip(mine, theirs):
+            found, _, note = baseline.find(row, "cpu")
+            assert found == row and note == ""
+            assert baseline.calibration(found, "cpu") == expected_cal
+    found, _, note = baseline.find({**perf[0], "device_name": "Third CPU"}, "cpu")
+    assert found == other[0] and "no baseline row measured on Third CPU" in note
+
+
 # ----------------------------------------------------------------------------------------- the plugin, end to end
 
 

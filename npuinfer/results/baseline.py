@@ -282,16 +282,38 @@ class PerformanceBaseline:
             theirs = ", ".join(f"{c}={ok[-1].get(c)}" for c in MATCH_SETTINGS)
             ours = ", ".join(f"{c}={row.get(c)}" for c in MATCH_SETTINGS)
             return None, path, f"the baseline rows for this case in {path} were measured with {theirs}; this run: {ours}"
-        latest = max(comparable, key=lambda r: r.get("measured_at", ""))
+        # A baseline may hold rows of several machines of one device type (cpu models): the calibration cancels
+        # a machine's speed, not a different microarchitecture's balance between it and a model's forward.
+        same_machine = [r for r in comparable if _same(r.get("device_name"), row.get("device_name"))]
+        if not same_machine and row.get("device_name"):
+            note = "; ".join(filter(None, [note, f"no baseline row measured on {row.get('device_name')}: compared "
+                                                 f"with one from {comparable[-1].get('device_name')}"]))
+        latest = max(same_machine or comparable, key=lambda r: r.get("measured_at", ""))
         return latest, path, note
 
     def calibration(self, baseline_row: Mapping[str, str], device_label: str) -> dict[str, str] | None:
-        """The calibration row measured with a baseline row (same key), if the baseline has one."""
+        """The calibration row measured with a baseline row: same key, the nearest in time (rows of several
+        machines share keys; each case's calibration is timed right around it)."""
         model = str(baseline_row.get("model"))
         path = calibration_path(self.directory, model, str(baseline_row.get("device") or device_label))
         if not path.is_file():
             return None
-        return calibration_table(path).find(baseline_row)
+        table = calibration_table(path)
+        wanted = table.key_of(baseline_row)
+        rows = [r for r in self._read(path) if table.key_of(r) == wanted]
+        if not rows:
+            return None
+        at = _timestamp(baseline_row.get("measured_at"))
+        return min(rows, key=lambda r: abs(_timestamp(r.get("measured_at")) - at))
+
+
+def _timestamp(text: object) -> float:
+    import datetime as _dt
+
+    try:
+        return _dt.datetime.fromisoformat(str(text)).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def gate_case(baseline: PerformanceBaseline, row: Mapping[str, object], device_label: str, *,
@@ -435,15 +457,9 @@ def _host() -> dict[str, object]:
     import os
     import platform
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "system": platform.system()}
+    from ..device import cpu_model_name
+
+    return {"cpu": cpu_model_name(), "cpus": os.cpu_count(), "system": platform.system()}
 
 
 def update_baseline(run_dir: str | Path, baseline_dir: str | Path, models: Sequence[str] | None = None

@@ -93,15 +93,15 @@ class CsvTable:
         self.columns = list(columns)
         self.key = list(key)
 
-    def _key_of(self, row: Mapping[str, object]) -> tuple[str, ...]:
+    def key_of(self, row: Mapping[str, object]) -> tuple[str, ...]:
         return tuple(row.get(k) if isinstance(row.get(k), str) else format_value(row.get(k)) for k in self.key)
 
     def rows(self) -> list[dict[str, str]]:
         return read_csv(self.path)[1]
 
     def find(self, key_values: Mapping[str, object]) -> dict[str, str] | None:
-        wanted = self._key_of(key_values)
-        return next((row for row in self.rows() if self._key_of(row) == wanted), None)
+        wanted = self.key_of(key_values)
+        return next((row for row in self.rows() if self.key_of(row) == wanted), None)
 
     def upsert(self, row: Mapping[str, object]) -> None:
         """Write ``row`` now, replacing the row with the same key (in place) or appending it."""
@@ -112,9 +112,9 @@ class CsvTable:
         with file_lock(self.path):
             header, rows = read_csv(self.path)
             columns = self.columns + [c for c in header if c not in self.columns]
-            wanted = self._key_of(cells)
+            wanted = self.key_of(cells)
             for i, old in enumerate(rows):
-                if self._key_of(old) == wanted:
+                if self.key_of(old) == wanted:
                     rows[i] = cells
                     break
             else:
