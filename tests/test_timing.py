@@ -213,17 +213,30 @@ def test_inputs_are_random_exact_length_and_seeded(load_tiny):
     assert a.shape == (3, 17) and bool(mask.all()) and torch.equal(a, b) and not torch.equal(a, c)
 
 
-def _timed_prefill(loaded, ids) -> float:
-    """An independent prefill measurement (ms): synchronize, clock, a one-token generate (the prefill and its
-    argmax), synchronize, clock. Through generate, so the run allocates as the timed run does: a bare forward
-    call read 20% slower than the same forward inside generate in some long pytest processes (allocator state)."""
-    model, device = loaded.model, loaded.device
-    ids = ids.to(model.device)
-    device.synchronize()
-    t0 = time.perf_counter_ns()
-    generate(model, ids, 1)
-    device.synchronize()
-    return (time.perf_counter_ns() - t0) / MS
+class ForwardClock:
+    """An independent instrument on the same run: module hooks that synchronize and read the clock around
+    every call of the model, so the prefill (the first call) is timed at the model's own boundary, not where
+    generate tells the Timer. Same execution, so allocator and cache state cannot differ between the two
+    readings (separate runs read 13-20% apart in long pytest processes with no timing fault)."""
+
+    def __init__(self, loaded):
+        self.device, self.calls_ms, self._t0 = loaded.device, [], 0
+        self._handles = [
+            loaded.model.register_forward_pre_hook(self._start),
+            loaded.model.register_forward_hook(self._end),
+        ]
+
+    def _start(self, *_):
+        self.device.synchronize()
+        self._t0 = time.perf_counter_ns()
+
+    def _end(self, *_):
+        self.device.synchronize()
+        self.calls_ms.append((time.perf_counter_ns() - self._t0) / MS)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 @pytest.fixture
@@ -237,19 +250,24 @@ def one_thread():
 
 
 def test_first_token_time_agrees_with_an_independently_timed_prefill(load_tiny, one_thread):
-    """Truth: the Timer's first-token time is the prefill forward's time (within 10%, as the median of
-    interleaved pairs). A long input makes the forward large against timer noise."""
+    """Truth: the Timer's first-token time is the prefill forward's time, as read by module hooks on the
+    same runs (within 2%, median of 7; they read 0.05% apart here). A long input makes the forward large against timer noise."""
     loaded = load_tiny("qwen-tiny")
     backend = NpuinferBackend(loaded)
     ids, mask = make_inputs(loaded.device, loaded.args.vocab_size, 4, 1024)
     time_run(backend, ids, mask, 2, "detail")  # warm-up at this shape
-    _timed_prefill(loaded, ids)
-    timer_ms, direct_ms = [], []
-    for _ in range(11):
-        timer_ms.append(time_run(backend, ids, mask, 2, "detail").first_token_ms)
-        direct_ms.append(_timed_prefill(loaded, ids))
-    ratios = [a / b for a, b in zip(timer_ms, direct_ms)]
-    assert statistics.median(ratios) == pytest.approx(1.0, rel=0.10), (timer_ms, direct_ms)
+    timer_ms, hook_ms = [], []
+    clock = ForwardClock(loaded)
+    try:
+        for _ in range(7):
+            clock.calls_ms.clear()
+            timer_ms.append(time_run(backend, ids, mask, 2, "detail").first_token_ms)
+            assert len(clock.calls_ms) == 2  # the prefill and one decode step
+            hook_ms.append(clock.calls_ms[0])
+    finally:
+        clock.close()
+    ratios = [a / b for a, b in zip(timer_ms, hook_ms)]
+    assert statistics.median(ratios) == pytest.approx(1.0, rel=0.02), (timer_ms, hook_ms)
 
 
 def test_parts_add_up_to_the_response_time(load_tiny, one_thread):
