@@ -55,7 +55,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from npuinfer.device import get_device, parse_dtype  # noqa: E402
-from npuinfer.generate import compile_decode, generate  # noqa: E402
+from npuinfer.decode_graph import compile_decode  # noqa: E402
+from npuinfer.generate import generate  # noqa: E402
 from npuinfer.runtime import load_model  # noqa: E402
 from npuinfer.tiny import ensure_tiny  # noqa: E402
 

@@ -152,9 +152,15 @@ class Device:
     def profiler_sort_key(self) -> str:
         return "self_cuda_time_total" if self.type == "cuda" else "self_cpu_time_total"
 
+    @property
+    def builds_ahead_of_time(self) -> bool:
+        """cpu captures the decode step with AOTInductor (``build_ahead_of_time``); cuda and npu with
+        torch.compile (``compile``), whose CUDA/NPU graphs replay without Python in between anyway."""
+        return self.type == "cpu"
+
     def compile(self, fn):
-        """``fn`` (the static-shape decode step) captured for this device: CUDA graphs through inductor's
-        reduce-overhead mode on cuda, torchair's graph mode on npu, inductor's C++ wrapper on cpu."""
+        """``fn`` (the static-shape decode step) captured for this accelerator: CUDA graphs through inductor's
+        reduce-overhead mode on cuda, torchair's graph mode on npu."""
         if self.type == "cuda":
             return torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
         if self.type == "npu":
@@ -163,19 +169,24 @@ class Device:
             except ImportError as exc:
                 raise DeviceError(f"--compile on npu needs torchair (shipped with torch_npu): {exc}") from exc
             return torch.compile(fn, backend=torchair.get_npu_backend(), fullgraph=True, dynamic=False)
+        raise DeviceError(f"{self} builds its decode step ahead of time (build_ahead_of_time), not with compile")
+
+    def build_ahead_of_time(self, program, package: Path):
+        """An exported program built by AOTInductor into ``package`` and loaded: its ``boxed_run`` takes the
+        inputs as a list. Weights are frozen in, so inductor prepacks them and generates its own GEMMs with
+        the element-wise work fused in (on a 130M model faster than the same matmuls through aten)."""
+        import torch._inductor
         import torch._inductor.config as inductor_config
 
-        # Freezing makes the weights constants, so inductor prepacks them and generates its own GEMM kernels
-        # with the element-wise work fused in (set globally: the per-compile option does not reach freezing).
-        # On a 130M model that decode step beats the same matmuls called through aten (0.5-0.8x of them).
-        inductor_config.freezing = True
+        if not hasattr(torch._inductor, "aoti_load_package"):
+            raise DeviceError(f"--compile on cpu needs AOTInductor packages (torch >= 2.7), this is {torch.__version__}")
         warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # inductor's own GEMM selection
-        options = {"cpp_wrapper": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+        options = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                    # the GEMM choice is made quietly: no AUTOTUNE tables on stderr
                    "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
-        # an older torch rejects options it does not know; it then runs with the ones it has
-        options = {k: v for k, v in options.items() if hasattr(inductor_config, k)}
-        return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+        options = {k: v for k, v in options.items() if hasattr(inductor_config, k)}  # an older torch lacks some
+        path = torch._inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=options)
+        return torch._inductor.aoti_load_package(path, run_single_threaded=True).loader
 
     def supports_dtype(self, dtype: torch.dtype) -> bool:
         if self.type == "cuda" and dtype == torch.bfloat16:

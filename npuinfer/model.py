@@ -111,6 +111,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    @classmethod
+    def over(cls, k: Tensor, v: Tensor) -> "KVCache":
+        """A cache over existing tensors (the exported decode step receives its cache as inputs)."""
+        cache = cls.__new__(cls)
+        nn.Module.__init__(cache)
+        cache.register_buffer("k", k, persistent=False)
+        cache.register_buffer("v", v, persistent=False)
+        return cache
+
     def update(self, start: int | DecodeSlot, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if isinstance(start, DecodeSlot):
             self.k.index_copy_(2, start.pos, k)
@@ -301,7 +310,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self._tables: dict[str, Tensor] = {}
         self.cache_shape: tuple[int, int] = (0, 0)
-        self.compiled_decode = None  # generate.CompiledDecode, set by generate.compile_decode
+        self.compiled_decode = None  # decode_graph.DecodeGraphs, set by decode_graph.compile_decode
 
     @property
     def device(self) -> torch.device:

@@ -28,7 +28,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
                         help="scaled_dot_product_attention (default) or the eager path")
     parser.add_argument("--compile", action="store_true",
-                        help="capture the decode step as one graph (torch.compile; CUDA graphs on cuda)")
+                        help="run the decode step as one graph (cpu: an AOTInductor library; cuda: CUDA graphs; "
+                             "npu: torchair); the first run at a new shape builds it")
 
 
 def model_name(args: argparse.Namespace) -> str | None:

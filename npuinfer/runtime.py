@@ -114,7 +114,7 @@ def load_model(
     model.eval().requires_grad_(False)
     model.set_attention(attention)
     if compile:
-        from .generate import compile_decode
+        from .decode_graph import compile_decode
 
         compile_decode(model, dev)
     if parallel is not None:

@@ -28,8 +28,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="cap the KV cache (also $MAX_SEQ_LEN)")
     group.addoption("--attention", default="sdpa", choices=["sdpa", "eager"], dest="npuinfer_attention")
     group.addoption("--compile", action="store_true", default=False, dest="npuinfer_compile",
-                    help="capture the decode step as one graph (torch.compile; CUDA graphs on cuda); each new "
-                         "(batch, length) shape compiles first, in the warm-up")
+                    help="run the decode step as one graph (cpu: an AOTInductor library; cuda: CUDA graphs; npu: "
+                         "torchair); each new shape builds first, in the warm-up")
     group.addoption("--results-dir", default="results", dest="npuinfer_results_dir",
                     help="where CSV, markdown and plots are written (default results/)")
     group.addoption("--tp", default=1, type=int, dest="npuinfer_tp",
