@@ -182,6 +182,41 @@ def test_a_baseline_keeps_rows_per_cpu_model_with_their_own_calibrations(measure
     assert found == other[0] and "no baseline row measured on Third CPU" in note
 
 
+def test_baseline_update_replaces_this_machines_rows_and_keeps_another_machines(measured, tmp_path):
+    """Refreshing a baseline from a run on one cpu model keeps the rows (and their calibrations) measured on
+    another; a second refresh replaces the first one's rows instead of adding more."""
+    import datetime as dt
+
+    from npuinfer.results.baseline import PerformanceBaseline
+
+    two = tmp_path / "two"
+    shutil.copytree(measured, two)
+    earlier = lambda r: {**r, "measured_at": (dt.datetime.fromisoformat(r["measured_at"]) - dt.timedelta(days=1)
+                                               ).isoformat()}  # noqa: E731
+    header, perf = read_rows(two / "performance_qwen-tiny_cpu.csv")
+    other = [earlier({**faster(r, 0.5), "device_name": "Other CPU"}) for r in perf]
+    write_rows(two / "performance_qwen-tiny_cpu.csv", header, perf + other)
+    cal_header, cal = read_rows(two / "calibration_qwen-tiny_cpu.csv")
+    other_cal = [earlier({**r, "calibration(ms)": repr(float(r["calibration(ms)"]) / 2)}) for r in cal]
+    write_rows(two / "calibration_qwen-tiny_cpu.csv", cal_header, cal + other_cal)
+    run_dir = tmp_path / "run"  # this machine's run: the measured baseline's own files
+    shutil.copytree(measured, run_dir)
+
+    for _ in range(2):
+        proc = run(["-m", "npuinfer", "baseline", "update", str(run_dir), str(two)])
+        assert proc.returncode == 0, proc.stderr
+        assert f"kept {len(other)} row(s) measured on Other CPU" in proc.stderr
+        _, merged = read_rows(two / "performance_qwen-tiny_cpu.csv")
+        _, merged_cal = read_rows(two / "calibration_qwen-tiny_cpu.csv")
+        assert sorted(map(str, merged)) == sorted(map(str, perf + other))  # each row once
+        assert sorted(map(str, merged_cal)) == sorted(map(str, cal + other_cal))
+    baseline = PerformanceBaseline(two)
+    for mine, theirs in ((perf, cal), (other, other_cal)):
+        for row, expected_cal in zip(mine, theirs):
+            found, _, _ = baseline.find(row, "cpu")
+            assert found == row and baseline.calibration(found, "cpu") == expected_cal
+
+
 # ----------------------------------------------------------------------------------------- the plugin, end to end
 
 

@@ -6,6 +6,8 @@
 Copies the run's performance CSVs with their calibrations and the C-Eval accuracy files
 (subject_acc.json, classes_acc.json, cache_meta.json) into BASELINE_DIR, replacing the same files and
 keeping the others, and records their source, date, torch and device in BASELINE_DIR/manifest.json.
+A performance CSV keeps the rows (and calibrations) measured on other machines (cpu models): only the
+run's own machine's rows are replaced.
 Gate a later run with ``pytest bench/ accuracy/ --baseline BASELINE_DIR``.
 """
 from __future__ import annotations

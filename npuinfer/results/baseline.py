@@ -26,6 +26,7 @@ turns that into a visible warning. This module never imports pytest.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 from dataclasses import dataclass, field
@@ -480,11 +481,24 @@ def update_baseline(run_dir: str | Path, baseline_dir: str | Path, models: Seque
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     files = manifest.get("files", {})
     written = []
+    warnings = list(plan.warnings)
+    # what each performance CSV keeps of other machines' rows, decided before any file of it is replaced
+    kept = {dest: _other_machines(source, out / dest, out / _calibration_of(dest))
+            for source, dest in plan.copies if dest.name.startswith("performance_") and (out / dest).is_file()}
     for source, dest in plan.copies:
         target = out / dest
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.copyfile(source, tmp)
+        is_calibration = dest.name.startswith("calibration_")
+        perf_rows, cal_rows = kept.get(_performance_of(dest) if is_calibration else dest, ([], []))
+        rows = cal_rows if is_calibration else perf_rows
+        if rows:
+            _append_rows(tmp, rows)
+            if not is_calibration:
+                machines = sorted({r.get("device_name", "") for r in rows})
+                warnings.append(f"{dest}: kept {len(rows)} row(s) measured on {', '.join(machines)} (another "
+                                "machine's rows stay; this machine's are replaced)")
         tmp.replace(target)
         written.append(target)
         files[dest.as_posix()] = {"source": str(source.resolve()), "copied_at": now, **_file_facts(target)}
@@ -496,4 +510,45 @@ def update_baseline(run_dir: str | Path, baseline_dir: str | Path, models: Seque
                      "python": platform.python_version(), "host": _host(),
                      "device": devices, "files": dict(sorted(files.items()))})
     manifest_path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return written + [manifest_path], plan.warnings
+    return written + [manifest_path], warnings
+
+
+def _calibration_of(dest: Path) -> Path:
+    return dest.with_name("calibration_" + dest.name[len("performance_"):])
+
+
+def _performance_of(dest: Path) -> Path:
+    return dest.with_name("performance_" + dest.name[len("calibration_"):])
+
+
+def _other_machines(run_csv: Path, baseline_csv: Path, baseline_cal: Path
+                    ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(performance rows, calibration rows) of a baseline file measured on machines other than the run's
+    (cpu baselines keep rows per CPU model). A calibration row belongs to the performance row it is paired
+    with by the gate: same key, nearest in time."""
+    machines = {r.get("device_name", "") for r in read_csv(run_csv)[1]}
+    old = read_csv(baseline_csv)[1]
+    perf = [r for r in old if r.get("device_name", "") not in machines]
+    if not perf or not baseline_cal.is_file():
+        return perf, []
+    table = calibration_table(baseline_cal)
+    kept_ids = {id(r) for r in perf}
+    cal = []
+    for row in table.rows():
+        same_key = [r for r in old if table.key_of(r) == table.key_of(row)]
+        at = _timestamp(row.get("measured_at"))
+        if same_key and id(min(same_key, key=lambda r: abs(_timestamp(r.get("measured_at")) - at))) in kept_ids:
+            cal.append(row)
+    return perf, cal
+
+
+def _append_rows(path: Path, rows: Sequence[Mapping[str, str]]) -> None:
+    """Append rows to a CSV file, widening its header with any columns only they have."""
+    header, current = read_csv(path)
+    columns = header + [c for r in rows for c in r if c not in header]
+    columns = list(dict.fromkeys(columns))
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in [*current, *rows]:
+            writer.writerow({c: row.get(c, "") or "" for c in columns})
