@@ -154,24 +154,30 @@ def test_calibration_cancels_a_machine_that_is_uniformly_slower(rows):
         assert all(c.slowdown == pytest.approx(1.0) for c in outcome.checks)
 
 
+def two_machine_baseline(measured: Path, directory: Path, shift_days: int):
+    """A copy of ``measured`` plus the same rows as if measured on "Other CPU" (2x faster, calibration 2x
+    faster too) ``shift_days`` later. Returns (perf, cal, other, other_cal) rows."""
+    import datetime as dt
+
+    shutil.copytree(measured, directory)
+    shifted = lambda r: {**r, "measured_at": (dt.datetime.fromisoformat(r["measured_at"])  # noqa: E731
+                                               + dt.timedelta(days=shift_days)).isoformat()}
+    header, perf = read_rows(directory / "performance_qwen-tiny_cpu.csv")
+    other = [shifted({**faster(r, 0.5), "device_name": "Other CPU"}) for r in perf]
+    write_rows(directory / "performance_qwen-tiny_cpu.csv", header, perf + other)
+    cal_header, cal = read_rows(directory / "calibration_qwen-tiny_cpu.csv")
+    other_cal = [shifted({**r, "calibration(ms)": repr(float(r["calibration(ms)"]) / 2)}) for r in cal]
+    write_rows(directory / "calibration_qwen-tiny_cpu.csv", cal_header, cal + other_cal)
+    return perf, cal, other, other_cal
+
+
 def test_a_baseline_keeps_rows_per_cpu_model_with_their_own_calibrations(measured, tmp_path):
     """Rows of two cpu models in one baseline: a run is gated against its own machine's row and that row's
     calibration (nearest in time among rows with the same key); another machine falls back with a note."""
-    import datetime as dt
-
     from npuinfer.results.baseline import PerformanceBaseline
 
     two = tmp_path / "two"
-    shutil.copytree(measured, two)
-    later = lambda r: {**r, "measured_at": (dt.datetime.fromisoformat(r["measured_at"]) + dt.timedelta(days=1)
-                                             ).isoformat()}  # noqa: E731
-    header, perf = read_rows(two / "performance_qwen-tiny_cpu.csv")
-    other = [later({**faster(r, 0.5), "device_name": "Other CPU"}) for r in perf]
-    write_rows(two / "performance_qwen-tiny_cpu.csv", header, perf + other)
-    cal_header, cal = read_rows(two / "calibration_qwen-tiny_cpu.csv")
-    other_cal = [later({**r, "calibration(ms)": repr(float(r["calibration(ms)"]) / 2)}) for r in cal]
-    write_rows(two / "calibration_qwen-tiny_cpu.csv", cal_header, cal + other_cal)
-
+    perf, cal, other, other_cal = two_machine_baseline(measured, two, shift_days=1)
     baseline = PerformanceBaseline(two)
     for mine, theirs in ((perf, cal), (other, other_cal)):
         for row, expected_cal in zip(mine, theirs):
@@ -185,20 +191,10 @@ def test_a_baseline_keeps_rows_per_cpu_model_with_their_own_calibrations(measure
 def test_baseline_update_replaces_this_machines_rows_and_keeps_another_machines(measured, tmp_path):
     """Refreshing a baseline from a run on one cpu model keeps the rows (and their calibrations) measured on
     another; a second refresh replaces the first one's rows instead of adding more."""
-    import datetime as dt
-
     from npuinfer.results.baseline import PerformanceBaseline
 
     two = tmp_path / "two"
-    shutil.copytree(measured, two)
-    earlier = lambda r: {**r, "measured_at": (dt.datetime.fromisoformat(r["measured_at"]) - dt.timedelta(days=1)
-                                               ).isoformat()}  # noqa: E731
-    header, perf = read_rows(two / "performance_qwen-tiny_cpu.csv")
-    other = [earlier({**faster(r, 0.5), "device_name": "Other CPU"}) for r in perf]
-    write_rows(two / "performance_qwen-tiny_cpu.csv", header, perf + other)
-    cal_header, cal = read_rows(two / "calibration_qwen-tiny_cpu.csv")
-    other_cal = [earlier({**r, "calibration(ms)": repr(float(r["calibration(ms)"]) / 2)}) for r in cal]
-    write_rows(two / "calibration_qwen-tiny_cpu.csv", cal_header, cal + other_cal)
+    perf, cal, other, other_cal = two_machine_baseline(measured, two, shift_days=-1)
     run_dir = tmp_path / "run"  # this machine's run: the measured baseline's own files
     shutil.copytree(measured, run_dir)
 
