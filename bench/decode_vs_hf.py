@@ -42,8 +42,7 @@ npuinfer / floor, npuinfer / linear floor:
 
 Over 5 runs of the tiny configs the compiled step read 0.62-0.68 of the linear floor at batch 1 and 1.14-1.22 at
 batch 8. The compiled step beats the floor at 130M because inductor, with the weights frozen, runs its own GEMM
-kernels on prepacked weights, faster than the aten matmuls the floor calls, and attends only over the slots
-written so far. On the tiny models a step is one call into the library (~2 us of call overhead, no guards)
+kernels on prepacked weights, faster than the aten matmuls the floor calls. On the tiny models a step is one call into the library (~2 us of call overhead, no guards)
 against the floor's 19-22 aten calls; at batch 8 attention is ~10 us a layer, a third of the step, reading the
 KV cache.
 """

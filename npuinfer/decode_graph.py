@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Protocol
 import torch
 from torch import Tensor, nn
 
-from .device import Device
+from .device import Device, DeviceError
 from .generate import greedy
 from .model import DecodeSlot, KVCache, SeqState, Transformer
 
@@ -82,12 +82,23 @@ class CompiledDecode:
         self._cache = weakref.ref(cache)
         self._shapes.add(shape)
         slots = torch.arange(total, device=model.device)  # the position is a tensor: one graph for all
-        return lambda token, pos: self.fn(token, DecodeSlot(slots[pos : pos + 1], total), state)
+
+        def step(token: Tensor, pos: int) -> tuple[Tensor, Tensor]:
+            chosen, logits = self.fn(token, DecodeSlot(slots[pos : pos + 1], total), state)
+            # a CUDA graph's output is overwritten by its next replay, and this token is the next input
+            return chosen.clone(), logits
+
+        return step
+
+
+LIBRARY_BUDGET = 4 << 30  # bytes of frozen weights the kept libraries may hold (each has its own copy)
 
 
 class ExportedDecode:
-    """AOTInductor libraries of the decode step, one per (batch, cache length, padded, threads), the most
-    recently used ``max_shapes`` kept. Inductor fixes the thread count in the generated code, hence the key."""
+    """AOTInductor libraries of the decode step, one per (batch, cache length, padded, threads, dtype), the
+    most recently used kept: up to ``max_shapes``, and no more than fit ``LIBRARY_BUDGET`` (each library holds
+    a frozen copy of the weights, so a 7B model keeps one). Inductor fixes the thread count in the generated
+    code, and the library reads its inputs at the dtypes and strides it was built for, hence the key."""
 
     def __init__(self, device: Device, max_shapes: int = 16) -> None:
         self.device = device
@@ -101,15 +112,19 @@ class ExportedDecode:
 
     def prepare(self, model: Transformer, batch: int, total: int, state: SeqState | None) -> Step:
         cache_len = model.cache_shape[1]
-        key = (batch, cache_len, state is not None, torch.get_num_threads())
+        if cache_len < 4:  # a window of exactly 2 slots cannot be a dynamic dimension; not worth a build
+            return _eager_step(model, state)
+        key = (batch, cache_len, state is not None, torch.get_num_threads(), model.dtype)
         runner = self._runners.get(key)
         if runner is None:
-            runner = self._build(model, *key)
-            self._runners[key] = runner
-            if len(self._runners) > self.max_shapes:
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            keep = max(1, min(self.max_shapes, LIBRARY_BUDGET // max(weight_bytes, 1)))
+            while len(self._runners) >= keep:
                 self._runners.popitem(last=False)
+            runner = self._build(model, *key[:4])
+            self._runners[key] = runner
         self._runners.move_to_end(key)
-        run = runner.boxed_run  # takes a list of tensors, which it consumes
+        run = getattr(runner, "boxed_run", None) or runner.run  # a list of tensors (boxed: consumed); older: run
         caches = [t for layer in model.layers for t in (layer.attention.kv_cache.k, layer.attention.kv_cache.v)]
         slots = torch.arange(cache_len, device=model.device)
         if state is None:
@@ -122,10 +137,17 @@ class ExportedDecode:
         return lambda token, pos: tuple(run([token, slots[: pos + 1], valid, positions, *caches]))
 
     def _build(self, model: Transformer, batch: int, cache_len: int, padded: bool, threads: int):
+        try:
+            return self._export_and_build(model, batch, cache_len, padded, threads)
+        except DeviceError:
+            raise
+        except Exception as exc:  # no C++ compiler, an op AOTInductor cannot lower, ...
+            raise DeviceError(f"--compile: building the decode step (batch {batch}, KV cache {cache_len}) on "
+                              f"{self.device} failed: {type(exc).__name__}: {exc}; run without --compile") from exc
+
+    def _export_and_build(self, model: Transformer, batch: int, cache_len: int, padded: bool, threads: int):
         from torch.export import Dim
 
-        if cache_len < 3:
-            raise ValueError(f"a compiled decode step needs a KV cache of at least 3 slots, got {cache_len}")
         # the window never reaches the cache length: the last token generated is never fed back
         window = Dim("window", min=2, max=cache_len - 1)
         device = model.device
@@ -141,12 +163,16 @@ class ExportedDecode:
                 rest = (torch.ones(batch, cache_len, dtype=torch.bool, device=device),
                         torch.arange(cache_len, device=device).expand(batch, -1).contiguous()) + caches
             rest_shapes = (None,) * len(rest)
-            # dynamic_shapes follows forward's signature: tokens, slots, then *rest as one tuple
-            program = torch.export.export(_ExportedStep(model, padded), (tokens, slots, *rest),
-                                          dynamic_shapes=(None, {0: window}, rest_shapes))
+            # dynamic_shapes follows forward's signature: tokens, slots, then *rest as one tuple; the model's
+            # own cache is detached meanwhile, or export would lift it into the program as a buffer
+            with _caches_set(model, [None] * len(model.layers)):
+                program = torch.export.export(_ExportedStep(model, padded), (tokens, slots, *rest),
+                                              dynamic_shapes=(None, {0: window}, rest_shapes))
         path = self._dir / f"decode-b{batch}-s{cache_len}{'-padded' if padded else ''}-t{threads}.pt2"
         self.builds += 1
-        return self.device.build_ahead_of_time(program, path)
+        runner = self.device.build_ahead_of_time(program, path)
+        path.unlink(missing_ok=True)  # the loaded library was unpacked elsewhere; the package is not needed
+        return runner
 
 
 def _release(runners: OrderedDict, package_dir: Path) -> None:
@@ -179,17 +205,27 @@ class _ExportedStep(nn.Module):
         state = None
         if self.padded:
             state, rest = SeqState(rest[0], rest[1], has_padding=True), rest[2:]
-        with _caches_over(self.model, rest):
+        caches = [KVCache.over(rest[2 * i], rest[2 * i + 1]) for i in range(len(self.model.layers))]
+        with _caches_set(self.model, caches):
             logits = self.model.forward_slot(tokens, DecodeSlot(slots[-1:], slots.shape[0]), state)
         return greedy(logits), logits
 
 
+def _eager_step(model: Transformer, state: SeqState | None) -> Step:
+    def step(token: Tensor, pos: int) -> tuple[Tensor, Tensor]:
+        logits = model(token, pos, state)[:, -1]
+        return greedy(logits), logits
+
+    return step
+
+
 @contextmanager
-def _caches_over(model: Transformer, tensors: tuple[Tensor, ...]) -> Iterator[None]:
+def _caches_set(model: Transformer, caches: list[KVCache | None]) -> Iterator[None]:
+    """The model's per-layer KV caches replaced for the duration (restored after)."""
     saved = [layer.attention.kv_cache for layer in model.layers]
     try:
-        for i, layer in enumerate(model.layers):
-            layer.attention.kv_cache = KVCache.over(tensors[2 * i], tensors[2 * i + 1])
+        for layer, cache in zip(model.layers, caches):
+            layer.attention.kv_cache = cache
         yield
     finally:
         for layer, cache in zip(model.layers, saved):

@@ -179,14 +179,17 @@ class Device:
         import torch._inductor.config as inductor_config
 
         if not hasattr(torch._inductor, "aoti_load_package"):
-            raise DeviceError(f"--compile on cpu needs AOTInductor packages (torch >= 2.7), this is {torch.__version__}")
+            raise DeviceError(f"--compile on cpu needs AOTInductor packages (torch >= 2.6), this is {torch.__version__}")
         warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # inductor's own GEMM selection
         options = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                    # the GEMM choice is made quietly: no AUTOTUNE tables on stderr
                    "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
         options = {k: v for k, v in options.items() if hasattr(inductor_config, k)}  # an older torch lacks some
         path = torch._inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=options)
-        return torch._inductor.aoti_load_package(path, run_single_threaded=True).loader
+        try:  # one caller at a time: no runner pool or lock around each step
+            return torch._inductor.aoti_load_package(path, run_single_threaded=True).loader
+        except TypeError:  # torch 2.6 has no such option
+            return torch._inductor.aoti_load_package(path).loader
 
     def supports_dtype(self, dtype: torch.dtype) -> bool:
         if self.type == "cuda" and dtype == torch.bfloat16:

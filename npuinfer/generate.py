@@ -80,8 +80,10 @@ def generate(
     done = (token == eos_id) if stop_at_eos and eos_id is not None else None
     obs.step_end(0)
 
-    # the captured step (decode_graph), built on the first run at a new shape
-    compiled = model.compiled_decode.prepare(model, batch, total, state) if model.compiled_decode else None
+    # the captured step (decode_graph), built on the first run at a new shape that has a decode step at all
+    compiled = None
+    if model.compiled_decode is not None and max_new_tokens > 1:
+        compiled = model.compiled_decode.prepare(model, batch, total, state)
     for step in range(1, max_new_tokens):
         if done is not None and bool(done.all()):
             out[:, step:] = eos_id

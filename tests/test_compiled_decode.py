@@ -62,8 +62,8 @@ def test_static_decode_step_equals_the_cached_forward(load_tiny, name):
 
 @pytest.mark.parametrize("name,padded", [("qwen-tiny", True), ("baichuan2-13b-tiny", False)])
 def test_compiled_decode_generates_what_eager_does(tiny_dir, name, padded):
-    """The compiled step (built for real): RoPE on a padded batch, ALiBi unpadded. It reads the cache the
-    eager prefill wrote and writes what the eager step writes."""
+    """The compiled step (built for real, on cpu an AOTInductor library): RoPE on a padded batch, ALiBi
+    unpadded. It reads the cache the eager prefill wrote and writes what the eager step writes."""
     from npuinfer.runtime import load_model
 
     loaded = load_model(model_path=tiny_dir(name), device="cpu", dtype="fp32")
@@ -78,6 +78,8 @@ def test_compiled_decode_generates_what_eager_does(tiny_dir, name, padded):
         eager_short = generate(model, ids, 5, mask)
     compile_decode(model, loaded.device)
     with torch.inference_mode():
+        generate(model, ids, 1, mask)  # no decode step: nothing is built
+        assert model.compiled_decode.builds == 0
         compiled_logits = _decode_logits(model, ids, mask, 4, "compiled", total=total)
         compiled_cache = _written_cache(model, prompt_len + 4)
         compiled_tokens = generate(model, ids, 12, mask)
@@ -87,8 +89,7 @@ def test_compiled_decode_generates_what_eager_does(tiny_dir, name, padded):
     for a, b in zip(eager_cache, compiled_cache):
         assert torch.allclose(a, b, atol=1e-5, rtol=0), f"KV cache: {(a - b).abs().max():.3e}"
     assert torch.equal(eager_tokens, compiled_tokens) and torch.equal(eager_short, compiled_short)
-    builds = getattr(model.compiled_decode, "builds", None)
-    assert builds in (None, 1)  # on cpu: one library for every position and run length of the shape
+    assert model.compiled_decode.builds == 1  # one library for every position and run length of the shape
     # Another shape reallocates the KV cache; coming back to the first shape allocates new cache tensors
     # again, which the step built for that shape must write and read, not the old ones.
     other = ids[:1, -3:]
@@ -98,6 +99,7 @@ def test_compiled_decode_generates_what_eager_does(tiny_dir, name, padded):
         gc.collect()
         assert first_cache() is None  # no compiled step keeps a replaced cache alive
         again = generate(model, ids, 12, mask)
+        assert model.compiled_decode.builds == 2  # the other shape's; the first shape's library is reused
         model.compiled_decode = None
         other_eager = generate(model, other, 20)
     assert torch.equal(other_compiled, other_eager)

@@ -195,6 +195,8 @@ def test_baseline_update_replaces_this_machines_rows_and_keeps_another_machines(
 
     two = tmp_path / "two"
     perf, cal, other, other_cal = two_machine_baseline(measured, two, shift_days=-1)
+    header, rows = read_rows(two / "performance_qwen-tiny_cpu.csv")  # and a row that names no machine
+    write_rows(two / "performance_qwen-tiny_cpu.csv", header, rows + [{**perf[0], "device_name": ""}])
     run_dir = tmp_path / "run"  # this machine's run: the measured baseline's own files
     shutil.copytree(measured, run_dir)
 

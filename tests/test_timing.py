@@ -217,7 +217,9 @@ class ForwardClock:
     """An independent instrument on the same run: module hooks that synchronize and read the clock around
     every call of the model, so the prefill (the first call) is timed at the model's own boundary, not where
     generate tells the Timer. Same execution, so allocator and cache state cannot differ between the two
-    readings (separate runs read 13-20% apart in long pytest processes with no timing fault)."""
+    readings (separate runs read 13-20% apart in long pytest processes with no timing fault). The hooks
+    synchronize too, so this checks which interval the Timer reads; that it synchronizes before every clock
+    read is checked on a scripted device above."""
 
     def __init__(self, loaded):
         self.device, self.calls_ms, self._t0 = loaded.device, [], 0

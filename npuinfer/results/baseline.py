@@ -299,13 +299,22 @@ class PerformanceBaseline:
         path = calibration_path(self.directory, model, str(baseline_row.get("device") or device_label))
         if not path.is_file():
             return None
-        table = calibration_table(path)
-        wanted = table.key_of(baseline_row)
-        rows = [r for r in self._read(path) if table.key_of(r) == wanted]
-        if not rows:
-            return None
-        at = _timestamp(baseline_row.get("measured_at"))
-        return min(rows, key=lambda r: abs(_timestamp(r.get("measured_at")) - at))
+        return paired_calibration(calibration_table(path), self._read(path), baseline_row)
+
+
+PAIRING_WINDOW_S = 3600  # a case's calibration is timed right around it (same second in practice)
+
+
+def paired_calibration(table, calibrations: Sequence[Mapping[str, str]], row: Mapping[str, object]
+                       ) -> Mapping[str, str] | None:
+    """The calibration row measured with a performance row: same key, the nearest in time and within an hour
+    (rows of several machines share keys and calibration rows do not name their machine)."""
+    wanted = table.key_of(row)
+    at = _timestamp(row.get("measured_at"))
+    near = [(abs(_timestamp(c.get("measured_at")) - at), i) for i, c in enumerate(calibrations)
+            if table.key_of(c) == wanted]
+    near = [(gap, i) for gap, i in near if gap <= PAIRING_WINDOW_S]
+    return calibrations[min(near)[1]] if near else None
 
 
 def _timestamp(text: object) -> float:
@@ -524,22 +533,17 @@ def _performance_of(dest: Path) -> Path:
 def _other_machines(run_csv: Path, baseline_csv: Path, baseline_cal: Path
                     ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """(performance rows, calibration rows) of a baseline file measured on machines other than the run's
-    (cpu baselines keep rows per CPU model). A calibration row belongs to the performance row it is paired
-    with by the gate: same key, nearest in time."""
+    (cpu baselines keep rows per CPU model), with the calibration rows the gate pairs with them."""
     machines = {r.get("device_name", "") for r in read_csv(run_csv)[1]}
-    old = read_csv(baseline_csv)[1]
-    perf = [r for r in old if r.get("device_name", "") not in machines]
+    # a row that names no machine cannot be told apart from the run's: replaced with the rest
+    perf = [r for r in read_csv(baseline_csv)[1] if r.get("device_name") and r["device_name"] not in machines]
     if not perf or not baseline_cal.is_file():
         return perf, []
     table = calibration_table(baseline_cal)
-    kept_ids = {id(r) for r in perf}
-    cal = []
-    for row in table.rows():
-        same_key = [r for r in old if table.key_of(r) == table.key_of(row)]
-        at = _timestamp(row.get("measured_at"))
-        if same_key and id(min(same_key, key=lambda r: abs(_timestamp(r.get("measured_at")) - at))) in kept_ids:
-            cal.append(row)
-    return perf, cal
+    calibrations = table.rows()
+    paired = (paired_calibration(table, calibrations, r) for r in perf)
+    kept = {id(c) for c in paired if c is not None}
+    return perf, [c for c in calibrations if id(c) in kept]
 
 
 def _append_rows(path: Path, rows: Sequence[Mapping[str, str]]) -> None:
