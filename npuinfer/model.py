@@ -97,8 +97,9 @@ class SeqState:
 
 
 class DecodeSlot(NamedTuple):
-    """Where one decode step writes, in a form whose shapes never change from step to step (graph capture):
-    ``pos`` is a 1-element tensor, ``window`` the cache slots attended (prompt + new tokens, fixed per run)."""
+    """Where one decode step writes, in a form a captured graph can take: ``pos`` is a 1-element tensor,
+    ``window`` the cache slots attended (fixed per run in the cuda/npu graphs; pos + 1, a dynamic dimension,
+    in the step exported for cpu)."""
 
     pos: Tensor
     window: int
@@ -407,9 +408,9 @@ class Transformer(nn.Module):
     def forward_slot(self, tokens: Tensor, slot: DecodeSlot, state: SeqState | None = None) -> Tensor:
         """Logits [B, vocab] of one decode position, with shapes that do not depend on the position.
 
-        The form torch.compile and CUDA/NPU graphs capture once and replay every step (gpt-fast's decode):
-        the K/V are written with index_copy at ``slot.pos`` and attention reads the first ``slot.window``
-        slots under a mask, so the step's graph is the same at every position. Same maths as ``forward``.
+        The form decode_graph captures once and replays every step (gpt-fast's decode): the K/V are written
+        with index_copy at ``slot.pos`` and attention reads the first ``slot.window`` slots under a mask, so
+        the step's graph is the same at every position. Same maths as ``forward``.
         """
         device = tokens.device
         k_idx = torch.arange(slot.window, device=device)

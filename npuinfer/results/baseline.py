@@ -26,7 +26,6 @@ turns that into a visible warning. This module never imports pytest.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from typing import Mapping, Sequence
 
 from .calibration import calibration_path, calibration_table, calibration_value
 from .performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, THROUGHPUT, performance_path
-from .table import parse_float, read_csv
+from .table import CsvTable, parse_float, read_csv, write_csv
 
 DEFAULT_MAX_REGRESSION = 0.10
 ITL_P50 = "ITL_p50(ms)"
@@ -305,7 +304,7 @@ class PerformanceBaseline:
 PAIRING_WINDOW_S = 3600  # a case's calibration is timed right around it (same second in practice)
 
 
-def paired_calibration(table, calibrations: Sequence[Mapping[str, str]], row: Mapping[str, object]
+def paired_calibration(table: CsvTable, calibrations: Sequence[Mapping[str, str]], row: Mapping[str, object]
                        ) -> Mapping[str, str] | None:
     """The calibration row measured with a performance row: same key, the nearest in time and within an hour
     (rows of several machines share keys and calibration rows do not name their machine)."""
@@ -491,24 +490,27 @@ def update_baseline(run_dir: str | Path, baseline_dir: str | Path, models: Seque
     files = manifest.get("files", {})
     written = []
     warnings = list(plan.warnings)
-    # what each performance CSV keeps of other machines' rows, decided before any file of it is replaced
-    kept = {dest: _other_machines(source, out / dest, out / _calibration_of(dest))
-            for source, dest in plan.copies if dest.name.startswith("performance_") and (out / dest).is_file()}
+    # the rows each CSV keeps of other machines, decided before any file is replaced
+    kept: dict[Path, list[dict[str, str]]] = {}
+    for source, dest in plan.copies:
+        if dest.name.startswith("performance_") and (out / dest).is_file():
+            cal = _calibration_of(dest)
+            kept[dest], kept[cal] = _other_machines(source, out / dest, out / cal)
+            if kept[dest]:
+                machines = ", ".join(sorted({r["device_name"] for r in kept[dest]}))
+                warnings.append(f"{dest}: kept {len(kept[dest])} row(s) measured on {machines} (another "
+                                "machine's rows stay; this machine's are replaced)")
     for source, dest in plan.copies:
         target = out / dest
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(source, tmp)
-        is_calibration = dest.name.startswith("calibration_")
-        perf_rows, cal_rows = kept.get(_performance_of(dest) if is_calibration else dest, ([], []))
-        rows = cal_rows if is_calibration else perf_rows
-        if rows:
-            _append_rows(tmp, rows)
-            if not is_calibration:
-                machines = sorted({r.get("device_name", "") for r in rows})
-                warnings.append(f"{dest}: kept {len(rows)} row(s) measured on {', '.join(machines)} (another "
-                                "machine's rows stay; this machine's are replaced)")
-        tmp.replace(target)
+        if kept.get(dest):
+            header, rows = read_csv(source)
+            extra = [c for r in kept[dest] for c in r if c not in header]
+            write_csv(target, list(dict.fromkeys(header + extra)), rows + kept[dest])
+        else:
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.copyfile(source, tmp)
+            tmp.replace(target)
         written.append(target)
         files[dest.as_posix()] = {"source": str(source.resolve()), "copied_at": now, **_file_facts(target)}
     devices = sorted({f"{f['device']} ({f['device_name']})" if f.get("device_name") else str(f["device"])
@@ -526,10 +528,6 @@ def _calibration_of(dest: Path) -> Path:
     return dest.with_name("calibration_" + dest.name[len("performance_"):])
 
 
-def _performance_of(dest: Path) -> Path:
-    return dest.with_name("performance_" + dest.name[len("calibration_"):])
-
-
 def _other_machines(run_csv: Path, baseline_csv: Path, baseline_cal: Path
                     ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """(performance rows, calibration rows) of a baseline file measured on machines other than the run's
@@ -544,15 +542,3 @@ def _other_machines(run_csv: Path, baseline_csv: Path, baseline_cal: Path
     paired = (paired_calibration(table, calibrations, r) for r in perf)
     kept = {id(c) for c in paired if c is not None}
     return perf, [c for c in calibrations if id(c) in kept]
-
-
-def _append_rows(path: Path, rows: Sequence[Mapping[str, str]]) -> None:
-    """Append rows to a CSV file, widening its header with any columns only they have."""
-    header, current = read_csv(path)
-    columns = header + [c for r in rows for c in r if c not in header]
-    columns = list(dict.fromkeys(columns))
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for row in [*current, *rows]:
-            writer.writerow({c: row.get(c, "") or "" for c in columns})

@@ -122,12 +122,17 @@ class CsvTable:
             self._write(columns, rows)
 
     def _write(self, columns: list[str], rows: Iterable[Mapping[str, str]]) -> None:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row.get(c, "") or "" for c in columns})
-        write_text_atomic(self.path, buf.getvalue())
+        write_csv(self.path, columns, rows)
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, str]]) -> None:
+    """Write ``rows`` under ``columns`` (missing cells empty, others dropped), atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: row.get(c, "") or "" for c in columns})
+    write_text_atomic(Path(path), buf.getvalue())
 
 
 def append_jsonl(path: str | os.PathLike, record: Mapping[str, object]) -> None:
