@@ -19,9 +19,10 @@ Measured on a shared 2-core cpu VM (2026-11-30; median of 5 runs, 3 for the last
 | gpt-neox-tiny | 1 | 8 | 12.38 | 3.04 | 4.07 | 5.30 |
 | baichuan2-13b-tiny (ALiBi) | 1 | 8 | 12.80 | 2.74 | 4.66 | 5.30 |
 
-Identical predictions in every run; log-probabilities within 3e-6. After the merge of the two attention parts moved to
-fp32 (for bf16 accuracy): qwen-tiny, 1 thread, batch 8: 10.99 s vs 2.53 s = 4.34x (3 runs). On a model this small, attention over the ~530-token
-prefix is most of the prefix mode's time, so the time ratio stays below the token ratio.
+Identical predictions in every run; log-probabilities within 3e-6. After the merge of the two attention parts moved
+to fp32 (for bf16 accuracy): qwen-tiny, 1 thread, batch 8: 10.99 s vs 2.53 s = 4.34x (3 runs). On a model this
+small, attention over the ~530-token prefix is most of the prefix mode's time, so the time ratio stays below the
+token ratio.
 """
 from __future__ import annotations
 

@@ -40,11 +40,11 @@ npuinfer / floor, npuinfer / linear floor:
 | internlm tiny | 1 | 0.46, 4.84, 7.49 | 0.04, 0.42, 0.65 |
 | internlm tiny | 8 | 0.50, 3.23, 5.52 | 0.11, 0.69, 1.18 |
 
-Over 5 runs of the tiny configs the compiled step read 0.62-0.68 of the linear floor at batch 1 and 1.14-1.22 at
+Over 6 runs of the tiny configs the compiled step read 0.61-0.68 of the linear floor at batch 1 and 1.13-1.22 at
 batch 8. The compiled step beats the floor at 130M because inductor, with the weights frozen, runs its own GEMM
-kernels on prepacked weights, faster than the aten matmuls the floor calls. On the tiny models a step is one call into the library (~2 us of call overhead, no guards)
-against the floor's 19-22 aten calls; at batch 8 attention is ~10 us a layer, a third of the step, reading the
-KV cache.
+kernels on prepacked weights, faster than the aten matmuls the floor calls. On the tiny models a step is one call
+into the library (~2 us of call overhead, no guards) against the floor's 19-22 aten calls; at batch 8 attention
+is ~10 us a layer, a third of the step, reading the KV cache.
 """
 from __future__ import annotations
 

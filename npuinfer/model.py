@@ -405,6 +405,15 @@ class Transformer(nn.Module):
             x = x[:, logits_from:]
         return self.output(self.norm(x))
 
+    def prefix_kv(self, tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Run ``tokens`` [1, P] from slot 0 and return a copy of every layer's K/V of slots [0, P): the shared
+        prefix that rows given to ``forward(..., prefix=)`` attend to."""
+        p = tokens.shape[1]
+        self.setup_caches(1, p)
+        self(tokens, 0, last_only=True)  # only the cache is kept
+        return [(layer.attention.kv_cache.k[:, :, :p].clone(), layer.attention.kv_cache.v[:, :, :p].clone())
+                for layer in self.layers]
+
     def forward_slot(self, tokens: Tensor, slot: DecodeSlot, state: SeqState | None = None) -> Tensor:
         """Logits [B, vocab] of one decode position, with shapes that do not depend on the position.
 

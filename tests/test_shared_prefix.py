@@ -8,20 +8,11 @@ import torch
 from conftest import TINY_NAMES
 
 
-def _prefix_kv(model, prefix_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    p = prefix_ids.shape[1]
-    model.setup_caches(1, p)
-    model(prefix_ids, 0, last_only=True)
-    return [(layer.attention.kv_cache.k[:, :, :p].clone(), layer.attention.kv_cache.v[:, :, :p].clone())
-            for layer in model.layers]
-
-
 def _through_the_cache(model, kv, rows: torch.Tensor) -> torch.Tensor:
     p = kv[0][0].shape[2]
     model.setup_caches(rows.shape[0], p + rows.shape[1])
     for layer, (k, v) in zip(model.layers, kv):
-        layer.attention.kv_cache.k[:, :, :p] = k
-        layer.attention.kv_cache.v[:, :, :p] = v
+        layer.attention.kv_cache.update(0, k, v)  # the prefix copied into every row
     return model(rows, p)
 
 
@@ -37,7 +28,7 @@ def test_rows_after_a_shared_prefix_equal_rows_after_a_copied_prefix(load_tiny, 
     try:
         model.set_attention(attention)
         with torch.inference_mode():
-            kv = _prefix_kv(model, prefix_ids)
+            kv = model.prefix_kv(prefix_ids)
             expected = _through_the_cache(model, kv, rows)
             got = model(rows, prefix_ids.shape[1], prefix=kv)
             tail = model(rows, prefix_ids.shape[1], logits_from=tail_from, prefix=kv)
@@ -50,6 +41,6 @@ def test_rows_after_a_shared_prefix_equal_rows_after_a_copied_prefix(load_tiny, 
 def test_a_prefix_that_does_not_end_where_the_rows_start_is_refused(load_tiny):
     model = load_tiny("qwen-tiny").model
     with torch.inference_mode():
-        kv = _prefix_kv(model, torch.randint(3, 200, (1, 8)))
+        kv = model.prefix_kv(torch.randint(3, 200, (1, 8)))
         with pytest.raises(ValueError, match="shared prefix"):
             model(torch.randint(3, 200, (2, 4)), 9, prefix=kv)

@@ -253,7 +253,8 @@ def one_thread():
 
 def test_first_token_time_agrees_with_an_independently_timed_prefill(load_tiny, one_thread):
     """Truth: the Timer's first-token time is the prefill forward's time, as read by module hooks on the
-    same runs (within 2%, median of 7; they read 0.05% apart here). A long input makes the forward large against timer noise."""
+    same runs (within 2%, median of 7; they read 0.05% apart here). A long input makes the forward large against
+    timer noise."""
     loaded = load_tiny("qwen-tiny")
     backend = NpuinferBackend(loaded)
     ids, mask = make_inputs(loaded.device, loaded.args.vocab_size, 4, 1024)

@@ -314,15 +314,13 @@ class SubjectScorer:
 
     def _run_prefix(self, prefix_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Run the prefix once at batch 1; a copy of every layer's K/V for slots [0, P)."""
-        model, p = self.model, len(prefix_ids)
-        model.setup_caches(1, p)
-        model(torch.tensor([prefix_ids], device=model.device), 0, last_only=True)  # only the cache is kept
+        p = len(prefix_ids)
+        kv = self.model.prefix_kv(torch.tensor([prefix_ids], device=self.model.device))
         self.stats.prompt_tokens += p
         self.stats.prefix_tokens += p
         self.stats.padded_tokens += p
         self.stats.forwards += 1
-        return [(layer.attention.kv_cache.k[:, :, :p].clone(), layer.attention.kv_cache.v[:, :, :p].clone())
-                for layer in model.layers]
+        return kv
 
     def _prepare(self, n_rows: int, start: int, length: int, kv) -> None:
         """Cache for this batch; the prefix K/V is copied only into a cache that does not hold it yet.
@@ -340,8 +338,7 @@ class SubjectScorer:
                 a is b for a, b in zip(self._holds_prefix[1], caches)):
             return
         for cache, (k, v) in zip(caches, kv):
-            cache.k[:, :, :start] = k
-            cache.v[:, :, :start] = v
+            cache.update(0, k, v)  # slots [0, start), into every row
         self._holds_prefix = (kv, caches)
 
     def _count(self, rows: Sequence[Sequence[int]], width: int) -> None:
