@@ -140,10 +140,16 @@ def main(argv=None) -> int:
         "naive": {"seconds": nt, "runs_s": n_runs, **ns.as_dict()},
         "prefix": {"seconds": pt, "runs_s": p_runs, **ps.as_dict()},
         "token_ratio": ns.prompt_tokens / ps.prompt_tokens, "time_ratio": nt / pt,
+        # each naive run with the prefix run right after it: slow drift of a shared machine cancels in a pair
+        "pair_time_ratios": [n / p for n, p in zip(n_runs, p_runs)],
         "prediction_mismatches": mismatched, "max_logprob_diff": max_diff,
     }
     for d in (figures["naive"], figures["prefix"]):
         d.pop("shots")
+    pairs = figures["pair_time_ratios"]
+    if len(pairs) > 1:
+        print(f"wall time ratio of each naive run to the prefix run after it: "
+              f"{', '.join(f'{r:.2f}' for r in pairs)} (min {min(pairs):.2f})")
     print(f"naive / prefix: {figures['token_ratio']:.2f}x prompt tokens, {figures['time_ratio']:.2f}x wall time; "
           f"predictions differing: {mismatched}; max |log-prob difference|: {max_diff:.2e}")
     if args.json:

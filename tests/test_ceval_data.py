@@ -247,6 +247,29 @@ def test_fit_shots_for_subject_fits_the_longest_question(cn_data):
         assert len(build_prompt("lmeval", "computer_network", shots, q).context) <= budget
 
 
+def test_fit_shots_for_subject_leaves_out_questions_too_long_alone(cn_data):
+    dev, (_, short_q) = cn_data
+    huge = Question("computer_network", "val", "9", "长" * 400, ("a", "b", "c", "d"), "C")
+    budget = len(build_prompt("lmeval", "computer_network", dev, short_q).context)
+    asked = []
+
+    def fits_alone(q: Question) -> bool:
+        asked.append(q.question_id)
+        return len(build_prompt("lmeval", "computer_network", [], q).context) <= budget
+
+    # the huge question does not cost the short one its 3 shots; asked about: the huge one, then one that
+    # shows some question fits alone
+    assert fit_shots_for_subject("lmeval", "computer_network", dev, [short_q, huge], 3, len, budget,
+                                 fits_alone) == dev
+    assert asked == ["9", short_q.question_id]
+    # without the rule it takes every shot
+    assert fit_shots_for_subject("lmeval", "computer_network", dev, [short_q, huge], 3, len, budget) == []
+    # no question fits even alone: no shots (they would only be cut away)
+    alone = Question("computer_network", "val", "8", "长" * 200, ("a", "b", "c", "d"), "C")
+    budget = len(build_prompt("lmeval", "computer_network", [], alone).context) - 1
+    assert fit_shots_for_subject("lmeval", "computer_network", dev, [alone, huge], 3, len, budget, fits_alone) == []
+
+
 # ---- synthetic data ---------------------------------------------------------------------------
 
 def test_synth_loads_with_official_counts(tmp_path):

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from npuinfer.ceval import build_prompt, first_choice_letter, load_split, sample_dir
-from npuinfer.ceval.prompts import LMEVAL
-from npuinfer.ceval.scoring import BOUNDARY_SLACK, ScoringStats, _tail_rows, lmeval_split, score_subject
+from npuinfer.ceval.prompts import LMEVAL, build_prefix
+from npuinfer.ceval.encoding import PromptEncoder, lmeval_split, newline_cut
+from npuinfer.ceval.scoring import BOUNDARY_SLACK, ScoringStats, _tail_rows, score_subject
 from npuinfer.ceval.synth import write_synthetic_ceval
 
 TINY = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny"]
@@ -107,6 +108,61 @@ def test_lmeval_split_equals_whole_encodings(name, load_tiny):
                     "中文\n答案：", "x\n\n"):
         assert lmeval_split(encode, context, (" A", "B"), True) == _whole_encodings(encode, context, (" A", "B"))
     assert checked == 52 * 3 * 3
+
+
+def test_newline_cut():
+    assert newline_cut("答案：C\n\n") == 0  # the break sits next to another newline
+    assert newline_cut("A. x\n答案：C\n\n") == 5
+    assert newline_cut("a \nb\n") == 0 and newline_cut("a\n b") == 0 and newline_cut("no break") == 0
+    assert newline_cut("a\nb\n c") == 2
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_prompt_encoder_equals_whole_encodings(name, load_tiny, data):
+    """Every prompt the encoder builds from a reused head equals the tokenizer's whole encoding, and after a
+    head's first text it hands the tokenizer only the text past the head's cut (byte-level and tiktoken);
+    sentencepiece, which makes no promise, is encoded whole."""
+    tok = load_tiny(name).tokenizer
+    for subject in ("law", "logic"):
+        dev, val = load_split(data, subject, "dev"), load_split(data, subject, "val")
+        for template in (LMEVAL, ODD, "atb"):
+            encoder = PromptEncoder(tok)
+            head = build_prefix(template, subject, dev)
+            encoder.add_head(head)
+            encoder.add_head(build_prefix(template, subject, dev[:2]))  # a shorter head must not be chosen
+            contexts = [build_prompt(template, subject, dev, q).context for q in val]
+            assert [encoder.encode(c) for c in contexts] == [tok.encode(c) for c in contexts]
+            cut = newline_cut(head)
+            if name in ("qwen-tiny", "gpt-neox-tiny"):
+                assert "\n" not in head[cut:].rstrip("\n")  # all but the shots' last line is reused
+                expected = cut + len(contexts[0]) + sum(len(c) - cut for c in contexts)
+            else:
+                expected = sum(len(c) for c in contexts)
+            assert encoder.encoded_chars == expected
+
+
+class DummyPrefixTokenizer:
+    """Claims the newline promise but, as sentencepiece's dummy prefix does, marks the start of every text."""
+
+    def __init__(self, tok):
+        self._tok = tok
+        self.splits_after_newlines = True
+
+    def encode(self, text, add_bos=None):
+        return [0] + self._tok.encode(text, add_bos=add_bos)
+
+
+def test_prompt_encoder_checks_the_reuse_and_stops_when_it_differs(load_tiny, data):
+    tok = DummyPrefixTokenizer(load_tiny("qwen-tiny").tokenizer)
+    dev, val = load_split(data, "law", "dev"), load_split(data, "law", "val")
+    encoder = PromptEncoder(tok)
+    encoder.add_head(build_prefix(LMEVAL, "law", dev))
+    contexts = [build_prompt(LMEVAL, "law", dev, q).context for q in val]
+    assert [encoder.encode(c) for c in contexts] == [tok.encode(c) for c in contexts]
+    head = build_prefix(LMEVAL, "law", dev)
+    cut = newline_cut(head)
+    # the first text: head part, rest, and the whole check; every later one whole
+    assert encoder.encoded_chars == cut + (len(contexts[0]) - cut) + sum(len(c) for c in contexts)
 
 
 def test_tail_rows():

@@ -149,17 +149,28 @@ def fit_shots_for_subject(
     k: int,
     count_tokens: Callable[[str], int],
     max_tokens: int,
+    fits_alone: Callable[[Question], bool] | None = None,
 ) -> list[Question]:
     """One shot list for a whole subject, short enough for every one of its questions.
 
     With a cached prefix all questions of a subject must share the same shots. Questions are
     checked longest first, so usually only the longest one costs more than one token count.
+    ``fits_alone(q)``: whether q's zero-shot prompt fits; a question that does not is left out (it is
+    cut when scored and must not cost the others their shots), and when none fits the answer is [].
+    It is asked only of questions the shots make too long, and of as few others as that answer needs.
     """
     t = get_template(template)
     shots = _first_k(dev_rows, k)
+    some_fit_alone = False
     for q in sorted(questions, key=lambda q: len(t.render_block(q)), reverse=True):
         while shots and count_tokens(build_prompt(t, subject, shots, q).context) > max_tokens:
+            if fits_alone is not None:
+                if not fits_alone(q):
+                    break
+                some_fit_alone = True
             shots.pop()
+    if shots and fits_alone is not None and not some_fit_alone and not any(map(fits_alone, questions)):
+        return []
     return shots
 
 

@@ -8,10 +8,10 @@ Modes
   generate  greedy decoding of up to ``max_new_tokens``; the prediction is the first letter A-D of the text
             (the Ascend tool's extraction); uses the cached prefix too.
 
-Log-likelihood as lm-evaluation-harness computes it: the context is encoded alone, context + continuation
-together, and the continuation's tokens are what the joint encoding has after the context's length
-(whitespace at the end of the context moves to the continuation first). The score of a choice is the sum of
-the log-probabilities of its continuation tokens; the prediction is the highest (first on a tie).
+Log-likelihood as lm-evaluation-harness computes it (the ids: npuinfer.ceval.encoding): the context is encoded
+alone, context + continuation together, and the continuation's tokens are what the joint encoding has after the
+context's length (whitespace at the end of the context moves to the continuation first). The score of a choice
+is the sum of the log-probabilities of its continuation tokens; the prediction is the highest (first on a tie).
 
 One forward per question: all four continuations are read from one row. A continuation of one token needs
 only the logits at the context's last position; a longer one needs its own earlier tokens fed after the
@@ -26,12 +26,13 @@ prompt and is counted in ``ScoringStats.fallbacks``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from npuinfer.ceval.dataset import CHOICES, Question
+from npuinfer.ceval.encoding import PromptEncoder, lmeval_split
 from npuinfer.ceval.prompts import (
     Template,
     build_prefix,
@@ -84,54 +85,6 @@ class _Item:
     row_of: list[int]  # choice -> index into rows
 
 
-def lmeval_split(encode: Callable[[str], list[int]], context: str, continuations: Sequence[str],
-                 splits_after_newlines: bool = False) -> tuple[list[int], list[list[int]]]:
-    """(context ids, continuation ids per choice) exactly as lm-eval's ``_encode_pair`` makes them.
-
-    ``splits_after_newlines``: the tokenizer's promise (``Tokenizer.splits_after_newlines``) that lets each
-    choice re-encode only the context's last line.
-    """
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        continuations = [context[-n_spaces:] + c for c in continuations]
-        context = context[:-n_spaces]
-    ctx_ids = encode(context)
-    joint = _last_line_encoder(encode, context, ctx_ids) if splits_after_newlines else None
-    if joint is None:
-        def joint(continuation: str) -> list[int]:
-            return encode(context + continuation)
-    conts = []
-    for continuation in continuations:
-        cont = joint(continuation)[len(ctx_ids):]
-        if not cont:
-            raise ValueError(f"continuation {continuation!r} encodes to no tokens after the context "
-                             f"(the tokenizer merged it into {context[-20:]!r})")
-        conts.append(cont)
-    return ctx_ids, conts
-
-
-def _last_line_encoder(encode: Callable[[str], list[int]], context: str,
-                       ctx_ids: list[int]) -> Callable[[str], list[int]] | None:
-    """``encode(context + continuation)``, re-encoding only the context's last line with each continuation.
-
-    A C-Eval context is ~1,000 tokens of shots and one short last line ("答案："); encoding it whole once per
-    choice was a fifth of prefix-cached scoring's time. For a tokenizer that splits text after newlines
-    (see ``Tokenizer.splits_after_newlines``) the context's tokens up to its last line are reused, when the
-    line also starts on a token boundary of the context's own encoding (checked here, per context; a bos or a
-    dummy prefix fails it). Tests compare the result with whole encodings. None: encode whole.
-    """
-    cut = context.rfind("\n") + 1
-    line = context[cut:]
-    if cut == 0 or not line or line[0].isspace():
-        return None
-    line_ids = encode(line)
-    keep = len(ctx_ids) - len(line_ids)
-    if keep <= 0 or ctx_ids[keep:] != line_ids:
-        return None
-    head = ctx_ids[:keep]
-    return lambda continuation: head + encode(line + continuation)
-
-
 # How many of the prefix's last tokens a tokenizer may merge differently once a question follows.
 BOUNDARY_SLACK = 4
 
@@ -182,20 +135,19 @@ class SubjectScorer:
         self.max_new_tokens = max_new_tokens
         self.stats = stats if stats is not None else ScoringStats()
         self.questions = list(questions)
-        self._encoded: dict[str, list[int]] = {}
+        self._prompts = PromptEncoder(self.tok)
         self._holds_prefix: tuple[object, list[object]] | None = None  # (prefix K/V, the caches holding it)
         self.budget = self._budget(max_prompt_tokens)
         self.shots = self._fit_shots(dev_rows, shots) if self.questions else []
         self.stats.shots[subject] = len(self.shots)
         self.prefix_text = build_prefix(self.template, subject, self.shots)
+        self._prompts.add_head(self.prefix_text)
 
     # ---- prompts -------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        """Memoized: shot fitting encodes every question's full prompt, which scoring needs again."""
-        ids = self._encoded.get(text)
-        if ids is None:
-            ids = self._encoded[text] = self.tok.encode(text)
-        return ids
+        """Memoized (shot fitting encodes every question's full prompt, which scoring needs again), and a
+        prompt's shared head is not re-encoded (see encoding.PromptEncoder)."""
+        return self._prompts.encode(text)
 
     def _budget(self, max_prompt_tokens: int | None) -> int:
         """Most context tokens a question may have: room is left for the tails or the generated tokens."""
@@ -222,13 +174,15 @@ class SubjectScorer:
         """
         if k == 0:
             return []
+        for n in range(1, min(k, len(dev_rows)) + 1):
+            self._prompts.add_head(build_prefix(self.template, self.subject, dev_rows[:n]))
         description = self.template.render_description(self.subject)
-        fit = [q for q in self.questions
-               if len(self.encode(description + self.template.render_block(q))) <= self.budget]
-        if not fit:
-            return []
-        return fit_shots_for_subject(self.template, self.subject, dev_rows, fit, k,
-                                     lambda text: len(self.encode(text)), self.budget)
+
+        def fits_alone(q: Question) -> bool:
+            return len(self.encode(description + self.template.render_block(q))) <= self.budget
+
+        return fit_shots_for_subject(self.template, self.subject, dev_rows, self.questions, k,
+                                     lambda text: len(self.encode(text)), self.budget, fits_alone)
 
     def _encode(self, q: Question) -> tuple[list[int], list[list[int]], bool]:
         """(context ids, continuation ids, truncated) of one question, lm-eval style."""
@@ -277,7 +231,7 @@ class SubjectScorer:
         if self.mode != "naive":
             starts = self._cached_length(self.tok.encode(self.prefix_text), encoded)
         items = [self._item(q, ctx, conts, start) for q, (ctx, conts, _), start in zip(self.questions, encoded, starts)]
-        self._encoded.clear()
+        self._prompts.clear()
         prefix_kv = None
         if any(starts):
             cached = max(starts)
