@@ -66,8 +66,10 @@ class Tokenizer:
     pad_id: int
     add_bos: bool
     # Text is cut by a split regex before BPE, and no piece joins a newline with the non-space after it, so
-    # encode(a + b) == encode(a) + encode(b) when a ends with "\n" and b starts with a non-space (tiktoken's
-    # Qwen pattern, byte-level tokenizer.json). Sentencepiece merges over the whole text: no such promise.
+    # encode(a + b) == encode(a) + encode(b) when a ends with a non-space then "\n" and b starts with a
+    # non-space (tiktoken's Qwen pattern, byte-level tokenizer.json; after other whitespace GPT-2's pattern
+    # splits differently, see ceval.encoding.newline_cut). Sentencepiece merges over the whole text: no such
+    # promise.
     splits_after_newlines: bool = False
 
     def __init__(self, family: str, vocab_size: int, bos_id: int | None, eos_id: int, pad_id: int,

@@ -44,15 +44,15 @@ def _last_line_encoder(encode: Callable[[str], list[int]], context: str,
                        ctx_ids: list[int]) -> Callable[[str], list[int]] | None:
     """``encode(context + continuation)``, re-encoding only the context's last line with each continuation.
 
-    The line ("答案：") is short; for a tokenizer that splits text after newlines the context's tokens up to
+    The line ("答案：", from the context's ``newline_cut``) is short; for a tokenizer that splits text after newlines the context's tokens up to
     it are reused, when the line also starts on a token boundary of the context's own encoding (checked
     here, per context; a bos or a dummy prefix fails it). Tests compare the result with whole encodings.
     None: encode whole.
     """
-    cut = context.rfind("\n") + 1
-    line = context[cut:]
-    if cut == 0 or not line or line[0].isspace():
+    cut = newline_cut(context)
+    if cut == 0:
         return None
+    line = context[cut:]
     line_ids = encode(line)
     keep = len(ctx_ids) - len(line_ids)
     if keep <= 0 or ctx_ids[keep:] != line_ids:
@@ -94,8 +94,7 @@ class PromptEncoder:
         self.encoded_chars = 0  # characters handed to the tokenizer: what the reuse saves
         self._memo: dict[str, list[int]] = {}
         self._cuts: dict[str, int] = {}  # head -> its newline_cut; 0: texts of this head are encoded whole
-        self._head_ids: dict[str, list[int]] = {}  # head -> ids of head[:cut], once a text has used it
-        self._verified: set[str] = set()
+        self._head_ids: dict[str, list[int]] = {}  # head -> ids of head[:cut], once its first text checked them
 
     def add_head(self, head: str) -> None:
         if head not in self._cuts:
@@ -121,16 +120,15 @@ class PromptEncoder:
             return self._tokenize(text)
         cut = self._cuts[head]
         head_ids = self._head_ids.get(head)
-        if head_ids is None:
-            head_ids = self._head_ids[head] = self._tokenize(head[:cut])
-        ids = head_ids + self._tokenize(text[cut:], add_bos=False)
-        if head not in self._verified:
+        if head_ids is None:  # the head's first text: the reuse is checked against its whole encoding
+            head_ids = self._tokenize(head[:cut])
             whole = self._tokenize(text)
-            if whole != ids:
+            if head_ids + self._tokenize(text[cut:], add_bos=False) == whole:
+                self._head_ids[head] = head_ids
+            else:
                 self._cuts[head] = 0
-                return whole
-            self._verified.add(head)
-        return ids
+            return whole
+        return head_ids + self._tokenize(text[cut:], add_bos=False)
 
     def _head_of(self, text: str) -> str | None:
         """The longest reusable head ``text`` starts with."""
