@@ -44,10 +44,10 @@ def _last_line_encoder(encode: Callable[[str], list[int]], context: str,
                        ctx_ids: list[int]) -> Callable[[str], list[int]] | None:
     """``encode(context + continuation)``, re-encoding only the context's last line with each continuation.
 
-    The line ("答案：", from the context's ``newline_cut``) is short; for a tokenizer that splits text after newlines the context's tokens up to
-    it are reused, when the line also starts on a token boundary of the context's own encoding (checked
-    here, per context; a bos or a dummy prefix fails it). Tests compare the result with whole encodings.
-    None: encode whole.
+    The line (from the context's ``newline_cut``: "答案：") is short; for a tokenizer that splits text after
+    newlines the context's tokens up to it are reused, when the line also starts on a token boundary of the
+    context's own encoding (checked here, per context; a bos or a dummy prefix fails it). Tests compare the
+    result with whole encodings. None: encode whole.
     """
     cut = newline_cut(context)
     if cut == 0:

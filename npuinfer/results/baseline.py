@@ -26,6 +26,7 @@ turns that into a visible warning. This module never imports pytest.
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
 import math
 from dataclasses import dataclass, field
@@ -317,8 +318,6 @@ def paired_calibration(table: CsvTable, calibrations: Sequence[Mapping[str, str]
 
 
 def _timestamp(text: object) -> float:
-    import datetime as _dt
-
     try:
         return _dt.datetime.fromisoformat(str(text)).timestamp()
     except ValueError:
@@ -475,7 +474,6 @@ def update_baseline(run_dir: str | Path, baseline_dir: str | Path, models: Seque
                     ) -> tuple[list[Path], list[str]]:
     """Copy a run's baseline files into ``baseline_dir`` (replacing the same files, keeping others) and
     record where they came from in its manifest.json. Returns (files written, warnings)."""
-    import datetime as _dt
     import platform
     import shutil
 

@@ -119,10 +119,7 @@ class CsvTable:
                     break
             else:
                 rows.append(cells)
-            self._write(columns, rows)
-
-    def _write(self, columns: list[str], rows: Iterable[Mapping[str, str]]) -> None:
-        write_csv(self.path, columns, rows)
+            write_csv(self.path, columns, rows)
 
 
 def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, str]]) -> None:
