@@ -1,9 +1,12 @@
 """The regression gates against a baseline directory made by `npuinfer baseline update`.
 
 Performance: the gate's arithmetic on real rows from a real sweep (an equal baseline passes exactly, one
-doctored 20% faster fails naming metric, case and both values), then the plugin end to end in
-subprocesses: the doctored baseline fails `pytest bench/`, a re-measured run passes against its own
-earlier measurement, and a case with no baseline row is reported as not gated, never passed silently.
+doctored 20% faster fails naming metric, case and both values); then the plugin in `pytest bench/`
+subprocesses whose measurements are scripted (tests/scripted_timing.py), so every verdict follows from
+known figures: a slower case fails naming metric, case and both values, calibration cancels a slower
+machine, a case with no baseline row is reported as not gated, never passed silently. No test here
+asserts how a real measurement compares with another: the one gated run on real measurements uses an 11x
+tolerance against a baseline doctored 100x faster, which no noise reaches either way.
 Accuracy: the same through the accuracy suite's gate (pytest accuracy/ --baseline), on a baseline that
 `npuinfer baseline update` wrote.
 """
@@ -215,45 +218,114 @@ def test_baseline_update_replaces_this_machines_rows_and_keeps_another_machines(
             assert found == row and baseline.calibration(found, "cpu") == expected_cal
 
 
-# ----------------------------------------------------------------------------------------- the plugin, end to end
+# ----------------------------------------------------------------------------------------- the plugin, scripted
+# The gate in a real `pytest bench/` session whose measurements give known figures (tests/scripted_timing.py):
+# outcomes that depend on nothing but the figures written here.
+
+BASE = {"first_ms": 10.0, "next_ms": 2.0}  # every scripted baseline case; output 8: 333.33 token/s at batch 1
 
 
-def test_pytest_bench_fails_against_a_baseline_20_percent_faster(measured, tmp_path):
-    doctored = tmp_path / "doctored"
-    shutil.copytree(measured, doctored)
-    header, perf = read_rows(doctored / "performance_qwen-tiny_cpu.csv")
-    write_rows(doctored / "performance_qwen-tiny_cpu.csv", header, [faster(r, 0.8) for r in perf])
-    results = tmp_path / "results"
-    proc = bench(results, "--baseline", str(doctored))
-    assert proc.returncode == 1, proc.stdout[-3000:]
-    _, now = read_rows(results / "performance_qwen-tiny_cpu.csv")
-    _, base = read_rows(doctored / "performance_qwen-tiny_cpu.csv")
-    now, base = {r["case_id"]: gate_values(r) for r in now}, {r["case_id"]: gate_values(r) for r in base}
-    assert " failed" in proc.stdout.strip().splitlines()[-1], proc.stdout[-3000:]
-    named = 0
-    for case in CASES:
-        if f"{case}: slower than 10% of the baseline ({doctored / 'performance_qwen-tiny_cpu.csv'}" not in proc.stdout:
-            continue
-        for metric in (FIRST, NEXT, TPUT):  # each regressed metric: its name and both values
-            line = f"{metric} ({now[case][metric].how}): {now[case][metric].value:.6g} now vs " \
-                   f"{base[case][metric].value:.6g} in the baseline"
-            named += line in proc.stdout
-    assert named >= 1, proc.stdout[-4000:]
-    assert "npuinfer performance gate" in proc.stdout and "REGRESSED qwen-tiny-bs" in proc.stdout
+def scaled(factor: float, calibration_ms: float = 1.0) -> dict[str, float]:
+    """The baseline's figures with every time ``factor`` times as long."""
+    return {"first_ms": BASE["first_ms"] * factor, "next_ms": BASE["next_ms"] * factor,
+            "calibration_ms": calibration_ms}
 
 
-def test_a_case_without_a_baseline_row_warns_and_a_remeasured_run_passes(measured, tmp_path):
+def scripted_bench(results: Path, script: dict[str, list[dict[str, float]]], *args: str
+                   ) -> subprocess.CompletedProcess:
+    results.mkdir(parents=True, exist_ok=True)
+    script_file = results / "scripted_timing.json"
+    script_file.write_text(json.dumps(script))
+    path = os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/test_performance.py", "-p", "scripted_timing", "-p",
+         "no:cacheprovider", "-q", "-rs", "--benchmark-disable", "--results-dir", str(results), "--model", "qwen-tiny",
+         "--batch-sizes", "1,2", "--case-pairs", "16x8", "--rounds", "10", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**env(), "PYTHONPATH": path, "NPUINFER_SCRIPTED_TIMING": str(script_file)})
+
+
+@pytest.fixture(scope="module")
+def scripted_baseline(tmp_path_factory, npuinfer_cache) -> Path:
+    """A baseline made by `npuinfer baseline update` from a scripted sweep: both cases at BASE, calibration 1 ms."""
+    results = tmp_path_factory.mktemp("scripted_run")
+    proc = scripted_bench(results, {case: [scaled(1.0)] for case in CASES}, "--calibrate")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    baseline = tmp_path_factory.mktemp("baselines") / "scripted"
+    proc = run(["-m", "npuinfer", "baseline", "update", str(results), str(baseline)])
+    assert proc.returncode == 0, proc.stderr
+    return baseline
+
+
+def test_pytest_bench_fails_a_case_slower_than_the_baseline_naming_metric_case_and_both_values(
+        scripted_baseline, tmp_path):
+    """One case 25% slower in every metric fails the default 10% limit; one 5% slower passes."""
+    proc = scripted_bench(tmp_path / "results", {CASES[0]: [scaled(1.25)], CASES[1]: [scaled(1.05)]},
+                          "--baseline", str(scripted_baseline))
+    assert proc.returncode == 1, proc.stdout[-4000:]
+    assert "1 failed, 1 passed" in proc.stdout
+    source = scripted_baseline / "performance_qwen-tiny_cpu.csv"
+    assert f"{CASES[0]}: slower than 10% of the baseline ({source}" in proc.stdout
+    expected = [(FIRST, "best of 10 rounds", 12.5, 10.0), (NEXT, "median inter-token gap", 2.5, 2.0),
+                (TPUT, "batch x output", 8 / 0.0300, 8 / 0.024)]
+    for metric, how, now, base in expected:
+        line = next(x for x in proc.stdout.splitlines() if x.strip().startswith(f"{metric} ({how}"))
+        assert f": {now:.6g} now vs {base:.6g} in the baseline" in line and line.endswith(": 25.0% slower"), line
+    assert "npuinfer performance gate" in proc.stdout
+    assert "1 case(s) within the limit, 1 regressed, 0 NOT GATED" in proc.stdout
+    assert f"REGRESSED {CASES[0]}" in proc.stdout and f"REGRESSED {CASES[1]}" not in proc.stdout
+    assert "largest change against the baseline: 25.0% slower" in proc.stdout
+
+
+def test_calibration_cancels_a_uniformly_slower_machine_end_to_end(scripted_baseline, tmp_path):
+    """Every time twice as long *and* the reference workload twice as slow passes; raw timing fails."""
+    script = {case: [scaled(2.0, calibration_ms=2.0)] for case in CASES}
+    calibrated = scripted_bench(tmp_path / "calibrated", script, "--baseline", str(scripted_baseline))
+    assert calibrated.returncode == 0, calibrated.stdout[-4000:]
+    assert "2 case(s) within the limit, 0 regressed" in calibrated.stdout
+    assert "largest change against the baseline: 0.0% " in calibrated.stdout
+    raw = scripted_bench(tmp_path / "raw", script, "--baseline", str(scripted_baseline), "--gate-timing", "raw")
+    assert raw.returncode == 1 and "0 case(s) within the limit, 2 regressed" in raw.stdout, raw.stdout[-4000:]
+
+
+def test_a_case_without_a_baseline_row_is_not_gated_and_says_so(scripted_baseline, tmp_path):
     partial = tmp_path / "partial"
-    shutil.copytree(measured, partial)
+    shutil.copytree(scripted_baseline, partial)
     header, perf = read_rows(partial / "performance_qwen-tiny_cpu.csv")
     write_rows(partial / "performance_qwen-tiny_cpu.csv", header, [r for r in perf if r["case_id"] == CASES[0]])
-    proc = bench(tmp_path / "results", "--baseline", str(partial), "--max-regression", CI_TOLERANCE)
+    proc = scripted_bench(tmp_path / "results", {case: [scaled(1.0)] for case in CASES}, "--baseline", str(partial))
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "2 passed" in proc.stdout
     assert "PerformanceBaselineWarning" in proc.stdout  # in pytest's warnings summary
     assert f"{CASES[1]}: performance gate skipped: no row for batch 2, input 16, output 8" in proc.stdout
     assert "1 case(s) within the limit, 0 regressed, 1 NOT GATED" in proc.stdout
     assert f"NOT GATED {CASES[1]}" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------- the plugin, measured
+# The one gated run on real measurements: a tolerance no noise can reach, either way (11x).
+
+
+def test_a_real_sweep_passes_against_itself_and_fails_a_baseline_100x_faster(measured, tmp_path):
+    doctored = tmp_path / "doctored"
+    shutil.copytree(measured, doctored)
+    header, perf = read_rows(doctored / "performance_qwen-tiny_cpu.csv")
+    write_rows(doctored / "performance_qwen-tiny_cpu.csv", header,
+               [faster(r, 0.01) if r["case_id"] == CASES[1] else r for r in perf])
+    results = tmp_path / "results"
+    proc = bench(results, "--baseline", str(doctored), "--max-regression", "1000%")
+    assert proc.returncode == 1, proc.stdout[-4000:]
+    assert "1 failed, 1 passed" in proc.stdout
+    assert f"{CASES[1]}: slower than 1000% of the baseline ({doctored / 'performance_qwen-tiny_cpu.csv'}" \
+        in proc.stdout
+    _, now = read_rows(results / "performance_qwen-tiny_cpu.csv")
+    _, base = read_rows(doctored / "performance_qwen-tiny_cpu.csv")
+    now = {r["case_id"]: gate_values(r) for r in now}
+    base = {r["case_id"]: gate_values(r) for r in base}
+    for metric in (FIRST, NEXT, TPUT):
+        assert f"{metric} ({now[CASES[1]][metric].how}): {now[CASES[1]][metric].value:.6g} now vs " \
+               f"{base[CASES[1]][metric].value:.6g} in the baseline" in proc.stdout
+    assert "1 case(s) within the limit, 1 regressed, 0 NOT GATED" in proc.stdout
 
 
 def test_baseline_update_writes_the_files_and_a_manifest(measured):

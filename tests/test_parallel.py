@@ -163,6 +163,9 @@ def test_torchrun_infer_prints_once_and_matches_one_process(tp_dirs, capfd):
     assert out.out == single  # only rank 0 prints, and it prints the same text
 
 
+DIST_TIMEOUT_S = 300
+
+
 def test_a_rank_that_dies_is_reported_and_nothing_hangs(tp_dirs, tmp_path, capfd):
     """Rank 1 fails to load (its folder is gone) while rank 0 loads and waits in the first all-reduce."""
     broken = tmp_path / "broken"
@@ -170,11 +173,13 @@ def test_a_rank_that_dies_is_reported_and_nothing_hangs(tp_dirs, tmp_path, capfd
     shutil.rmtree(broken / PART_DIR / "1")
     start = time.monotonic()
     code = run_under_torchrun(TP, ["-m", "npuinfer", *infer_argv(broken, "--tp", str(TP))],
-                              env={"NPUINFER_DIST_TIMEOUT": "60"})
+                              env={"NPUINFER_DIST_TIMEOUT": str(DIST_TIMEOUT_S)})
     elapsed = time.monotonic() - start
     err = capfd.readouterr().err
     assert code != 0
-    assert elapsed < 45, elapsed  # torchrun stops rank 0 as soon as rank 1 exits; no timeout is waited for
+    # torchrun stops rank 0 as soon as rank 1 exits: the collective's timeout is never waited for. The bound is
+    # that timeout itself (a run that waited for it takes longer), not a guess at how fast this machine is.
+    assert elapsed < DIST_TIMEOUT_S, elapsed
     assert "rank 1 stderr" in err and "rank 1 of 2: " in err and "part_model/1 is missing" in err
     assert "npuinfer cut --model-path" in err
     kept = re.search(r"logs are kept in (\S+)", err)
