@@ -302,6 +302,90 @@ def test_a_case_without_a_baseline_row_is_not_gated_and_says_so(scripted_baselin
     assert f"NOT GATED {CASES[1]}" in proc.stdout
 
 
+def gate_attempts(results: Path) -> dict[str, tuple[str, list[dict]]]:
+    """case id -> (gate_retries, gate_attempts) of the run's rows."""
+    _, rows = read_rows(results / "performance_qwen-tiny_cpu.csv")
+    return {r["case_id"]: (r["gate_retries"], json.loads(r["gate_attempts"])) for r in rows}
+
+
+def test_a_case_beyond_the_limit_is_measured_again_and_fails_only_if_every_attempt_is(scripted_baseline, tmp_path):
+    """Confirm before failing: 50% slower once, then as fast as the baseline, passes (and says so); 50% slower
+    three times fails, each attempt's figures in the row and in the message; with --gate-retries 0 the
+    first attempt decides."""
+    script = {CASES[0]: [scaled(1.5), scaled(1.0)], CASES[1]: [scaled(1.5)]}
+    results = tmp_path / "results"
+    proc = scripted_bench(results, script, "--baseline", str(scripted_baseline))
+    assert proc.returncode == 1, proc.stdout[-4000:]
+    assert "1 failed, 1 passed" in proc.stdout
+    attempts = gate_attempts(results)
+    retries, passed = attempts[CASES[0]]
+    assert retries == "2" and [a["verdict"] for a in passed] == ["failed", "passed"]
+    assert [a["metrics"][FIRST]["now"] for a in passed] == [15.0, 10.0]
+    assert [a["metrics"][NEXT]["slowdown"] for a in passed] == [1.5, 1.0]
+    assert all(a["calibration_ms"] == 1.0 and a["baseline_calibration_ms"] == 1.0 for a in passed)
+    retries, failed = attempts[CASES[1]]
+    assert retries == "2" and [a["verdict"] for a in failed] == ["failed"] * 3
+    # every attempt's rounds are kept, numbered
+    records = [json.loads(line) for line in (results / "performance_qwen-tiny_cpu.rounds.jsonl").read_text().splitlines()]
+    assert [(r["case_id"], r["gate_attempt"]) for r in records] == [(CASES[0], 1), (CASES[0], 2), (CASES[1], 1),
+                                                                     (CASES[1], 2), (CASES[1], 3)]
+    out = proc.stdout
+    assert f"{CASES[1]}: slower than 10% of the baseline" in out and "beyond the limit in 3 of 3 attempts" in out
+    attempt_line = f"beyond the limit: {FIRST} 15 vs 10 (50.0% slower), {NEXT} 3 vs 2 (50.0% slower)"
+    assert all(f"  attempt {i}: {attempt_line}" in out for i in (1, 2, 3)), out[-4000:]
+    assert f"REGRESSED {CASES[1]}" in out
+    assert f"RE-MEASURED {CASES[0]}: within 10% of the baseline" in out and "beyond the limit in 1 of 2 attempts" in out
+    assert f"  attempt 2: within the limit: {FIRST} 10 vs 10 (0.0% slower)" in out
+    assert "1 case(s) within the limit, 1 regressed, 0 NOT GATED" in out
+    assert "1 within the limit only when re-measured" in out
+
+    once = scripted_bench(tmp_path / "once", script, "--baseline", str(scripted_baseline), "--gate-retries", "0")
+    assert once.returncode == 1 and "2 failed" in once.stdout, once.stdout[-4000:]
+    assert {c: (r, len(a)) for c, (r, a) in gate_attempts(tmp_path / "once").items()} == {CASES[0]: ("0", 1),
+                                                                                         CASES[1]: ("0", 1)}
+
+
+def test_a_gated_run_that_compares_nothing_fails_saying_why(scripted_baseline, tmp_path):
+    """Every case skipped (too long for MAX_SEQ_LEN), or a baseline with no row for any case: not a pass."""
+    script = {case: [scaled(1.0)] for case in CASES}
+    short = scripted_bench(tmp_path / "short", script, "--baseline", str(scripted_baseline), "--max-seq-len", "20")
+    assert short.returncode == 1, short.stdout[-4000:]
+    assert "2 skipped" in short.stdout
+    assert "0 case(s) within the limit, 0 regressed, 2 NOT GATED" in short.stdout
+    assert f"NOT GATED {CASES[0]}: not measured, so not compared with the baseline (Skipped: qwen-tiny: input 16 " \
+           "+ output 8 = 24 tokens exceeds the 20" in short.stdout
+    assert f"FAILED no performance case was compared with --baseline {scripted_baseline}: 2 NOT GATED" in short.stdout
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "manifest.json").write_text("{}")
+    unrelated = scripted_bench(tmp_path / "unrelated", script, "--baseline", str(empty))
+    assert unrelated.returncode == 1, unrelated.stdout[-4000:]
+    assert "2 passed" in unrelated.stdout  # each case ran; the session fails
+    assert f"NOT GATED {CASES[1]}: performance gate skipped: no performance_qwen-tiny_cpu.csv in {empty}" \
+           in unrelated.stdout
+    assert f"FAILED no performance case was compared with --baseline {empty}" in unrelated.stdout
+
+
+def test_require_baseline_fails_every_case_not_gated(scripted_baseline, tmp_path):
+    """--require-baseline (CI): a case with no baseline row fails, and so does a skipped one."""
+    partial = tmp_path / "partial"
+    shutil.copytree(scripted_baseline, partial)
+    header, perf = read_rows(partial / "performance_qwen-tiny_cpu.csv")
+    write_rows(partial / "performance_qwen-tiny_cpu.csv", header, [r for r in perf if r["case_id"] == CASES[0]])
+    proc = scripted_bench(tmp_path / "results", {case: [scaled(1.0)] for case in CASES}, "--baseline", str(partial),
+                          "--require-baseline", "--case-pairs", "16x8,2040x16")
+    assert proc.returncode == 1, proc.stdout[-4000:]
+    assert "3 failed, 1 passed" in proc.stdout
+    out = proc.stdout
+    assert f"{CASES[1]}: performance gate skipped: no row for batch 2, input 16, output 8" in out
+    assert "NOT GATED, and --require-baseline asks every case to be compared with a baseline row" in out
+    for batch in (1, 2):
+        assert f"_ test_performance[qwen-tiny-bs{batch}-in2040-out16] _" in out  # a failure, no longer a skip
+        assert f"NOT GATED qwen-tiny-bs{batch}-in2040-out16: not measured" in out
+    assert "1 case(s) within the limit, 0 regressed, 3 NOT GATED" in out
+
+
 # ----------------------------------------------------------------------------------------- the plugin, measured
 # The one gated run on real measurements: a tolerance no noise can reach, either way (11x).
 
@@ -397,6 +481,7 @@ def test_ci_runs_readme_test_lines_verbatim():
     for line in ci:
         assert line in readme, line
     assert f"--max-regression {CI_TOLERANCE}" in ci[1] and "--baseline results/baselines/cpu-tiny" in ci[2]
+    assert "--require-baseline" in ci[1] and "--gate-retries" in ci[1]  # confirm before failing; nothing unmeasured
 
 
 @pytest.mark.parametrize("status, survives", [(0, True), (5, True), (1, False), (2, False)])

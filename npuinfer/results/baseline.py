@@ -21,7 +21,9 @@ The row's own columns (the median round, as published) stay what the tables show
 itself both agree, on a shared one only the robust ones repeat (see results/baselines/*/SPREAD.md).
 
 A case without a comparable baseline row is not gated: its outcome says why, and the pytest plugin
-turns that into a visible warning. This module never imports pytest.
+turns that into a visible warning (or, under --require-baseline, a failure). A case beyond the limit is
+measured again by the plugin (--gate-retries) and fails only if every attempt is: each attempt's
+``GateOutcome.figures()`` is kept in the row (``gate_attempts``). This module never imports pytest.
 """
 from __future__ import annotations
 
@@ -34,10 +36,12 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .calibration import calibration_path, calibration_table, calibration_value
-from .performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, THROUGHPUT, performance_path
+from .performance import BATCH, FIRST, GATE_ATTEMPTS, GATE_RETRIES, INPUT, NEXT, OUTPUT, THROUGHPUT, performance_path
 from .table import CsvTable, parse_float, read_csv, write_csv
 
 DEFAULT_MAX_REGRESSION = 0.10
+# A case beyond the limit is measured again this many times, and fails only if every attempt is beyond it.
+DEFAULT_GATE_RETRIES = 2
 ITL_P50 = "ITL_p50(ms)"
 # metric column -> True when higher is better
 GATED_METRICS: dict[str, bool] = {FIRST: False, NEXT: False, THROUGHPUT: True}
@@ -112,10 +116,22 @@ class GateOutcome:
     reason: str = ""  # why skipped
     notes: list[str] = field(default_factory=list)  # worth a warning, the gate still applied
     calibration: tuple[float, float] | None = None  # (now, baseline) ms, when the comparison was calibrated
+    # When the case was measured more than once (confirm before failing): every attempt's figures(), this one last.
+    attempts: list[dict] = field(default_factory=list)
+    retries: int = 0  # re-measurements allowed (--gate-retries)
 
     @property
     def regressions(self) -> list[MetricCheck]:
         return [c for c in self.checks if c.slowdown > 1 + self.max_regression + 1e-12]
+
+    def figures(self) -> dict[str, object]:
+        """This comparison in a row's ``gate_attempts`` column: verdict, calibrations, and per metric the
+        compared values and the slowdown."""
+        return {"verdict": self.status, "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "calibration_ms": self.calibration[0] if self.calibration else None,
+                "baseline_calibration_ms": self.calibration[1] if self.calibration else None,
+                "metrics": {c.metric: {"now": c.current, "baseline": c.baseline, "slowdown": round(c.slowdown, 6)}
+                            for c in self.checks}}
 
     def message(self) -> str:
         if self.status == "skipped":
@@ -123,14 +139,36 @@ class GateOutcome:
         verdict = "slower than" if self.status == "failed" else "within"
         lines = [f"{self.case_id}: {verdict} {100 * self.max_regression:g}% of the baseline ({self.source}, "
                  f"--max-regression)"]
+        if len(self.attempts) > 1:
+            beyond = sum(a["verdict"] == "failed" for a in self.attempts)
+            lines[0] += (f"; beyond the limit in {beyond} of {len(self.attempts)} attempts (a case beyond it is "
+                         f"measured again, up to --gate-retries {self.retries} times, and fails only if every "
+                         "attempt is)")
         if self.calibration:
             lines[0] += (f"; calibration {self.calibration[0]:.4g} ms now, {self.calibration[1]:.4g} ms in the "
                          "baseline (reference decode step)")
         else:
             lines[0] += "; raw times compared"
+        if len(self.attempts) > 1:
+            lines += [f"  attempt {i}: {describe_attempt(a)}" for i, a in enumerate(self.attempts, 1)]
+            lines.append(f"  attempt {len(self.attempts)}, in full:")
         shown = self.regressions if self.status == "failed" else self.checks
         lines += [f"  {c.describe()}" for c in shown]
         return "\n".join(lines)
+
+
+def describe_attempt(figures: Mapping[str, object]) -> str:
+    """One line for one attempt's figures (GateOutcome.figures): verdict, each metric's change, calibration."""
+    verdict = "beyond the limit" if figures.get("verdict") == "failed" else "within the limit"
+    parts = []
+    for metric, m in dict(figures.get("metrics") or {}).items():
+        change = 100 * (m["slowdown"] - 1)
+        parts.append(f"{metric} {m['now']:.6g} vs {m['baseline']:.6g} "
+                     f"({abs(change):.1f}% {'slower' if change >= 0 else 'faster'})")
+    text = f"{verdict}: " + ", ".join(parts)
+    if figures.get("calibration_ms"):
+        text += f"; calibration {figures['calibration_ms']:.4g} ms (baseline {figures['baseline_calibration_ms']:.4g})"
+    return text
 
 
 @dataclass(frozen=True)

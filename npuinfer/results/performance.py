@@ -34,6 +34,10 @@ SETTINGS = ["model", "device", "device_name", "dtype", "backend", "timing", "rou
             "torch"]
 PERFORMANCE_COLUMNS = (PUBLISHED_COLUMNS + [THROUGHPUT] + list(METRICS.values()) + [PEAK, "status", "reason"]
                        + SETTINGS + ["case_id", "measured_at", "rounds_detail"])
+# The gate's record of a case measured against --baseline (npuinfer.results.baseline): re-measurements allowed,
+# and each attempt's figures and verdict.
+GATE_RETRIES, GATE_ATTEMPTS = "gate_retries", "gate_attempts"
+PERFORMANCE_COLUMNS += [GATE_RETRIES, GATE_ATTEMPTS]
 # Settings that make two measurements of a case different ones (device_name and torch are provenance).
 PERFORMANCE_KEY = ["model", "device", "dtype", "backend", "timing", "rounds", "warmup", "tp", "checkpoint",
                    BATCH, INPUT, OUTPUT]
