@@ -477,11 +477,12 @@ def ci_test_lines() -> list[str]:
 def test_ci_runs_readme_test_lines_verbatim():
     readme = (REPO / "README.md").read_text().splitlines()
     ci = ci_test_lines()
-    assert ci[0] == "python -m pytest" and len(ci) == 3
+    assert ci[0] == "python -m npuinfer baseline verify results/baselines/cpu-tiny" and len(ci) == 4
+    assert ci[1] == "python -m pytest"  # every test: nothing deselected by marker
     for line in ci:
         assert line in readme, line
-    assert f"--max-regression {CI_TOLERANCE}" in ci[1] and "--baseline results/baselines/cpu-tiny" in ci[2]
-    assert "--require-baseline" in ci[1] and "--gate-retries" in ci[1]  # confirm before failing; nothing unmeasured
+    assert f"--max-regression {CI_TOLERANCE}" in ci[2] and "--baseline results/baselines/cpu-tiny" in ci[3]
+    assert "--require-baseline" in ci[2] and "--gate-retries" in ci[2]  # confirm before failing; nothing unmeasured
 
 
 @pytest.mark.parametrize("status, survives", [(0, True), (5, True), (1, False), (2, False)])

@@ -29,8 +29,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import errno
+import hashlib
 import json
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -475,20 +479,19 @@ def _model_from_name(dest: Path) -> str:
 
 
 def _file_facts(path: Path) -> dict[str, object]:
-    """Provenance of one copied file: for a performance CSV, its devices, torch and settings."""
-    import hashlib
-
-    facts: dict[str, object] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
-    if path.suffix == ".csv" and path.name.startswith("performance_"):
+    """Provenance of one copied file: its sha256, a CSV's row count, for a performance CSV its devices, torch
+    and settings. `verify_baseline` checks the hash and the row count."""
+    facts: dict[str, object] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if path.suffix == ".csv":
         rows = read_csv(path)[1]
+        facts["rows"] = len(rows)
+    if path.suffix == ".csv" and path.name.startswith("performance_"):
         for column in ("device", "device_name", "torch", "dtype", "backend", "timing", "rounds"):
             values = sorted({r.get(column, "") for r in rows} - {""})
             if values:
                 facts[column] = values[0] if len(values) == 1 else values
-        facts["rows"] = len(rows)
         facts["measured"] = [min(r.get("measured_at", "") for r in rows), max(r.get("measured_at", "") for r in rows)] if rows else []
     if path.suffix == ".csv" and path.name.startswith("calibration_"):
-        rows = read_csv(path)[1]
         for column in ("workload", "calibration_dtype", "cpu_threads"):
             values = sorted({r.get(column, "") for r in rows} - {""})
             if values:
@@ -500,7 +503,6 @@ def _file_facts(path: Path) -> dict[str, object]:
 
 def _host() -> dict[str, object]:
     """The machine running the update (on a cpu baseline, the one that measured it)."""
-    import os
     import platform
 
     from ..device import cpu_model_name
@@ -511,16 +513,39 @@ def _host() -> dict[str, object]:
 def update_baseline(run_dir: str | Path, baseline_dir: str | Path, models: Sequence[str] | None = None
                     ) -> tuple[list[Path], list[str]]:
     """Copy a run's baseline files into ``baseline_dir`` (replacing the same files, keeping others) and
-    record where they came from in its manifest.json. Returns (files written, warnings)."""
+    record where they came from in its manifest.json. Returns (files written, warnings).
+
+    All or nothing: the whole baseline directory is copied to a staging directory beside it, the run's files
+    and the manifest are written there, and the staging directory then takes the baseline's place in one
+    rename (`_swap_in`). An update killed at any point leaves the old baseline or the new one, complete."""
+    plan = plan_update(run_dir, models)
+    out = Path(baseline_dir)
+    _recover_interrupted_update(out)
+    staging = _sibling(out, "staging")
+    if staging.exists():  # an update killed before its swap: the baseline was never touched
+        shutil.rmtree(staging)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"BASELINE_DIR {out}: exists and is not a directory")
+    try:
+        if out.is_dir():
+            shutil.copytree(out, staging, symlinks=True)
+        else:
+            staging.mkdir(parents=True)
+        written, warnings = _stage_update(plan, run_dir, staging, out)
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_in(staging, out)
+    return written, warnings
+
+
+def _stage_update(plan: UpdatePlan, run_dir: str | Path, staging: Path, out: Path) -> tuple[list[Path], list[str]]:
+    """Write the plan's files and the manifest into ``staging`` (a copy of the baseline), all on disk."""
     import platform
-    import shutil
 
     import torch
 
-    plan = plan_update(run_dir, models)
-    out = Path(baseline_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / MANIFEST
+    manifest_path = staging / MANIFEST
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     files = manifest.get("files", {})
@@ -529,35 +554,165 @@ def update_baseline(run_dir: str | Path, baseline_dir: str | Path, models: Seque
     # the rows each CSV keeps of other machines, decided before any file is replaced
     kept: dict[Path, list[dict[str, str]]] = {}
     for source, dest in plan.copies:
-        if dest.name.startswith("performance_") and (out / dest).is_file():
+        if dest.name.startswith("performance_") and (staging / dest).is_file():
             cal = _calibration_of(dest)
-            kept[dest], kept[cal] = _other_machines(source, out / dest, out / cal)
+            kept[dest], kept[cal] = _other_machines(source, staging / dest, staging / cal)
             if kept[dest]:
                 machines = ", ".join(sorted({r["device_name"] for r in kept[dest]}))
                 warnings.append(f"{dest}: kept {len(kept[dest])} row(s) measured on {machines} (another "
                                 "machine's rows stay; this machine's are replaced)")
     for source, dest in plan.copies:
-        target = out / dest
+        target = staging / dest
         target.parent.mkdir(parents=True, exist_ok=True)
         if kept.get(dest):
             header, rows = read_csv(source)
             extra = [c for r in kept[dest] for c in r if c not in header]
             write_csv(target, list(dict.fromkeys(header + extra)), rows + kept[dest])
         else:
-            tmp = target.with_name(f".{target.name}.tmp")
-            shutil.copyfile(source, tmp)
-            tmp.replace(target)
-        written.append(target)
+            shutil.copyfile(source, target)
+        written.append(out / dest)
         files[dest.as_posix()] = {"source": str(source.resolve()), "copied_at": now, **_file_facts(target)}
-    devices = sorted({f"{f['device']} ({f['device_name']})" if f.get("device_name") else str(f["device"])
-                      for f in files.values() if f.get("device")})
+    devices = sorted({f"{f['device']} ({name})" if name else str(f["device"])
+                      for f in files.values() if f.get("device") for name in _as_list(f.get("device_name"))})
     measured_with = sorted({str(f["torch"]) for f in files.values() if f.get("torch")})
     manifest.update({"updated_at": now, "source": str(Path(run_dir).resolve()),
                      "torch": (measured_with[0] if len(measured_with) == 1 else measured_with) or torch.__version__,
                      "python": platform.python_version(), "host": _host(),
                      "device": devices, "files": dict(sorted(files.items()))})
     manifest_path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return written + [manifest_path], warnings
+    _fsync_tree(staging)
+    return written + [out / MANIFEST], warnings
+
+
+def _as_list(value: object) -> list:
+    """A manifest fact: one value, or a list when the rows hold several (several machines' rows)."""
+    return list(value) if isinstance(value, list) else [value]
+
+
+# --------------------------------------------------------------------------------------------- all or nothing
+
+
+def _sibling(directory: Path, role: str) -> Path:
+    """Where an update stages a baseline directory (``staging``), or parks the old one (``previous``)."""
+    return directory.with_name(f".{directory.name}.{role}")
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Every file and directory under ``directory`` on disk before it is swapped in."""
+    for path in sorted(directory.rglob("*"), reverse=True) + [directory]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE). False where the system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """``staging`` becomes ``out``. With RENAME_EXCHANGE the two trade places at once and the old tree is
+    deleted from the staging name. Elsewhere the old tree is first renamed to ``.<name>.previous``; a kill
+    between the two renames is repaired by the next update (`_recover_interrupted_update`)."""
+    if out.is_dir() and _exchange(staging, out):
+        _fsync_dir(out.parent)
+        shutil.rmtree(staging)
+        return
+    previous = _sibling(out, "previous")
+    if out.exists():
+        os.rename(out, previous)
+    os.rename(staging, out)
+    _fsync_dir(out.parent)
+    if previous.exists():
+        shutil.rmtree(previous)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _recover_interrupted_update(out: Path) -> None:
+    """Finish what a killed `_swap_in` left: the old tree parked with no new one in place comes back; parked
+    beside a complete new one, it is deleted."""
+    previous = _sibling(out, "previous")
+    if not previous.is_dir():
+        return
+    if out.exists():
+        shutil.rmtree(previous)
+    else:
+        os.rename(previous, out)
+
+
+# --------------------------------------------------------------------------------------------- verify
+
+
+def baseline_files(directory: Path) -> list[str]:
+    """The files of a baseline directory that `update_baseline` writes and the manifest must list."""
+    found = [p for p in directory.glob("performance_*.csv")] + [p for p in directory.glob("calibration_*.csv")]
+    found += [p for name in CEVAL_FILES for p in directory.glob(f"ceval_*/{name}")]
+    return sorted(p.relative_to(directory).as_posix() for p in found if p.is_file())
+
+
+def verify_baseline(baseline_dir: str | Path) -> tuple[int, list[str]]:
+    """Check a baseline directory against its manifest.json: every listed file present with its sha256 and,
+    for a CSV, its row count; every baseline file listed. Returns (files checked, problems); each problem
+    names the file and what differs."""
+    directory = Path(baseline_dir)
+    if not directory.is_dir():
+        parked = _sibling(directory, "previous")
+        hint = (f" ({parked} holds the baseline an interrupted update moved aside: `npuinfer baseline update` "
+                "puts it back)") if parked.is_dir() else ""
+        return 0, [f"{directory}: not a directory{hint}"]
+    manifest_path = directory / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return 0, [f"{manifest_path}: missing (a baseline directory is written by `npuinfer baseline update`)"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return 0, [f"{manifest_path}: not JSON ({exc})"]
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return 0, [f"{manifest_path}: no \"files\" object"]
+    problems = []
+    for name, facts in sorted(files.items()):
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{path}: listed in {MANIFEST}, missing")
+            continue
+        recorded = str((facts or {}).get("sha256", ""))
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if len(recorded) < 16 or not actual.startswith(recorded):
+            problems.append(f"{path}: sha256 {actual}, {MANIFEST} says {recorded or 'nothing'}")
+        if path.suffix == ".csv":
+            rows = len(read_csv(path)[1])
+            if facts.get("rows") != rows:
+                problems.append(f"{path}: {rows} rows, {MANIFEST} says {facts.get('rows', 'nothing')}")
+    for name in baseline_files(directory):
+        if name not in files:
+            problems.append(f"{directory / name}: not listed in {MANIFEST}")
+    for leftover in (_sibling(directory, "staging"), _sibling(directory, "previous")):
+        if leftover.exists():
+            problems.append(f"{leftover}: left by an interrupted `npuinfer baseline update` (the next update "
+                            "removes it)")
+    return len(files), problems
 
 
 def _calibration_of(dest: Path) -> Path:
