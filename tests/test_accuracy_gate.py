@@ -40,6 +40,8 @@ def baseline(tmp_path_factory, npuinfer_cache) -> Path:
     base = tmp_path_factory.mktemp("baselines") / "equal"
     proc = run(["-m", "npuinfer", "baseline", "update", str(results), str(base)])
     assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (base / RUN_DIR).iterdir()) == ["cache_meta.json", "classes_acc.json",
+                                                                 "subject_acc.json"]
     return base
 
 

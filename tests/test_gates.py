@@ -7,8 +7,8 @@ known figures: a slower case fails naming metric, case and both values, calibrat
 machine, a case with no baseline row is reported as not gated, never passed silently. No test here
 asserts how a real measurement compares with another: the one gated run on real measurements uses an 11x
 tolerance against a baseline doctored 100x faster, which no noise reaches either way.
-Accuracy: the same through the accuracy suite's gate (pytest accuracy/ --baseline), on a baseline that
-`npuinfer baseline update` wrote.
+The accuracy gate on a baseline that `npuinfer baseline update` wrote is tests/test_accuracy_gate.py's (and
+the subject gate tests/test_accuracy_suite.py::test_baseline_gate's).
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from npuinfer.ceval.synth import write_synthetic_ceval
 from npuinfer.results.baseline import compare_row, gate_values, parse_regression
 from npuinfer.results.calibration import calibration_value
 
@@ -439,42 +438,6 @@ def test_baseline_update_refuses_a_directory_without_results(tmp_path):
     proc = run(["-m", "npuinfer", "baseline", "update", str(tmp_path), str(tmp_path / "b")])
     assert proc.returncode == 1 and f"RUN_DIR {tmp_path}: no performance_<model>_<device>.csv" in proc.stderr
     assert not (tmp_path / "b").exists()
-
-
-# ----------------------------------------------------------------------------------------- accuracy
-
-
-def accuracy(results: Path, data: Path, *args: str) -> subprocess.CompletedProcess:
-    return run(["-m", "pytest", "accuracy", "-p", "no:cacheprovider", "-q", "-rs", "--device", "cpu", "--results-dir",
-                str(results), "--ceval-dir", str(data), *args])
-
-
-def test_accuracy_gate_on_a_baseline_written_by_baseline_update(tmp_path):
-    data = write_synthetic_ceval(tmp_path / "ceval", subjects=["logic", "marxism"], val_per_subject=8,
-                                 test_per_subject=2)
-    first = accuracy(tmp_path / "run", data)
-    assert first.returncode == 0, first.stdout[-3000:]
-    baseline = tmp_path / "baseline"
-    proc = run(["-m", "npuinfer", "baseline", "update", str(tmp_path / "run"), str(baseline)])
-    assert proc.returncode == 0, proc.stderr
-    acc_file = baseline / "ceval_qwen-tiny_cpu" / "subject_acc.json"
-    assert sorted(p.name for p in acc_file.parent.iterdir()) == ["cache_meta.json", "classes_acc.json",
-                                                                  "subject_acc.json"]
-    accs = json.loads(acc_file.read_text())
-
-    equal = accuracy(tmp_path / "equal", data, "--baseline", str(baseline))  # fresh results: scored again
-    assert equal.returncode == 0, equal.stdout[-3000:]
-    assert "2 passed" in equal.stdout
-
-    doctored = json.loads(acc_file.read_text())
-    doctored["logic"] = accs["logic"] + 0.2
-    del doctored["marxism"]
-    acc_file.write_text(json.dumps(doctored))
-    worse = accuracy(tmp_path / "worse", data, "--baseline", str(baseline))
-    assert worse.returncode == 1, worse.stdout[-3000:]
-    assert f"qwen-tiny-logic: accuracy {accs['logic']!r}" in worse.stdout
-    assert f"below the baseline {doctored['logic']!r}" in worse.stdout
-    assert "qwen-tiny-marxism: no baseline accuracy" in worse.stdout  # not gated, and says so
 
 
 # ----------------------------------------------------------------------------------------- CI
