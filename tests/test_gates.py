@@ -277,14 +277,13 @@ def test_pytest_bench_fails_a_case_slower_than_the_baseline_naming_metric_case_a
 
 
 def test_calibration_cancels_a_uniformly_slower_machine_end_to_end(scripted_baseline, tmp_path):
-    """Every time twice as long *and* the reference workload twice as slow passes; raw timing fails."""
+    """Every time twice as long *and* the reference workload twice as slow passes (raw, the same rows fail:
+    test_calibration_cancels_a_machine_that_is_uniformly_slower)."""
     script = {case: [scaled(2.0, calibration_ms=2.0)] for case in CASES}
     calibrated = scripted_bench(tmp_path / "calibrated", script, "--baseline", str(scripted_baseline))
     assert calibrated.returncode == 0, calibrated.stdout[-4000:]
     assert "2 case(s) within the limit, 0 regressed" in calibrated.stdout
     assert "largest change against the baseline: 0.0% " in calibrated.stdout
-    raw = scripted_bench(tmp_path / "raw", script, "--baseline", str(scripted_baseline), "--gate-timing", "raw")
-    assert raw.returncode == 1 and "0 case(s) within the limit, 2 regressed" in raw.stdout, raw.stdout[-4000:]
 
 
 def test_a_case_without_a_baseline_row_is_not_gated_and_says_so(scripted_baseline, tmp_path):
