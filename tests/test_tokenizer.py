@@ -374,3 +374,19 @@ def test_remote_code_in_the_directory_is_never_run(tiny, tmp_path):
     tok = load_tokenizer(directory, "qwen")
     assert tok.decode(tok.encode(TEXTS[0])) == TEXTS[0]
     assert not sentinel.exists()
+
+
+def test_tokenizer_json_is_preferred_to_the_native_file(tiny, tmp_path):
+    """transformers' order: tokenizer.json when the directory holds one, else the family's own file."""
+    from npuinfer.tokenizer import HFJsonTokenizer, SentencePieceTokenizer
+
+    shutil.copy(tiny["internlm"][0] / "tokenizer.model", tmp_path / "tokenizer.model")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny["gpt-neox"][0] / name, tmp_path / name)
+    both = load_tokenizer(tmp_path, "internlm")
+    assert isinstance(both, HFJsonTokenizer)
+    assert both.encode(TEXTS[1]) == load_tokenizer(tiny["gpt-neox"][0], "gpt-neox").encode(TEXTS[1])
+    (tmp_path / "tokenizer.json").unlink()
+    native = load_tokenizer(tmp_path, "internlm")
+    assert isinstance(native, SentencePieceTokenizer)
+    assert native.encode(TEXTS[1]) == load_tokenizer(tiny["internlm"][0], "internlm").encode(TEXTS[1])

@@ -10,7 +10,11 @@ from .base import QKV_FUSED, Family, NameTable, TinyLayout, TinyTokenizer, Token
 
 def read_args(f: ConfigFields, position: str | None = None) -> ModelArgs:
     common = sizes(f, "qwen")
-    head_dim = f.head_dim(common["dim"], common["n_heads"], "kv_channels")
+    # Qwen's attention splits c_attn's output by hidden_size / heads: kv_channels must equal that.
+    head_dim = f.head_dim(common["dim"], common["n_heads"])
+    kv_channels = f.integer("kv_channels", default=head_dim)
+    if kv_channels != head_dim:
+        raise f.error(f"kv_channels={kv_channels}, expected hidden_size / num_attention_heads = {head_dim}")
     # intermediate_size counts both MLP branches. Dynamic NTK and logn scaling act only beyond seq_length,
     # so the cache stops there.
     return ModelArgs(**common, head_dim=head_dim, intermediate_size=f.integer("intermediate_size") // 2,
