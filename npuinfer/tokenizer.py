@@ -126,13 +126,14 @@ class QwenTokenizer(Tokenizer):
 
     splits_after_newlines = True
 
-    def __init__(self, encoding: Any, n_ranks: int, add_bos: bool, pad_token: str | None) -> None:
+    def __init__(self, encoding: Any, n_ranks: int, add_bos: bool, pad_token: str | None,
+                 family: str = "qwen") -> None:
         self._enc = encoding
         self._n_ranks = n_ranks
         self._special_ids = {tok: n_ranks + i for i, tok in enumerate(QWEN_SPECIAL_TOKENS)}
         eos_id = self._special_ids[QWEN_ENDOFTEXT]
         pad_id = self._special_ids.get(pad_token or QWEN_ENDOFTEXT, eos_id)
-        super().__init__("qwen", n_ranks + len(QWEN_SPECIAL_TOKENS), None, eos_id, pad_id, add_bos)
+        super().__init__(family, n_ranks + len(QWEN_SPECIAL_TOKENS), None, eos_id, pad_id, add_bos)
 
     def _encode_text(self, text: str) -> list[int]:
         text = unicodedata.normalize("NFC", text)
@@ -290,7 +291,7 @@ def qwen_encoding(ranks: dict[bytes, int]) -> Any:
 def _load_qwen(path: Path, family: Family, add_bos: bool | None, specials: dict[str, str]) -> QwenTokenizer:
     ranks = read_tiktoken_ranks(path)
     add_bos = family.tokenizer.add_bos if add_bos is None else add_bos
-    return QwenTokenizer(qwen_encoding(ranks), len(ranks), add_bos, specials.get("pad_token"))
+    return QwenTokenizer(qwen_encoding(ranks), len(ranks), add_bos, specials.get("pad_token"), family.name)
 
 
 def _load_sentencepiece(path: Path, family: Family, add_bos: bool | None,
