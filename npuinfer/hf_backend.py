@@ -1,13 +1,14 @@
 """``--backend hf``: transformers' own ``generate`` on the same checkpoint, timed by the same Timer.
 
 The checkpoint is read by npuinfer's loader (same files, same canonical tensors) and mapped onto
-the transformers class that computes the same function:
+the transformers class that computes the same function, chosen by what the model computes (ModelArgs),
+not by its family's name:
 
-  gpt-neox       -> GPTNeoXForCausalLM (the family's own tensor names)
-  internlm       -> LlamaForCausalLM with attention_bias=True (q, k, v and o carry biases)
-  qwen (v1)      -> Qwen2ForCausalLM (fused c_attn split into q/k/v with bias; w2 is the gate)
-  baichuan2-7b   -> LlamaForCausalLM (W_pack split; the NormHead's rows normalised once at load)
-  baichuan2-13b  -> none: ALiBi has no transformers equivalent, a clear error
+  GELU MLP, LayerNorm               -> GPTNeoXForCausalLM (gpt-neox; GPT-NeoX tensor names)
+  SwiGLU, bias on q/k/v only        -> Qwen2ForCausalLM (qwen v1: fused c_attn split into q/k/v; w2 is the gate)
+  SwiGLU, bias on all of q/k/v/o    -> LlamaForCausalLM with attention_bias=True (internlm)
+  SwiGLU, no attention bias         -> LlamaForCausalLM (baichuan2-7b: W_pack split; NormHead rows normalised at load)
+  ALiBi                             -> none: no transformers equivalent, a clear error (baichuan2-13b)
 
 transformers is not patched. Its generate is observed from outside: forward pre/post hooks on the
 model mark each forward, and a StoppingCriteria (called once per step, after the new token is
@@ -23,8 +24,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import args_from_config, detect_family, env_max_seq_len, from_canonical, read_canonical, read_config
+from .checkpoint import (
+    args_from_config,
+    checkpoint_identity,
+    detect_family,
+    env_max_seq_len,
+    from_canonical,
+    read_canonical,
+    read_config,
+)
 from .device import Device
+from .families import gpt_neox
 from .model import ModelArgs
 
 
@@ -88,32 +98,33 @@ def hf_equivalent(args: ModelArgs, state: dict[str, Tensor], where: str = "check
         raise HFUnsupported(
             f"{where}: ALiBi attention (Baichuan2-13B) has no native transformers model, so --backend hf cannot run "
             "it without the checkpoint's own remote code, which npuinfer never executes; use --backend npuinfer")
-    if args.family == "gpt-neox":
+    if args.mlp == "gelu":
+        if args.norm != "layer" or args.qkv_bias != args.o_bias or not args.mlp_bias:
+            raise HFUnsupported(f"{where}: a GELU MLP maps onto GPTNeoXForCausalLM only with LayerNorm and biases "
+                                f"on the MLP and on all attention projections alike")
         config = GPTNeoXConfig(**_common(args), intermediate_size=args.intermediate_size,
                                hidden_act="gelu" if args.activation == "gelu" else "gelu_pytorch_tanh",
                                layer_norm_eps=args.norm_eps, use_parallel_residual=args.parallel_residual,
                                attention_bias=args.qkv_bias,
                                **_rope_kwargs(GPTNeoXConfig, args.rope_base, args.rot_dim / args.head_dim))
-        hf_state = from_canonical("gpt-neox", state, args)
+        hf_state = from_canonical(gpt_neox.FAMILY.name, state, args)  # GPTNeoX's names are the family's own
         return GPTNeoXForCausalLM, config, hf_state
     if args.rotary_dim not in (None, args.head_dim):
-        raise HFUnsupported(f"{where}: partial rotary embeddings are only mapped for gpt-neox")
+        raise HFUnsupported(f"{where}: partial rotary embeddings are only mapped for a GELU (GPT-NeoX) model")
+    if args.norm != "rms" or args.parallel_residual:
+        raise HFUnsupported(f"{where}: a SwiGLU model maps onto Llama / Qwen2 only with RMSNorm and sequential residuals")
     common = dict(**_common(args), intermediate_size=args.intermediate_size, num_key_value_heads=args.n_heads,
                   rms_norm_eps=args.norm_eps, hidden_act="silu")
-    if args.family == "qwen":
-        if args.o_bias:
-            raise HFUnsupported(f"{where}: a Qwen checkpoint with a biased c_proj (no_bias=false) has no Qwen2 equivalent")
+    if args.qkv_bias and not args.o_bias:  # Qwen2: biases on q, k and v only
         config = Qwen2Config(**common, use_sliding_window=False, **_rope_kwargs(Qwen2Config, args.rope_base))
         return Qwen2ForCausalLM, config, _llama_names(args, state)
-    if args.family in ("internlm", "baichuan2"):
-        if args.qkv_bias != args.o_bias:
-            raise HFUnsupported(f"{where}: Llama's attention_bias covers q, k, v and o together; this checkpoint "
-                                f"has qkv bias={args.qkv_bias}, o bias={args.o_bias}")
-        # Baichuan2's NormHead: to_canonical already normalised the head's rows, so a plain lm_head matches.
-        config = LlamaConfig(**common, head_dim=args.head_dim, attention_bias=args.qkv_bias, mlp_bias=False,
-                             **_rope_kwargs(LlamaConfig, args.rope_base))
-        return LlamaForCausalLM, config, _llama_names(args, state)
-    raise HFUnsupported(f"{where}: no transformers mapping for family {args.family!r}")
+    if args.qkv_bias != args.o_bias:
+        raise HFUnsupported(f"{where}: Llama's attention_bias covers q, k, v and o together and Qwen2 biases q, k "
+                            f"and v only; this checkpoint has qkv bias={args.qkv_bias}, o bias={args.o_bias}")
+    # Baichuan2's NormHead: to_canonical already normalised the head's rows, so a plain lm_head matches.
+    config = LlamaConfig(**common, head_dim=args.head_dim, attention_bias=args.qkv_bias, mlp_bias=False,
+                         **_rope_kwargs(LlamaConfig, args.rope_base))
+    return LlamaForCausalLM, config, _llama_names(args, state)
 
 
 def load_hf_model(model_dir: str | Path, device: Device, dtype: torch.dtype, *, position: str | None = None,
@@ -181,8 +192,6 @@ class HFBackend:
     @classmethod
     def load(cls, model_dir: str | Path, device: Device, dtype: torch.dtype, *, position: str | None = None,
              max_seq_len: int | None = None, attention: str = "sdpa") -> "HFBackend":
-        from .runtime import checkpoint_identity
-
         model, args = load_hf_model(model_dir, device, dtype, position=position, max_seq_len=max_seq_len,
                                     attention=attention)
         return cls(model, args, device, checkpoint_identity(model_dir))

@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .generate import generate
 from .model import ModelArgs
+from .timing import make_inputs
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
@@ -184,9 +186,6 @@ class MaxBatchSearch:
 
     def trial(self, batch: int) -> tuple[bool, int | None, str]:
         """(fits, measured peak bytes or None, how it was decided: run | oom | prediction)."""
-        from .generate import generate
-        from .timing import make_inputs
-
         if not self.device.is_accelerator:
             if self.predicted(batch) > self.limit:
                 return False, None, "prediction"  # not run: the prediction already says it does not fit

@@ -1,16 +1,13 @@
-"""Named models: the six real checkpoints and their tiny stand-ins.
+"""Named models: the six real checkpoints and their tiny stand-ins (pure data; families are in npuinfer.families).
 
 A real name is resolved to a directory through ``--model-path`` or ``$NPUINFER_MODELS_DIR/<name>``;
-a tiny name is built by tiny.py into the local cache on first use.
+a tiny name is built by tiny.py into the local cache on first use (both in ``runtime.resolve_model_dir``).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-FAMILIES = ("qwen", "baichuan2", "internlm", "gpt-neox")
-
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -70,25 +67,6 @@ def get_spec(name: str) -> ModelSpec:
 def models_dir() -> Path | None:
     value = os.environ.get("NPUINFER_MODELS_DIR")
     return Path(value) if value else None
-
-
-def resolve_model_dir(name: str, model_path: str | os.PathLike | None = None) -> Path:
-    """The checkpoint directory for a registry name (tiny ones are built on first use)."""
-    spec = get_spec(name)
-    if model_path is not None:
-        return Path(model_path)
-    if spec.tiny:
-        from .tiny import ensure_tiny
-
-        return ensure_tiny(name)
-    base = models_dir()
-    if base is not None and (base / name).is_dir():
-        return base / name
-    where = f"$NPUINFER_MODELS_DIR/{name} ({base / name} does not exist)" if base else "$NPUINFER_MODELS_DIR/<name>"
-    raise ModelNotFound(
-        f"model {name!r} needs its checkpoint directory: pass --model-path DIR, or put the download at {where}. "
-        f"To try the harness without weights use the tiny stand-in --model {spec.stand_in}"
-    )
 
 
 def discover_models() -> list[str]:

@@ -1,8 +1,7 @@
 """Name or directory -> a ready model: checkpoint + Transformer + tokenizer on a device."""
 from __future__ import annotations
 
-import hashlib
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,16 +12,20 @@ from .checkpoint import (
     args_from_config,
     check_config_matches,
     check_state_dict,
-    checkpoint_files,
+    checkpoint_identity,
     detect_family,
     env_max_seq_len,
     read_canonical,
     read_config,
 )
+from .decode_graph import compile_decode
 from .device import Device, dtype_name, get_device, parse_dtype
 from .model import ModelArgs, Transformer
 from .parallel import dist as tp_dist
-from .registry import ModelSpec, get_spec, resolve_model_dir
+from .parallel.shard import load_shard, reject_part_dir
+from .registry import ModelNotFound, ModelSpec, get_spec, models_dir
+from .tiny import ensure_tiny
+from .tokenizer import load_tokenizer
 
 
 @dataclass
@@ -46,11 +49,21 @@ class LoadedModel:
         return checkpoint_identity(self.model_dir)
 
 
-def checkpoint_identity(model_dir: Path) -> str:
-    digest = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
-    for path in checkpoint_files(model_dir):
-        digest.update(f"{path.name}:{path.stat().st_size}".encode())
-    return digest.hexdigest()[:16]
+def resolve_model_dir(name: str, model_path: str | os.PathLike | None = None) -> Path:
+    """The checkpoint directory for a registry name (tiny ones are built on first use)."""
+    spec = get_spec(name)
+    if model_path is not None:
+        return Path(model_path)
+    if spec.tiny:
+        return ensure_tiny(name)
+    base = models_dir()
+    if base is not None and (base / name).is_dir():
+        return base / name
+    where = f"$NPUINFER_MODELS_DIR/{name} ({base / name} does not exist)" if base else "$NPUINFER_MODELS_DIR/<name>"
+    raise ModelNotFound(
+        f"model {name!r} needs its checkpoint directory: pass --model-path DIR, or put the download at {where}. "
+        f"To try the harness without weights use the tiny stand-in --model {spec.stand_in}"
+    )
 
 
 def default_dtype(device: Device) -> torch.dtype:
@@ -67,8 +80,6 @@ def load_model(
     compile: bool = False,
 ) -> LoadedModel:
     """Load a registry model (``name``) or any supported directory (``model_path``) ready to run."""
-    from .tokenizer import load_tokenizer
-
     if name is None and model_path is None:
         raise ValueError("give a model name (--model) or a checkpoint directory (--model-path)")
     spec: ModelSpec | None = get_spec(name) if name else None
@@ -95,13 +106,9 @@ def load_model(
         raise ValueError("--compile is not supported with tensor parallelism (--tp > 1) yet: the all-reduce "
                          "after each row-parallel layer is outside the captured graph; drop one of the two")
     if parallel is not None:  # tensor parallel: this rank reads only part_model/{rank}
-        from .parallel.shard import load_shard
-
         args = args.with_(tp_size=parallel[0], tp_rank=parallel[1])
         state, origin = load_shard(model_dir, config, args)
     else:
-        from .parallel.shard import reject_part_dir
-
         reject_part_dir(config, model_dir)
         state, origin = read_canonical(model_dir, config, family, args)
     with torch.device("meta"):
@@ -114,8 +121,6 @@ def load_model(
     model.eval().requires_grad_(False)
     model.set_attention(attention)
     if compile:
-        from .decode_graph import compile_decode
-
         compile_decode(model, dev)
     if parallel is not None:
         tp_dist.install_all_reduce(model)  # sum the row-parallel partial outputs (attention wo, mlp w2)
@@ -123,9 +128,3 @@ def load_model(
     tokenizer = load_tokenizer(model_dir, family)
     return LoadedModel(name or model_dir.name, family, model_dir, args, model, tokenizer, dev, torch_dtype)
 
-
-def config_summary(loaded: LoadedModel) -> str:
-    a = loaded.args
-    return json.dumps({"model": loaded.name, "family": a.family, "layers": a.n_layers, "hidden": a.dim,
-                       "heads": a.n_heads, "params": a.num_parameters(), "device": str(loaded.device),
-                       "dtype": loaded.dtype_name, "max_seq_len": a.max_seq_len})

@@ -25,6 +25,8 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from .generate import generate
+
 MODES = ("detail", "normal")
 NS_PER_MS = 1_000_000
 NS_PER_S = 1_000_000_000
@@ -343,8 +345,6 @@ class NpuinferBackend:
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
                  observer: object | None = None) -> Tensor:
-        from .generate import generate
-
         return generate(self.loaded.model, input_ids, max_new_tokens, attention_mask, stop_at_eos=False,
                         observer=observer)
 

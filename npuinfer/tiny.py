@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 
 from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, args_from_config, from_canonical
+from .families import get_family
 from .model import Transformer
-from .registry import ModelSpec, get_spec
+from .registry import MODELS, ModelSpec, get_spec
+from .tokenizer_training import write_tiny_tokenizer
 
 TINY_FORMAT = 1  # bump when the tiny layout or weights change, so caches are rebuilt
 MARKER = "npuinfer_tiny.json"
-
-# Target sizes for the trained tokenizers (the config's vocab_size pads above them).
-_TOKENIZER_VOCAB = {"qwen": 1200, "baichuan2": 1000, "internlm": 1000, "gpt-neox": 1000}
 
 _POISON = (
     "raise RuntimeError('npuinfer executed code from a model directory; loading must only read "
@@ -54,45 +53,13 @@ def ensure_tiny(name: str) -> Path:
 
 
 def _config(spec: ModelSpec, tok: dict) -> dict:
+    """config.json as the family's real download writes it (the family's template around these common fields)."""
     ids = {k: tok[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if tok.get(k) is not None}
     base = {"hidden_size": spec.hidden_size, "num_hidden_layers": spec.num_layers,
             "num_attention_heads": spec.num_heads, "intermediate_size": spec.intermediate_size,
             "vocab_size": spec.vocab_size, "initializer_range": 0.02, "tie_word_embeddings": False,
             "use_cache": True}
-    if spec.family == "qwen":
-        return {"architectures": ["QWenLMHeadModel"],
-                "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig",
-                             "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
-                "model_type": "qwen", **base, "kv_channels": spec.head_dim, "layer_norm_epsilon": 1e-6,
-                "max_position_embeddings": spec.max_seq_len, "seq_length": spec.max_seq_len,
-                "rotary_emb_base": 10000, "rotary_pct": 1.0, "no_bias": True, "scale_attn_weights": True,
-                "use_dynamic_ntk": True, "use_logn_attn": True, "use_flash_attn": "auto",
-                "attn_dropout_prob": 0.0, "emb_dropout_prob": 0.0, "bf16": False, "fp16": False, "fp32": False,
-                "onnx_safe": None, "tokenizer_class": "QWenTokenizer", "transformers_version": "4.32.0"}
-    if spec.family == "baichuan2":
-        config = {"architectures": ["BaichuanForCausalLM"],
-                  "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig",
-                               "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
-                  "tokenizer_class": "BaichuanTokenizer", "model_type": "baichuan", **base, **ids,
-                  "hidden_act": "silu", "model_max_length": spec.max_seq_len, "rms_norm_eps": 1e-6,
-                  "z_loss_weight": 0, "gradient_checkpointing": False, "torch_dtype": "bfloat16",
-                  "transformers_version": "4.29.2", "_from_model_config": True}
-        if spec.position == "rope":  # the 7B states it; the ALiBi 13B does not
-            config["max_position_embeddings"] = spec.max_seq_len
-        return config
-    if spec.family == "internlm":
-        return {"architectures": ["InternLMForCausalLM"],
-                "auto_map": {"AutoConfig": "configuration_internlm.InternLMConfig",
-                             "AutoModel": "modeling_internlm.InternLMForCausalLM",
-                             "AutoModelForCausalLM": "modeling_internlm.InternLMForCausalLM"},
-                "model_type": "internlm", **base, **ids, "bias": True, "hidden_act": "silu",
-                "max_position_embeddings": spec.max_seq_len, "rms_norm_eps": 1e-6, "torch_dtype": "float16",
-                "transformers_version": "4.33.1"}
-    return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", **base, **ids,
-            "hidden_act": "gelu_fast", "layer_norm_eps": 1e-5, "max_position_embeddings": spec.max_seq_len,
-            "rotary_emb_base": 10000, "rotary_pct": 0.25, "use_parallel_residual": True,
-            "attention_probs_dropout_prob": 0, "hidden_dropout_prob": 0, "torch_dtype": "float16",
-            "transformers_version": "4.24.0"}
+    return get_family(spec.family).tiny.config(spec, base, ids)
 
 
 def random_canonical_state(model: Transformer, seed: int) -> dict[str, torch.Tensor]:
@@ -123,11 +90,11 @@ def _shards(state: dict[str, torch.Tensor], n_layers: int) -> list[dict[str, tor
     return shards
 
 
-def _write_weights(family: str, state: dict[str, torch.Tensor], n_layers: int, out: Path) -> None:
+def _write_weights(file_format: str, state: dict[str, torch.Tensor], n_layers: int, out: Path) -> None:
     shards = _shards(state, n_layers)
     total = sum(t.numel() * t.element_size() for t in state.values())
     weight_map = {}
-    if family in ("qwen", "gpt-neox"):
+    if file_format == "safetensors":
         from safetensors.torch import save_file
 
         for i, shard in enumerate(shards, 1):
@@ -146,15 +113,14 @@ def _write_weights(family: str, state: dict[str, torch.Tensor], n_layers: int, o
 
 def make_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write the tiny checkpoint ``name`` into ``out_dir`` (created if needed)."""
-    from .tokenizer_training import write_tiny_tokenizer
-
     spec = get_spec(name)
     if not spec.tiny:
         raise ValueError(f"make-tiny: {name!r} is a real model; tiny ones are: "
-                         + ", ".join(n for n, s in _tiny_specs().items()))
+                         + ", ".join(n for n, s in MODELS.items() if s.tiny))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = write_tiny_tokenizer(spec.family, out, _TOKENIZER_VOCAB[spec.family], seed=seed)
+    family = get_family(spec.family)
+    tok = write_tiny_tokenizer(spec.family, out, family.tiny.tokenizer.vocab_size, seed=seed)
     if tok["vocab_size"] > spec.vocab_size:
         raise RuntimeError(f"tiny tokenizer has {tok['vocab_size']} ids, more than {name}'s vocab_size "
                            f"{spec.vocab_size}")
@@ -168,12 +134,7 @@ def make_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     with torch.device("cpu"):
         model = Transformer(args)
     state = from_canonical(spec.family, random_canonical_state(model, seed), args)
-    _write_weights(spec.family, state, args.n_layers, out)
+    _write_weights(family.tiny.weights, state, args.n_layers, out)
     (out / MARKER).write_text(json.dumps({"name": name, "seed": seed, "format": TINY_FORMAT}) + "\n")
     return out
 
-
-def _tiny_specs() -> dict[str, ModelSpec]:
-    from .registry import MODELS
-
-    return {n: s for n, s in MODELS.items() if s.tiny}

@@ -1,12 +1,13 @@
-"""Tokenizers of the supported families, loaded from a checkpoint directory without running its code.
+"""Tokenizers loaded from a checkpoint directory without running its code.
 
 Real checkpoints ship their own ``tokenization_*.py`` and expect ``trust_remote_code``. We never import
-those files: each family's tokenizer file is read with the library it was written for,
-  qwen       qwen.tiktoken   -> tiktoken.Encoding with Qwen's split pattern and special tokens
-  baichuan2  tokenizer.model -> sentencepiece
-  internlm   tokenizer.model -> sentencepiece
-  gpt-neox   tokenizer.json  -> Hugging Face tokenizers
-and ``tokenizer_config.json`` / ``special_tokens_map.json`` are read as plain JSON for special tokens and
+those files. The tokenizer is chosen by the files the directory holds, in the order the family's record
+lists them (transformers' order: ``tokenizer.json`` when present, else the family's native file), and each
+file is read with the library it was written for:
+  tokenizer.json   -> Hugging Face tokenizers
+  qwen.tiktoken    -> tiktoken.Encoding with Qwen's split pattern and special tokens
+  tokenizer.model  -> sentencepiece
+``tokenizer_config.json`` / ``special_tokens_map.json`` are read as plain JSON for special tokens and
 ``add_bos_token``.
 """
 
@@ -17,39 +18,24 @@ import binascii
 import json
 import unicodedata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-FAMILIES = ("qwen", "baichuan2", "internlm", "gpt-neox")
+from .families import Family, get_family
 
-# File each family's tokenizer lives in, and how to describe the directory in error messages.
-TOKENIZER_FILES = {
-    "qwen": "qwen.tiktoken",
-    "baichuan2": "tokenizer.model",
-    "internlm": "tokenizer.model",
-    "gpt-neox": "tokenizer.json",
+# What each tokenizer file is, for error messages.
+FILE_KINDS = {
+    "tokenizer.json": "a Hugging Face tokenizers file",
+    "qwen.tiktoken": "one 'base64(token) rank' pair per line",
+    "tokenizer.model": "a sentencepiece model",
 }
-_FILE_KINDS = {
-    "qwen": "a Qwen checkpoint directory holds qwen.tiktoken (one 'base64(token) rank' pair per line)",
-    "baichuan2": "a Baichuan2 checkpoint directory holds tokenizer.model (a sentencepiece model)",
-    "internlm": "an InternLM checkpoint directory holds tokenizer.model (a sentencepiece model)",
-    "gpt-neox": "a GPT-NeoX checkpoint directory holds tokenizer.json (Hugging Face tokenizers)",
-}
-
-# add_bos_token of each family's own tokenizer class, used when tokenizer_config.json does not set it:
-# InternLMTokenizer defaults to True; BaichuanTokenizer's config sets false; Qwen has no bos at all;
-# GPT-NeoX adds nothing.
-DEFAULT_ADD_BOS = {"qwen": False, "baichuan2": False, "internlm": True, "gpt-neox": False}
 
 # Qwen v1 (tokenization_qwen.py): pre-tokenizer pattern and the special tokens numbered right after the BPE ranks.
 QWEN_PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 QWEN_ENDOFTEXT = "<|endoftext|>"
 QWEN_SPECIAL_TOKENS = (QWEN_ENDOFTEXT, "<|im_start|>", "<|im_end|>") + tuple(f"<|extra_{i}|>" for i in range(205))
-
-NEOX_ENDOFTEXT = "<|endoftext|>"
-NEOX_PADDING = "<|padding|>"
 
 
 class TokenizerFileError(ValueError):
@@ -140,13 +126,14 @@ class QwenTokenizer(Tokenizer):
 
     splits_after_newlines = True
 
-    def __init__(self, encoding: Any, n_ranks: int, add_bos: bool, pad_token: str | None) -> None:
+    def __init__(self, encoding: Any, n_ranks: int, add_bos: bool, pad_token: str | None,
+                 family: str = "qwen") -> None:
         self._enc = encoding
         self._n_ranks = n_ranks
         self._special_ids = {tok: n_ranks + i for i, tok in enumerate(QWEN_SPECIAL_TOKENS)}
         eos_id = self._special_ids[QWEN_ENDOFTEXT]
         pad_id = self._special_ids.get(pad_token or QWEN_ENDOFTEXT, eos_id)
-        super().__init__("qwen", n_ranks + len(QWEN_SPECIAL_TOKENS), None, eos_id, pad_id, add_bos)
+        super().__init__(family, n_ranks + len(QWEN_SPECIAL_TOKENS), None, eos_id, pad_id, add_bos)
 
     def _encode_text(self, text: str) -> list[int]:
         text = unicodedata.normalize("NFC", text)
@@ -205,29 +192,23 @@ class HFJsonTokenizer(Tokenizer):
 
 # --- loading -------------------------------------------------------------------------------------
 
-def load_tokenizer(model_dir: str | Path, family: str) -> Tokenizer:
-    """Tokenizer of the checkpoint in ``model_dir``; ``family`` is one of ``FAMILIES``."""
-    family = normalize_family(family)
+def load_tokenizer(model_dir: str | Path, family: str | Family) -> Tokenizer:
+    """Tokenizer of the checkpoint in ``model_dir``: the first of the family's tokenizer files it holds."""
+    family = get_family(family)
     model_dir = Path(model_dir)
+    holds = f"{_article(family.title)} {family.title} checkpoint directory holds {' or '.join(family.tokenizer.files)}"
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir}: not a directory; {_FILE_KINDS[family]}")
-    path = model_dir / TOKENIZER_FILES[family]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; {_FILE_KINDS[family]}")
-    specials = _read_special_tokens(model_dir)
-    add_bos = _read_add_bos(model_dir, family)
-    if family == "qwen":
-        return _load_qwen(path, add_bos, specials)
-    if family in ("baichuan2", "internlm"):
-        return _load_sentencepiece(path, family, add_bos, specials)
-    return _load_hf_json(path, family, add_bos, specials)
+        raise FileNotFoundError(f"{model_dir}: not a directory; {holds}")
+    path = next((model_dir / name for name in family.tokenizer.files if (model_dir / name).is_file()), None)
+    if path is None:
+        looked = ", ".join(f"{model_dir / name} ({FILE_KINDS[name]})" for name in family.tokenizer.files)
+        raise FileNotFoundError(f"{model_dir}: no tokenizer file found; looked for {looked}: not found; {holds}")
+    specials = {**family.tokenizer.specials, **_read_special_tokens(model_dir)}
+    return _READERS[path.name](path, family, _read_add_bos(model_dir), specials)
 
 
-def normalize_family(family: str) -> str:
-    name = family.strip().lower().replace("_", "-")
-    if name not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
-    return name
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def _read_json(path: Path) -> dict:
@@ -261,9 +242,10 @@ def _read_special_tokens(model_dir: Path) -> dict[str, str]:
     return merged
 
 
-def _read_add_bos(model_dir: Path, family: str) -> bool:
+def _read_add_bos(model_dir: Path) -> bool | None:
+    """add_bos_token of tokenizer_config.json; None when it does not say."""
     value = _read_json(model_dir / "tokenizer_config.json").get("add_bos_token")
-    return value if isinstance(value, bool) else DEFAULT_ADD_BOS[family]
+    return value if isinstance(value, bool) else None
 
 
 def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
@@ -279,7 +261,8 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
             token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
         except (ValueError, binascii.Error) as err:
             raise TokenizerFileError(
-                f"{path}: line {lineno} is not 'base64(token) rank' ({err}); {_FILE_KINDS['qwen']}") from err
+                f"{path}: line {lineno} is not 'base64(token) rank' ({err}); qwen.tiktoken holds "
+                f"{FILE_KINDS['qwen.tiktoken']}") from err
         ranks[token] = rank
     _check_ranks(path, ranks)
     return ranks
@@ -287,7 +270,7 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
 
 def _check_ranks(path: Path, ranks: dict[bytes, int]) -> None:
     if not ranks:
-        raise TokenizerFileError(f"{path}: holds no ranks; {_FILE_KINDS['qwen']}")
+        raise TokenizerFileError(f"{path}: holds no ranks; qwen.tiktoken holds {FILE_KINDS['qwen.tiktoken']}")
     # Special tokens are numbered from len(ranks), so ranks must be exactly 0..n-1.
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise TokenizerFileError(f"{path}: ranks are not the distinct numbers 0..{len(ranks) - 1}")
@@ -305,19 +288,20 @@ def qwen_encoding(ranks: dict[bytes, int]) -> Any:
     return tiktoken.Encoding("qwen", pat_str=QWEN_PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
 
 
-def _load_qwen(path: Path, add_bos: bool, specials: dict[str, str]) -> QwenTokenizer:
+def _load_qwen(path: Path, family: Family, add_bos: bool | None, specials: dict[str, str]) -> QwenTokenizer:
     ranks = read_tiktoken_ranks(path)
-    return QwenTokenizer(qwen_encoding(ranks), len(ranks), add_bos, specials.get("pad_token"))
+    add_bos = family.tokenizer.add_bos if add_bos is None else add_bos
+    return QwenTokenizer(qwen_encoding(ranks), len(ranks), add_bos, specials.get("pad_token"), family.name)
 
 
-def _load_sentencepiece(path: Path, family: str, add_bos: bool, specials: dict[str, str]) -> SentencePieceTokenizer:
+def _load_sentencepiece(path: Path, family: Family, add_bos: bool | None,
+                        specials: dict[str, str]) -> SentencePieceTokenizer:
     import sentencepiece as spm
 
     try:
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except (RuntimeError, OSError) as err:
-        raise TokenizerFileError(f"{path}: cannot be read as a sentencepiece model ({err}); "
-                                 f"{_FILE_KINDS[family]}") from err
+        raise TokenizerFileError(f"{path}: cannot be read as {FILE_KINDS[path.name]} ({err})") from err
 
     def piece_id(token: str | None, fallback: int) -> int | None:
         if token is not None:
@@ -331,32 +315,40 @@ def _load_sentencepiece(path: Path, family: str, add_bos: bool, specials: dict[s
     if eos_id is None:
         raise TokenizerFileError(f"{path}: the sentencepiece model has no eos piece")
     pad_id = piece_id(specials.get("pad_token"), eos_id)
-    return SentencePieceTokenizer(family, sp, bos_id, eos_id, pad_id, add_bos)
+    add_bos = family.tokenizer.add_bos if add_bos is None else add_bos
+    return SentencePieceTokenizer(family.name, sp, bos_id, eos_id, pad_id, add_bos)
 
 
-def _load_hf_json(path: Path, family: str, add_bos: bool, specials: dict[str, str]) -> HFJsonTokenizer:
+def _load_hf_json(path: Path, family: Family, add_bos: bool | None, specials: dict[str, str]) -> HFJsonTokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
     try:
         backend = HFTokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception on malformed files
-        raise TokenizerFileError(f"{path}: cannot be read as a Hugging Face tokenizers file ({err}); "
-                                 f"{_FILE_KINDS[family]}") from err
+        raise TokenizerFileError(f"{path}: cannot be read as {FILE_KINDS[path.name]} ({err})") from err
 
-    eos_id = backend.token_to_id(specials.get("eos_token", NEOX_ENDOFTEXT))
+    def token_id(key: str) -> int | None:
+        return backend.token_to_id(specials[key]) if key in specials else None
+
+    eos_id = token_id("eos_token")
     if eos_id is None:
-        raise TokenizerFileError(f"{path}: has no eos token {specials.get('eos_token', NEOX_ENDOFTEXT)!r}")
-    bos_id = backend.token_to_id(specials.get("bos_token", NEOX_ENDOFTEXT))
-    # GPT-NeoX pads with <|padding|> (its own training code does) unless the config names a pad token.
-    pad_id = backend.token_to_id(specials.get("pad_token", NEOX_PADDING))
-    return HFJsonTokenizer(family, backend, bos_id, eos_id, eos_id if pad_id is None else pad_id, add_bos)
+        raise TokenizerFileError(f"{path}: has no eos token (eos_token {specials.get('eos_token')!r}; "
+                                 f"tokenizer_config.json or special_tokens_map.json name it)")
+    bos_id, pad_id = token_id("bos_token"), token_id("pad_token")
+    if add_bos is None:
+        # As transformers does for tokenizer.json: its post-processor decides whether a bos is added.
+        add_bos = _post_processor_adds(backend, bos_id)
+    return HFJsonTokenizer(family.name, backend, bos_id, eos_id, eos_id if pad_id is None else pad_id, add_bos)
 
 
-def write_tiny_tokenizer(family: str, out_dir: str | Path, vocab_size: int, seed: int = 0) -> dict:
-    """Train a small tokenizer on the built-in corpus and write it in the family's real files.
+def _post_processor_adds(backend: Any, bos_id: int | None) -> bool:
+    plain = backend.encode("a", add_special_tokens=False).ids
+    full = backend.encode("a", add_special_tokens=True).ids
+    return bos_id is not None and full[:1] == [bos_id] and full[1:len(plain) + 1] == plain
 
-    See ``npuinfer.tokenizer_training.write_tiny_tokenizer``; re-exported here for convenience.
-    """
-    from npuinfer.tokenizer_training import write_tiny_tokenizer as _write
 
-    return _write(family, out_dir, vocab_size, seed)
+_READERS: dict[str, Callable[[Path, Family, bool | None, dict[str, str]], Tokenizer]] = {
+    "tokenizer.json": _load_hf_json,
+    "qwen.tiktoken": _load_qwen,
+    "tokenizer.model": _load_sentencepiece,
+}

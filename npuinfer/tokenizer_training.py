@@ -1,11 +1,11 @@
 """Small tokenizers trained on the built-in corpus, written in each family's real on-disk files.
 
 Tiny checkpoints carry random weights but must look like the real thing on disk, so the loader in
-``npuinfer.tokenizer`` is exercised exactly as with a downloaded checkpoint:
-  qwen       byte-level BPE (tokenizers' trainer, Qwen's split pattern) converted to qwen.tiktoken ranks
-  baichuan2  sentencepiece BPE with byte fallback, no dummy prefix  -> tokenizer.model
-  internlm   sentencepiece BPE with byte fallback, dummy prefix     -> tokenizer.model
-  gpt-neox   byte-level BPE, <|endoftext|> = 0, <|padding|> = 1      -> tokenizer.json
+``npuinfer.tokenizer`` is exercised exactly as with a downloaded checkpoint. The family record's
+``tiny.tokenizer`` says which kind of tokenizer to train and which JSON files go with it:
+  qwen.tiktoken   byte-level BPE (tokenizers' trainer, Qwen's split pattern) converted to tiktoken ranks
+  sentencepiece   sentencepiece BPE with byte fallback, with or without dummy prefix -> tokenizer.model
+  byte-level-bpe  byte-level BPE with the record's special tokens first              -> tokenizer.json
 plus tokenizer_config.json / special_tokens_map.json shaped like the published ones (their auto_map names
 the real tokenization_*.py, which is never written here and never executed anywhere).
 """
@@ -18,30 +18,23 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
-from npuinfer.tokenizer import (
-    NEOX_ENDOFTEXT,
-    NEOX_PADDING,
-    QWEN_PAT_STR,
-    QWEN_SPECIAL_TOKENS,
-    TOKENIZER_FILES,
-    load_tokenizer,
-    normalize_family,
-)
+from .families import get_family
+from .families.base import TinyTokenizer
+from .tokenizer import QWEN_PAT_STR, QWEN_SPECIAL_TOKENS, load_tokenizer
 
 CORPUS_PATH = Path(__file__).parent / "data" / "corpus.txt"
 
 _SP_META_PIECES = 3  # <unk>, <s>, </s>
 _SP_BYTE_PIECES = 256  # <0x00> .. <0xFF> from byte_fallback
 
-# Smallest vocab_size (total ids, specials included) each family can be trained to.
-MIN_VOCAB_SIZE = {
-    "qwen": 256 + len(QWEN_SPECIAL_TOKENS) + 16,
-    "baichuan2": _SP_META_PIECES + _SP_BYTE_PIECES + 64,
-    "internlm": _SP_META_PIECES + _SP_BYTE_PIECES + 64,
-    "gpt-neox": 2 + 256 + 16,
-}
+
+def min_vocab_size(spec: TinyTokenizer) -> int:
+    """Smallest vocab_size (total ids, specials included) a tiny tokenizer of this kind can be trained to."""
+    return {"qwen.tiktoken": 256 + len(QWEN_SPECIAL_TOKENS) + 16,
+            "sentencepiece": _SP_META_PIECES + _SP_BYTE_PIECES + 64,
+            "byte-level-bpe": len(spec.special_tokens) + 256 + 16}[spec.kind]
 
 
 def corpus_lines(seed: int = 0) -> list[str]:
@@ -60,20 +53,15 @@ def write_tiny_tokenizer(family: str, out_dir: str | Path, vocab_size: int, seed
     (embedding) vocab_size >= it, as real checkpoints pad theirs. Deterministic for equal arguments;
     ``seed`` only fixes the order the corpus lines are fed in.
     """
-    family = normalize_family(family)
-    if vocab_size < MIN_VOCAB_SIZE[family]:
+    spec = get_family(family).tiny.tokenizer
+    if vocab_size < min_vocab_size(spec):
         raise ValueError(f"vocab_size {vocab_size} is too small for a {family} tokenizer; "
-                         f"the minimum is {MIN_VOCAB_SIZE[family]}")
+                         f"the minimum is {min_vocab_size(spec)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = corpus_lines(seed)
-    writers = {
-        "qwen": _write_qwen,
-        "baichuan2": _write_baichuan2,
-        "internlm": _write_internlm,
-        "gpt-neox": _write_gpt_neox,
-    }
-    writers[family](out_dir, lines, vocab_size)
+    _WRITERS[spec.kind](out_dir, corpus_lines(seed), vocab_size, spec)
+    for name, content in spec.extra_files.items():
+        _write_json(out_dir / name, content)
     tok = load_tokenizer(out_dir, family)
     return {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
             "pad_token_id": tok.pad_id}
@@ -83,7 +71,7 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-# --- qwen ----------------------------------------------------------------------------------------
+# --- qwen.tiktoken --------------------------------------------------------------------------------
 
 def _byte_level_alphabet() -> dict[str, int]:
     """GPT-2's printable stand-in character for each byte, inverted: char -> byte value."""
@@ -134,19 +122,13 @@ def write_tiktoken_file(path: Path, ranks: dict[bytes, int]) -> None:
     path.write_text("".join(lines), encoding="ascii")
 
 
-def _write_qwen(out_dir: Path, lines: list[str], vocab_size: int) -> None:
+def _write_tiktoken(out_dir: Path, lines: list[str], vocab_size: int, spec: TinyTokenizer) -> None:
     n_ranks = vocab_size - len(QWEN_SPECIAL_TOKENS)
     merges = train_byte_level_merges("\n".join(lines), n_ranks, QWEN_PAT_STR)
-    write_tiktoken_file(out_dir / TOKENIZER_FILES["qwen"], merges_to_ranks(merges))
-    # As published in Qwen/Qwen-7B (no special_tokens_map.json there).
-    _write_json(out_dir / "tokenizer_config.json", {
-        "model_max_length": 8192,
-        "tokenizer_class": "QWenTokenizer",
-        "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]},
-    })
+    write_tiktoken_file(out_dir / "qwen.tiktoken", merges_to_ranks(merges))
 
 
-# --- sentencepiece families ----------------------------------------------------------------------
+# --- sentencepiece ---------------------------------------------------------------------------------
 
 def _sentencepiece_input(lines: list[str], vocab_size: int) -> Iterator[str]:
     """Training sentences whose distinct characters leave room for merges.
@@ -195,71 +177,26 @@ def train_sentencepiece(lines: list[str], vocab_size: int, add_dummy_prefix: boo
     return model.getvalue()
 
 
-def _added_token(content: str, **flags: Any) -> dict:
-    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True, "rstrip": False,
-            "single_word": True, **flags}
+def _write_sentencepiece(out_dir: Path, lines: list[str], vocab_size: int, spec: TinyTokenizer) -> None:
+    (out_dir / "tokenizer.model").write_bytes(train_sentencepiece(lines, vocab_size, spec.add_dummy_prefix))
 
 
-def _write_baichuan2(out_dir: Path, lines: list[str], vocab_size: int) -> None:
-    # Baichuan 2 neither normalizes nor adds a dummy prefix (its technical report, section 2.2).
-    (out_dir / TOKENIZER_FILES["baichuan2"]).write_bytes(train_sentencepiece(lines, vocab_size, False))
-    tokens = {"bos_token": _added_token("<s>"), "eos_token": _added_token("</s>"),
-              "pad_token": _added_token("<unk>"), "unk_token": _added_token("<unk>")}
-    _write_json(out_dir / "tokenizer_config.json", {
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "auto_map": {"AutoTokenizer": ["tokenization_baichuan.BaichuanTokenizer", None]},
-        "bos_token": tokens["bos_token"],
-        "clean_up_tokenization_spaces": False,
-        "eos_token": tokens["eos_token"],
-        "model_max_length": 4096,
-        "pad_token": tokens["pad_token"],
-        "sp_model_kwargs": {},
-        "tokenizer_class": "BaichuanTokenizer",
-        "unk_token": tokens["unk_token"],
-    })
-    _write_json(out_dir / "special_tokens_map.json",
-                {key: {k: v for k, v in value.items() if k != "__type"} for key, value in tokens.items()})
+# --- tokenizer.json ------------------------------------------------------------------------------
 
-
-def _write_internlm(out_dir: Path, lines: list[str], vocab_size: int) -> None:
-    (out_dir / TOKENIZER_FILES["internlm"]).write_bytes(train_sentencepiece(lines, vocab_size, True))
-    # As published in internlm/internlm-7b: no add_bos_token key, InternLMTokenizer defaults it to True.
-    _write_json(out_dir / "tokenizer_config.json", {
-        "auto_map": {"AutoTokenizer": ["tokenization_internlm.InternLMTokenizer", None]},
-        "bos_token": "<s>",
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "</s>",
-        "model_max_length": 1000000000000000019884624838656,
-        "pad_token": "</s>",
-        "tokenizer_class": "InternLMTokenizer",
-        "unk_token": "<unk>",
-    })
-    _write_json(out_dir / "special_tokens_map.json",
-                {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"})
-
-
-# --- gpt-neox ------------------------------------------------------------------------------------
-
-def _write_gpt_neox(out_dir: Path, lines: list[str], vocab_size: int) -> None:
+def _write_byte_level_bpe(out_dir: Path, lines: list[str], vocab_size: int, spec: TinyTokenizer) -> None:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    # Same pipeline as gpt-neox-20b's tokenizer.json: NFC, byte-level without prefix space.
+    # NFC, byte-level without prefix space (gpt-neox-20b's tokenizer.json pipeline).
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True)
     tok.post_processor = processors.ByteLevel(trim_offsets=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[NEOX_ENDOFTEXT, NEOX_PADDING],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(spec.special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(["\n".join(lines)], trainer=trainer)
-    tok.save(str(out_dir / TOKENIZER_FILES["gpt-neox"]))
-    _write_json(out_dir / "tokenizer_config.json", {
-        "add_prefix_space": False,
-        "bos_token": NEOX_ENDOFTEXT,
-        "eos_token": NEOX_ENDOFTEXT,
-        "tokenizer_class": "GPTNeoXTokenizer",
-        "unk_token": NEOX_ENDOFTEXT,
-    })
-    _write_json(out_dir / "special_tokens_map.json",
-                {"bos_token": NEOX_ENDOFTEXT, "eos_token": NEOX_ENDOFTEXT, "unk_token": NEOX_ENDOFTEXT})
+    tok.save(str(out_dir / "tokenizer.json"))
+
+
+_WRITERS = {"qwen.tiktoken": _write_tiktoken, "sentencepiece": _write_sentencepiece,
+            "byte-level-bpe": _write_byte_level_bpe}

@@ -432,3 +432,95 @@ def test_buffers_real_checkpoints_carry_are_not_errors(copy_tiny, load_tiny):
     for path, name in ((d, "gpt-neox-tiny"), (d2, "internlm-tiny")):
         got, ref = load(path).model.state_dict(), load_tiny(name).model.state_dict()
         assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+# ------------------------------------------------------------------ hostile checkpoints (#12 item 6)
+
+
+def test_index_entry_outside_the_model_directory_is_refused(copy_tiny, tmp_path):
+    d = copy_tiny("gpt-neox-tiny")
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.move(d / "model-00002-of-00002.safetensors", other / "model-00002-of-00002.safetensors")
+    index = d / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"] = {k: ("../other/model-00002-of-00002.safetensors" if v.startswith("model-00002") else v)
+                          for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    assert (d / "../other/model-00002-of-00002.safetensors").is_file()  # the file it names does exist
+    msg = error_of(lambda: load(d), CheckpointError)
+    assert str(index) in msg and "../other/model-00002-of-00002.safetensors" in msg
+    assert "outside" in msg and "model directory only" in msg
+    data["weight_map"] = {k: str(other / "model-00002-of-00002.safetensors") if v.startswith("../") else v
+                          for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    assert "outside" in error_of(lambda: load(d), CheckpointError)  # an absolute path too
+
+
+@pytest.mark.parametrize("tiny,edit_file,name", [
+    ("internlm-tiny", "pytorch_model-00002-of-00002.bin", "model.norm.weight"),
+    ("internlm-tiny", "pytorch_model-00002-of-00002.bin", "model.layers.2.self_attn.k_proj.weight"),
+    ("gpt-neox-tiny", "model-00002-of-00002.safetensors", "gpt_neox.final_layer_norm.weight"),
+])
+def test_integer_tensor_where_floating_point_belongs_is_refused(copy_tiny, tiny, edit_file, name):
+    d = copy_tiny(tiny)
+
+    def edit(state):
+        state[name] = torch.ones_like(state[name], dtype=torch.int64)
+
+    (_edit_bin if edit_file.endswith(".bin") else _edit_safetensors)(d / edit_file, edit)
+    msg = error_of(lambda: load(d), CheckpointError)
+    assert f"{name} is int64" in msg and "floating point" in msg
+
+
+def _config_with(copy_tiny, name: str, **fields) -> Path:
+    d = copy_tiny(name)
+    config = json.loads((d / "config.json").read_text())
+    config.update(fields)
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+@pytest.mark.parametrize("value", ["3", 3.0, True])
+@pytest.mark.parametrize("tiny,field", [("internlm-tiny", "num_hidden_layers"), ("qwen-tiny", "num_attention_heads"),
+                                        ("gpt-neox-tiny", "vocab_size")])
+def test_config_integer_of_another_type_is_refused(copy_tiny, tiny, field, value):
+    d = _config_with(copy_tiny, tiny, **{field: value})
+    msg = error_of(lambda: load(d), CheckpointError)
+    assert str(d / "config.json") in msg and f"{field} is {json.dumps(value)}; expected a positive integer" in msg
+
+
+@pytest.mark.parametrize("tiny,field,expected", [("internlm-tiny", "rms_norm_eps", "a positive number"),
+                                                 ("qwen-tiny", "seq_length", "a positive integer"),
+                                                 ("gpt-neox-tiny", "use_parallel_residual", "true or false")])
+def test_config_null_is_refused_not_defaulted(copy_tiny, tiny, field, expected):
+    d = _config_with(copy_tiny, tiny, **{field: None})
+    msg = error_of(lambda: load(d), CheckpointError)
+    assert str(d / "config.json") in msg and f"{field} is null; expected {expected}" in msg
+
+
+def test_zero_heads_and_heads_not_dividing_hidden_size(copy_tiny):
+    msg = error_of(lambda: load(_config_with(copy_tiny, "internlm-tiny", num_attention_heads=0)), CheckpointError)
+    assert "num_attention_heads is 0; expected a positive integer" in msg
+    for name in ("gpt-neox-tiny", "qwen-tiny"):
+        d = _config_with(copy_tiny, name, num_attention_heads=5)
+        msg = error_of(lambda: load(d), CheckpointError)
+        assert str(d / "config.json") in msg and "num_attention_heads=5 does not divide hidden_size=64" in msg
+
+
+@pytest.mark.parametrize("tiny,field", [("qwen-tiny", "rotary_emb_base"), ("gpt-neox-tiny", "rotary_pct"),
+                                        ("internlm-tiny", "rms_norm_eps")])
+def test_config_number_given_as_text_names_the_field(copy_tiny, tiny, field):
+    d = _config_with(copy_tiny, tiny, **{field: "abc"})
+    msg = error_of(lambda: load(d), CheckpointError)
+    assert str(d / "config.json") in msg and f'{field} is "abc"; expected a positive number' in msg
+
+
+def test_config_errors_stop_the_cut_and_the_hf_backend_too(copy_tiny):
+    from npuinfer.device import get_device
+    from npuinfer.hf_backend import load_hf_model
+    from npuinfer.parallel.cut import cut_checkpoint
+
+    d = _config_with(copy_tiny, "internlm-tiny", intermediate_size="160")
+    for fn in (lambda: cut_checkpoint(d, 2), lambda: load_hf_model(d, get_device("cpu"), torch.float32)):
+        assert 'intermediate_size is "160"; expected a positive integer' in error_of(fn, CheckpointError)

@@ -494,3 +494,50 @@ def test_half_precision_tracks_fp32(dtype, tiny_dir, load_tiny):
     for x, y in zip(a, b):
         assert x.dtype == dtype and torch.isfinite(x).all()
         assert (x.float() - y).abs().max() < 0.1
+
+
+def _write_tokenizer_json_only(out: Path) -> None:
+    """A small byte-level BPE with a bos-adding post-processor, saved as transformers saves a fast tokenizer
+    (tokenizer.json + tokenizer_config.json + special_tokens_map.json; no tokenizer.model)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from npuinfer.tokenizer_training import corpus_lines
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus_lines(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="</s>").save_pretrained(out)
+
+
+def test_llama_checkpoint_with_only_tokenizer_json_loads_as_internlm(tmp_path):
+    """transformers' LlamaForCausalLM.save_pretrained (attention_bias) + a tokenizer.json alone: the tokenizer is
+    chosen by the files present, and greedy tokens equal transformers' generate from its own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from npuinfer.runtime import load_model
+
+    out = tmp_path / "llama-bias"
+    hf_model_ = _hf_for_saving("internlm")
+    hf_model_.save_pretrained(out)
+    _write_tokenizer_json_only(out)
+    assert "tokenizer.json" in {p.name for p in out.iterdir()} and not (out / "tokenizer.model").exists()
+
+    loaded = load_model(model_path=out, device="cpu", dtype="fp32")
+    assert loaded.family == "internlm" and loaded.args.qkv_bias and loaded.args.o_bias
+    reference = AutoTokenizer.from_pretrained(str(out))
+    text = "苹果公司的CEO是 The capital of France is"
+    ids = loaded.tokenizer.encode(text)
+    assert ids == reference(text)["input_ids"] and ids[0] == loaded.tokenizer.bos_id  # bos from the post-processor
+    assert loaded.tokenizer.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+    assert loaded.tokenizer.eos_id == reference.eos_token_id
+
+    ids_t = torch.tensor([ids])
+    ours = generate(loaded.model, ids_t, 10, stop_at_eos=False)
+    theirs = hf_generate(hf_model_, ids_t, torch.ones_like(ids_t), 10, 0)
+    assert ours.tolist() == theirs.tolist()

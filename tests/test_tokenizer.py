@@ -11,14 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from npuinfer.tokenizer import (
-    FAMILIES,
-    Tokenizer,
-    TokenizerFileError,
-    load_tokenizer,
-    write_tiny_tokenizer,
-)
-from npuinfer.tokenizer_training import CORPUS_PATH, MIN_VOCAB_SIZE
+from npuinfer.families import get_family
+from npuinfer.families import FAMILIES as FAMILY_RECORDS
+from npuinfer.tokenizer import Tokenizer, TokenizerFileError, load_tokenizer
+from npuinfer.tokenizer_training import CORPUS_PATH, min_vocab_size, write_tiny_tokenizer
+
+FAMILIES = list(FAMILY_RECORDS)
 
 VOCAB_SIZE = 1200
 
@@ -127,7 +125,7 @@ def test_returned_info_matches_loaded_tokenizer(tiny, family):
     tok = load_tokenizer(directory, family)
     assert info == {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
                     "pad_token_id": tok.pad_id}
-    assert MIN_VOCAB_SIZE[family] <= info["vocab_size"] <= VOCAB_SIZE
+    assert min_vocab_size(get_family(family).tiny.tokenizer) <= info["vocab_size"] <= VOCAB_SIZE
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -323,13 +321,19 @@ def test_corpus_is_small_mixed_and_has_the_probe_sentence():
 
 # --- errors ------------------------------------------------------------------------------------------
 
+# Every file a family's checkpoint may hold its tokenizer in, in the order they are looked for.
+LOOKED_FOR = {"qwen": ["tokenizer.json", "qwen.tiktoken"], "baichuan2": ["tokenizer.json", "tokenizer.model"],
+              "internlm": ["tokenizer.json", "tokenizer.model"], "gpt-neox": ["tokenizer.json"]}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_missing_tokenizer_file_is_named(tmp_path, family):
+def test_missing_tokenizer_file_names_every_file_looked_for(tmp_path, family):
     with pytest.raises(FileNotFoundError) as err:
         load_tokenizer(tmp_path, family)
     message = str(err.value)
-    assert str(tmp_path / TOKENIZER_FILE[family]) in message
-    assert "not found" in message and f"holds {TOKENIZER_FILE[family]}" in message
+    for name in LOOKED_FOR[family]:
+        assert str(tmp_path / name) in message
+    assert "not found" in message and f"holds {' or '.join(LOOKED_FOR[family])}" in message
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -370,3 +374,19 @@ def test_remote_code_in_the_directory_is_never_run(tiny, tmp_path):
     tok = load_tokenizer(directory, "qwen")
     assert tok.decode(tok.encode(TEXTS[0])) == TEXTS[0]
     assert not sentinel.exists()
+
+
+def test_tokenizer_json_is_preferred_to_the_native_file(tiny, tmp_path):
+    """transformers' order: tokenizer.json when the directory holds one, else the family's own file."""
+    from npuinfer.tokenizer import HFJsonTokenizer, SentencePieceTokenizer
+
+    shutil.copy(tiny["internlm"][0] / "tokenizer.model", tmp_path / "tokenizer.model")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny["gpt-neox"][0] / name, tmp_path / name)
+    both = load_tokenizer(tmp_path, "internlm")
+    assert isinstance(both, HFJsonTokenizer)
+    assert both.encode(TEXTS[1]) == load_tokenizer(tiny["gpt-neox"][0], "gpt-neox").encode(TEXTS[1])
+    (tmp_path / "tokenizer.json").unlink()
+    native = load_tokenizer(tmp_path, "internlm")
+    assert isinstance(native, SentencePieceTokenizer)
+    assert native.encode(TEXTS[1]) == load_tokenizer(tiny["internlm"][0], "internlm").encode(TEXTS[1])

@@ -66,12 +66,6 @@ def get_subject(name: str) -> Subject:
         raise KeyError(f"unknown C-Eval subject {name!r}") from None
 
 
-def subjects_in(category: str) -> tuple[Subject, ...]:
-    if category not in CATEGORIES:
-        raise KeyError(f"unknown C-Eval category {category!r}; expected one of {CATEGORIES}")
-    return tuple(s for s in SUBJECTS if s.category == category)
-
-
 def official_order(name: str) -> tuple[int, str]:
     """Sort key: subjects.csv order, unknown names last (alphabetically)."""
     index = SUBJECT_NAMES.index(name) if name in _BY_NAME else len(SUBJECT_NAMES)

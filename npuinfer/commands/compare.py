@@ -13,6 +13,8 @@ import argparse
 import re
 from pathlib import Path
 
+from ..results.compare import compare_runs, parse_labels, to_markdown, write_comparison
+
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("compare", help="two results directories side by side: performance and C-Eval accuracy "
@@ -32,8 +34,6 @@ def _safe(label: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..results.compare import compare_runs, parse_labels, to_markdown, write_comparison
-
     labels = parse_labels(args.labels, Path(args.run_a), Path(args.run_b))
     comparison = compare_runs(args.run_a, args.run_b, labels)
     out = Path(args.out) if args.out else Path("results") / f"compare_{_safe(labels.a)}_vs_{_safe(labels.b)}"

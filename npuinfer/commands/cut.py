@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import UsageError
 from ..options import positive_int
+from ..parallel.cut import cut_checkpoint
+from ..runtime import resolve_model_dir
 
 
 def add_parser(sub) -> None:
@@ -15,10 +18,6 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UsageError
-    from ..parallel.cut import cut_checkpoint
-    from ..registry import resolve_model_dir
-
     if args.model is None and args.model_path is None:
         raise UsageError("give the checkpoint directory (--model-path DIR) or a registry name (--model)")
     model_dir = resolve_model_dir(args.model, args.model_path) if args.model else args.model_path

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..generate import generate
 from ..options import add_model_options, model_name, positive_int
+from ..parallel.dist import init_tensor_parallel, is_rank0
+from ..runtime import load_model
 
 DEFAULT_PROMPT = "苹果公司的CEO是"
 
@@ -21,10 +24,6 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generate import generate
-    from ..parallel.dist import init_tensor_parallel, is_rank0
-    from ..runtime import load_model
-
     device = init_tensor_parallel(args.tp, args.device)
     loaded = load_model(model_name(args), args.model_path, device, args.dtype, args.max_seq_len, args.attention,
                         compile=args.compile)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 
+from ..registry import MODELS
+from ..tiny import make_tiny
+
 
 def add_parser(sub) -> None:
-    from ..registry import MODELS
-
     parser = sub.add_parser("make-tiny", help="write a tiny random checkpoint in a family's real layout")
     parser.add_argument("name", choices=[n for n, s in MODELS.items() if s.tiny], metavar="NAME",
                         help="one of: " + ", ".join(n for n, s in MODELS.items() if s.tiny))
@@ -16,8 +17,6 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tiny import make_tiny
-
     out = make_tiny(args.name, args.dir, seed=args.seed)
     print(f"wrote {args.name} to {out}")
     return 0

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..ceval.aggregate import aggregate
+from ..ceval.cache import read_cache
+from ..ceval.report import rebuild_report
+
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("report", help="rebuild result files from a run's raw rows")
@@ -18,10 +22,6 @@ def add_parser(sub) -> None:
 
 def run_ceval(args: argparse.Namespace) -> int:
     from tabulate import tabulate
-
-    from ..ceval.aggregate import aggregate
-    from ..ceval.cache import read_cache
-    from ..ceval.report import rebuild_report
 
     paths = rebuild_report(args.dir)
     rows = read_cache(args.dir)

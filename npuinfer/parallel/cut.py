@@ -8,7 +8,7 @@ config.json with one field added::
         "tp_size": 2,                 # ranks the checkpoint was cut for
         "rank": 0,                    # the rank this folder belongs to
         "family": "qwen",             # npuinfer family the weights were read as
-        "source_checkpoint": "…",     # runtime.checkpoint_identity of the parent (config, file names, sizes)
+        "source_checkpoint": "…",     # checkpoint.checkpoint_identity of the parent (config, file names, sizes)
         "source_digest": "…",         # sha256 of bytes sampled from each weight file (same-size checkpoints differ)
         "layout": "canonical"         # tensor names are npuinfer.model's canonical names
     }
@@ -53,6 +53,7 @@ from ..checkpoint import (
     args_from_config,
     check_state_dict,
     checkpoint_files,
+    checkpoint_identity,
     detect_family,
     read_config,
 )
@@ -139,8 +140,6 @@ def cut_checkpoint(model_dir: str | os.PathLike, tp: int) -> list[Path]:
     temporary name and renamed into place, so a failed or interrupted cut leaves no partial part_model.
     An existing part_model (another tp size, an older cut) is replaced.
     """
-    from ..runtime import checkpoint_identity
-
     model_dir = Path(model_dir)
     config, family, args = read_checkpoint_args(model_dir)
     check_tp(args, tp, str(model_dir))  # before reading any weights

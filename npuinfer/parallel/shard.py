@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..checkpoint import CheckpointError, read_config, read_weights
+from ..checkpoint import CheckpointError, checkpoint_identity, read_config, read_weights
 from ..model import ModelArgs
+from ..tiny import MARKER
 from .cut import FORMAT, PART_DIR, TP_KEY, content_digest, cut_checkpoint, part_dir
 from .dist import ParallelError, barrier, local_rank, rank as global_rank
 
@@ -66,8 +67,6 @@ def check_part(model_dir: str | Path, config: dict, tp: int, rank: int) -> Path:
 def _source(model_dir: Path) -> dict[str, str]:
     """The parent's weights as the cut recorded them; empty when they were removed after the cut
     (a node given only config, tokenizer and its part_model folders): then the config alone is checked."""
-    from ..runtime import checkpoint_identity
-
     try:
         return {"source_checkpoint": checkpoint_identity(model_dir), "source_digest": content_digest(model_dir)}
     except CheckpointError:
@@ -88,8 +87,6 @@ def load_shard(model_dir: str | Path, config: dict, args: ModelArgs) -> tuple[di
 
 def _ensure_tiny_parts(model_dir: Path, config: dict, tp: int) -> None:
     """npuinfer's tiny checkpoints are cut on first use (local rank 0 cuts, every rank waits)."""
-    from ..tiny import MARKER
-
     if not (model_dir / MARKER).is_file():
         return
     first_on_node = local_rank() == 0 if local_rank() is not None else global_rank() == 0

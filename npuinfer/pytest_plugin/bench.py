@@ -373,7 +373,8 @@ class BenchSession:
             return NpuinferBackend(self.model_cache.get(model))
         from ..device import parse_dtype
         from ..hf_backend import HFBackend
-        from ..registry import MODELS, resolve_model_dir
+        from ..registry import MODELS
+        from ..runtime import resolve_model_dir
 
         opt = self.config.getoption
         path = opt("npuinfer_model_path")

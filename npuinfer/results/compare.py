@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..ceval.aggregate import AVG, AVG_HARD, CLASS_KEYS
 from ..ceval.report import CLASSES_ACC, SUBJECT_ACC
+from ..ceval.subjects import HARD_SUBJECTS, SUBJECT_NAMES, get_subject
 from .performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, POST, PRE, RESPONSE, THROUGHPUT
 from .table import markdown_table, parse_float, read_csv, write_text_atomic
 
@@ -202,14 +204,10 @@ def performance_settings(run: Run, model: str) -> str:
 
 
 def _category_order() -> list[str]:
-    from ..ceval.aggregate import CLASS_KEYS
-
     return list(CLASS_KEYS)
 
 
 def _subject_order(name: str) -> tuple[int, str]:
-    from ..ceval.subjects import SUBJECT_NAMES
-
     return (SUBJECT_NAMES.index(name), name) if name in SUBJECT_NAMES else (len(SUBJECT_NAMES), name)
 
 
@@ -222,9 +220,6 @@ def _accuracies(data: Mapping[str, object]) -> tuple[dict[str, float], str]:
 
 def _class_members(subjects: Mapping[str, object]) -> dict[str, set[str]]:
     """Category / Avg / Avg(Hard) -> the run's subjects pooled into it."""
-    from ..ceval.aggregate import AVG, AVG_HARD
-    from ..ceval.subjects import HARD_SUBJECTS, SUBJECT_NAMES, get_subject
-
     members: dict[str, set[str]] = {}
     for name in subjects:
         if name not in SUBJECT_NAMES:

@@ -1,0 +1,102 @@
+"""The package's import graph, read from the source with ``ast`` (imports inside functions included):
+no cycle among npuinfer modules, and in-package imports at module top."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import npuinfer
+
+PACKAGE = Path(npuinfer.__file__).parent
+
+# Modules that other work of this session is rewriting; their function-level imports go when it lands.
+LAZY_ALLOWED = {"npuinfer.pytest_plugin.bench", "npuinfer.pytest_plugin.common", "npuinfer.results.baseline",
+                "npuinfer.commands.baseline"}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = ("npuinfer",) + path.relative_to(PACKAGE).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imports(name: str, path: Path, known: set[str]) -> list[tuple[str, int, bool]]:
+    """(imported npuinfer module, line, at module top) for every import statement of one module."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            # `from pkg import sub` imports the submodule pkg.sub when there is one
+            targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in known else module for a in node.names]
+        else:
+            continue
+        found += [(t, node.lineno, id(node) in top) for t in dict.fromkeys(targets) if t in known and t != name]
+    return found
+
+
+def graph() -> dict[str, dict[str, int]]:
+    mods = modules()
+    return {name: {t: line for t, line, _ in imports(name, path, set(mods))} for name, path in mods.items()}
+
+
+def find_cycle(edges: dict[str, dict[str, int]]) -> list[str] | None:
+    """One cycle as a path a -> b -> ... -> a, or None (iterative DFS, white/grey/black)."""
+    state: dict[str, int] = {}
+    for root in edges:
+        if state.get(root):
+            continue
+        stack = [(root, iter(edges[root]))]
+        path = [root]
+        state[root] = 1
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                state[node] = 2
+                stack.pop()
+                path.pop()
+            elif state.get(child) == 1:
+                return path[path.index(child):] + [child]
+            elif not state.get(child):
+                state[child] = 1
+                stack.append((child, iter(edges.get(child, {}))))
+                path.append(child)
+    return None
+
+
+def test_the_walk_sees_imports_inside_functions_and_finds_cycles(tmp_path):
+    source = tmp_path / "fake.py"
+    source.write_text("from .checkpoint import read_config\nfrom . import parallel\n\n\n"
+                      "def f():\n    from .runtime import load_model\n    import npuinfer.tiny\n")
+    known = {"npuinfer.checkpoint", "npuinfer.parallel", "npuinfer.runtime", "npuinfer.tiny"}
+    assert imports("npuinfer.fake", source, known) == [
+        ("npuinfer.checkpoint", 1, True), ("npuinfer.parallel", 2, True), ("npuinfer.runtime", 6, False),
+        ("npuinfer.tiny", 7, False)]
+    assert find_cycle({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b": 1}, "b": {}, "c": {"a": 1, "b": 1}}) is None
+    assert len(graph()) > 40  # every module of the package was read
+
+
+def test_no_import_cycle_among_npuinfer_modules():
+    edges = graph()
+    cycle = find_cycle(edges)
+    assert cycle is None, "import cycle: " + " -> ".join(
+        f"{a} (line {edges[a][b]})" for a, b in zip(cycle, cycle[1:])) + f" -> {cycle[-1]}"
+
+
+def test_in_package_imports_are_at_module_top():
+    mods = modules()
+    lazy = [f"{name}:{line} imports {target}" for name, path in mods.items() if name not in LAZY_ALLOWED
+            for target, line, at_top in imports(name, path, set(mods)) if not at_top]
+    assert not lazy, "in-package imports inside functions (import at module top): " + "; ".join(lazy)
