@@ -23,8 +23,10 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..generate import generate
     from ..parallel.dist import init_tensor_parallel, is_rank0
-    from ..runtime import load_model
+    from ..runtime import load_model, locate_model
 
+    # A missing or unusable checkpoint is one message (cli.main prints it) before any device or rank starts.
+    locate_model(model_name(args), args.model_path, tp=args.tp)
     device = init_tensor_parallel(args.tp, args.device)
     loaded = load_model(model_name(args), args.model_path, device, args.dtype, args.max_seq_len, args.attention,
                         compile=args.compile)
