@@ -260,7 +260,7 @@ class NoiseGuard:
         wall = max(end.perf - start.perf, 1e-9)
         capacity = wall * len(self.cpus)
         own = max(end.own_s - start.own_s, 0.0)
-        other = max(end.busy_s - start.busy_s - own, 0.0)
+        other = min(max(end.busy_s - start.busy_s - own, 0.0), capacity)  # ticks can overshoot a short interval
         share = other / capacity
         # /proc/stat and the processes' times count whole ticks: a short case needs a margin of a few ticks
         resolution = 2 * _TICK_S * len(self.cpus)

@@ -20,8 +20,8 @@ import psutil
 import pytest
 
 import spinner
-from npuinfer.noise import DEFAULT_THRESHOLD, GOVERNOR_ADVICE, NoiseGuard, Probe, format_facts, system_facts, \
-    _advice, _TICK_S
+from npuinfer.noise import DEFAULT_THRESHOLD, GOVERNOR_ADVICE, NoiseGuard, Probe, allowed_cpus, cpu_governor, \
+    format_facts, system_facts, _advice, _TICK_S
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -91,7 +91,7 @@ def test_spinning_processes_are_others():
     wall = verdict.facts["wall_s"]
     # whatever else runs on this machine, the spinners' time is in the guard's "others"
     assert verdict.facts["other_cores"] * wall >= 0.9 * spun - 2 * _TICK_S * len(guard.cpus), (verdict.facts, spun)
-    assert spun > 0.2 and not verdict.quiet
+    assert spun > 0.05 and not verdict.quiet  # the spinners ran (on a loaded machine they get little)
     assert "other processes used" in verdict.reason and "load average" in verdict.reason
     assert 0 < verdict.cost_s < wall
 
@@ -108,14 +108,14 @@ def test_the_measurements_own_descendants_are_not_others():
         spinner.stop([c.pid for c in children])
         for child in children:
             child.wait()
-    assert spun > 0.2
+    assert spun > 0.05
     assert verdict.facts["own_cores"] * verdict.facts["wall_s"] >= 0.9 * spun - 2 * _TICK_S * len(guard.cpus)
 
 
 def test_system_facts_and_the_governor_advice():
     facts = system_facts(sample_s=0.05)
     assert facts["allowed_cpus"] and facts["logical_cpus"] >= 1 and len(facts["load_average"]) == 3
-    assert 0 <= facts["other_cpu"] <= 1.01
+    assert 0 <= facts["other_cpu"] <= 1
     json.dumps(facts)  # plain data, for npuinfer doctor
     lines = format_facts(facts)
     assert any(line.startswith("cpu governor:") for line in lines)
@@ -158,7 +158,9 @@ def test_a_busy_machine_marks_the_row_and_require_quiet_fails_it(tmp_path, npuin
     assert noise["other_cpu"] > DEFAULT_THRESHOLD and noise["cpus"] and len(noise["load1"]) == 2
     assert "measured on a busy machine" in out and "--require-quiet" in out
     assert "BUSY bench/test_performance.py::test_performance[qwen-tiny-bs1-in16-out16]" in out
-    assert "npuinfer noise guard: cpu governor:" in out  # the session header
+    assert "npuinfer noise guard: cpu governor:" in out  # the session header, with the seeds' advice
+    if cpu_governor(allowed_cpus()) != "performance":
+        assert "npuinfer noise guard: advice: " in out and GOVERNOR_ADVICE in out
     markdown = (tmp_path / "performance_qwen-tiny_cpu.md").read_text()
     assert "Rows measured on a busy machine" in markdown and "qwen-tiny-bs1-in16-out16: other processes" in markdown
 
