@@ -266,7 +266,7 @@ class NoiseGuard:
         resolution = 2 * _TICK_S * len(self.cpus)
         facts: dict[str, Any] = {
             "other_cpu": round(share, 3), "other_cores": round(other / wall, 3), "own_cores": round(own / wall, 3),
-            "cpus": cpu_list(self.cpus), "wall_s": round(wall, 3), "load1": [_round(start.load1), _round(end.load1)],
+            "cpus": cpu_list(self.cpus), "shares_cores": other > resolution, "wall_s": round(wall, 3), "load1": [_round(start.load1), _round(end.load1)],
             "other_runnable": [start.other_runnable, end.other_runnable], "governor": self.governor,
             "cpu_mhz": [_round(start.mhz, 0), _round(end.mhz, 0)],
         }

@@ -50,13 +50,13 @@ def test_verdict_is_other_processes_share_of_the_allowed_cpus():
     margin = 2 * _TICK_S * cores  # the counters' tick resolution
     # 2 s of wall time; the measurement itself keeps every core busy: that is not noise
     quiet = guard.verdict(probe(0, 100, own_s=50), probe(2, 100 + 2 * cores, own_s=50 + 2 * cores))
-    assert quiet.quiet and quiet.reasons == [] and quiet.facts["other_cpu"] == 0
+    assert quiet.quiet and quiet.reasons == [] and quiet.facts["other_cpu"] == 0 and not quiet.facts["shares_cores"]
     assert quiet.facts["own_cores"] == pytest.approx(cores)
     at_limit = guard.verdict(probe(0, 100), probe(2, 100 + 0.10 * 2 * cores + 0.99 * margin))
     assert at_limit.quiet
     busy = guard.verdict(probe(0, 100, own_s=10, load1=2.5, runnable=1),
                          probe(2, 100 + 2 * cores, own_s=10 + cores, load1=3.75, runnable=2))
-    assert not busy.quiet and busy.facts["other_cpu"] == 0.5
+    assert not busy.quiet and busy.facts["other_cpu"] == 0.5 and busy.facts["shares_cores"]
     assert busy.reason.startswith("other processes used 50% of cpus") and "load average 2.50 -> 3.75" in busy.reason
     assert "2 other runnable task(s)" in busy.reason
 
