@@ -103,7 +103,7 @@ def sweep_share(extra: list[str]) -> dict:
             "cases": stats["cases"], "harness_s": harness, "harness_pct_of_session": 100 * harness / session,
             "startup_s": wall - session,
             "outside_generate_pct_of_wall": 100 * (wall - stats["generate_s"]) / wall,
-            "summary": proc.stdout.strip().splitlines()[-1]}
+            "noise_guard_s": stats.get("noise_s"), "summary": proc.stdout.strip().splitlines()[-1]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   session: inside generate {s['generate_s']:.1f} s, model loading {s['load_s']:.1f} s, "
               f"harness {s['harness_s']:.2f} s = {s['harness_pct_of_session']:.1f}% of the session (target <= 5%); "
               f"of it, markdown + PNG {s['report_s']:.2f} s")
+        if s["noise_guard_s"] is not None:
+            print(f"   noise guard (its probes around each case): {s['noise_guard_s'] * 1e3:.1f} ms = "
+                  f"{1e3 * s['noise_guard_s'] / max(s['cases'], 1):.2f} ms a case = "
+                  f"{100 * s['noise_guard_s'] / s['session_s']:.3f}% of the session (goal < 1%)")
         print(f"   everything outside generate, start-up and loading included: "
               f"{s['outside_generate_pct_of_wall']:.0f}% of the process wall time")
     if args.json:

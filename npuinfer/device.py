@@ -200,6 +200,17 @@ class Device:
         if not self.supports_dtype(dtype):
             raise DeviceError(f"--dtype {dtype_name(dtype)} is not supported on {self}")
 
+    def activity(self, since: float | None = None) -> dict[str, float | int]:
+        """What the driver tells about this device now, for the noise guard (npuinfer.noise): ``util_pct``
+        (all processes), ``other_processes`` and ``other_util_pct`` (others' share, where the driver attributes
+        utilisation per process; ``since`` is the time.time() the interval began), ``temperature_c``,
+        ``clock_mhz``. A figure the driver does not give is left out; {} on cpu."""
+        if self.type == "cuda":
+            return _cuda_activity(self.torch_device, since)
+        if self.type == "npu":
+            return _npu_activity(self.torch_device)
+        return {}
+
     def name(self) -> str:
         """Human-readable hardware name for result tables."""
         if self.type == "cuda":
@@ -207,6 +218,45 @@ class Device:
         if self.type == "npu":
             return torch.npu.get_device_name(self.torch_device)  # type: ignore[attr-defined]
         return cpu_model_name()
+
+
+def _cuda_activity(device: torch.device, since: float | None) -> dict[str, float | int]:
+    """NVML through torch.cuda (needs pynvml); other processes' SM utilisation from NVML's per-process samples
+    when this process's pid is among them (inside a container NVML reports host pids: then not attributed)."""
+    out: dict[str, float | int] = {}
+    for key, read in (("util_pct", "utilization"), ("temperature_c", "temperature"), ("clock_mhz", "clock_rate")):
+        try:
+            out[key] = float(getattr(torch.cuda, read)(device))
+        except Exception:  # no pynvml, an older torch, a driver without the counter
+            pass
+    try:
+        import pynvml  # type: ignore[import-not-found]
+
+        handle = torch.cuda._get_pynvml_handler(device)  # maps CUDA_VISIBLE_DEVICES indices to NVML's
+        pids = {p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)}
+    except Exception:
+        return out
+    own = os.getpid()
+    out["other_processes"] = len(pids - {own}) if own in pids or not pids else len(pids) - 1
+    if own in pids and since is not None:
+        try:
+            samples = pynvml.nvmlDeviceGetProcessUtilization(handle, int(since * 1e6))
+        except Exception:  # NVML_ERROR_NOT_FOUND: no samples in the interval
+            samples = []
+        per_pid: dict[int, list[int]] = {}
+        for sample in samples:
+            if sample.pid != own:
+                per_pid.setdefault(sample.pid, []).append(sample.smUtil)
+        out["other_util_pct"] = float(sum(sum(v) / len(v) for v in per_pid.values()))
+    return out
+
+
+def _npu_activity(device: torch.device) -> dict[str, float | int]:
+    """torch_npu gives the AI Core utilisation of all processes together (no per-process figure)."""
+    try:
+        return {"util_pct": float(torch.npu.utilization(device))}  # type: ignore[attr-defined]
+    except Exception:
+        return {}
 
 
 @cache

@@ -6,7 +6,7 @@ import argparse
 from ..generate import generate
 from ..options import add_model_options, model_name, positive_int
 from ..parallel.dist import init_tensor_parallel, is_rank0
-from ..runtime import load_model
+from ..runtime import load_model, locate_model
 
 DEFAULT_PROMPT = "苹果公司的CEO是"
 
@@ -24,6 +24,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # A missing or unusable checkpoint is one message (cli.main prints it) before any device or rank starts.
+    locate_model(model_name(args), args.model_path, tp=args.tp)
     device = init_tensor_parallel(args.tp, args.device)
     loaded = load_model(model_name(args), args.model_path, device, args.dtype, args.max_seq_len, args.attention,
                         compile=args.compile)

@@ -3,4 +3,6 @@
 Registered through the ``pytest11`` entry point (and by the repo's conftest.py when run
 from a checkout). The suite-specific parts live in sibling modules, loaded below.
 """
-pytest_plugins = ["npuinfer.pytest_plugin.common", "npuinfer.pytest_plugin.bench", "npuinfer.pytest_plugin.accuracy"]
+# noise before bench: bench imports it, and a plugin module imported before pytest registers it is not rewritten.
+pytest_plugins = ["npuinfer.pytest_plugin.common", "npuinfer.pytest_plugin.noise", "npuinfer.pytest_plugin.bench",
+                  "npuinfer.pytest_plugin.accuracy"]

@@ -31,6 +31,7 @@ from ..results.performance import (
     OUTPUT,
     max_batch_path,
     max_batch_table,
+    noise_columns,
     performance_path,
     performance_row,
     performance_table,
@@ -57,6 +58,7 @@ from ..results.calibration import CALIBRATION, CALIBRATION_FIGURES, Calibrator, 
 from ..results.table import append_jsonl
 from ..timing import MODES, BenchCase, measure_case, plain_repeat
 from .common import DEFAULT_TINY_MODELS, GROUP, selected_models
+from .noise import make_guard, record_verdict
 
 # Default grid: finishes in about a minute for the five tiny models on 2 CPU cores.
 # Long enough that the fixed report cost (~1.3 s, mostly matplotlib) stays a few percent of a sweep.
@@ -342,6 +344,8 @@ class BenchSession:
         self.gate_retries: int = config.getoption("bench_gate_retries")
         self.require_baseline: bool = config.getoption("bench_require_baseline")
         self.outcomes: dict[str, GateOutcome] = {}  # case id -> the gate's verdict
+        self.noise_guard = make_guard(config, self.device)  # was the machine quiet while each case ran
+        self.stats["noise_s"] = 0.0
 
     # -- models
     def backend(self, model: str):
@@ -462,6 +466,7 @@ class BenchSession:
         benchmark.extra_info.update({k: v for k, v in row.items() if k not in ("rounds_detail", GATE_ATTEMPTS)})
         if cal_row is not None:
             benchmark.extra_info["calibration_ms"] = cal_row[CALIBRATION]
+        record_verdict(self.config, case.id, self._last_noise)  # --require-quiet: a busy machine's case fails here
         self._verdict(case, outcome)
 
     def _measure(self, case: BenchCase, benchmark, backend, settings: dict, key: dict, table, csv_path: Path):
@@ -469,6 +474,7 @@ class BenchSession:
         opts = self.options
         calibrate_before = self._calibrate(backend, case) if self.calibrating else None
         self.device.reset_peak_memory()
+        guard_start = self.noise_guard.start()
         try:
             timing = measure_case(backend, case, rounds=opts.rounds, warmup=opts.warmup, mode=opts.timing,
                                   seed=opts.seed, repeat=_repeat_with(benchmark))
@@ -483,6 +489,8 @@ class BenchSession:
             if benchmark is not None:
                 benchmark.extra_info.update({"status": "OOM", "reason": reason})
             pytest.skip(f"{case.id}: {reason} (OOM row written to {csv_path})")
+        noise = self.noise_guard.stop(guard_start)
+        self.stats["noise_s"] += noise.cost_s
         self.stats["generate_s"] += timing.generate_s
         self.stats["cases"] += 1
         peak = self.device.peak_memory_bytes()
@@ -490,10 +498,12 @@ class BenchSession:
         summary = self._over_ranks(timing.summary())
         row = performance_row(case.batch, case.input_len, case.output_len, settings, summary=summary,
                               rounds_detail=timing.rounds_brief(), peak_bytes=peak, case_id=case.id)
+        row.update(noise_columns(noise.quiet, noise.reason, noise.facts))
         cal_row = None
         if self.calibrating:
             cal_row = calibration_row(key, case.id, calibrate_before, calibrate_after, dtype_name(backend.dtype))
             cal_row.update(self._over_ranks({k: cal_row[k] for k in CALIBRATION_FIGURES}))
+        self._last_noise = noise
         return row, cal_row, timing
 
     def _write(self, case: BenchCase, key: dict, row: dict, cal_row: dict | None, timing, table, csv_path: Path, *,

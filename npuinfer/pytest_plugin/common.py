@@ -9,7 +9,7 @@ from ..device import Device, get_device
 from ..parallel import dist as tp_dist
 from ..parallel.launch import run_under_torchrun
 from ..registry import DEFAULT_MODEL, discover_models, get_spec
-from ..runtime import LoadedModel, load_model
+from ..runtime import LoadedModel, ModelUnavailable, load_model, locate_model
 
 GROUP = "npuinfer"
 
@@ -47,8 +47,37 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
         return None
     if config.getoption("numprocesses", None):
         raise pytest.UsageError("--tp cannot be combined with pytest-xdist -n: every rank must run every case")
+    check_models(config)  # once here, not once per rank
     return run_under_torchrun(tp, ["-m", "pytest", *config.invocation_params.args],
                               cwd=str(config.invocation_params.dir))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.getoption("help", False):
+        check_models(config)
+
+
+def check_models(config: pytest.Config) -> None:
+    """Every model this session names (--model, --model-path, or found under $NPUINFER_MODELS_DIR) is located
+    before any case is collected: a missing or unusable checkpoint is one usage error (exit 4, no traceback)
+    naming what was looked for and the stand-in to try, not the same failure in every case. The default tiny
+    models need no check: they are built on first use."""
+    path = config.getoption("npuinfer_model_path")
+    names = config.getoption("npuinfer_models") or ([None] if path else discover_models())
+    problems = []
+    for name in dict.fromkeys(names):
+        try:
+            locate_model(name, path, tp=config.getoption("npuinfer_tp"), dummy_weights=dummy_weights(config))
+        except ModelUnavailable as exc:
+            problems.append(str(exc))
+    if problems:
+        raise pytest.UsageError("\n".join(problems))
+
+
+def dummy_weights(config: pytest.Config) -> bool:
+    """--dummy-weights (helper wt-15 adds the option): a real model without its checkpoint runs on random
+    weights of its real size instead of being a usage error."""
+    return bool(config.getoption("npuinfer_dummy_weights", False))
 
 
 def selected_models(config: pytest.Config, default: list[str]) -> list[str]:

@@ -32,12 +32,17 @@ PUBLISHED_FROM_SUMMARY = {"response_s": RESPONSE, "first_token_ms": FIRST, "next
 PEAK = "peak_memory(MiB)"
 SETTINGS = ["model", "device", "device_name", "dtype", "backend", "timing", "rounds", "warmup", "tp", "checkpoint",
             "torch"]
+# The noise guard's verdict (npuinfer.noise): was the machine quiet while the row was measured, why not, and the
+# figures it judged by (JSON). Last, so that rows written before it keep their columns where they were.
+QUIET, QUIET_REASONS, NOISE = "quiet", "quiet_reasons", "noise"
+NOISE_COLUMNS = [QUIET, QUIET_REASONS, NOISE]
 PERFORMANCE_COLUMNS = (PUBLISHED_COLUMNS + [THROUGHPUT] + list(METRICS.values()) + [PEAK, "status", "reason"]
                        + SETTINGS + ["case_id", "measured_at", "rounds_detail"])
 # The gate's record of a case measured against --baseline (npuinfer.results.baseline): re-measurements allowed,
 # and each attempt's figures and verdict.
 GATE_RETRIES, GATE_ATTEMPTS = "gate_retries", "gate_attempts"
 PERFORMANCE_COLUMNS += [GATE_RETRIES, GATE_ATTEMPTS]
+PERFORMANCE_COLUMNS += NOISE_COLUMNS
 # Settings that make two measurements of a case different ones (device_name and torch are provenance).
 PERFORMANCE_KEY = ["model", "device", "dtype", "backend", "timing", "rounds", "warmup", "tp", "checkpoint",
                    BATCH, INPUT, OUTPUT]
@@ -100,6 +105,16 @@ def performance_row(batch: int, input_len: int, output_len: int, settings: Mappi
     return row
 
 
+def noise_columns(quiet: bool, reasons: str, facts: Mapping[str, object]) -> dict[str, object]:
+    """The noise guard's cells of a row: ``quiet`` True / False, the reasons, the measured figures."""
+    return {QUIET: quiet, QUIET_REASONS: reasons, NOISE: dict(facts)}
+
+
+def busy_rows(rows: Sequence[Mapping[str, str]]) -> list[Mapping[str, str]]:
+    """Rows the noise guard marked as measured on a busy machine (rows without a verdict are not among them)."""
+    return [r for r in rows if r.get(QUIET) == "False"]
+
+
 # --------------------------------------------------------------------------------------------- reports
 
 
@@ -121,7 +136,8 @@ def performance_markdown(csv_path: Path) -> str:
     _, rows = read_csv(csv_path)
     rows = sorted(rows, key=_sort_key)
     varying = varying_columns(rows, [c for c in SETTINGS if c not in ("model",)])
-    columns = PUBLISHED_COLUMNS + [THROUGHPUT, "TTFT(ms)", "TPOT(ms)", "status"] + varying
+    busy = busy_rows(rows)
+    columns = PUBLISHED_COLUMNS + [THROUGHPUT, "TTFT(ms)", "TPOT(ms)", "status"] + ([QUIET] if busy else []) + varying
     same = [c for c in SETTINGS if c not in varying]
     lines = [f"# Performance: {rows[0]['model'] if rows else csv_path.stem}", "",
              _title(rows, same), "", markdown_table(rows, columns, numeric=NUMERIC), ""]
@@ -129,6 +145,10 @@ def performance_markdown(csv_path: Path) -> str:
              for r in rows if r.get("status") != "ok" and r.get("reason")]
     if notes:
         lines += ["Rows not measured:", *notes, ""]
+    if busy:
+        lines += [f"**Rows measured on a busy machine** (quiet = False: their times include other processes' work; "
+                  f"measure again on a quiet machine, or run with --require-quiet):",
+                  *[f"- {r.get('case_id') or _case_label(r)}: {r.get(QUIET_REASONS)}" for r in busy], ""]
     lines.append(f"Source: {csv_path.name} (raw rounds: {raw_rounds_path(csv_path).name})")
     return "\n".join(lines) + "\n"
 
