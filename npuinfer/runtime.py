@@ -20,6 +20,8 @@ from .checkpoint import (
     read_config,
 )
 from .device import Device, dtype_name, get_device, parse_dtype
+from .kernels import MODES as KERNEL_MODES
+from .kernels import kernels_for
 from .model import ModelArgs, Transformer
 from .parallel import dist as tp_dist
 from .registry import ModelSpec, get_spec, resolve_model_dir
@@ -39,6 +41,10 @@ class LoadedModel:
     @property
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
+
+    @property
+    def kernels(self):  # npuinfer.kernels.KernelSet
+        return self.model.resolve_kernels()
 
     @property
     def checkpoint_id(self) -> str:
@@ -65,9 +71,15 @@ def load_model(
     max_seq_len: int | None = None,
     attention: str = "sdpa",
     compile: bool = False,
+    kernels: str = "fused",
 ) -> LoadedModel:
-    """Load a registry model (``name``) or any supported directory (``model_path``) ready to run."""
+    """Load a registry model (``name``) or any supported directory (``model_path``) ready to run.
+
+    ``kernels``: "fused" (the device's fused ops, each checked against plain torch here first) or "plain"."""
     from .tokenizer import load_tokenizer
+
+    if kernels not in KERNEL_MODES:
+        raise ValueError(f"--kernels: expected one of {', '.join(KERNEL_MODES)}, got {kernels!r}")
 
     if name is None and model_path is None:
         raise ValueError("give a model name (--model) or a checkpoint directory (--model-path)")
@@ -113,6 +125,7 @@ def load_model(
     model.load_state_dict(state, assign=True, strict=True)
     model.eval().requires_grad_(False)
     model.set_attention(attention)
+    model.use_kernels(kernels_for(args, dev.torch_device, torch_dtype, kernels))  # the self-check runs here
     if compile:
         from .decode_graph import compile_decode
 

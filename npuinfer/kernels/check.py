@@ -102,28 +102,30 @@ def _alibi_bias(heads: int, allowed: Tensor, dtype: torch.dtype) -> Tensor:
     return bias.masked_fill(~allowed, float("-inf")).to(dtype)
 
 
-def cases(op: str, shapes: KernelShapes, device, dtype: torch.dtype, seed: int = 0) -> Iterator[tuple[str, tuple]]:
-    """(case name, arguments) of ``op`` on a small input at the model's sizes."""
+def cases(op: str, shapes: KernelShapes, device, dtype: torch.dtype, seed: int = 0, *, b: int = 2, t: int = 5,
+          s: int = 9) -> Iterator[tuple[str, tuple]]:
+    """(case name, arguments) of ``op`` at the model's sizes: ``b`` rows of ``t`` tokens, ``s`` keys (a small
+    input by default)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def rand(*size: int, scale: float = 1.0) -> Tensor:
         return (torch.randn(*size, generator=gen) * scale).to(device=device, dtype=dtype)
 
-    b, t, s, h, d = 2, 5, 9, shapes.heads, shapes.head_dim
+    h, d = shapes.heads, shapes.head_dim
     if op == "rms_norm":
         yield "tokens", (rand(b, t, shapes.dim), 1 + rand(shapes.dim, scale=0.1), shapes.eps)
     elif op == "add_rms_norm":
         yield "tokens", (rand(b, t, shapes.dim), rand(b, t, shapes.dim), 1 + rand(shapes.dim, scale=0.1), shapes.eps)
     elif op == "rope":
         shared = torch.arange(s - t, s, device=device)[None]
-        per_row = torch.stack([torch.arange(t, device=device), torch.arange(3, 3 + t, device=device)])
+        per_row = torch.stack([torch.arange(i % 4, i % 4 + t, device=device) for i in range(b)])
         for name, positions in (("shared positions", shared), ("per-row positions", per_row)):
             cos, sin = _rope_tables(shapes, positions, dtype)
             yield name, (rand(2, b, h, t, d), cos, sin, shapes.rot_dim)
     elif op in ("prefill_attention", "decode_attention"):
         t_q = t if op == "prefill_attention" else 1
         q, k, v = rand(b, h, t_q, d), rand(b, h, s, d), rand(b, h, s, d)
-        padded = _padded_mask(b, t_q, s, pad=3, device=device)
+        padded = _padded_mask(b, t_q, s, pad=min(3, s - t_q), device=device)
         if op == "prefill_attention":
             yield "causal", (q, k, v, None, True)
         else:

@@ -31,7 +31,7 @@ PUBLISHED_FROM_SUMMARY = {"response_s": RESPONSE, "first_token_ms": FIRST, "next
                           "pre_next_ms": PRE, "post_next_ms": POST}
 PEAK = "peak_memory(MiB)"
 SETTINGS = ["model", "device", "device_name", "dtype", "backend", "timing", "rounds", "warmup", "tp", "checkpoint",
-            "torch"]
+            "torch", "kernels"]  # kernels: the kernel set and its self-check (provenance; "+plain" is in backend)
 PERFORMANCE_COLUMNS = (PUBLISHED_COLUMNS + [THROUGHPUT] + list(METRICS.values()) + [PEAK, "status", "reason"]
                        + SETTINGS + ["case_id", "measured_at", "rounds_detail"])
 # Settings that make two measurements of a case different ones (device_name and torch are provenance).
@@ -145,7 +145,7 @@ def performance_plot(csv_path: Path, png_path: Path) -> bool:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    varying = varying_columns(rows, [c for c in SETTINGS if c not in ("model", "device_name", "torch")])
+    varying = varying_columns(rows, [c for c in SETTINGS if c not in ("model", "device_name", "torch", "kernels")])
 
     def group(row: Mapping[str, str]) -> str:
         return " ".join(f"{row[c]}" for c in varying)
