@@ -144,3 +144,51 @@ def test_doctor_passes_and_fails_on_a_wrong_registered_kernel(plugin_dir, tiny_d
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "rms_norm           wrong rms_norm (wrong_kernels)" in proc.stdout and "FAILED" in proc.stdout
     assert "--kernels plain" in proc.stderr and "float32" in proc.stderr
+
+
+def run_pytest(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_bench_rows_record_the_kernels(tmp_path, tiny_dir):
+    import csv
+
+    tiny_dir("qwen-tiny")
+    common = ["bench/test_performance.py", "--model", "qwen-tiny", "--device", "cpu", "--batch-sizes", "2",
+              "--case-pairs", "8x2", "--rounds", "1", "--warmup", "0", "--results-dir", str(tmp_path)]
+    for kernels in ("fused", "plain"):
+        proc = run_pytest(*common, "--kernels", kernels)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(tmp_path / "performance_qwen-tiny_cpu.csv", newline="") as fh:
+        rows = {r["backend"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"npuinfer", "npuinfer+plain"}  # a plain row never replaces a fused one
+    assert rows["npuinfer+plain"]["kernels"] == "plain"
+    assert rows["npuinfer"]["kernels"].startswith("fused (check ok: ")
+
+
+def test_accuracy_plain_equals_fused_and_cache_meta_records_the_kernels(tmp_path, tiny_dir):
+    import json
+
+    from npuinfer.ceval.synth import write_synthetic_ceval
+
+    tiny_dir("qwen-tiny")
+    data = write_synthetic_ceval(tmp_path / "ceval", subjects=["law"], val_per_subject=6, test_per_subject=1)
+    runs = {}
+    for kernels in ("fused", "plain"):
+        results = tmp_path / kernels
+        proc = run_pytest("accuracy", "--model", "qwen-tiny", "--device", "cpu", "--ceval-dir", str(data),
+                          "--results-dir", str(results), "--kernels", kernels)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        runs[kernels] = results / "ceval_qwen-tiny_cpu"
+    assert (runs["fused"] / "cache.csv").read_text() == (runs["plain"] / "cache.csv").read_text()
+    fused_meta = json.loads((runs["fused"] / "cache_meta.json").read_text())
+    plain_meta = json.loads((runs["plain"] / "cache_meta.json").read_text())
+    assert "kernels" not in fused_meta["extra"] and plain_meta["extra"]["kernels"] == "plain"
+    assert fused_meta["provenance"]["kernel_check"].startswith("ok: ")
+    assert fused_meta["provenance"]["kernels"]["prefill_attention"] == "sdpa"
+    assert plain_meta["provenance"]["kernel_check"] == "not needed (plain)"
+    # plain rows are never added to a fused run's cache
+    proc = run_pytest("accuracy", "--model", "qwen-tiny", "--device", "cpu", "--ceval-dir", str(data),
+                      "--results-dir", str(tmp_path / "fused"), "--kernels", "plain")
+    assert proc.returncode != 0 and "extra.kernels: None in the cache, 'plain' now" in proc.stdout + proc.stderr
