@@ -41,9 +41,10 @@ def _device(device: Device) -> str:
 def _memory(device: Device) -> str:
     total = device.total_memory_bytes()
     if total is None:
-        import psutil
+        import os
 
-        return f"{psutil.virtual_memory().total / 2**30:.1f} GiB host memory (cpu)"
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return f"{host / 2**30:.1f} GiB host memory (cpu)"
     return f"{total / 2**30:.1f} GiB"
 
 
