@@ -44,6 +44,7 @@ class DecodeGraphs(Protocol):
 
 def compile_decode(model: Transformer, device: Device) -> None:
     """Capture the decode step for ``device``; ``generate`` then replays it every step."""
+    model.resolve_kernels()  # checked now, eagerly: never inside a trace
     if device.builds_ahead_of_time:
         model.compiled_decode = ExportedDecode(device)
         return

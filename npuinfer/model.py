@@ -12,6 +12,7 @@ Canonical tensor names (what checkpoint.py maps each family's names onto):
 """
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
@@ -19,6 +20,9 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .kernels import KernelSet, kernels_for
+from .kernels import reference as plain_ops
 
 
 @dataclass(frozen=True)
@@ -143,10 +147,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernels: KernelSet | None = None  # set by Transformer.use_kernels; None: the plain reference
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 as every family's reference code does, then cast back before the scale.
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        norm = self.kernels.rms_norm if self.kernels is not None else plain_ops.rms_norm
+        return norm(x, self.weight, self.eps)
 
 
 def rope_tables(args: ModelArgs, device=None) -> tuple[Tensor, Tensor]:
@@ -156,15 +161,6 @@ def rope_tables(args: ModelArgs, device=None) -> tuple[Tensor, Tensor]:
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rot_dim: int) -> Tensor:
-    """Rotate-half RoPE on the first ``rot_dim`` dims of each head. x: [..., B,H,T,D]; cos/sin: [B|1,1,T,rot]."""
-    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    out = x_rot * cos + rotated * sin
-    return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
 
 def alibi_slopes(n_heads: int) -> Tensor:
@@ -179,6 +175,26 @@ def alibi_slopes(n_heads: int) -> Tensor:
     closest = 2 ** math.floor(math.log2(n_heads))
     extra = power_of_two(2 * closest)[0::2][: n_heads - closest]
     return torch.tensor(power_of_two(closest) + extra)
+
+
+class AttentionKind(enum.Enum):
+    CACHE = "cache"  # rows attend to the KV cache (written first), under ``mask`` or causally
+    SPLIT_PREFIX = "split prefix"  # rows after a shared prefix: prefix and own tokens apart, merged by LSE
+    CONCAT_PREFIX = "concat prefix"  # rows after a shared prefix: [prefix; own tokens] under ``mask``
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How every layer attends in one forward: chosen once by ``Transformer`` from the rows' state and the
+    kernel set, not inferred per layer from whether a mask happens to be there.
+
+    ``mask``: bool [B,1,T,S] (True: visible) or the additive ALiBi bias; None: causal over the keys.
+    ``decode``: one query per row against the cache, the decode kernel; ``graph``: inside a captured step."""
+
+    kind: AttentionKind
+    mask: Tensor | None = None
+    decode: bool = False
+    graph: bool = False
 
 
 Reduce = Callable[[Tensor], Tensor]
@@ -197,35 +213,40 @@ class Attention(nn.Module):
         self.wo = nn.Linear(width, args.dim, bias=args.o_bias)
         self.kv_cache: KVCache | None = None
         self.reduce: Reduce = _identity  # all-reduce under tensor parallelism
-        self.eager = False
+        self.kernels: KernelSet | None = None  # set by Transformer.use_kernels
+        self.eager = False  # attention through the plain reference (scores materialised; memory.py reads it)
 
     def forward(self, x: Tensor, start: int | DecodeSlot, cos: Tensor | None, sin: Tensor | None,
-                mask: Tensor | None, prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        args = self.args
+                plan: AttentionPlan, prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        args, ops = self.args, self.kernels
         bsz, seqlen, _ = x.shape
         qkv = self.wqkv(x).view(bsz, seqlen, 3, args.n_local_heads, args.head_dim).permute(2, 0, 3, 1, 4)
         if cos is not None:
-            q, k = apply_rope(qkv[:2], cos, sin, args.rot_dim)  # q and k rotated in one pass
+            rope = ops.rope if ops is not None else plain_ops.rope
+            q, k = rope(qkv[:2], cos, sin, args.rot_dim)  # q and k rotated in one pass
             v = qkv[2]
         else:
             q, k, v = qkv
-        if prefix is not None and mask is None:  # see Transformer.forward: the split needs no mask
+        if plan.kind is AttentionKind.SPLIT_PREFIX:
             y = _split_prefix_attention(q, k, v, *prefix)
         else:
-            if prefix is not None:  # rows that all continue one shared [1, H, P, D] prefix, not copied per row
+            if plan.kind is AttentionKind.CONCAT_PREFIX:  # rows continuing one shared [1, H, P, D] prefix
                 k = torch.cat([prefix[0].expand(bsz, -1, -1, -1), k], dim=2)
                 v = torch.cat([prefix[1].expand(bsz, -1, -1, -1), v], dim=2)
             elif self.kv_cache is not None:
                 k, v = self.kv_cache.update(start, k, v)
-            causal = mask is None and seqlen > 1
-            # One query row against the cache: plain matmuls, which a compiler fuses; CPU's flash kernel with a
-            # mask costs ~0.6 ms a layer there (12% of a 130M decode step at batch 8).
-            if self.eager or isinstance(start, DecodeSlot):
-                y = _eager_attention(q, k, v, mask, causal)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            causal = plan.mask is None and seqlen > 1
+            y = self._attend(plan)(q, k, v, plan.mask, causal)
         y = y.transpose(1, 2).reshape(bsz, seqlen, -1)
         return self.reduce(self.wo(y))
+
+    def _attend(self, plan: AttentionPlan) -> Callable:
+        ops = self.kernels
+        if ops is None or self.eager:
+            return plain_ops.attention
+        if plan.graph:
+            return ops.graph_decode_attention
+        return ops.decode_attention if plan.decode else ops.prefill_attention
 
 
 def _split_prefix_attention(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor) -> Tensor:
@@ -253,17 +274,6 @@ def _split_prefix_attention(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Ten
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    if causal:
-        t, s = scores.shape[-2:]
-        allowed = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    elif mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
-
-
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -275,10 +285,12 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(width, args.dim, bias=args.mlp_bias)
         self.approximate = "tanh" if args.activation == "gelu_tanh" else "none"
         self.reduce: Reduce = _identity
+        self.kernels: KernelSet | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
-            h = F.silu(self.w1(x)) * self.w3(x)
+            gated_mlp = self.kernels.gated_mlp if self.kernels is not None else plain_ops.gated_mlp
+            h = gated_mlp(self.w1(x), self.w3(x))
         else:
             h = F.gelu(self.w1(x), approximate=self.approximate)
         return self.reduce(self.w2(h))
@@ -292,12 +304,16 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args)
         self.ffn_norm = _norm(args)
         self.feed_forward = FeedForward(args)
+        self.kernels: KernelSet | None = None
 
-    def forward(self, x: Tensor, start: int | DecodeSlot, cos, sin, mask,
+    def forward(self, x: Tensor, start: int | DecodeSlot, cos, sin, plan: AttentionPlan,
                 prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        attn = self.attention(self.attention_norm(x), start, cos, sin, mask, prefix)
+        attn = self.attention(self.attention_norm(x), start, cos, sin, plan, prefix)
         if self.parallel_residual:
             return x + attn + self.feed_forward(self.ffn_norm(x))
+        if self.kernels is not None and isinstance(self.ffn_norm, RMSNorm):  # the residual add and norm in one
+            normed, h = self.kernels.add_rms_norm(x, attn, self.ffn_norm.weight, self.ffn_norm.eps)
+            return h + self.feed_forward(normed)
         h = x + attn
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -313,6 +329,8 @@ class Transformer(nn.Module):
         self._tables: dict[str, Tensor] = {}
         self.cache_shape: tuple[int, int] = (0, 0)
         self.compiled_decode = None  # decode_graph.DecodeGraphs, set by decode_graph.compile_decode
+        self.kernels: KernelSet | None = None  # use_kernels; None until then: fused, checked at first forward
+        self.attention_impl = "sdpa"  # set_attention
 
     @property
     def device(self) -> torch.device:
@@ -323,10 +341,34 @@ class Transformer(nn.Module):
         return self.output.weight.dtype
 
     def set_attention(self, impl: str) -> None:
+        """"eager": attention through the plain reference whatever the kernel set; "sdpa": the kernel set's."""
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"attention: expected 'sdpa' or 'eager', got {impl!r}")
+        self.attention_impl = impl
+        self._mark_eager()
+
+    def use_kernels(self, kernels: KernelSet) -> None:
+        """Run every norm, RoPE, attention and MLP activation through ``kernels`` (checked by the caller)."""
+        self.kernels = kernels
+        modules = [self.norm]
         for layer in self.layers:
-            layer.attention.eager = impl == "eager"
+            modules += [layer, layer.attention_norm, layer.ffn_norm, layer.attention, layer.feed_forward]
+        for module in modules:
+            if hasattr(module, "kernels"):
+                module.kernels = kernels
+        self._mark_eager()
+
+    def _mark_eager(self) -> None:
+        plain = self.kernels is not None and not self.kernels.is_fused("prefill_attention")
+        for layer in self.layers:
+            layer.attention.eager = self.attention_impl == "eager" or plain
+
+    def resolve_kernels(self, mode: str = "fused") -> KernelSet:
+        """The model's kernel set; the first call without one selects ``mode`` for the model's device and
+        checks it there (at the model's shapes and dtype)."""
+        if self.kernels is None:
+            self.use_kernels(kernels_for(self.args, self.device, self.dtype, mode))
+        return self.kernels
 
     def setup_caches(self, batch: int, seq_len: int) -> None:
         """Allocate the static KV cache, keeping the current one when it is large enough."""
@@ -369,8 +411,10 @@ class Transformer(nn.Module):
         """
         if prefix is not None and (state is not None or prefix[0][0].shape[2] != start):
             raise ValueError("a shared prefix needs rows without padding state that start right after it")
+        kernels = self.resolve_kernels()
         # RoPE rows after a shared prefix on cpu: two unmasked flash calls, no mask at all (_split_prefix_attention)
         split_prefix = (prefix is not None and tokens.is_cpu and _CPU_FLASH is not None
+                        and self.args.position == "rope" and kernels.is_fused("prefill_attention")
                         and not self.layers[0].attention.eager)
         bsz, seqlen = tokens.shape
         end = start + seqlen
@@ -390,16 +434,20 @@ class Transformer(nn.Module):
             if padded:
                 mask = _causal_mask(valid, start, seqlen)
             elif start > 0 and (seqlen > 1 or prefix is not None) and not split_prefix:
-                # with a prefix the mask is what tells the layers to concatenate instead of splitting
                 mask = _causal_mask(None, start, seqlen, bsz=bsz, device=tokens.device)
         else:
             if positions is None:  # one bias row for the whole batch: SDPA broadcasts it
                 positions = torch.arange(start, end, device=tokens.device)[None]
                 k_pos = torch.arange(end, device=tokens.device)[None]
             mask = self._alibi_bias(positions, k_pos, _causal_mask(valid, start, seqlen, device=tokens.device))
+        if prefix is None:
+            kind = AttentionKind.CACHE
+        else:
+            kind = AttentionKind.SPLIT_PREFIX if split_prefix else AttentionKind.CONCAT_PREFIX
+        plan = AttentionPlan(kind, mask, decode=kind is AttentionKind.CACHE and seqlen == 1 and start > 0)
         x = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, start, cos, sin, mask, prefix[i] if prefix is not None else None)
+            x = layer(x, start, cos, sin, plan, prefix[i] if prefix is not None else None)
         if last_only:
             x = x[:, -1:]
         elif logits_from:
@@ -422,6 +470,7 @@ class Transformer(nn.Module):
         with index_copy at ``slot.pos`` and attention reads the first ``slot.window`` slots under a mask, so
         the step's graph is the same at every position. Same maths as ``forward``.
         """
+        self.resolve_kernels()
         device = tokens.device
         k_idx = torch.arange(slot.window, device=device)
         visible = (k_idx <= slot.pos)[None]  # [1, W]
@@ -438,9 +487,10 @@ class Transformer(nn.Module):
             mask = visible[:, None, None, :]
         else:
             mask = self._alibi_bias(q_pos, k_pos, visible[:, None, None, :])
+        plan = AttentionPlan(AttentionKind.CACHE, mask, decode=True, graph=True)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, slot, cos, sin, mask)
+            x = layer(x, slot, cos, sin, plan)
         return self.output(self.norm(x))[:, -1]
 
     def _rope_at(self, positions: Tensor) -> tuple[Tensor, Tensor]:

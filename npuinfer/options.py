@@ -27,6 +27,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="cap the KV cache (also $MAX_SEQ_LEN)")
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
                         help="scaled_dot_product_attention (default) or the eager path")
+    parser.add_argument("--kernels", default="fused", choices=["fused", "plain"],
+                        help="fused: the device's fused ops (each checked against plain torch at load), "
+                             "plain: plain torch ops (default fused)")
     parser.add_argument("--compile", action="store_true",
                         help="run the decode step as one graph (cpu: an AOTInductor library; cuda: CUDA graphs; "
                              "npu: torchair); the first run at a new shape builds it")

@@ -21,6 +21,8 @@ from .checkpoint import (
 )
 from .decode_graph import compile_decode
 from .device import Device, dtype_name, get_device, parse_dtype
+from .kernels import MODES as KERNEL_MODES
+from .kernels import kernels_for
 from .model import ModelArgs, Transformer
 from .parallel import dist as tp_dist
 from .parallel.cut import PART_DIR
@@ -44,6 +46,10 @@ class LoadedModel:
     @property
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
+
+    @property
+    def kernels(self):  # npuinfer.kernels.KernelSet
+        return self.model.resolve_kernels()
 
     @property
     def checkpoint_id(self) -> str:
@@ -138,8 +144,14 @@ def load_model(
     max_seq_len: int | None = None,
     attention: str = "sdpa",
     compile: bool = False,
+    kernels: str = "fused",
 ) -> LoadedModel:
-    """Load a registry model (``name``) or any supported directory (``model_path``) ready to run."""
+    """Load a registry model (``name``) or any supported directory (``model_path``) ready to run.
+
+    ``kernels``: "fused" (the device's fused ops, each checked against plain torch here first) or "plain"."""
+    if kernels not in KERNEL_MODES:
+        raise ValueError(f"--kernels: expected one of {', '.join(KERNEL_MODES)}, got {kernels!r}")
+
     if name is None and model_path is None:
         raise ValueError("give a model name (--model) or a checkpoint directory (--model-path)")
     spec: ModelSpec | None = get_spec(name) if name else None
@@ -180,6 +192,7 @@ def load_model(
     model.load_state_dict(state, assign=True, strict=True)
     model.eval().requires_grad_(False)
     model.set_attention(attention)
+    model.use_kernels(kernels_for(args, dev.torch_device, torch_dtype, kernels))  # the self-check runs here
     if compile:
         compile_decode(model, dev)
     if parallel is not None:

@@ -18,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 from npuinfer.generate import generate, seq_state
+from npuinfer.kernels import select_kernels
 from npuinfer.parallel.cut import PART_DIR, TP_KEY, cut_checkpoint
 from npuinfer.parallel.launch import free_port, run_under_torchrun
 from npuinfer.tiny import MARKER, ensure_tiny
@@ -67,6 +68,8 @@ def _rank_main(rank: int, port: int, jobs: list[tuple[str, str]], out: str) -> N
         loaded = load_model(model_path=path, device=device, dtype="fp32")
         results[name] = {"run": scenario(loaded.model), "bytes": shard_bytes(loaded.model),
                          "layer_bytes": layer_bytes(loaded.model), "tp": (loaded.args.tp_size, loaded.args.tp_rank)}
+        loaded.model.use_kernels(select_kernels("cpu", "plain"))  # the same shards through plain torch ops
+        results[name]["plain"] = scenario(loaded.model)
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
@@ -119,6 +122,17 @@ def test_tp2_greedy_generations_identical(name, runs):
     for results in ranks:
         for kind in ("padded", "unpadded"):
             assert torch.equal(results[name]["run"][kind], reference[name]["run"][kind]), kind
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tp2_plain_kernels_equal_fused(name, runs):
+    _, ranks = runs
+    for rank, results in enumerate(ranks):
+        fused, plain = results[name]["run"], results[name]["plain"]
+        for step, (a, b) in enumerate(zip(fused["logits"], plain["logits"])):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=lambda m: f"rank {rank} step {step}: {m}")
+        for kind in ("padded", "unpadded"):
+            assert torch.equal(fused[kind], plain[kind]), kind
 
 
 @pytest.mark.parametrize("name", TINY)

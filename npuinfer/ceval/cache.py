@@ -41,9 +41,10 @@ class CacheSettings:
     dtype: str
     split: str
     extra: Mapping[str, Any] = field(default_factory=dict)  # anything else that changes results
+    provenance: Mapping[str, Any] = field(default_factory=dict)  # how the first rows were made; never compared
 
     def to_meta(self) -> dict[str, Any]:
-        return {
+        meta = {
             "format_version": CACHE_FORMAT_VERSION,
             "model": self.model,
             "checkpoint": self.checkpoint,
@@ -53,6 +54,9 @@ class CacheSettings:
             "split": self.split,
             "extra": dict(self.extra),
         }
+        if self.provenance:
+            meta["provenance"] = dict(self.provenance)
+        return meta
 
 
 def part_path(cache_dir: str | os.PathLike, worker: str) -> Path:
@@ -125,7 +129,7 @@ def _check_format(meta: Mapping[str, Any], path: Path) -> None:
 def _settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     diffs = []
     for key in [*old, *(k for k in new if k not in old)]:
-        if key == "extra":
+        if key in ("extra", "provenance"):
             continue
         if old.get(key) != new.get(key):
             diffs.append(f"{key}: {old.get(key)!r} in the cache, {new.get(key)!r} now")

@@ -56,10 +56,16 @@ class RunSettings:
         """Everything that changes a prediction: model, weights, prompt, dtype, data, scoring mode."""
         extra: dict[str, object] = {"scoring": self.scoring, **data_identity(self.data_dir, self.split),
                                     "max_seq_len": loaded.args.max_seq_len}
+        kernels = getattr(loaded, "kernels", None)
+        if kernels is not None and kernels.label != "fused":  # fused (the default) adds nothing: older caches
+            extra["kernels"] = kernels.label  # stay valid; a plain run never mixes rows with a fused one
         if self.scoring == "generate":
             extra["max_new_tokens"] = self.max_new_tokens
+        provenance = {} if kernels is None else {"kernels": kernels.describe(),
+                                                 "kernel_check": kernels.check_summary()}
         return CacheSettings(model=loaded.name, checkpoint=loaded.checkpoint_id, template=self.template,
-                             shots=self.shots, dtype=loaded.dtype_name, split=self.split, extra=extra)
+                             shots=self.shots, dtype=loaded.dtype_name, split=self.split, extra=extra,
+                             provenance=provenance)
 
 
 def results_dir(root: str | os.PathLike, model: str, device_label: str) -> Path:

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     locate_model(model_name(args), args.model_path, tp=args.tp)
     device = init_tensor_parallel(args.tp, args.device)
     loaded = load_model(model_name(args), args.model_path, device, args.dtype, args.max_seq_len, args.attention,
-                        compile=args.compile)
+                        compile=args.compile, kernels=args.kernels)
     tok = loaded.tokenizer
     input_ids, mask = tok.encode_batch(list(args.prompts))
     out = generate(loaded.model, input_ids, args.max_new_tokens, mask, eos_id=tok.eos_id, stop_at_eos=not args.no_stop)

@@ -190,14 +190,16 @@ class BenchOptions:
     timing: str
     backend: str
     compile: bool
+    kernels: str
     memory_limit: int | None
     skip_measured: bool
     seed: int
 
     @property
     def backend_label(self) -> str:
-        """The backend column of a row: compiled npuinfer rows are not comparable with eager ones."""
-        return self.backend + ("+compile" if self.compile else "")
+        """The backend column of a row: compiled npuinfer rows are not comparable with eager ones, nor rows of
+        plain torch ops with fused-kernel ones (the default, so its label is unchanged)."""
+        return self.backend + ("+plain" if self.kernels == "plain" else "") + ("+compile" if self.compile else "")
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "BenchOptions":
@@ -205,6 +207,9 @@ class BenchOptions:
         grid = opt("bench_grid")
         if opt("npuinfer_compile") and opt("bench_backend") != "npuinfer":
             raise pytest.UsageError("--compile captures npuinfer's decode step; it does not apply to --backend "
+                                    f"{opt('bench_backend')}")
+        if opt("npuinfer_kernels") != "fused" and opt("bench_backend") != "npuinfer":
+            raise pytest.UsageError("--kernels chooses npuinfer's own kernels; it does not apply to --backend "
                                     f"{opt('bench_backend')}")
         if opt("bench_pairs") and opt("bench_seq_lens"):
             raise pytest.UsageError("--case-pairs and --seq-lens both given: --seq-lens 256,1024 means the pairs "
@@ -218,6 +223,7 @@ class BenchOptions:
         batches = opt("bench_batches") or (SEED_BATCHES if grid == "seed" else DEFAULT_BATCHES)
         return cls(batches=tuple(batches), pairs=tuple(pairs), rounds=opt("bench_rounds"), warmup=opt("bench_warmup"),
                    timing=opt("bench_timing"), backend=opt("bench_backend"), compile=opt("npuinfer_compile"),
+                   kernels=opt("npuinfer_kernels"),
                    memory_limit=opt("bench_memory_limit"),
                    skip_measured=opt("bench_skip_measured"), seed=opt("bench_seed"))
 
@@ -230,6 +236,15 @@ _NOTHING_COMPARED = pytest.StashKey[str]()  # why a gated run fails although no 
 _RAN_BENCH: set[str] = set()  # node ids of bench cases reported in this process's session
 _GATE_KEY = "npuinfer_perf_gate"  # user property: (status, message, worst slowdown, where, attempts) of a case's gate
 _GATED: dict[str, tuple] = {}  # node id -> (status, message, worst slowdown, where, attempts), as reported (xdist too)
+
+
+def _kernels_cell(backend) -> str:
+    """A row's ``kernels`` cell: the kernel set and its self-check ("" for backends other than npuinfer's)."""
+    loaded = getattr(backend, "loaded", None)
+    if loaded is None:
+        return ""
+    kernels = loaded.kernels
+    return kernels.label if kernels.label == "plain" else f"{kernels.label} (check {kernels.check_summary()})"
 
 
 class PerformanceBaselineWarning(UserWarning):
@@ -422,7 +437,7 @@ class BenchSession:
         return {"model": model, "device": self.device.label, "device_name": self.device.name(),
                 "dtype": dtype_name(backend.dtype), "backend": self.options.backend_label, "timing": self.options.timing,
                 "rounds": self.options.rounds, "warmup": self.options.warmup, "tp": self._tp_size(),
-                "checkpoint": backend.checkpoint, "torch": torch.__version__}
+                "checkpoint": backend.checkpoint, "torch": torch.__version__, "kernels": _kernels_cell(backend)}
 
     @staticmethod
     def _check_length(backend, model: str, input_len: int, output_len: int) -> None:

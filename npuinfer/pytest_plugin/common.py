@@ -27,6 +27,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--max-seq-len", default=None, type=int, dest="npuinfer_max_seq_len",
                     help="cap the KV cache (also $MAX_SEQ_LEN)")
     group.addoption("--attention", default="sdpa", choices=["sdpa", "eager"], dest="npuinfer_attention")
+    group.addoption("--kernels", default="fused", choices=["fused", "plain"], dest="npuinfer_kernels",
+                    help="fused: the device's fused ops, each checked against plain torch at load (default); "
+                         "plain: plain torch ops")
     group.addoption("--compile", action="store_true", default=False, dest="npuinfer_compile",
                     help="run the decode step as one graph (cpu: an AOTInductor library; cuda: CUDA graphs; npu: "
                          "torchair); each new shape builds first, in the warm-up")
@@ -123,7 +126,8 @@ class ModelCache:
             self._loaded[name] = load_model(
                 registry_name, path, self.device, self.config.getoption("npuinfer_dtype"),
                 self.config.getoption("npuinfer_max_seq_len"), self.config.getoption("npuinfer_attention"),
-                compile=self.config.getoption("npuinfer_compile"))
+                compile=self.config.getoption("npuinfer_compile"),
+                kernels=self.config.getoption("npuinfer_kernels"))
         return self._loaded[name]
 
 

@@ -31,7 +31,7 @@ PUBLISHED_FROM_SUMMARY = {"response_s": RESPONSE, "first_token_ms": FIRST, "next
                           "pre_next_ms": PRE, "post_next_ms": POST}
 PEAK = "peak_memory(MiB)"
 SETTINGS = ["model", "device", "device_name", "dtype", "backend", "timing", "rounds", "warmup", "tp", "checkpoint",
-            "torch"]
+            "torch", "kernels"]  # kernels: the kernel set and its self-check (provenance; "+plain" is in backend)
 # The noise guard's verdict (npuinfer.noise): was the machine quiet while the row was measured, why not, and the
 # figures it judged by (JSON). Last, so that rows written before it keep their columns where they were.
 QUIET, QUIET_REASONS, NOISE = "quiet", "quiet_reasons", "noise"
@@ -169,7 +169,7 @@ def performance_plot(csv_path: Path, png_path: Path) -> bool:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    varying = varying_columns(rows, [c for c in SETTINGS if c not in ("model", "device_name", "torch")])
+    varying = varying_columns(rows, [c for c in SETTINGS if c not in ("model", "device_name", "torch", "kernels")])
 
     def group(row: Mapping[str, str]) -> str:
         return " ".join(f"{row[c]}" for c in varying)

@@ -1,0 +1,190 @@
+"""`npuinfer doctor`: the first command on a new machine. Device facts, then every fused kernel checked
+against plain torch on this device at a model's head size and dtype, with its speed against plain.
+
+Facts are a list of (label, function of the device): add one with ``@device_fact("label")``. Facts from
+modules other helpers own are looked up by name and shown when present (``OPTIONAL_FACTS``)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+from typing import Callable
+
+import torch
+
+from ..device import Device, dtype_name, get_device, parse_dtype
+
+FactFn = Callable[[Device], object]
+DEVICE_FACTS: list[tuple[str, FactFn]] = []
+# (label, module, function): called with the device when the module has the function
+OPTIONAL_FACTS: list[tuple[str, str, str]] = [
+    ("memory bandwidth", "npuinfer.roofline", "probe_bandwidth"),
+    ("system", "npuinfer.noise", "system_facts"),
+]
+
+
+def device_fact(label: str) -> Callable[[FactFn], FactFn]:
+    def add(fn: FactFn) -> FactFn:
+        DEVICE_FACTS.append((label, fn))
+        return fn
+
+    return add
+
+
+@device_fact("device")
+def _device(device: Device) -> str:
+    return f"{device} ({device.name()})"
+
+
+@device_fact("memory")
+def _memory(device: Device) -> str:
+    total = device.total_memory_bytes()
+    if total is None:
+        import os
+
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return f"{host / 2**30:.1f} GiB host memory (cpu)"
+    return f"{total / 2**30:.1f} GiB"
+
+
+@device_fact("torch")
+def _torch(device: Device) -> str:
+    return f"{torch.__version__} (python {platform.python_version()}, {torch.get_num_threads()} threads)"
+
+
+@device_fact("torch_npu / CANN")
+def _npu_versions(device: Device) -> str:
+    if device.type != "npu":
+        return "not used"
+    import torch_npu  # type: ignore[import-not-found]
+
+    cann = getattr(getattr(torch_npu, "version", None), "cann", None) or "unknown (torch_npu.version.cann)"
+    return f"torch_npu {getattr(torch_npu, '__version__', '?')}, CANN {cann}"
+
+
+@device_fact("CUDA")
+def _cuda(device: Device) -> str:
+    if device.type != "cuda":
+        return "not used"
+    return f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+
+
+@device_fact("collective backend")
+def _collective(device: Device) -> str:
+    import torch.distributed as dist
+
+    backend = device.dist_backend
+    available = dist.is_available() and dist.is_backend_available(backend)
+    return f"{backend} ({'available' if available else 'NOT available in this torch build'})"
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("doctor", help="device facts and every fused kernel checked against plain torch")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | npu[:N] (default auto)")
+    parser.add_argument("--model", default=None,
+                        help="registry name: check at its head size, heads and position encoding (default: "
+                             "7B-class sizes, 32 heads x 128, RoPE and ALiBi)")
+    parser.add_argument("--model-path", default=None, help="checkpoint directory (only its config.json is read)")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                        help="default fp16 on accelerators, fp32 on cpu")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per kernel for the speed column")
+    parser.set_defaults(run=run)
+
+
+def _shapes(args: argparse.Namespace):
+    from ..kernels import KernelShapes
+
+    if args.model is None and args.model_path is None:
+        return "7B-class sizes", KernelShapes(dim=4096, heads=32, head_dim=128, rot_dim=128, intermediate=11008,
+                                              rope=True, alibi=True)
+    from pathlib import Path
+
+    from ..checkpoint import args_from_config, detect_family, read_config
+    from ..registry import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model, args.model_path) if args.model else Path(args.model_path)
+    config = read_config(model_dir)
+    path = str(model_dir / "config.json")
+    model_args = args_from_config(config, detect_family(config, path), path=path)
+    return f"{args.model or model_dir.name} ({path})", KernelShapes.from_args(model_args)
+
+
+def _facts(device: Device) -> list[tuple[str, str]]:
+    rows = []
+    for label, fn in DEVICE_FACTS:
+        try:
+            rows.append((label, str(fn(device))))
+        except Exception as exc:
+            rows.append((label, f"unavailable: {type(exc).__name__}: {exc}"))
+    for label, module_name, fn_name in OPTIONAL_FACTS:
+        try:
+            fn = getattr(importlib.import_module(module_name), fn_name)
+        except (ImportError, AttributeError):
+            continue
+        try:
+            rows.append((label, str(fn(device))))
+        except Exception as exc:
+            rows.append((label, f"unavailable: {type(exc).__name__}: {exc}"))
+    return rows
+
+
+def _speed(op: str, kernel, shapes, device: Device, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
+    """Median ms of the fused and the plain kernel at a working size (128 new tokens over 1024 keys)."""
+    from ..kernels import PLAIN
+    from ..kernels.check import cases, time_call
+
+    t = 1 if op == "decode_attention" else 128
+    _, call_args = next(cases(op, shapes, device.torch_device, dtype, b=1, t=t, s=1024))
+    fused_s = plain_s = float("inf")
+    with torch.inference_mode():
+        for _ in range(2):  # interleaved: a drift of the machine hits both
+            fused_s = min(fused_s, time_call(kernel.fn, call_args, device.synchronize, repeats))
+            plain_s = min(plain_s, time_call(PLAIN[op].fn, call_args, device.synchronize, repeats))
+    return fused_s * 1e3, plain_s * 1e3
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..kernels import check_kernels, select_kernels
+
+    device = get_device(args.device)
+    dtype = parse_dtype(args.dtype) if args.dtype else (torch.float16 if device.is_accelerator else torch.float32)
+    device.check_dtype(dtype)
+    where, shapes = _shapes(args)
+    print("npuinfer doctor")
+    for label, value in _facts(device):
+        print(f"  {label:<20} {value}")
+    kernels = check_kernels(select_kernels(device.type, "fused"), shapes, device.torch_device, dtype,
+                            raise_on_failure=False)
+    print(f"\nkernels on {device}, {dtype_name(dtype)}, shapes of {where}: dim {shapes.dim}, "
+          f"{shapes.heads} heads x {shapes.head_dim}, rotary {shapes.rot_dim}, mlp {shapes.intermediate}")
+    header = f"  {'op':<18} {'implementation':<42} {'check vs plain':<36} {'fused ms':>9} {'plain ms':>9} {'speed-up':>8}"
+    print(header)
+    failed = []
+    for op, kernel in kernels.kernels.items():
+        results = [c for c in kernels.checks if c.op == op]
+        if not shapes.uses(op):
+            print(f"  {op:<18} {kernel.label:<42} {'not used by this model':<36}")
+            continue
+        if not kernel.fused:
+            print(f"  {op:<18} {'plain torch (no fused op on ' + device.type + ')':<42} {'-':<36}")
+            continue
+        bad = [c for c in results if not c.ok]
+        failed += bad
+        worst_abs = max(c.max_abs for c in results)
+        worst_rel = max(c.max_rel for c in results)
+        verdict = f"{'FAILED' if bad else 'ok'} abs {worst_abs:.2g} rel {worst_rel:.2g} ({len(results)} cases)"
+        if bad:
+            speed = ""
+        else:
+            fused_ms, plain_ms = _speed(op, kernel, shapes, device, dtype, args.repeats)
+            speed = f"{fused_ms:9.3f} {plain_ms:9.3f} {plain_ms / fused_ms:7.2f}x"
+        print(f"  {op:<18} {kernel.label:<42} {verdict:<36} {speed}")
+    if failed:
+        print("\nfused kernel check FAILED:", file=sys.stderr)
+        for c in failed:
+            print(f"  {c.describe()}", file=sys.stderr)
+        print("Run with --kernels plain to use the plain torch ops instead.", file=sys.stderr)
+        return 1
+    print("\nall fused kernels match plain torch (speed: median of interleaved runs; a shared machine is noisy)")
+    return 0

@@ -1,0 +1,151 @@
+"""The kernel table: per op a plain torch reference and, per device type, the fused implementation.
+
+Implementations register themselves with ``register(op, device_type, name, fn)``: npuinfer's own
+(torch_fused.py, npu.py) and any plugin module, named in ``$NPUINFER_KERNEL_PLUGINS`` (comma separated module
+names) or installed under the ``npuinfer.kernels`` entry-point group. A later registration replaces an earlier
+one for the same (op, device type), so a plugin can swap a kernel in; every fused kernel is still compared with
+the plain reference before a model uses it (check.py).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from typing import Callable, Mapping
+
+from . import reference
+
+OPS: tuple[str, ...] = ("rms_norm", "add_rms_norm", "rope", "prefill_attention", "decode_attention", "gated_mlp")
+MODES: tuple[str, ...] = ("fused", "plain")
+DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "npu")
+PLUGIN_ENV = "NPUINFER_KERNEL_PLUGINS"
+ENTRY_POINT_GROUP = "npuinfer.kernels"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    op: str
+    name: str  # what runs, e.g. "sdpa", "torch_npu.npu_rms_norm", "plain torch"
+    fn: Callable
+    fused: bool
+    origin: str  # the module that registered it
+
+    @property
+    def label(self) -> str:
+        own = self.origin.startswith("npuinfer.")
+        return self.name if own or not self.fused else f"{self.name} ({self.origin})"
+
+
+PLAIN: dict[str, Kernel] = {
+    op: Kernel(op, "plain torch", getattr(reference, op if "attention" not in op else "attention"), False,
+               reference.__name__)
+    for op in OPS
+}
+_FUSED: dict[tuple[str, str], Kernel] = {}
+_loaded = False
+
+
+def register(op: str, device_type: str, name: str, fn: Callable) -> None:
+    """Make ``fn`` the fused ``op`` on ``device_type`` (replacing an earlier registration)."""
+    if op not in OPS:
+        raise ValueError(f"kernel op: expected one of {', '.join(OPS)}, got {op!r}")
+    if device_type not in DEVICE_TYPES:
+        raise ValueError(f"kernel device type: expected one of {', '.join(DEVICE_TYPES)}, got {device_type!r}")
+    _FUSED[(op, device_type)] = Kernel(op, name, fn, True, getattr(fn, "__module__", "?") or "?")
+
+
+def _load() -> None:
+    """npuinfer's implementations, then the plugins (which may replace them); once per process."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from . import npu, torch_fused  # noqa: F401  (they register on import; npu imports torch_npu only when run)
+
+    for name in filter(None, (n.strip() for n in os.environ.get(PLUGIN_ENV, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise ImportError(f"${PLUGIN_ENV}: kernel plugin module {name!r} could not be imported: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        entry.load()
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """The kernels one model runs: one per op, fused where the device has one (mode "fused"), else plain.
+    ``checks`` holds the self-check results of the fused ones (check.py)."""
+
+    mode: str
+    device_type: str
+    kernels: Mapping[str, Kernel]
+    checks: tuple = field(default=())  # check.CheckResult
+
+    @property
+    def rms_norm(self) -> Callable:
+        return self.kernels["rms_norm"].fn
+
+    @property
+    def add_rms_norm(self) -> Callable:
+        return self.kernels["add_rms_norm"].fn
+
+    @property
+    def rope(self) -> Callable:
+        return self.kernels["rope"].fn
+
+    @property
+    def prefill_attention(self) -> Callable:
+        return self.kernels["prefill_attention"].fn
+
+    @property
+    def decode_attention(self) -> Callable:
+        return self.kernels["decode_attention"].fn
+
+    @property
+    def graph_decode_attention(self) -> Callable:
+        """Decode attention inside a captured step. On cpu the step is built by AOTInductor, which fuses the
+        plain matmuls itself; cpu's flash kernel with a mask measured ~0.6 ms a layer slower there (12% of a
+        130M decode step at batch 8). cuda and npu graphs replay the fused kernel."""
+        return PLAIN["decode_attention"].fn if self.device_type == "cpu" else self.decode_attention
+
+    @property
+    def gated_mlp(self) -> Callable:
+        return self.kernels["gated_mlp"].fn
+
+    def is_fused(self, op: str) -> bool:
+        return self.kernels[op].fused
+
+    def with_plain(self, *ops: str) -> "KernelSet":
+        return replace(self, kernels={**self.kernels, **{op: PLAIN[op] for op in ops}})
+
+    @property
+    def label(self) -> str:
+        """"fused" or "plain": the --kernels value, a row's ``kernels`` column."""
+        return self.mode
+
+    def describe(self) -> dict[str, str]:
+        """op -> implementation, for metadata."""
+        return {op: k.label for op, k in self.kernels.items()}
+
+    def check_summary(self) -> str:
+        """One line for metadata: the self-check's outcome and largest differences."""
+        if self.mode == "plain":
+            return "not needed (plain)"
+        if not self.checks:
+            return "no fused kernel on this device"
+        worst_abs = max(c.max_abs for c in self.checks)
+        worst_rel = max(c.max_rel for c in self.checks)
+        return f"ok: {len(self.checks)} cases, max abs {worst_abs:.2g}, max rel {worst_rel:.2g}"
+
+
+def select_kernels(device_type: str, mode: str = "fused") -> KernelSet:
+    """The kernel set for a device type, unchecked (``check.kernels_for`` checks it)."""
+    if mode not in MODES:
+        raise ValueError(f"--kernels: expected one of {', '.join(MODES)}, got {mode!r}")
+    if device_type not in DEVICE_TYPES:
+        raise ValueError(f"kernel device type: expected one of {', '.join(DEVICE_TYPES)}, got {device_type!r}")
+    _load()
+    chosen = {op: (_FUSED.get((op, device_type), PLAIN[op]) if mode == "fused" else PLAIN[op]) for op in OPS}
+    return KernelSet(mode, device_type, chosen)
