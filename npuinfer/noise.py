@@ -27,6 +27,8 @@ from typing import Any
 
 import psutil
 
+from .device import cpu_model_name
+
 DEFAULT_THRESHOLD = 0.10  # of the cores (and of the accelerator) that other processes may use in a quiet case
 GOVERNOR_ADVICE = "sudo cpupower frequency-set -g performance"
 _CPUFREQ = Path("/sys/devices/system/cpu")
@@ -318,7 +320,6 @@ def system_facts(device=None, sample_s: float = 0.2, threshold: float = DEFAULT_
         if after is not None and after - cpu_before[pid] > 0:
             busiest.append((after - cpu_before[pid], pid, proc.info.get("name") or "?"))
     busiest.sort(reverse=True)
-    from .device import cpu_model_name
 
     freq = None
     try:

@@ -9,11 +9,16 @@ import argparse
 import importlib
 import platform
 import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..checkpoint import args_from_config, detect_family, read_config
 from ..device import Device, dtype_name, get_device, parse_dtype
+from ..kernels import PLAIN, KernelShapes, check_kernels, select_kernels
+from ..kernels.check import cases, time_call
+from ..runtime import resolve_model_dir
 
 FactFn = Callable[[Device], object]
 DEVICE_FACTS: list[tuple[str, FactFn]] = []
@@ -93,16 +98,9 @@ def add_parser(sub) -> None:
 
 
 def _shapes(args: argparse.Namespace):
-    from ..kernels import KernelShapes
-
     if args.model is None and args.model_path is None:
         return "7B-class sizes", KernelShapes(dim=4096, heads=32, head_dim=128, rot_dim=128, intermediate=11008,
                                               rope=True, alibi=True)
-    from pathlib import Path
-
-    from ..checkpoint import args_from_config, detect_family, read_config
-    from ..registry import resolve_model_dir
-
     model_dir = resolve_model_dir(args.model, args.model_path) if args.model else Path(args.model_path)
     config = read_config(model_dir)
     path = str(model_dir / "config.json")
@@ -131,9 +129,6 @@ def _facts(device: Device) -> list[tuple[str, str]]:
 
 def _speed(op: str, kernel, shapes, device: Device, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
     """Median ms of the fused and the plain kernel at a working size (128 new tokens over 1024 keys)."""
-    from ..kernels import PLAIN
-    from ..kernels.check import cases, time_call
-
     t = 1 if op == "decode_attention" else 128
     _, call_args = next(cases(op, shapes, device.torch_device, dtype, b=1, t=t, s=1024))
     fused_s = plain_s = float("inf")
@@ -145,8 +140,6 @@ def _speed(op: str, kernel, shapes, device: Device, dtype: torch.dtype, repeats:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..kernels import check_kernels, select_kernels
-
     device = get_device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else (torch.float16 if device.is_accelerator else torch.float32)
     device.check_dtype(dtype)

@@ -21,7 +21,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from .table import register
+from .registration import register
 
 
 @cache

@@ -14,45 +14,10 @@ from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Callable, Mapping
 
-from . import reference
+from . import npu, torch_fused  # noqa: F401  (they register on import; npu imports torch_npu only when run)
+from .registration import DEVICE_TYPES, ENTRY_POINT_GROUP, MODES, OPS, PLAIN, PLUGIN_ENV, _FUSED, Kernel
 
-OPS: tuple[str, ...] = ("rms_norm", "add_rms_norm", "rope", "prefill_attention", "decode_attention", "gated_mlp")
-MODES: tuple[str, ...] = ("fused", "plain")
-DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "npu")
-PLUGIN_ENV = "NPUINFER_KERNEL_PLUGINS"
-ENTRY_POINT_GROUP = "npuinfer.kernels"
-
-
-@dataclass(frozen=True)
-class Kernel:
-    op: str
-    name: str  # what runs, e.g. "sdpa", "torch_npu.npu_rms_norm", "plain torch"
-    fn: Callable
-    fused: bool
-    origin: str  # the module that registered it
-
-    @property
-    def label(self) -> str:
-        own = self.origin.startswith("npuinfer.")
-        return self.name if own or not self.fused else f"{self.name} ({self.origin})"
-
-
-PLAIN: dict[str, Kernel] = {
-    op: Kernel(op, "plain torch", getattr(reference, op if "attention" not in op else "attention"), False,
-               reference.__name__)
-    for op in OPS
-}
-_FUSED: dict[tuple[str, str], Kernel] = {}
 _loaded = False
-
-
-def register(op: str, device_type: str, name: str, fn: Callable) -> None:
-    """Make ``fn`` the fused ``op`` on ``device_type`` (replacing an earlier registration)."""
-    if op not in OPS:
-        raise ValueError(f"kernel op: expected one of {', '.join(OPS)}, got {op!r}")
-    if device_type not in DEVICE_TYPES:
-        raise ValueError(f"kernel device type: expected one of {', '.join(DEVICE_TYPES)}, got {device_type!r}")
-    _FUSED[(op, device_type)] = Kernel(op, name, fn, True, getattr(fn, "__module__", "?") or "?")
 
 
 def _load() -> None:
@@ -61,8 +26,6 @@ def _load() -> None:
     if _loaded:
         return
     _loaded = True
-    from . import npu, torch_fused  # noqa: F401  (they register on import; npu imports torch_npu only when run)
-
     for name in filter(None, (n.strip() for n in os.environ.get(PLUGIN_ENV, "").split(","))):
         try:
             importlib.import_module(name)

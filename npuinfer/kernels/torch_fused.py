@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .table import register
+from .registration import register
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -12,6 +12,7 @@ import os
 
 import pytest
 
+from ..device import get_device
 from ..noise import DEFAULT_THRESHOLD, NoiseGuard, Verdict, format_facts, system_facts
 from .common import GROUP
 
@@ -83,8 +84,6 @@ def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Ite
     if not any("perf_case" in getattr(item, "fixturenames", ()) for item in items):
         return []
     try:
-        from ..device import get_device
-
         device = get_device(config.getoption("npuinfer_device"))
     except Exception:  # the first case reports a device that cannot be had
         device = None

@@ -1,0 +1,48 @@
+"""Where kernels register: the ops, the plain references and the fused implementations per device type.
+
+Kept apart from table.py so that the implementation modules (torch_fused.py, npu.py, plugins) can register
+on import while table.py imports them at its top, with no import cycle.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from . import reference
+
+OPS: tuple[str, ...] = ("rms_norm", "add_rms_norm", "rope", "prefill_attention", "decode_attention", "gated_mlp")
+MODES: tuple[str, ...] = ("fused", "plain")
+DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "npu")
+PLUGIN_ENV = "NPUINFER_KERNEL_PLUGINS"
+ENTRY_POINT_GROUP = "npuinfer.kernels"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    op: str
+    name: str  # what runs, e.g. "sdpa", "torch_npu.npu_rms_norm", "plain torch"
+    fn: Callable
+    fused: bool
+    origin: str  # the module that registered it
+
+    @property
+    def label(self) -> str:
+        own = self.origin.startswith("npuinfer.")
+        return self.name if own or not self.fused else f"{self.name} ({self.origin})"
+
+
+PLAIN: dict[str, Kernel] = {
+    op: Kernel(op, "plain torch", getattr(reference, op if "attention" not in op else "attention"), False,
+               reference.__name__)
+    for op in OPS
+}
+_FUSED: dict[tuple[str, str], Kernel] = {}
+
+
+def register(op: str, device_type: str, name: str, fn: Callable) -> None:
+    """Make ``fn`` the fused ``op`` on ``device_type`` (replacing an earlier registration)."""
+    if op not in OPS:
+        raise ValueError(f"kernel op: expected one of {', '.join(OPS)}, got {op!r}")
+    if device_type not in DEVICE_TYPES:
+        raise ValueError(f"kernel device type: expected one of {', '.join(DEVICE_TYPES)}, got {device_type!r}")
+    _FUSED[(op, device_type)] = Kernel(op, name, fn, True, getattr(fn, "__module__", "?") or "?")
