@@ -94,11 +94,11 @@ class SubjectResult:
 class CevalRun:
     """Scores subjects into ``out_dir``; questions already in its cache (same settings) are skipped."""
 
-    def __init__(self, loaded, settings: RunSettings, out_dir: str | os.PathLike, worker: str | None = None):
+    def __init__(self, loaded, settings: RunSettings, out_dir: str | os.PathLike):
         self.loaded = loaded
         self.settings = settings
         self.out_dir = Path(out_dir)
-        self.cache: QuestionCache | _RankView = _open_cache(self.out_dir, settings.cache_settings(loaded), worker)
+        self.cache: QuestionCache | _RankView = _open_cache(self.out_dir, settings.cache_settings(loaded))
 
     def run_subject(self, subject: str) -> SubjectResult:
         s = self.settings
@@ -137,12 +137,12 @@ class _RankView:
         pass
 
 
-def _open_cache(out_dir: Path, settings: CacheSettings, worker: str | None) -> QuestionCache | _RankView:
+def _open_cache(out_dir: Path, settings: CacheSettings) -> QuestionCache | _RankView:
     """The result cache; under tensor parallelism only rank 0 writes it (opened before the others read it)."""
     if tp_dist.tp_world() is None:
-        return QuestionCache(out_dir, settings, worker=worker)
+        return QuestionCache(out_dir, settings)
     if tp_dist.is_rank0():
-        cache = QuestionCache(out_dir, settings, worker=worker)
+        cache = QuestionCache(out_dir, settings)
         tp_dist.barrier()
         return cache
     tp_dist.barrier()
