@@ -275,3 +275,51 @@ def test_report_refuses_mixed_or_duplicate_rows(tmp_path):
         write_report(tmp_path, [TABLE[0], TABLE[0]])
     with pytest.raises(ValueError, match="no scored rows"):
         write_report(tmp_path, [])
+
+
+# ---- a tampered cache.csv -------------------------------------------------------------------
+
+@pytest.mark.parametrize("line, fragment", [
+    ("logic,1,A,Z,0", "row 2: prediction 'Z' is not one of A, B, C, D"),
+    ("no_such_subject,0,A,A,1", "row 2: unknown C-Eval subject 'no_such_subject'"),
+])
+def test_tampered_rows_are_refused_naming_file_and_row(tmp_path, line, fragment):
+    from npuinfer.cli import main
+
+    QuestionCache(tmp_path, SETTINGS).close()
+    path = tmp_path / "cache.csv"
+    path.write_text(HEADER + "logic,0,A,A,1\n" + line + "\n")
+    before = path.read_bytes()
+    with pytest.raises(CacheError) as err:
+        read_cache(tmp_path)
+    assert f"{path}: {fragment}" in str(err.value)
+    assert main(["report", "ceval", str(tmp_path)]) == 1
+    assert path.read_bytes() == before and not (tmp_path / "subject_acc.json").exists()
+
+
+def test_conflicting_duplicates_are_an_error_and_report_writes_nothing(tmp_path, capsys):
+    from npuinfer.cli import main
+
+    QuestionCache(tmp_path, SETTINGS).close()
+    path = tmp_path / "cache.csv"
+    # the genuine row first, a forged second row for the same question later
+    path.write_text(HEADER + "logic,0,A,B,0\nlogic,1,C,C,1\nlaw,0,D,D,1\nlogic,0,A,A,1\n")
+    before = path.read_bytes()
+    assert main(["report", "ceval", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"logic id 0: {path} row 1 (prediction 'B'); {path} row 4 (prediction 'A')" in err
+    assert path.read_bytes() == before  # no row removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", "cache.csv", "cache_meta.json"]
+    with pytest.raises(CacheError, match="conflicting"):
+        QuestionCache(tmp_path, SETTINGS)  # a run does not add to it either
+    assert path.read_bytes() == before
+
+
+def test_identical_duplicates_collapse_with_a_warning(tmp_path):
+    QuestionCache(tmp_path, SETTINGS).close()
+    path = tmp_path / "cache.csv"
+    path.write_text(HEADER + "logic,1,C,C,1\nlogic,0,A,B,0\nlogic,1,C,C,1\n")
+    with pytest.warns(CacheWarning, match=rf"1 identical duplicate row\(s\) collapse into one \({path} row 3\)"):
+        rebuild_report(tmp_path)
+    assert path.read_text() == HEADER + "logic,0,A,B,0\nlogic,1,C,C,1\n"
+    assert json.loads((tmp_path / "subject_acc.json").read_text()) == {"logic": 0.5}
