@@ -152,7 +152,10 @@ def _open_cache(out_dir: Path, settings: CacheSettings) -> QuestionCache | _Rank
 def read_subject_accuracy(path: str | os.PathLike, what: str = "subject") -> dict[str, float]:
     """Accuracies of a subject_acc.json (or, with ``what="category"``, a classes_acc.json); empty for a
     test-split report, which has none."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a JSON file of {what} accuracies ({exc})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object of {what} -> accuracy")
     if data.get("split") == "test":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import UsageError
 from ..options import add_model_options, model_name, positive_int
 
 DEFAULT_PROMPT = "苹果公司的CEO是"
@@ -25,11 +26,18 @@ def run(args: argparse.Namespace) -> int:
     from ..parallel.dist import init_tensor_parallel, is_rank0
     from ..runtime import load_model
 
+    empty = [n for n, prompt in enumerate(args.prompts, 1) if not prompt]
+    if empty:
+        raise UsageError(f"PROMPT {', '.join(map(str, empty))} of {len(args.prompts)}: the prompt is empty; "
+                         "give the text to continue")
     device = init_tensor_parallel(args.tp, args.device)
     loaded = load_model(model_name(args), args.model_path, device, args.dtype, args.max_seq_len, args.attention,
                         compile=args.compile)
     tok = loaded.tokenizer
     input_ids, mask = tok.encode_batch(list(args.prompts))
+    no_tokens = [n for n, length in enumerate(mask.sum(dim=1).tolist(), 1) if length == 0]
+    if no_tokens:
+        raise UsageError(f"PROMPT {', '.join(map(str, no_tokens))}: the prompt encodes to no tokens")
     out = generate(loaded.model, input_ids, args.max_new_tokens, mask, eos_id=tok.eos_id, stop_at_eos=not args.no_stop)
     if not is_rank0():  # every rank computed the same tokens; one prints them
         return 0
