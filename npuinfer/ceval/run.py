@@ -32,6 +32,10 @@ from npuinfer.ceval.scoring import (
 )
 
 
+class NonFiniteScores(RuntimeError):
+    """Questions whose logits were NaN or inf: errors, never scored."""
+
+
 @dataclass(frozen=True)
 class RunSettings:
     data_dir: Path
@@ -112,6 +116,11 @@ class CevalRun:
                                     skip=set(done)):
             self.cache.add(scored.row)
             new.append(scored.row)
+        if stats.nonfinite:
+            raise NonFiniteScores(
+                f"{subject}: non-finite logits (NaN or inf) for {len(stats.nonfinite)} question(s), id(s) "
+                f"{', '.join(stats.nonfinite)}: errors, not scored and not cached (the other questions are); look "
+                "for NaN / inf in the weights, or an fp16 overflow (try --dtype bf16 or fp32)")
         by_id = {**done, **{r.question_id: r for r in new}}
         rows = [by_id[q.question_id] for q in questions]  # file order; KeyError would be a scoring bug
         return SubjectResult(subject, rows, len(new), stats)

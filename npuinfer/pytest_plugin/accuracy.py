@@ -29,6 +29,7 @@ from ..parallel import dist as tp_dist
 from ..ceval.run import (
     CategoryVerdict,
     CevalRun,
+    NonFiniteScores,
     RunSettings,
     SubjectResult,
     find_baseline,
@@ -182,7 +183,10 @@ class CevalSuite:
         run = self._run(model)
         # Before scoring: the controller merges this directory even if the case fails midway.
         record(P_DIR, str(run.out_dir))
-        result = run.run_subject(subject)
+        try:
+            result = run.run_subject(subject)
+        except NonFiniteScores as exc:
+            pytest.fail(str(exc), pytrace=False)
         record(P_N, result.questions)
         record(P_CORRECT, result.correct)
         record(P_ACC, result.accuracy)

@@ -40,6 +40,7 @@ from ..results.performance import (
     rounds_record,
     write_reports,
 )
+from ..generate import NonFiniteLogits
 from ..results.baseline import DEFAULT_MAX_REGRESSION, GATE_MODES, GateOutcome, PerformanceBaseline, gate_case, \
     parse_regression
 from ..results.calibration import CALIBRATION, CALIBRATION_FIGURES, Calibrator, calibration_path, calibration_row, \
@@ -410,6 +411,12 @@ class BenchSession:
         try:
             timing = measure_case(backend, case, rounds=opts.rounds, warmup=opts.warmup, mode=opts.timing,
                                   seed=opts.seed, repeat=_repeat_with(benchmark))
+        except NonFiniteLogits as exc:
+            if writer:
+                table.upsert(performance_row(case.batch, case.input_len, case.output_len, settings,
+                                             status="nonfinite", reason=str(exc), case_id=case.id))
+            benchmark.extra_info.update({"status": "nonfinite", "reason": str(exc)})
+            pytest.fail(f"{case.id}: {exc} (nonfinite row written to {csv_path})", pytrace=False)
         except Exception as exc:
             if not self.device.is_out_of_memory(exc):
                 raise
