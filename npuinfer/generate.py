@@ -66,16 +66,25 @@ class NonFiniteLogits(RuntimeError):
             "or fp32)")
 
 
+def _choose(logits: Tensor, chosen: list[Tensor] | None) -> Tensor:
+    """The greedy token; with ``chosen``, its logit is appended there (max: value and index in one reduction,
+    the index the same as argmax's, the first maximum)."""
+    if chosen is None:
+        return greedy(logits)
+    value, token = logits.max(dim=-1)
+    chosen.append(value)
+    return token
+
+
 def check_finite(chosen: list[Tensor]) -> None:
     """Raise NonFiniteLogits for the first step whose chosen logits (one [B] tensor per step) are not finite."""
     if not chosen:
         return
-    finite = torch.isfinite(torch.stack(chosen, dim=1))  # [B, steps]
+    finite = torch.isfinite(torch.cat(chosen).view(len(chosen), -1))  # [steps, B]; cat is cheaper than stack
     if bool(finite.all()):  # the one host synchronization of the check
         return
-    bad_steps = (~finite).any(dim=0).nonzero().flatten().tolist()
-    step = bad_steps[0]
-    raise NonFiniteLogits(step, (~finite[:, step]).nonzero().flatten().tolist())
+    step = int((~finite).any(dim=1).nonzero()[0, 0])
+    raise NonFiniteLogits(step, (~finite[step]).nonzero().flatten().tolist())
 
 
 @torch.inference_mode()
@@ -110,9 +119,7 @@ def generate(
     logits = prefill(model, input_ids, state)
     obs.forward_end(0)
     chosen: list[Tensor] = []  # the chosen token's logit per step, checked after the last step
-    value, token = logits.max(dim=-1)
-    if check_logits:
-        chosen.append(value)
+    token = _choose(logits, chosen if check_logits else None)
     out[:, 0] = token
     done = (token == eos_id) if stop_at_eos and eos_id is not None else None
     obs.step_end(0)
@@ -137,9 +144,7 @@ def generate(
         else:
             logits = decode_one_token(model, current, pos, state)
             obs.forward_end(step)
-            value, token = logits.max(dim=-1)
-            if check_logits:
-                chosen.append(value)
+            token = _choose(logits, chosen if check_logits else None)
         if done is not None:
             token = torch.where(done, torch.full_like(token, eos_id), token)
             done |= token == eos_id

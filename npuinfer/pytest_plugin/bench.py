@@ -40,6 +40,7 @@ from ..results.performance import (
     rounds_record,
     write_reports,
 )
+from ..atomic import write_atomic
 from ..generate import NonFiniteLogits
 from ..results.baseline import DEFAULT_MAX_REGRESSION, GATE_MODES, GateOutcome, PerformanceBaseline, gate_case, \
     parse_regression
@@ -561,7 +562,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if stats_path and bench_session is not None:
         stats = {**bench_session.stats, "report_s": time.perf_counter() - report_start,
                  "session_s": time.time() - started}
-        Path(stats_path).write_text(json.dumps(stats, indent=2) + "\n")
+        write_atomic(stats_path, json.dumps(stats, indent=2) + "\n")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
