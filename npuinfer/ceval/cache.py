@@ -217,10 +217,10 @@ def _parse(path: Path) -> tuple[list[tuple[int, ScoredRow]], bool]:
         raise CacheError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text:
         return [], True
-    header, _, body = text.partition("\n")
+    header, newline, body = text.partition("\n")
     if tuple(next(csv.reader([header]), [])) != FIELDS:
         raise CacheError(f"{path}: row 0 (header): expected {','.join(FIELDS)}, found {header}")
-    if not _:  # a header cut before its newline
+    if not newline:  # a header cut before its newline
         return [], True
     return _parse_records(body, path, 1)
 

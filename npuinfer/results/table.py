@@ -110,11 +110,12 @@ class CsvTable:
         return tuple(row.get(k) if isinstance(row.get(k), str) else format_value(row.get(k)) for k in self.key)
 
     def _read(self) -> tuple[list[str], list[dict[str, str]]]:
-        """(header, rows) of the file; one that lacks the key columns belongs to something else: refused,
-        never merged into (its rows would turn into blank rows of this table)."""
+        """(header, rows) of the file; one holding none of the key columns belongs to something else: refused,
+        never merged into (its rows would turn into blank rows of this table). A file lacking only some key
+        columns is this table written before they existed: its rows are kept."""
         header, rows = read_csv(self.path)
         missing = [k for k in self.key if k not in header]
-        if header and missing:
+        if header and len(missing) == len(self.key):
             raise ResultFileError(f"{self.path}: not a table of this kind: its header ({','.join(header)}) lacks "
                                   f"the key column(s) {', '.join(missing)}; move it away or use another "
                                   "--results-dir")
