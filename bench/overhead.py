@@ -6,13 +6,17 @@
    resolve a fraction of a percent under load), and the Timer's own per-step cost
    (its four callbacks, timed in a tight loop, minus generate's no-op observer) as a share of E2E,
    which is what the first figure estimates under noise.
-2. The harness's share of a default sweep: ``pytest bench/`` with no options, run in a subprocess;
+2. The non-finite logits check (generate's ``check_logits``): generate with it against generate
+   without it, batch 1, the same two ways as figure 1: interleaved back-to-back pairs, and its own cost
+   (max with the value kept instead of argmax, per step, plus the one check at the end, timed in tight
+   loops on a logits row of the model's vocabulary) as a share of E2E. Target <= 0.5%.
+3. The harness's share of a default sweep: ``pytest bench/`` with no options, run in a subprocess;
    the plugin's time accounting (NPUINFER_BENCH_STATS) says how much of the session was inside
    generate and model loading; the rest (collection, fixtures, inputs, pytest-benchmark, CSV writes,
    markdown and PNG) is the harness.
 
-    python bench/overhead.py                    # both figures, about two minutes on 2 cores
-    python bench/overhead.py --no-sweep         # the first figure only
+    python bench/overhead.py                    # all figures, about two minutes on 2 cores
+    python bench/overhead.py --no-sweep         # figures 1 and 2 only
 """
 from __future__ import annotations
 
@@ -84,6 +88,59 @@ def timer_overhead(model: str, input_len: int, output_len: int, repeats: int, th
             "untimed_spread_pct": 100 * (max(plain) - min(plain)) / e2e}
 
 
+def nonfinite_check_overhead(model: str, input_len: int, output_len: int, repeats: int, threads: int) -> dict:
+    import torch
+
+    from npuinfer.generate import _choose, check_finite, generate
+    from npuinfer.runtime import load_model
+
+    torch.set_num_threads(threads)
+    loaded = load_model(model, device="cpu", dtype="fp32")
+    device = loaded.device
+    ids = torch.randint(0, loaded.args.vocab_size, (1, input_len), generator=torch.Generator().manual_seed(0))
+
+    def run(check: bool) -> float:
+        device.synchronize()
+        t0 = time.perf_counter_ns()
+        generate(loaded.model, ids, output_len, check_logits=check)
+        device.synchronize()
+        return (time.perf_counter_ns() - t0) / 1e6
+
+    for _ in range(2):
+        run(False), run(True)
+    plain, checked = [], []
+    for i in range(repeats):  # interleaved, alternating which goes first
+        for check in ((False, True) if i % 2 == 0 else (True, False)):
+            (checked if check else plain).append(run(check))
+    e2e = statistics.median(plain)
+    measured = statistics.median((c - p) / p for c, p in zip(checked, plain))
+
+    # Its own cost: per step, max keeping the value against argmax, on a logits row of the model's size;
+    # once per generate, the check of output_len chosen values.
+    logits = torch.randn(1, loaded.args.vocab_size)
+    steps = 20_000
+    per_step = {}
+    for name, chosen in (("checked", []), ("plain", None)):
+        t0 = time.perf_counter_ns()
+        for _ in range(steps):
+            _choose(logits, chosen)
+        per_step[name] = (time.perf_counter_ns() - t0) / steps / 1e6
+    values = [torch.randn(1) for _ in range(output_len)]
+    t0 = time.perf_counter_ns()
+    for _ in range(200):
+        check_finite(values)
+    end_ms = (time.perf_counter_ns() - t0) / 200 / 1e6
+    direct_ms = (per_step["checked"] - per_step["plain"]) * output_len + end_ms
+    return {"model": model, "batch": 1, "input": input_len, "output": output_len, "threads": threads,
+            "repeats": repeats, "unchecked_e2e_ms": e2e, "checked_e2e_ms": statistics.median(checked),
+            "measured_overhead_pct": 100 * measured,
+            # load only ever adds time: the fastest call of each kind is the least disturbed
+            "fastest_overhead_pct": 100 * (min(checked) / min(plain) - 1),
+            "per_step_extra_us": (per_step["checked"] - per_step["plain"]) * 1e3, "end_check_us": end_ms * 1e3,
+            "check_cost_pct_of_e2e": 100 * direct_ms / e2e,
+            "unchecked_spread_pct": 100 * (max(plain) - min(plain)) / e2e}
+
+
 def sweep_share(extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         stats_path = Path(tmp) / "stats.json"
@@ -125,9 +182,17 @@ def main(argv: list[str] | None = None) -> int:
           f"median pair difference {t['measured_overhead_pct']:+.2f}% (run-to-run spread of the untimed calls {t['untimed_spread_pct']:.0f}%)")
     print(f"   the Timer's own cost: {t['timer_cost_per_step_us']:.2f} us per step = "
           f"{t['timer_cost_pct_of_e2e']:.3f}% of E2E (target <= 1%)")
+    out["nonfinite"] = n = nonfinite_check_overhead(args.model, args.input, args.output, args.repeats, args.threads)
+    print(f"2. non-finite logits check, {n['model']} batch 1, in {n['input']} out {n['output']}, "
+          f"{n['threads']} thread(s), {n['repeats']} interleaved pairs:")
+    print(f"   unchecked E2E {n['unchecked_e2e_ms']:.2f} ms, checked {n['checked_e2e_ms']:.2f} ms: "
+          f"median pair difference {n['measured_overhead_pct']:+.2f}%, fastest vs fastest "
+          f"{n['fastest_overhead_pct']:+.2f}% (run-to-run spread of the unchecked calls {n['unchecked_spread_pct']:.0f}%)")
+    print(f"   the check's own cost: {n['per_step_extra_us']:+.2f} us per step (max keeping the value vs argmax) + "
+          f"{n['end_check_us']:.1f} us once = {n['check_cost_pct_of_e2e']:.3f}% of E2E (target <= 0.5%)")
     if not args.no_sweep:
         out["sweep"] = s = sweep_share(extra)
-        print(f"2. {s['command'].strip()}: {s['summary']}")
+        print(f"3. {s['command'].strip()}: {s['summary']}")
         print(f"   process {s['process_wall_s']:.1f} s = start-up and imports {s['startup_s']:.1f} s + pytest session "
               f"{s['session_s']:.1f} s")
         print(f"   session: inside generate {s['generate_s']:.1f} s, model loading {s['load_s']:.1f} s, "

@@ -3,6 +3,12 @@
 Output length is exact unless ``stop_at_eos`` is set (benchmarks never stop early).
 An optional observer sees the boundaries of every step, which is how timing.py measures
 pre-processing, the forward and post-processing without touching this loop.
+
+Non-finite logits (a NaN weight, fp16 overflow) raise `NonFiniteLogits` naming the step. The check
+costs no extra device work per step and no host synchronization: the greedy choice is made with
+``max`` (value and index in one reduction, the index as argmax's), the chosen values are kept, and
+they are checked once, after the last step. NaN wins max and inf is the max, so a step whose
+logits hold either is caught.
 """
 from __future__ import annotations
 
@@ -48,6 +54,39 @@ def greedy(logits: Tensor) -> Tensor:
     return logits.argmax(dim=-1)
 
 
+class NonFiniteLogits(RuntimeError):
+    """The model produced NaN or inf logits: its tokens are meaningless."""
+
+    def __init__(self, step: int, rows: list[int]):
+        self.step, self.rows = step, rows
+        where = "the prompt's forward (step 0, prefill)" if step == 0 else f"decode step {step}"
+        super().__init__(
+            f"non-finite logits (NaN or inf) at {where}, batch row(s) {', '.join(map(str, rows))}: the model's "
+            "output is not a number; look for NaN / inf in the weights, or an fp16 overflow (try --dtype bf16 "
+            "or fp32)")
+
+
+def _choose(logits: Tensor, chosen: list[Tensor] | None) -> Tensor:
+    """The greedy token; with ``chosen``, its logit is appended there (max: value and index in one reduction,
+    the index the same as argmax's, the first maximum)."""
+    if chosen is None:
+        return greedy(logits)
+    value, token = logits.max(dim=-1)
+    chosen.append(value)
+    return token
+
+
+def check_finite(chosen: list[Tensor]) -> None:
+    """Raise NonFiniteLogits for the first step whose chosen logits (one [B] tensor per step) are not finite."""
+    if not chosen:
+        return
+    finite = torch.isfinite(torch.cat(chosen).view(len(chosen), -1))  # [steps, B]; cat is cheaper than stack
+    if bool(finite.all()):  # the one host synchronization of the check
+        return
+    step = int((~finite).any(dim=1).nonzero()[0, 0])
+    raise NonFiniteLogits(step, (~finite[step]).nonzero().flatten().tolist())
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -58,8 +97,12 @@ def generate(
     eos_id: int | None = None,
     stop_at_eos: bool = False,
     observer: StepObserver | None = None,
+    check_logits: bool = True,
 ) -> Tensor:
-    """Greedy continuation [B, max_new_tokens] (positions after EOS hold eos_id when stopping)."""
+    """Greedy continuation [B, max_new_tokens] (positions after EOS hold eos_id when stopping).
+
+    Raises NonFiniteLogits when a step's logits are NaN or inf (``check_logits=False``: not checked, for
+    measuring what the check costs)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     obs = observer or _NoObserver()
@@ -75,7 +118,8 @@ def generate(
     obs.forward_start(0)
     logits = prefill(model, input_ids, state)
     obs.forward_end(0)
-    token = greedy(logits)
+    chosen: list[Tensor] = []  # the chosen token's logit per step, checked after the last step
+    token = _choose(logits, chosen if check_logits else None)
     out[:, 0] = token
     done = (token == eos_id) if stop_at_eos and eos_id is not None else None
     obs.step_end(0)
@@ -93,15 +137,18 @@ def generate(
         obs.forward_start(step)
         pos = prompt_len + step - 1
         if compiled:  # the captured step includes the greedy choice
-            token, _ = compiled(current, pos)
+            token, logits = compiled(current, pos)
             obs.forward_end(step)
+            if check_logits:
+                chosen.append(logits.gather(-1, token.view(-1, 1)).view(-1))
         else:
             logits = decode_one_token(model, current, pos, state)
             obs.forward_end(step)
-            token = greedy(logits)
+            token = _choose(logits, chosen if check_logits else None)
         if done is not None:
             token = torch.where(done, torch.full_like(token, eos_id), token)
             done |= token == eos_id
         out[:, step] = token
         obs.step_end(step)
+    check_finite(chosen)
     return out

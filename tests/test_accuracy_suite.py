@@ -38,6 +38,32 @@ QuestionCache.add = add
 '''
 
 
+PAUSE_PLUGIN = '''
+import os
+import time
+from pathlib import Path
+from npuinfer.ceval.cache import QuestionCache
+
+_add = QuestionCache.add
+_added = 0
+
+
+def add(self, row):  # after 8 rows: wait (outside the cache's lock) until the test releases the run
+    global _added
+    result = _add(self, row)
+    _added += 1
+    if _added == 8:
+        pause_dir = Path(os.environ["NPUINFER_TEST_PAUSE_DIR"])
+        (pause_dir / f"paused-{os.getpid()}").touch()
+        while not (pause_dir / "release").exists():
+            time.sleep(0.02)
+    return result
+
+
+QuestionCache.add = add
+'''
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_synthetic_ceval(tmp_path_factory.mktemp("ceval"), subjects=SUBJECTS, val_per_subject=PER_SUBJECT,
@@ -141,6 +167,45 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(reference, data, 
     assert len(rows) == len({(r[0], r[1]) for r in rows}) == len(SUBJECTS) * PER_SUBJECT
     for name in ("cache.csv", "subject_acc.json", "classes_acc.json"):
         assert (results / RUN / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_concurrent_runs_and_a_report_in_between_keep_every_question_once(reference, data, tmp_path):
+    """Two runs on one --results-dir with overlapping -k, and `npuinfer report ceval` while they write."""
+    (tmp_path / "paused_cache.py").write_text(PAUSE_PLUGIN)
+    results = tmp_path / "results"
+    out = results / RUN
+    release = tmp_path / "release"
+    pause_env = env(PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                    NPUINFER_TEST_PAUSE_DIR=str(tmp_path))
+    selections = ["law or logic or college_physics", "logic or college_physics or high_school_chemistry"]
+    logs = [tmp_path / f"run{i}.log" for i in range(2)]
+    procs = []
+    for selection, log in zip(selections, logs):
+        with open(log, "w") as fh:
+            procs.append(subprocess.Popen(command(results, data, "-p", "paused_cache", "--ceval-batch-size", "4",
+                                                  "-k", selection),
+                                          cwd=REPO, env=pause_env, stdout=fh, stderr=subprocess.STDOUT))
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(list(tmp_path.glob("paused-*"))) < 2:
+            assert all(p.poll() is None for p in procs), "\n".join(log.read_text() for log in logs)
+            time.sleep(0.05)
+        assert len(list(tmp_path.glob("paused-*"))) == 2, "both runs pause midway"
+        report = subprocess.run([sys.executable, "-m", "npuinfer", "report", "ceval", str(out)], cwd=REPO,
+                                env=env(), capture_output=True, text=True, timeout=120)
+        assert report.returncode == 0, report.stdout + report.stderr
+        release.touch()
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert codes == [0, 0], "\n".join(log.read_text() for log in logs)
+    rows = cache_rows(out / "cache.csv")
+    assert sorted((r[0], int(r[1])) for r in rows) == sorted((s, i) for s in SUBJECTS for i in range(PER_SUBJECT))
+    for name in ("cache.csv", "subject_acc.json", "classes_acc.json"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
 
 def test_cache_from_other_settings_is_refused_with_the_reason(reference, data, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from npuinfer.ceval.aggregate import aggregate, classes_accuracy, subject_accuracy
 from npuinfer.ceval.cache import (
     CacheError,
+    CacheWarning,
     CacheSettings,
     QuestionCache,
     merge_parts,
@@ -83,8 +84,9 @@ def test_cache_appends_flushes_and_resumes(tmp_path):
 
     with QuestionCache(tmp_path, SETTINGS) as resumed:
         assert resumed.scored_ids() == {r.key for r in TABLE[:3]}
+        assert not resumed.add(TABLE[0])  # the same row again: nothing written
         with pytest.raises(CacheError, match="already scored"):
-            resumed.add(TABLE[0])
+            resumed.add(row("computer_network", "0", "A", "B"))
         for r in TABLE[3:]:
             resumed.add(r)
     assert read_cache(tmp_path) == TABLE
@@ -115,8 +117,6 @@ def test_cache_refuses_other_settings(tmp_path, change, fragments):
     for fragment in fragments:
         assert fragment in str(err.value)
     assert (tmp_path / "cache.csv").read_bytes() == before
-    with pytest.raises(CacheError, match="other settings"):
-        QuestionCache(tmp_path, other, worker="gw0")
 
 
 @pytest.mark.parametrize("version, fragment", [
@@ -171,37 +171,38 @@ def test_cache_rejects_corrupt_rows(tmp_path):
         read_cache(tmp_path)
 
 
-# ---- part files -------------------------------------------------------------------------------
+# ---- part files left by an older npuinfer, two writers at once -------------------------------
 
-def test_part_files_merge_dedup_and_sort(tmp_path):
-    with QuestionCache(tmp_path, SETTINGS) as controller:  # records the settings first
-        controller.add(row("logic", "5", "A", "A"))
-    gw0 = QuestionCache(tmp_path, SETTINGS, worker="gw0")
-    gw1 = QuestionCache(tmp_path, SETTINGS, worker="gw1")
-    gw0.add(row("logic", "10", "A", "A"))
-    gw1.add(row("logic", "2", "B", "C"))
-    gw0.add(row("computer_network", "3", "D", "D"))
-    gw1.add(row("computer_network", "3", "D", "A"))  # scored twice: part files in name order
-    gw0.add(row("logic", "5", "A", "B"))  # cache.csv's row wins over any part
-    assert gw1.scored_ids() == {("logic", "10"), ("logic", "2"), ("logic", "5"),
-                                ("computer_network", "3")}
-    gw0.close()
-    gw1.close()
-    assert (tmp_path / "cache.part-gw0.csv").read_text().startswith(HEADER)
-
-    merged = merge_parts(tmp_path)
+def test_leftover_part_files_merge_and_sort(tmp_path):
+    with QuestionCache(tmp_path, SETTINGS) as cache:  # records the settings first
+        cache.add(row("logic", "5", "A", "A"))
+    (tmp_path / "cache.part-gw0.csv").write_text(HEADER + "logic,10,A,A,1\ncomputer_network,3,D,D,1\n")
+    (tmp_path / "cache.part-gw1.csv").write_text(HEADER + "logic,2,B,C,0\ncomputer_network,3,D,D,1\n")
+    with pytest.warns(CacheWarning, match="1 identical duplicate"):
+        merged = merge_parts(tmp_path)
     assert merged == tmp_path / "cache.csv"
     assert merged.read_text() == (HEADER + "computer_network,3,D,D,1\n"
                                   "logic,2,B,C,0\nlogic,5,A,A,1\nlogic,10,A,A,1\n")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.csv", "cache_meta.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", "cache.csv", "cache_meta.json"]
     before = merged.read_bytes()
     merge_parts(tmp_path)
     assert merged.read_bytes() == before
 
 
-def test_worker_id_is_checked(tmp_path):
-    with pytest.raises(ValueError, match="worker id"):
-        QuestionCache(tmp_path, SETTINGS, worker="../gw0")
+def test_two_writers_and_a_merge_in_between_keep_every_row_once(tmp_path):
+    a, b = QuestionCache(tmp_path, SETTINGS), QuestionCache(tmp_path, SETTINGS)
+    assert a.add(row("logic", "1", "A", "A"))
+    assert not b.add(row("logic", "1", "A", "A"))  # scored by the other writer meanwhile: not written twice
+    assert b.add(row("logic", "0", "B", "B"))
+    merge_parts(tmp_path)  # replaces cache.csv while both still hold it open
+    assert a.add(row("law", "0", "C", "D"))
+    assert not b.add(row("law", "0", "C", "D"))
+    assert b.add(row("law", "1", "C", "C"))
+    a.close()
+    b.close()
+    # the merge sorted the first two rows; then appends in order
+    assert (tmp_path / "cache.csv").read_text() == (HEADER + "logic,0,B,B,1\nlogic,1,A,A,1\nlaw,0,C,D,0\n"
+                                                   "law,1,C,C,1\n")
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -234,11 +235,11 @@ def test_rebuild_report_equals_write_report(tmp_path):
     rows = [row(s.name, str(i), "ABCD"[i % 4], "ABCD"[(i * s.val_questions) % 4])
             for s in SUBJECTS for i in range(3)]
     random.Random(0).shuffle(rows)
-    QuestionCache(run, SETTINGS).close()
-    for n, worker in enumerate(("gw0", "gw1")):
-        with QuestionCache(run, SETTINGS, worker=worker) as cache:
-            for r in rows[n::2]:
-                cache.add(r)
+    first, second = QuestionCache(run, SETTINGS), QuestionCache(run, SETTINGS)
+    for n, r in enumerate(rows):
+        (first if n % 2 else second).add(r)
+    first.close()
+    second.close()
     direct = write_report(tmp_path / "direct", rows, settings=SETTINGS)
     rebuilt = rebuild_report(run)
     assert [p.name for p in rebuilt] == [p.name for p in direct]
@@ -274,3 +275,51 @@ def test_report_refuses_mixed_or_duplicate_rows(tmp_path):
         write_report(tmp_path, [TABLE[0], TABLE[0]])
     with pytest.raises(ValueError, match="no scored rows"):
         write_report(tmp_path, [])
+
+
+# ---- a tampered cache.csv -------------------------------------------------------------------
+
+@pytest.mark.parametrize("line, fragment", [
+    ("logic,1,A,Z,0", "row 2: prediction 'Z' is not one of A, B, C, D"),
+    ("no_such_subject,0,A,A,1", "row 2: unknown C-Eval subject 'no_such_subject'"),
+])
+def test_tampered_rows_are_refused_naming_file_and_row(tmp_path, line, fragment):
+    from npuinfer.cli import main
+
+    QuestionCache(tmp_path, SETTINGS).close()
+    path = tmp_path / "cache.csv"
+    path.write_text(HEADER + "logic,0,A,A,1\n" + line + "\n")
+    before = path.read_bytes()
+    with pytest.raises(CacheError) as err:
+        read_cache(tmp_path)
+    assert f"{path}: {fragment}" in str(err.value)
+    assert main(["report", "ceval", str(tmp_path)]) == 1
+    assert path.read_bytes() == before and not (tmp_path / "subject_acc.json").exists()
+
+
+def test_conflicting_duplicates_are_an_error_and_report_writes_nothing(tmp_path, capsys):
+    from npuinfer.cli import main
+
+    QuestionCache(tmp_path, SETTINGS).close()
+    path = tmp_path / "cache.csv"
+    # the genuine row first, a forged second row for the same question later
+    path.write_text(HEADER + "logic,0,A,B,0\nlogic,1,C,C,1\nlaw,0,D,D,1\nlogic,0,A,A,1\n")
+    before = path.read_bytes()
+    assert main(["report", "ceval", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"logic id 0: {path} row 1 (prediction 'B'); {path} row 4 (prediction 'A')" in err
+    assert path.read_bytes() == before  # no row removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", "cache.csv", "cache_meta.json"]
+    with pytest.raises(CacheError, match="conflicting"):
+        QuestionCache(tmp_path, SETTINGS)  # a run does not add to it either
+    assert path.read_bytes() == before
+
+
+def test_identical_duplicates_collapse_with_a_warning(tmp_path):
+    QuestionCache(tmp_path, SETTINGS).close()
+    path = tmp_path / "cache.csv"
+    path.write_text(HEADER + "logic,1,C,C,1\nlogic,0,A,B,0\nlogic,1,C,C,1\n")
+    with pytest.warns(CacheWarning, match=rf"1 identical duplicate row\(s\) collapse into one \({path} row 3\)"):
+        rebuild_report(tmp_path)
+    assert path.read_text() == HEADER + "logic,0,A,B,0\nlogic,1,C,C,1\n"
+    assert json.loads((tmp_path / "subject_acc.json").read_text()) == {"logic": 0.5}

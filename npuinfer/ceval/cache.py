@@ -1,8 +1,15 @@
-"""Per-question cache: cache.csv + cache_meta.json, resumable, with part files for xdist workers.
+"""Per-question cache: cache.csv + cache_meta.json, resumable, shared by concurrent runs.
 
 A row is appended and flushed as each question is scored, so a crashed run resumes from
 ``scored_ids()``. The settings the rows were produced with live in cache_meta.json; opening a
 cache with other settings is refused, so rows from two configurations are never mixed.
+
+Any number of processes (xdist workers, two runs with overlapping ``-k``, ``npuinfer report``) may use
+one directory at once: every read and write holds the directory's lock (filelock, ``.cache.lock``),
+an append first catches up with what others wrote, and cache.csv is only ever replaced whole, under
+the lock, by a writer that read and validated all of it. Every row is checked (known subject, answer
+and prediction A-D, ``correct`` consistent); conflicting rows for one question are an error naming
+the file and rows, identical ones collapse with a warning.
 """
 
 from __future__ import annotations
@@ -12,24 +19,33 @@ import io
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
+from npuinfer.atomic import create_atomic, write_atomic
 from npuinfer.ceval.dataset import CHOICES
 from npuinfer.ceval.scored import FIELDS, ScoredRow
-from npuinfer.ceval.subjects import official_order
+from npuinfer.ceval.subjects import SUBJECT_NAMES, official_order
 
 CACHE_FORMAT_VERSION = 1
 CACHE_FILE = "cache.csv"
 META_FILE = "cache_meta.json"
 _PART_RE = re.compile(r"^cache\.part-([A-Za-z0-9_.-]+)\.csv$")
-_WORKER_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+LOCK_FILE = ".cache.lock"
+NO_PREDICTION = ""  # scoring.NO_LETTER: a generation that held no letter A-D
 
 
 class CacheError(ValueError):
     """The cache directory holds rows from other settings, another format, or a broken file."""
+
+
+class CacheWarning(UserWarning):
+    """Something in a cache was repaired (identical duplicate rows collapsed)."""
 
 
 @dataclass(frozen=True)
@@ -59,43 +75,21 @@ class CacheSettings:
         return meta
 
 
-def part_path(cache_dir: str | os.PathLike, worker: str) -> Path:
-    if not _WORKER_RE.match(worker):
-        raise ValueError(f"worker id {worker!r} must match {_WORKER_RE.pattern}")
-    return Path(cache_dir) / f"cache.part-{worker}.csv"
+def lock(cache_dir: str | os.PathLike) -> FileLock:
+    """The lock every writer and reader of a cache directory holds (filelock on ``.cache.lock`` in it).
+
+    One instance per path and process (``is_singleton``), reentrant, so a caller holding it may call
+    anything here.
+    """
+    return FileLock(Path(cache_dir) / LOCK_FILE, is_singleton=True)
 
 
 def part_files(cache_dir: str | os.PathLike) -> list[Path]:
+    """Worker part files left by an older npuinfer (nothing writes them now): read and merged."""
     d = Path(cache_dir)
     if not d.is_dir():
         return []
     return sorted(p for p in d.iterdir() if _PART_RE.match(p.name))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    # A name of its own per process: xdist workers may write the same file at the same moment.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _create_once(path: Path, text: str) -> bool:
-    """Write path unless it exists (atomically, even against other processes); True when written."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink()
-    return True
 
 
 def read_meta(cache_dir: str | os.PathLike) -> dict[str, Any]:
@@ -157,7 +151,7 @@ def open_meta(cache_dir: str | os.PathLike, settings: CacheSettings) -> None:
                 f"{d}: cache rows without {META_FILE}: unknown settings and format, refusing to "
                 "add to them. Score into a new directory."
             )
-        if _create_once(path, json.dumps(new, ensure_ascii=False, indent=2) + "\n"):
+        if create_atomic(path, json.dumps(new, ensure_ascii=False, indent=2) + "\n"):
             return
     old = read_meta(d)
     _check_format(old, path)
@@ -175,8 +169,13 @@ def _row_from_fields(fields: list[str], where: str) -> ScoredRow:
     subject, qid, answer, prediction, correct = fields
     if not subject or not qid:
         raise CacheError(f"{where}: empty subject or question_id")
+    if subject not in SUBJECT_NAMES:
+        raise CacheError(f"{where}: unknown C-Eval subject {subject!r} (not in subjects.csv)")
     if answer not in ("", *CHOICES):
         raise CacheError(f"{where}: answer {answer!r} is not empty or one of A, B, C, D")
+    if prediction not in (NO_PREDICTION, *CHOICES):
+        raise CacheError(f"{where}: prediction {prediction!r} is not one of A, B, C, D (or empty: no letter "
+                         "generated)")
     expected = "" if answer == "" else ("1" if prediction == answer else "0")
     if correct != expected:
         raise CacheError(
@@ -193,31 +192,41 @@ def _row_to_fields(row: ScoredRow) -> list[str]:
     return [row.subject, row.question_id, row.answer or "", row.prediction, correct]
 
 
-def _parse(path: Path) -> tuple[list[ScoredRow], bool]:
-    """Rows of one cache file, and whether it needs repair.
+def _parse_records(text: str, path: Path, first_row_no: int) -> tuple[list[tuple[int, ScoredRow]], bool]:
+    """(row number, row) of CSV lines without a header, and whether the text was cut mid-row.
 
-    A file that does not end in a newline was cut mid-write by a crash: its last row is kept
-    when it is complete and valid, dropped otherwise.
+    Text that does not end in a newline was cut mid-write by a crash: its last row is kept when it
+    is complete and valid, dropped otherwise.
     """
-    text = path.read_text(encoding="utf-8")
-    if not text:
-        return [], True
     records = list(csv.reader(io.StringIO(text, newline="")))
-    if not records or tuple(records[0]) != FIELDS:
-        got = ",".join(records[0]) if records else ""
-        raise CacheError(f"{path}: row 0 (header): expected {','.join(FIELDS)}, found {got}")
-    cut = not text.endswith("\n")
+    cut = bool(text) and not text.endswith("\n")
     rows = []
-    for row_no, fields in enumerate(records[1:], start=1):
+    for row_no, fields in enumerate(records, start=first_row_no):
         where = f"{path}: row {row_no}"
-        if cut and row_no == len(records) - 1:
+        if cut and row_no == first_row_no + len(records) - 1:
             try:
-                rows.append(_row_from_fields(fields, where))
+                rows.append((row_no, _row_from_fields(fields, where)))
             except CacheError:
                 pass
         else:
-            rows.append(_row_from_fields(fields, where))
+            rows.append((row_no, _row_from_fields(fields, where)))
     return rows, cut
+
+
+def _parse(path: Path) -> tuple[list[tuple[int, ScoredRow]], bool]:
+    """(row number, row) of one cache file, and whether it needs repair (empty, or cut mid-row)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CacheError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text:
+        return [], True
+    header, newline, body = text.partition("\n")
+    if tuple(next(csv.reader([header]), [])) != FIELDS:
+        raise CacheError(f"{path}: row 0 (header): expected {','.join(FIELDS)}, found {header}")
+    if not newline:  # a header cut before its newline
+        return [], True
+    return _parse_records(body, path, 1)
 
 
 def _serialize(rows: Iterable[ScoredRow]) -> str:
@@ -228,68 +237,159 @@ def _serialize(rows: Iterable[ScoredRow]) -> str:
     return buf.getvalue()
 
 
-def _read_file(path: Path) -> list[ScoredRow]:
-    return _parse(path)[0] if path.exists() else []
+def _collect(directory: Path) -> tuple[dict[tuple[str, str], ScoredRow], bool]:
+    """Every row of a cache directory (cache.csv, then leftover part files), validated as a whole, and
+    whether cache.csv must be rewritten (parts to fold in, duplicates to collapse, a cut row).
+
+    Conflicting rows for one question are an error naming every file and row involved; identical
+    duplicates collapse to one, with a warning.
+    """
+    rows: dict[tuple[str, str], ScoredRow] = {}
+    first_at: dict[tuple[str, str], str] = {}
+    conflicts: dict[tuple[str, str], list[str]] = {}
+    duplicates: list[str] = []
+    parts = part_files(directory)
+    rewrite = bool(parts)
+    for path in [directory / CACHE_FILE, *parts]:
+        if not path.exists():
+            continue
+        numbered, cut = _parse(path)
+        rewrite |= cut
+        for row_no, row in numbered:
+            at = f"{path} row {row_no}"
+            first = rows.get(row.key)
+            if first is None:
+                rows[row.key], first_at[row.key] = row, at
+            elif first == row:
+                duplicates.append(at)
+            else:
+                conflicts.setdefault(row.key, [f"{first_at[row.key]} (prediction {first.prediction!r})"]).append(
+                    f"{at} (prediction {row.prediction!r})")
+    if conflicts:
+        lines = [f"{s} id {q}: {'; '.join(where)}" for (s, q), where in conflicts.items()]
+        raise CacheError(f"{directory}: {len(conflicts)} question(s) with conflicting rows; nothing is written "
+                         f"until one row per question is left by hand:\n  " + "\n  ".join(lines))
+    if duplicates:
+        rewrite = True
+        warnings.warn(CacheWarning(f"{directory}: {len(duplicates)} identical duplicate row(s) collapse into "
+                                   f"one ({', '.join(duplicates[:5])}{', ...' if len(duplicates) > 5 else ''})"))
+    return rows, rewrite
 
 
 class QuestionCache:
-    """Appends scored rows to cache.csv, or to cache.part-<worker>.csv under pytest-xdist."""
+    """Appends scored rows to cache.csv; any number of processes may do so at once.
 
-    def __init__(
-        self, cache_dir: str | os.PathLike, settings: CacheSettings, worker: str | None = None
-    ) -> None:
+    Every append holds the directory's lock and first catches up with what other processes appended
+    (or a report rewrote) since, so a question scored elsewhere meanwhile is not written twice and an
+    append never goes to a file that was replaced.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, settings: CacheSettings) -> None:
         self.dir = Path(cache_dir)
         self.settings = settings
-        open_meta(self.dir, settings)
-        self.path = self.dir / CACHE_FILE if worker is None else part_path(self.dir, worker)
-        rows: list[ScoredRow] = []
-        if self.path.exists():
-            rows, needs_repair = _parse(self.path)
-            if needs_repair:
-                _atomic_write(self.path, _serialize(rows))
-        else:
-            _atomic_write(self.path, _serialize([]))
-        self._keys = {r.key for r in rows}
+        self.path = self.dir / CACHE_FILE
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = lock(self.dir)
+        self._file: io.TextIOWrapper | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the cache.csv self._file appends to
+        self._offset = 0  # bytes of it already read
+        self._rows_read = 0
+        self._rows: dict[tuple[str, str], ScoredRow] = {}  # every row in the directory, as of the last catch-up
+        with self._lock:
+            open_meta(self.dir, settings)
+            self._catch_up()
+
+    def _reopen(self) -> None:
+        """Read the whole directory again (first open, or cache.csv was replaced) and append to cache.csv."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        rows, rewrite = _collect(self.dir)
+        if rewrite or not self.path.exists():  # new, cut mid-row by a crash, duplicates, old part files
+            _rewrite(self.dir, rows)
+        self._rows = rows
         self._file = open(self.path, "a", encoding="utf-8", newline="")
-        self._writer = csv.writer(self._file, lineterminator="\n")
+        st = os.fstat(self._file.fileno())
+        self._identity, self._offset = (st.st_dev, st.st_ino), st.st_size
+        self._rows_read = self.path.read_text(encoding="utf-8").count("\n") - 1
+
+    def _catch_up(self) -> None:
+        """Under the lock: make self._rows hold every question in the directory, self._file append to the
+        current cache.csv."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return self._reopen()
+        if self._file is None or (st.st_dev, st.st_ino) != self._identity or st.st_size < self._offset:
+            return self._reopen()
+        if st.st_size == self._offset:
+            return
+        with open(self.path, "rb") as fh:
+            fh.seek(self._offset)
+            data = fh.read(st.st_size - self._offset)
+        try:
+            tail = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._reopen()  # which names the file and the bad bytes
+        numbered, cut = _parse_records(tail, self.path, self._rows_read + 1)
+        if cut:  # another process died mid-row: repair the file, then read it again
+            return self._reopen()
+        self._rows.update((row.key, row) for _, row in numbered)
+        self._offset, self._rows_read = st.st_size, self._rows_read + len(numbered)
 
     def scored_rows(self, subject: str | None = None) -> dict[tuple[str, str], ScoredRow]:
-        """Rows already scored (of one subject, or all), in cache.csv or any worker's part file.
-
-        On a key found in several files cache.csv wins, then the parts in name order, as in merge_parts.
-        """
+        """Rows already scored (of one subject, or all), by any process, validated."""
         return {k: r for k, r in self.snapshot(self.dir).items() if subject is None or r.subject == subject}
 
     @staticmethod
     def snapshot(directory: str | os.PathLike) -> dict[tuple[str, str], ScoredRow]:
         """Rows already scored in a cache directory, read without opening it for writing."""
-        rows: dict[tuple[str, str], ScoredRow] = {}
         directory = Path(directory)
-        for path in [directory / CACHE_FILE, *part_files(directory)]:
-            for r in _read_file(path):
-                rows.setdefault(r.key, r)
-        return rows
+        if not directory.is_dir():
+            return {}
+        with lock(directory):
+            return _collect(directory)[0]
 
     def scored_ids(self) -> set[tuple[str, str]]:
-        """(subject, question_id) already scored, in cache.csv or any worker's part file."""
+        """(subject, question_id) already scored, by any process."""
         return set(self.scored_rows())
 
-    def add(self, row: ScoredRow) -> None:
-        if row.key in self._keys:
-            raise CacheError(f"{self.path}: {row.subject} id {row.question_id} is already scored")
-        self._keys.add(row.key)
-        self._writer.writerow(_row_to_fields(row))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+    def add(self, row: ScoredRow) -> bool:
+        """Append a row now (flushed and fsynced); False when the same row is already there (scored by
+        another process running at the same time), which leaves the cache as it is."""
+        with self._lock:
+            self._catch_up()
+            old = self._rows.get(row.key)
+            if old == row:
+                return False
+            if old is not None:
+                raise CacheError(f"{self.path}: {row.subject} id {row.question_id} is already scored with "
+                                 f"prediction {old.prediction!r}, now {row.prediction!r}")
+            assert self._file is not None
+            self._file.write(_serialize_row(row))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._rows[row.key] = row
+            self._offset = os.fstat(self._file.fileno()).st_size
+            self._rows_read += 1
+            return True
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> QuestionCache:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _serialize_row(row: ScoredRow) -> str:
+    buf = io.StringIO(newline="")
+    csv.writer(buf, lineterminator="\n").writerow(_row_to_fields(row))
+    return buf.getvalue()
 
 
 def _id_key(qid: str) -> tuple[int, int, str]:
@@ -301,32 +401,53 @@ def sort_key(row: ScoredRow) -> tuple[Any, ...]:
     return (official_order(row.subject), _id_key(row.question_id))
 
 
-def merge_parts(cache_dir: str | os.PathLike) -> Path:
-    """Fold the part files into cache.csv and delete them; returns cache.csv.
+def read_all(cache_dir: str | os.PathLike) -> list[ScoredRow]:
+    """Every row of a cache directory (cache.csv and leftover part files), validated, sorted by sort_key;
+    nothing is written."""
+    d = Path(cache_dir)
+    _check_format(read_meta(d), d / META_FILE)
+    if not (d / CACHE_FILE).exists() and not part_files(d):
+        raise CacheError(f"{d / CACHE_FILE}: not found")
+    with lock(d):
+        return sorted(_collect(d)[0].values(), key=sort_key)
 
-    Rows are deduplicated on (subject, question_id), cache.csv's row winning, then the parts in
-    name order; the result is sorted by sort_key. Safe to run again after a crash.
+
+def merge_parts(cache_dir: str | os.PathLike) -> Path:
+    """Rewrite cache.csv sorted by sort_key, with leftover part files folded in (then deleted) and identical
+    duplicates collapsed; returns cache.csv.
+
+    The whole directory is validated first: on any bad or conflicting row nothing is written. No row is
+    ever dropped (only an identical copy of one), and appenders in other processes are safe: they hold
+    the same lock and notice the new file.
     """
     d = Path(cache_dir)
-    meta_path = d / META_FILE
-    _check_format(read_meta(d), meta_path)
-    parts = part_files(d)
-    seen: dict[tuple[str, str], ScoredRow] = {}
-    for path in [d / CACHE_FILE, *parts]:
-        for row in _read_file(path):
-            seen.setdefault(row.key, row)
-    target = d / CACHE_FILE
-    _atomic_write(target, _serialize(sorted(seen.values(), key=sort_key)))
+    _check_format(read_meta(d), d / META_FILE)
+    with lock(d):
+        return _rewrite(d, _collect(d)[0])
+
+
+def _rewrite(directory: Path, rows: Mapping[tuple[str, str], ScoredRow]) -> Path:
+    """Under the lock, with ``rows`` read and validated from the whole directory: cache.csv holds them all,
+    sorted (replaced only when that changes it), and no part file is left."""
+    parts = part_files(directory)
+    target = directory / CACHE_FILE
+    text = _serialize(sorted(rows.values(), key=sort_key))
+    if not target.exists() or target.read_bytes() != text.encode("utf-8"):
+        write_atomic(target, text)
     for part in parts:
         part.unlink()
     return target
 
 
 def read_cache(cache_dir: str | os.PathLike) -> list[ScoredRow]:
-    """Rows of cache.csv in file order (merge_parts first when workers wrote part files)."""
+    """Rows of cache.csv in file order, validated (merge_parts first when older part files are left)."""
     d = Path(cache_dir)
     _check_format(read_meta(d), d / META_FILE)
     path = d / CACHE_FILE
     if not path.exists():
         raise CacheError(f"{path}: not found")
-    return _parse(path)[0]
+    with lock(d):
+        if part_files(d):
+            raise CacheError(f"{d}: part files not merged into {CACHE_FILE} yet (npuinfer report ceval {d})")
+        rows = _collect(d)[0]
+    return list(rows.values())

@@ -6,6 +6,7 @@ accuracy was computed, and submission.json holds the predictions in the official
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import Counter
@@ -16,11 +17,13 @@ from typing import Any
 from tabulate import tabulate
 
 from npuinfer.ceval.aggregate import AVG_HARD, Aggregate, aggregate
+from npuinfer.atomic import write_atomic
 from npuinfer.ceval.cache import (
     CacheSettings,
     _id_key,
+    lock,
     merge_parts,
-    read_cache,
+    read_all,
     read_meta,
 )
 from npuinfer.ceval.dataset import CHOICES
@@ -39,7 +42,7 @@ NO_ACCURACY = (
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
 def _settings_lines(settings: Mapping[str, Any] | CacheSettings | None) -> list[str]:
@@ -129,7 +132,9 @@ def _prediction_summary(rows: list[ScoredRow], settings_lines: list[str]) -> str
 
 def _save(fig: Any, path: Path) -> None:
     # No version metadata, so the bytes depend only on the data (and the matplotlib build).
-    fig.savefig(path, format="png", dpi=80, metadata={"Software": None})
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})
+    write_atomic(path, buf.getvalue())
 
 
 def _scored_chart(agg: Aggregate, path: Path) -> None:
@@ -194,7 +199,7 @@ def write_report(
         agg = aggregate(rows)
         _write_json(paths[0], {k: t.accuracy for k, t in agg.subjects.items()})
         _write_json(paths[1], {k: t.accuracy for k, t in agg.classes.items()})
-        paths[2].write_text(_scored_summary(agg, settings_lines), encoding="utf-8")
+        write_atomic(paths[2], _scored_summary(agg, settings_lines))
         _scored_chart(agg, paths[3])
         return paths
     counts = Counter(r.subject for r in rows)
@@ -203,7 +208,7 @@ def write_report(
                            "predictions": {s: counts[s] for s in subjects}})
     _write_json(paths[1], {"split": "test", "accuracy": None, "note": NO_ACCURACY,
                            "predictions": len(rows)})
-    paths[2].write_text(_prediction_summary(rows, settings_lines), encoding="utf-8")
+    write_atomic(paths[2], _prediction_summary(rows, settings_lines))
     _prediction_chart(rows, paths[3])
     submission: dict[str, dict[str, str]] = {}
     for r in sorted(rows, key=lambda r: (official_order(r.subject), _id_key(r.question_id))):
@@ -216,7 +221,13 @@ def write_report(
 def rebuild_report(cache_dir: str | os.PathLike) -> list[Path]:
     """Rebuild every result file from cache.csv and cache_meta.json alone (no model needed).
 
-    Leftover worker part files are merged into cache.csv first.
+    Holds the cache's lock throughout (runs appending to the cache wait, then carry on), and writes
+    nothing until every row of the cache validated: then cache.csv is rewritten sorted (leftover part
+    files folded in, identical duplicates collapsed, no row dropped) and the report written.
     """
-    merge_parts(cache_dir)
-    return write_report(cache_dir, read_cache(cache_dir), settings=read_meta(cache_dir))
+    settings = read_meta(cache_dir)  # first: a directory that is no cache is named as such
+    with lock(cache_dir):
+        rows = read_all(cache_dir)
+        _check_rows(rows)
+        merge_parts(cache_dir)
+        return write_report(cache_dir, rows, settings=settings)

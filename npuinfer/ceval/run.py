@@ -32,6 +32,10 @@ from npuinfer.ceval.scoring import (
 )
 
 
+class NonFiniteScores(RuntimeError):
+    """Questions whose logits were NaN or inf: errors, never scored."""
+
+
 @dataclass(frozen=True)
 class RunSettings:
     data_dir: Path
@@ -100,11 +104,11 @@ class SubjectResult:
 class CevalRun:
     """Scores subjects into ``out_dir``; questions already in its cache (same settings) are skipped."""
 
-    def __init__(self, loaded, settings: RunSettings, out_dir: str | os.PathLike, worker: str | None = None):
+    def __init__(self, loaded, settings: RunSettings, out_dir: str | os.PathLike):
         self.loaded = loaded
         self.settings = settings
         self.out_dir = Path(out_dir)
-        self.cache: QuestionCache | _RankView = _open_cache(self.out_dir, settings.cache_settings(loaded), worker)
+        self.cache: QuestionCache | _RankView = _open_cache(self.out_dir, settings.cache_settings(loaded))
 
     def run_subject(self, subject: str) -> SubjectResult:
         s = self.settings
@@ -118,6 +122,11 @@ class CevalRun:
                                     skip=set(done)):
             self.cache.add(scored.row)
             new.append(scored.row)
+        if stats.nonfinite:
+            raise NonFiniteScores(
+                f"{subject}: non-finite logits (NaN or inf) for {len(stats.nonfinite)} question(s), id(s) "
+                f"{', '.join(stats.nonfinite)}: errors, not scored and not cached (the other questions are); look "
+                "for NaN / inf in the weights, or an fp16 overflow (try --dtype bf16 or fp32)")
         by_id = {**done, **{r.question_id: r for r in new}}
         rows = [by_id[q.question_id] for q in questions]  # file order; KeyError would be a scoring bug
         return SubjectResult(subject, rows, len(new), stats)
@@ -143,12 +152,12 @@ class _RankView:
         pass
 
 
-def _open_cache(out_dir: Path, settings: CacheSettings, worker: str | None) -> QuestionCache | _RankView:
+def _open_cache(out_dir: Path, settings: CacheSettings) -> QuestionCache | _RankView:
     """The result cache; under tensor parallelism only rank 0 writes it (opened before the others read it)."""
     if tp_dist.tp_world() is None:
-        return QuestionCache(out_dir, settings, worker=worker)
+        return QuestionCache(out_dir, settings)
     if tp_dist.is_rank0():
-        cache = QuestionCache(out_dir, settings, worker=worker)
+        cache = QuestionCache(out_dir, settings)
         tp_dist.barrier()
         return cache
     tp_dist.barrier()
@@ -158,7 +167,10 @@ def _open_cache(out_dir: Path, settings: CacheSettings, worker: str | None) -> Q
 def read_subject_accuracy(path: str | os.PathLike, what: str = "subject") -> dict[str, float]:
     """Accuracies of a subject_acc.json (or, with ``what="category"``, a classes_acc.json); empty for a
     test-split report, which has none."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a JSON file of {what} accuracies ({exc})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object of {what} -> accuracy")
     if data.get("split") == "test":

@@ -26,6 +26,7 @@ prompt and is counted in ``ScoringStats.fallbacks``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -62,6 +63,7 @@ class ScoringStats:
     fallbacks: int = 0  # questions run without the cached prefix (tokenizer merged across the boundary)
     truncated: int = 0  # questions whose zero-shot prompt alone was over the length budget (cut from the left)
     shots: dict[str, int] = field(default_factory=dict)  # shots actually used per subject
+    nonfinite: list[str] = field(default_factory=list)  # question ids not scored: NaN / inf logits
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -334,8 +336,11 @@ class SubjectScorer:
             sums[n][c] += lp
         self.stats.questions += len(batch)
         for it, lps in zip(batch, sums):
-            best = max(range(len(lps)), key=lambda c: (lps[c], -c))  # first of equal maxima, as argmax
             q = it.question
+            if not all(math.isfinite(lp) for lp in lps):  # NaN / inf logits: an error, never a prediction
+                self.stats.nonfinite.append(q.question_id)
+                continue
+            best = max(range(len(lps)), key=lambda c: (lps[c], -c))  # first of equal maxima, as argmax
             yield QuestionScore(ScoredRow.make(q.subject, q.question_id, q.answer, CHOICES[best]),
                                 tuple(lps), None, it.start > 0)
 
@@ -354,7 +359,8 @@ class SubjectScorer:
         self._prepare(len(rows), start, width + self.max_new_tokens, kv)
         device = model.device
         state = SeqState.from_attention_mask(mask.to(device), total)
-        next_ids = model(ids.to(device), start, state, last_only=True)[:, -1].argmax(-1)
+        value, next_ids = model(ids.to(device), start, state, last_only=True)[:, -1].max(-1)
+        finite = torch.isfinite(value)  # per row; NaN wins max, inf is the max
         self._count(rows, width)
         out: list[list[int]] = [[] for _ in rows]
         letters: list[str | None] = [None] * len(rows)
@@ -371,11 +377,15 @@ class SubjectScorer:
                 done[i] = letters[i] is not None
             if all(done) or step == self.max_new_tokens - 1:
                 break
-            next_ids = model(next_ids.view(-1, 1), start + width + step, state)[:, -1].argmax(-1)
+            value, next_ids = model(next_ids.view(-1, 1), start + width + step, state)[:, -1].max(-1)
+            finite &= torch.isfinite(value)
             self.stats.generated_tokens += len(rows)
         self.stats.questions += len(batch)
-        for it, ids_out, letter in zip(batch, out, letters):
+        for it, ids_out, letter, ok in zip(batch, out, letters, finite.tolist()):
             q = it.question
+            if not ok:  # NaN / inf logits: an error, never a prediction
+                self.stats.nonfinite.append(q.question_id)
+                continue
             yield QuestionScore(ScoredRow.make(q.subject, q.question_id, q.answer, letter or NO_LETTER),
                                 None, tok.decode(ids_out), it.start > 0)
 

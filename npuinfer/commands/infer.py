@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import UsageError
 from ..generate import generate
 from ..options import add_model_options, model_name, positive_int
 from ..parallel.dist import init_tensor_parallel, is_rank0
@@ -24,6 +25,10 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    empty = [n for n, prompt in enumerate(args.prompts, 1) if not prompt]
+    if empty:
+        raise UsageError(f"PROMPT {', '.join(map(str, empty))} of {len(args.prompts)}: the prompt is empty; "
+                         "give the text to continue")
     # A missing or unusable checkpoint is one message (cli.main prints it) before any device or rank starts.
     locate_model(model_name(args), args.model_path, tp=args.tp)
     device = init_tensor_parallel(args.tp, args.device)
@@ -31,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
                         compile=args.compile, kernels=args.kernels)
     tok = loaded.tokenizer
     input_ids, mask = tok.encode_batch(list(args.prompts))
+    no_tokens = [n for n, length in enumerate(mask.sum(dim=1).tolist(), 1) if length == 0]
+    if no_tokens:
+        raise UsageError(f"PROMPT {', '.join(map(str, no_tokens))}: the prompt encodes to no tokens")
     out = generate(loaded.model, input_ids, args.max_new_tokens, mask, eos_id=tok.eos_id, stop_at_eos=not args.no_stop)
     if not is_rank0():  # every rank computed the same tokens; one prints them
         return 0

@@ -2,9 +2,9 @@
 
 A case scores the questions of one subject that the cache does not hold yet (``CevalRun``), records its
 accuracy as user properties, and fails when ``--baseline`` has the subject more than ``--max-acc-drop``
-higher. Under pytest-xdist every worker appends to its own part file; the controller (or the only
-process of a serial run) merges the parts when the session ends and writes the report, so both runs leave
-the same files. Then it gates the pooled category accuracies (and Avg, Avg(Hard)) of the rebuilt report
+higher. Every process (xdist workers, concurrent runs) appends to the run's cache.csv under its lock; the
+controller (or the only process of a serial run) rewrites it sorted when the session ends and writes the
+report, so both runs leave the same files. Then it gates the pooled category accuracies (and Avg, Avg(Hard)) of the rebuilt report
 against the baseline's classes_acc.json, for the categories whose subjects the run covers exactly as the
 baseline does; a drop fails the session. A baseline scored with other settings (template, shots, split,
 scoring, data) is not gated at all, with a warning naming what differs.
@@ -29,6 +29,7 @@ from ..parallel import dist as tp_dist
 from ..ceval.run import (
     CategoryVerdict,
     CevalRun,
+    NonFiniteScores,
     RunSettings,
     SubjectResult,
     find_baseline,
@@ -167,8 +168,7 @@ class CevalSuite:
     def _run(self, model: str) -> CevalRun:
         if model not in self._runs:
             try:
-                self._runs[model] = CevalRun(self.model_cache.get(model), self.settings, self.out_dir(model),
-                                             worker=_worker_id(self.config))
+                self._runs[model] = CevalRun(self.model_cache.get(model), self.settings, self.out_dir(model))
             except CacheError as exc:
                 self._runs[model] = exc
                 raise
@@ -183,7 +183,10 @@ class CevalSuite:
         run = self._run(model)
         # Before scoring: the controller merges this directory even if the case fails midway.
         record(P_DIR, str(run.out_dir))
-        result = run.run_subject(subject)
+        try:
+            result = run.run_subject(subject)
+        except NonFiniteScores as exc:
+            pytest.fail(str(exc), pytrace=False)
         record(P_N, result.questions)
         record(P_CORRECT, result.correct)
         record(P_ACC, result.accuracy)

@@ -41,6 +41,8 @@ from ..results.performance import (
     rounds_record,
     write_reports,
 )
+from ..atomic import write_atomic
+from ..generate import NonFiniteLogits
 from ..results.baseline import (
     DEFAULT_GATE_RETRIES,
     DEFAULT_MAX_REGRESSION,
@@ -493,6 +495,13 @@ class BenchSession:
         try:
             timing = measure_case(backend, case, rounds=opts.rounds, warmup=opts.warmup, mode=opts.timing,
                                   seed=opts.seed, repeat=_repeat_with(benchmark))
+        except NonFiniteLogits as exc:
+            if self._writes_rows():
+                table.upsert(performance_row(case.batch, case.input_len, case.output_len, settings,
+                                             status="nonfinite", reason=str(exc), case_id=case.id))
+            if benchmark is not None:
+                benchmark.extra_info.update({"status": "nonfinite", "reason": str(exc)})
+            pytest.fail(f"{case.id}: {exc} (nonfinite row written to {csv_path})", pytrace=False)
         except Exception as exc:
             if not self.device.is_out_of_memory(exc):
                 raise
@@ -659,7 +668,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if stats_path and bench_session is not None:
         stats = {**bench_session.stats, "report_s": time.perf_counter() - report_start,
                  "session_s": time.time() - started}
-        Path(stats_path).write_text(json.dumps(stats, indent=2) + "\n")
+        write_atomic(stats_path, json.dumps(stats, indent=2) + "\n")
 
 
 def _fail_a_gate_that_compared_nothing(session: pytest.Session) -> None:

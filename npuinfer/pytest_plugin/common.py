@@ -40,6 +40,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "processes; rows come from rank 0, timings are the max over ranks")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    results = config.getoption("npuinfer_results_dir", None)
+    if results is not None:
+        problem = results_dir_problem(Path(results))
+        if problem:
+            raise pytest.UsageError(f"--results-dir {results}: {problem}")
+
+
+def results_dir_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be (or become) a results directory, or None; creates nothing."""
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            if p.is_dir():
+                return None
+            return f"{p} is a file, not a directory" if p.exists() else f"{p} is a broken link"
+    return None
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> int | None:
     """With --tp N (N > 1) outside torchrun, run this same pytest command as N ranks and return their status."""

@@ -7,9 +7,11 @@ REFERENCE.md section 2 lists them, then the published tables' E2E throughput, th
 from __future__ import annotations
 
 import datetime as _dt
+import io
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..atomic import write_atomic
 from .table import CsvTable, markdown_table, parse_float, read_csv, varying_columns, write_text_atomic
 
 BATCH, INPUT, OUTPUT = "batch_size", "input_seq_len(Encoding)", "output_seq_len(Decoding)"
@@ -202,9 +204,10 @@ def performance_plot(csv_path: Path, png_path: Path) -> bool:
     fig.suptitle(f"{rows[0].get('model')} on {rows[0].get('device_name') or rows[0].get('device')} "
                  f"({rows[0].get('dtype')}, {rows[0].get('backend')}, {rows[0].get('timing')} timing)", fontsize=10)
     fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    write_atomic(png_path, buf.getvalue())
     return True
 
 

@@ -1,8 +1,8 @@
 """Generic result files: a keyed CSV that is written row by row, and markdown tables.
 
 Used by the performance tables and meant for the C-Eval and comparison code too. A row is written
-the moment it is measured: the file is rewritten to a temporary name and renamed over the old one
-(under a lock, so pytest-xdist workers can share a file), so a run killed at any point leaves
+the moment it is measured: the file is rewritten to a temporary name, fsynced and renamed over the old
+one (npuinfer.atomic, under a lock, so pytest-xdist workers can share a file), so a run killed at any point leaves
 every row measured before it, and never a half-written line. Rows are keyed: writing a row whose
 key is already present replaces it, so a rerun does not duplicate rows.
 """
@@ -16,6 +16,8 @@ import math
 import os
 from pathlib import Path
 from typing import Collection, Iterable, Iterator, Mapping, Sequence
+
+from ..atomic import write_atomic
 
 try:
     import fcntl
@@ -63,22 +65,33 @@ def file_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+class ResultFileError(ValueError):
+    """A results or baseline file that is not what its name says (binary, not CSV, another table)."""
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Replace ``path`` with ``text`` all at once (npuinfer.atomic: temp file, fsync, rename)."""
+    write_atomic(path, text)
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """(header, rows) of a CSV file; ([], []) when it does not exist."""
+    """(header, rows) of a CSV file; ([], []) when it does not exist. A file that is not UTF-8 CSV text
+    raises ResultFileError naming it."""
     path = Path(path)
     if not path.is_file():
         return [], []
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ResultFileError(f"{path}: not a CSV text file (not UTF-8: {exc.reason} at byte {exc.start})") from None
+    if "\x00" in text:
+        raise ResultFileError(f"{path}: not a CSV text file (NUL bytes at character {text.index(chr(0))})")
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         rows = [dict(row) for row in reader]
-        return list(reader.fieldnames or []), rows
+    except csv.Error as exc:
+        raise ResultFileError(f"{path}: not a readable CSV file ({exc})") from None
+    return list(reader.fieldnames or []), rows
 
 
 class CsvTable:
@@ -96,8 +109,20 @@ class CsvTable:
     def key_of(self, row: Mapping[str, object]) -> tuple[str, ...]:
         return tuple(row.get(k) if isinstance(row.get(k), str) else format_value(row.get(k)) for k in self.key)
 
+    def _read(self) -> tuple[list[str], list[dict[str, str]]]:
+        """(header, rows) of the file; one holding none of the key columns belongs to something else: refused,
+        never merged into (its rows would turn into blank rows of this table). A file lacking only some key
+        columns is this table written before they existed: its rows are kept."""
+        header, rows = read_csv(self.path)
+        missing = [k for k in self.key if k not in header]
+        if header and len(missing) == len(self.key):
+            raise ResultFileError(f"{self.path}: not a table of this kind: its header ({','.join(header)}) lacks "
+                                  f"the key column(s) {', '.join(missing)}; move it away or use another "
+                                  "--results-dir")
+        return header, rows
+
     def rows(self) -> list[dict[str, str]]:
-        return read_csv(self.path)[1]
+        return self._read()[1]
 
     def find(self, key_values: Mapping[str, object]) -> dict[str, str] | None:
         wanted = self.key_of(key_values)
@@ -110,7 +135,7 @@ class CsvTable:
         if unknown:
             raise ValueError(f"{self.path.name}: unknown columns {unknown}")
         with file_lock(self.path):
-            header, rows = read_csv(self.path)
+            header, rows = self._read()
             columns = self.columns + [c for c in header if c not in self.columns]
             wanted = self.key_of(cells)
             for i, old in enumerate(rows):
