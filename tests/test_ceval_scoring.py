@@ -12,7 +12,7 @@ import torch
 from npuinfer.ceval import build_prompt, first_choice_letter, load_split, sample_dir
 from npuinfer.ceval.prompts import LMEVAL, build_prefix
 from npuinfer.ceval.encoding import PromptEncoder, lmeval_split, newline_cut
-from npuinfer.ceval.scoring import BOUNDARY_SLACK, ScoringStats, _tail_rows, score_subject
+from npuinfer.ceval.scoring import BOUNDARY_SLACK, PromptFit, ScoringStats, _tail_rows, score_subject
 from npuinfer.ceval.synth import write_synthetic_ceval
 
 TINY = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny"]
@@ -288,14 +288,24 @@ def test_shots_dropped_from_the_end_to_fit(load_tiny, data):
     dev, val = load_split(data, "law", "dev"), load_split(data, "law", "val")
 
     def longest(k: int) -> int:
-        return max(len(loaded.tokenizer.encode(build_prompt("lmeval", "law", dev[:k], q).context)) for q in val)
+        """The longest row a k-shot prompt needs: context and the longest tail (" D" is two tokens here)."""
+        return max(len(ctx) + max(len(c) for c in conts) - 1 for ctx, conts in (
+            lmeval_split(loaded.tokenizer.encode, build_prompt("lmeval", "law", dev[:k], q).context,
+                         LMEVAL.continuations) for q in val))
 
     budget = longest(2)  # the 2-shot prompts fit, the 3-shot ones do not
     assert longest(3) > budget
-    cut, cs = score(loaded, data, "law", max_prompt_tokens=budget)
-    assert cs.shots == {"law": 2}
-    naive, _ = score(loaded, data, "law", mode="naive", max_prompt_tokens=budget)
+    cut, cs = score(loaded, data, "law", max_length=budget, fit="shots")
+    assert cs.shots == {"law": 2} and cs.prompt_fit["law"] == PromptFit(shots=2, dropped_shots=3, truncated=0)
+    naive, _ = score(loaded, data, "law", mode="naive", max_length=budget, fit="shots")
     assert_same(cut, naive)
+    # lm-eval's budget to the token: a prompt of exactly max_length tokens is fed whole, with every shot
+    exact, es = score(loaded, data, "law", max_length=longest(5), fit="shots")
+    assert es.prompt_fit["law"] == PromptFit(shots=5, dropped_shots=0, truncated=0)
+    _, ts = score(loaded, data, "law", max_length=longest(5), fit="truncate")
+    assert ts.prompt_fit["law"] == PromptFit(shots=5, dropped_shots=0, truncated=0)
+    _, ts = score(loaded, data, "law", max_length=longest(5) - 1, fit="truncate")
+    assert ts.prompt_fit["law"].truncated >= 1 and ts.prompt_fit["law"].dropped_shots == 0
 
 
 def test_question_too_long_alone_is_cut_and_others_keep_shots(load_tiny, tmp_path):
@@ -309,11 +319,16 @@ def test_question_too_long_alone_is_cut_and_others_keep_shots(load_tiny, tmp_pat
     with open(path, "w", encoding="utf-8", newline="") as f:
         csv.writer(f).writerows(rows)
     loaded = load_tiny("qwen-tiny")
-    got, stats = score(loaded, tmp_path, "law", max_prompt_tokens=600)
-    assert stats.truncated == 1 and stats.shots["law"] > 0
-    assert not got["0"].cached_prefix and got["1"].cached_prefix
-    naive, _ = score(loaded, tmp_path, "law", mode="naive", max_prompt_tokens=600)
-    assert_same(got, naive)
+    for fit in ("shots", "truncate"):
+        got, stats = score(loaded, tmp_path, "law", max_length=600, fit=fit)
+        cut = {qid for qid, s in got.items() if not s.cached_prefix}
+        assert "0" in cut and stats.truncated == stats.prompt_fit["law"].truncated == len(cut) < 3
+        if fit == "shots":  # shots dropped until the others fit: only the one too long alone is cut
+            assert cut == {"0"} and 0 < stats.shots["law"] < 5
+        else:  # every prompt keeps the 5 shots, the over-long ones are cut
+            assert stats.shots["law"] == 5 and stats.prompt_fit["law"].dropped_shots == 0
+        naive, _ = score(loaded, tmp_path, "law", mode="naive", max_length=600, fit=fit)
+        assert_same(got, naive)
 
 
 def test_resume_skip_uses_the_same_shots(load_tiny, data):

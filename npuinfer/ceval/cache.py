@@ -24,6 +24,11 @@ from npuinfer.ceval.subjects import official_order
 CACHE_FORMAT_VERSION = 1
 CACHE_FILE = "cache.csv"
 META_FILE = "cache_meta.json"
+# Settings added to ``extra`` after caches were written without them, with the value those caches imply.
+IMPLIED_EXTRA: dict[str, Any] = {"fit": "shots"}
+# Keys of cache_meta.json that record what a run found (run.record_prompt_fit), not settings it was asked for.
+PROMPT_FIT = "prompt_fit"
+RUN_RECORDS: tuple[str, ...] = (PROMPT_FIT,)
 _PART_RE = re.compile(r"^cache\.part-([A-Za-z0-9_.-]+)\.csv$")
 _WORKER_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -125,11 +130,11 @@ def _check_format(meta: Mapping[str, Any], path: Path) -> None:
 def _settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     diffs = []
     for key in [*old, *(k for k in new if k not in old)]:
-        if key == "extra":
+        if key == "extra" or key in RUN_RECORDS:
             continue
         if old.get(key) != new.get(key):
             diffs.append(f"{key}: {old.get(key)!r} in the cache, {new.get(key)!r} now")
-    old_extra, new_extra = old.get("extra") or {}, new.get("extra") or {}
+    old_extra, new_extra = ({**IMPLIED_EXTRA, **(meta.get("extra") or {})} for meta in (old, new))
     for key in [*old_extra, *(k for k in new_extra if k not in old_extra)]:
         if old_extra.get(key) != new_extra.get(key):
             diffs.append(
@@ -163,6 +168,16 @@ def open_meta(cache_dir: str | os.PathLike, settings: CacheSettings) -> None:
             f"{path}: the cache was written with other settings ({'; '.join(diffs)}). "
             "Score into a new directory; rows from different settings are never mixed."
         )
+
+
+def record_in_meta(cache_dir: str | os.PathLike, key: str, entries: Mapping[str, Any]) -> None:
+    """Merge ``entries`` into the run record ``key`` (one of RUN_RECORDS) of an existing cache_meta.json."""
+    if key not in RUN_RECORDS:
+        raise ValueError(f"{key!r} is not a run record of {META_FILE} ({', '.join(RUN_RECORDS)})")
+    d = Path(cache_dir)
+    meta = read_meta(d)
+    meta[key] = {**(meta.get(key) or {}), **entries}
+    _atomic_write(d / META_FILE, json.dumps(meta, ensure_ascii=False, indent=2) + "\n")
 
 
 def _row_from_fields(fields: list[str], where: str) -> ScoredRow:
