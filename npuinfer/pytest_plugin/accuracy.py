@@ -360,9 +360,10 @@ class CevalSessionReport:
                 continue
             if agg is not None:
                 tr.write_line("")
-                tr.write_line("Every question in cache.csv, pooled per category:")
-                classes = [(k, t.total, t.correct, repr(t.accuracy)) for k, t in agg.classes.items()]
-                tr.write_line(tabulate(classes, headers=["category", "n", "correct", "accuracy"],
+                tr.write_line("Every question in cache.csv, pooled per category (macro: the mean of its subjects):")
+                classes = [(k, t.total, t.correct, repr(t.accuracy), repr(agg.macro[k]))
+                           for k, t in agg.classes.items()]
+                tr.write_line(tabulate(classes, headers=["category", "n", "correct", "accuracy", "macro average"],
                                        tablefmt="github", disable_numparse=True))
             names = ", ".join(p.name for p in paths)
             tr.write_line(f"results: {out_dir}{os.sep} (cache.csv, {names})")
