@@ -7,7 +7,8 @@ process of a serial run) merges the parts when the session ends and writes the r
 the same files. Then it gates the pooled category accuracies (and Avg, Avg(Hard)) of the rebuilt report
 against the baseline's classes_acc.json, for the categories whose subjects the run covers exactly as the
 baseline does; a drop fails the session. A baseline scored with other settings (template, shots, split,
-scoring, data) is not gated at all, with a warning naming what differs.
+scoring, data, fit) is not gated at all, with a warning naming what differs; fit counts as a difference only when
+a prompt of the run was over the model's length (otherwise both fits give the same prompts).
 The per-subject and per-category tables, and the category gate's lines, go to pytest's terminal summary.
 """
 from __future__ import annotations
