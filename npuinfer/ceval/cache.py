@@ -12,7 +12,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,13 +170,16 @@ def open_meta(cache_dir: str | os.PathLike, settings: CacheSettings) -> None:
         )
 
 
-def record_in_meta(cache_dir: str | os.PathLike, key: str, entries: Mapping[str, Any]) -> None:
-    """Merge ``entries`` into the run record ``key`` (one of RUN_RECORDS) of an existing cache_meta.json."""
+def record_in_meta(cache_dir: str | os.PathLike, key: str, entries: Mapping[str, Any],
+                   order: Callable[[str], Any] | None = None) -> None:
+    """Merge ``entries`` into the run record ``key`` (one of RUN_RECORDS) of an existing cache_meta.json, its
+    entries sorted by ``order`` (so the bytes do not depend on the order cases finished in)."""
     if key not in RUN_RECORDS:
         raise ValueError(f"{key!r} is not a run record of {META_FILE} ({', '.join(RUN_RECORDS)})")
     d = Path(cache_dir)
     meta = read_meta(d)
-    meta[key] = {**(meta.get(key) or {}), **entries}
+    merged = {**(meta.get(key) or {}), **entries}
+    meta[key] = {k: merged[k] for k in sorted(merged, key=order)}
     _atomic_write(d / META_FILE, json.dumps(meta, ensure_ascii=False, indent=2) + "\n")
 
 

@@ -32,7 +32,7 @@ from npuinfer.ceval.dataset import SPLITS, data_identity, load_split
 from npuinfer.ceval.prompts import TEMPLATES, resolve_fit
 from npuinfer.ceval.report import SUBJECT_ACC
 from npuinfer.ceval.scored import ScoredRow
-from npuinfer.ceval.subjects import HARD_SUBJECTS, get_subject
+from npuinfer.ceval.subjects import HARD_SUBJECTS, get_subject, official_order
 from npuinfer.ceval.scoring import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_NEW_TOKENS,
@@ -170,7 +170,7 @@ def _open_cache(out_dir: Path, settings: CacheSettings, worker: str | None) -> Q
 def record_prompt_fit(out_dir: str | os.PathLike, fits: dict[str, PromptFit]) -> None:
     """Add each subject's PromptFit to the run's cache_meta.json (a record of the run, not a setting); called
     once by the process that merges the run (the only writer), before the report that shows them is written."""
-    record_in_meta(out_dir, PROMPT_FIT, {s: asdict(f) for s, f in fits.items()})
+    record_in_meta(out_dir, PROMPT_FIT, {s: asdict(f) for s, f in fits.items()}, order=official_order)
 
 
 def read_subject_accuracy(path: str | os.PathLike, what: str = "subject") -> dict[str, float]:
