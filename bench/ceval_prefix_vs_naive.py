@@ -28,6 +28,23 @@ attention over the ~530-token prefix (every question reads all of it) is over ha
 time ratio stays below the token ratio; once the model's matmuls dominate (the widened row) it approaches it. The
 sentencepiece models (internlm, baichuan2-7b) also pay five whole encodings per question in both modes (the shortcuts
 in npuinfer/ceval/encoding.py need a tokenizer that splits after newlines).
+
+A Qwen-sized vocabulary (`--vocab 151936`: qwen-tiny's ranks padded with synthetic ones, 151,936 head rows), 2026-12-01,
+full val, 5-shot, batch 8, 1 thread, before (main, `--model-path` to the same checkpoint) and after the head was given
+only the positions a continuation reads; both processes ran side by side on the shared 2-core VM at load 6-12, so
+absolute times are several times a quiet machine's and only same-run figures compare:
+
+| code | naive s | prefix s | time ratio | peak RSS of the process |
+|---|---|---|---|---|
+| before | 130.7 | 31.5 | 4.15 | 0.75 GiB |
+| after | 72.6 | 32.5 | 2.24 | 0.45 GiB |
+| before (an earlier pair, load ~12) | 237.1 | 65.1 | 3.64 | 0.76 GiB |
+| after (same pair) | 128.8 | 65.3 | 1.97 | 0.46 GiB |
+
+Positions through the head on 6 subjects (147 questions): before 2,124 (prefix) and 3,418 (naive), after 304 in both
+(two per question: the tiny tokenizer splits " D" in two). Naive scoring got 1.8x faster; prefix scoring did not
+change measurably here: its remaining vocabulary cost is per forward (reading the 39 MB head and a log-softmax over
+151,936 entries for each read position, 326 forwards against naive's 191), so the ratio fell. Identical predictions.
 """
 from __future__ import annotations
 
