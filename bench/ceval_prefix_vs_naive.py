@@ -41,7 +41,7 @@ absolute times are several times a quiet machine's and only same-run figures com
 | before (an earlier pair, load ~12) | 237.1 | 65.1 | 3.64 | 0.76 GiB |
 | after (same pair) | 128.8 | 65.3 | 1.97 | 0.46 GiB |
 
-Positions through the head on 6 subjects (147 questions): before 2,124 (prefix) and 3,418 (naive), after 304 in both
+Positions through the head on 6 subjects (152 questions): before 2,124 (prefix) and 3,418 (naive), after 304 in both
 (two per question: the tiny tokenizer splits " D" in two). Naive scoring got 1.8x faster; prefix scoring did not
 change measurably here: its remaining vocabulary cost is per forward (reading the 39 MB head and a log-softmax over
 151,936 entries for each read position, 326 forwards against naive's 191), so the ratio fell. Identical predictions.
@@ -236,6 +236,7 @@ def main(argv=None) -> int:
     }
     for d in (figures["naive"], figures["prefix"]):
         d.pop("shots")
+        d.pop("prompt_fit")
     pairs = figures["pair_time_ratios"]
     if len(pairs) > 1:
         print(f"wall time ratio of each naive run to the prefix run after it: "
