@@ -36,14 +36,16 @@ absolute times are several times a quiet machine's and only same-run figures com
 
 | code | naive s | prefix s | time ratio | peak RSS of the process |
 |---|---|---|---|---|
+| before (the quietest pair, load ~4) | 77.7 | 21.9 | 3.56 | 0.82 GiB |
+| after (same pair) | 50.3 | 18.6 | 2.71 | 0.46 GiB |
 | before | 130.7 | 31.5 | 4.15 | 0.75 GiB |
 | after | 72.6 | 32.5 | 2.24 | 0.45 GiB |
 | before (an earlier pair, load ~12) | 237.1 | 65.1 | 3.64 | 0.76 GiB |
 | after (same pair) | 128.8 | 65.3 | 1.97 | 0.46 GiB |
 
 Positions through the head on 6 subjects (152 questions): before 2,124 (prefix) and 3,418 (naive), after 304 in both
-(two per question: the tiny tokenizer splits " D" in two). Naive scoring got 1.8x faster; prefix scoring did not
-change measurably here: its remaining vocabulary cost is per forward (reading the 39 MB head and a log-softmax over
+(two per question: the tiny tokenizer splits " D" in two). Naive scoring got 1.5-1.8x faster; prefix scoring
+1.0-1.2x: its remaining vocabulary cost is per forward (reading the 39 MB head and a log-softmax over
 151,936 entries for each read position, 326 forwards against naive's 191), so the ratio fell. Identical predictions.
 """
 from __future__ import annotations
