@@ -31,7 +31,7 @@ in npuinfer/ceval/encoding.py need a tokenizer that splits after newlines).
 
 A Qwen-sized vocabulary (`--vocab 151936`: qwen-tiny's ranks padded with synthetic ones, 151,936 head rows), 2026-12-01,
 full val, 5-shot, batch 8, 1 thread, before (main, `--model-path` to the same checkpoint) and after the head was given
-only the positions a continuation reads; both processes ran side by side on the shared 2-core VM at load 6-12, so
+only the positions a continuation reads; both processes ran side by side on the shared 2-core VM at load 4-12, so
 absolute times are several times a quiet machine's and only same-run figures compare:
 
 | code | naive s | prefix s | time ratio | peak RSS of the process |
