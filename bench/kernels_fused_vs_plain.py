@@ -43,6 +43,7 @@ def random_model(name: str, dtype: torch.dtype, max_seq_len: int):
 def one_run(model, batch: int, input_len: int, steps: int) -> tuple[float, float]:
     """(prefill s, median decode-step s) of a left-padded batch (row 0 one token shorter when batch > 1)."""
     from npuinfer.generate import seq_state
+    from npuinfer.model import LAST_POSITION
 
     ids = torch.randint(3, 1000, (batch, input_len), generator=torch.Generator().manual_seed(batch))
     mask = torch.ones(batch, input_len, dtype=torch.long)
@@ -52,7 +53,7 @@ def one_run(model, batch: int, input_len: int, steps: int) -> tuple[float, float
     model.setup_caches(batch, total)
     state = seq_state(mask, total) if batch > 1 else None
     start = time.perf_counter()
-    logits = model(ids, 0, state, last_only=True)
+    logits = model(ids, 0, state, logits_at=LAST_POSITION)
     prefill = time.perf_counter() - start
     token = logits[:, -1].argmax(-1, keepdim=True)
     step_times = []

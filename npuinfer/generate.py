@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .model import SeqState, Transformer
+from .model import LAST_POSITION, SeqState, Transformer
 
 
 class StepObserver(Protocol):
@@ -43,7 +43,7 @@ def seq_state(attention_mask: Tensor | None, total_len: int) -> SeqState | None:
 
 def prefill(model: Transformer, tokens: Tensor, state: SeqState | None) -> Tensor:
     """Run the prompt, fill the cache, return the last position's logits [B, vocab]."""
-    return model(tokens, 0, state, last_only=True)[:, -1]
+    return model(tokens, 0, state, logits_at=LAST_POSITION)[:, -1]
 
 
 def decode_one_token(model: Transformer, token: Tensor, pos: int, state: SeqState | None) -> Tensor:

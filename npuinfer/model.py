@@ -318,6 +318,23 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+# Which positions of a forward reach the head (Transformer.forward's ``logits_at``).
+LogitsAt = slice | Tensor
+ALL_POSITIONS = slice(None)
+LAST_POSITION = slice(-1, None)
+NO_POSITION = slice(0, 0)
+
+
+def _at_positions(x: Tensor, at: LogitsAt) -> Tensor:
+    """x [B, T, D] at a slice of T ([B, K, D]), or at per-row positions [B, K] (gathered: [B, K, D])."""
+    if isinstance(at, slice):
+        return x if at == ALL_POSITIONS else x[:, at]
+    if at.dim() != 2 or at.shape[0] != x.shape[0]:
+        raise ValueError(f"logits_at: expected a slice or positions [batch={x.shape[0]}, K], got shape "
+                         f"{tuple(at.shape)}")
+    return x.gather(1, at.to(x.device).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -400,12 +417,14 @@ class Transformer(nn.Module):
             heads = slice(args.tp_rank * args.n_local_heads, (args.tp_rank + 1) * args.n_local_heads)
             self._tables = {"slopes": alibi_slopes(args.n_heads)[heads].to(device)}
 
-    def forward(self, tokens: Tensor, start: int, state: SeqState | None = None, last_only: bool = False,
-                logits_from: int = 0, prefix: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
-        """Logits [B, T, vocab] for ``tokens`` written into cache slots start..start+T.
+    def forward(self, tokens: Tensor, start: int, state: SeqState | None = None,
+                logits_at: LogitsAt = ALL_POSITIONS, prefix: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        """Logits [B, K, vocab] for ``tokens`` written into cache slots start..start+T, at ``logits_at``.
 
-        ``last_only`` projects only the last position ([B, 1, vocab]), ``logits_from`` only positions from
-        that index on: a prefill then never holds [B, T, vocab] logits (5 GB for qwen-7b at batch 8 x 2048).
+        ``logits_at``: the positions (of the T) put through the final norm and the head: a slice, the same for
+        every row (ALL_POSITIONS, LAST_POSITION, NO_POSITION for a run that only fills the cache), or a [B, K]
+        tensor of positions per row. The hidden states are gathered first, so a prefill or a scoring batch never
+        holds logits nobody reads ([B, T, vocab] is 5 GB for qwen-7b at batch 8 x 2048).
         ``prefix``: per layer the [1, H, start, D] K/V of slots 0..start shared by every (unpadded) row; the
         rows then attend to it in place and the KV cache is neither read nor written.
         """
@@ -448,18 +467,14 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, start, cos, sin, plan, prefix[i] if prefix is not None else None)
-        if last_only:
-            x = x[:, -1:]
-        elif logits_from:
-            x = x[:, logits_from:]
-        return self.output(self.norm(x))
+        return self.output(self.norm(_at_positions(x, logits_at)))
 
     def prefix_kv(self, tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Run ``tokens`` [1, P] from slot 0 and return a copy of every layer's K/V of slots [0, P): the shared
         prefix that rows given to ``forward(..., prefix=)`` attend to."""
         p = tokens.shape[1]
         self.setup_caches(1, p)
-        self(tokens, 0, last_only=True)  # only the cache is kept
+        self(tokens, 0, logits_at=NO_POSITION)  # only the cache is kept: no logits at all
         return [(layer.attention.kv_cache.k[:, :, :p].clone(), layer.attention.kv_cache.v[:, :, :p].clone())
                 for layer in self.layers]
 

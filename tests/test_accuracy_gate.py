@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from npuinfer.ceval.run import gate_categories, settings_differences
+from npuinfer.ceval.run import any_prompt_fitted, gate_categories, settings_differences
+from npuinfer.ceval.scoring import PromptFit
 
 REPO = Path(__file__).resolve().parents[1]
 THREE = "law or art_studies or high_school_history"  # Humanities, none of them hard
@@ -63,7 +64,7 @@ def classes(baseline: Path) -> dict[str, float]:
 
 def test_an_equal_baseline_gates_every_category_and_passes(baseline, tmp_path):
     accs = classes(baseline)
-    assert sorted(accs) == ["Avg", "Humanities"]
+    assert sorted(accs) == ["Avg", "Avg (macro)", "Humanities", "Humanities (macro)"]  # pooled, then macro
     proc = accuracy(tmp_path / "results", THREE, "--baseline", str(baseline))  # scored afresh
     assert proc.returncode == 0, proc.stdout[-3000:]
     for key in ("Humanities", "Avg"):
@@ -135,3 +136,17 @@ def test_settings_differences_name_each_setting_old_and_new():
     assert settings_differences(meta, other) == ["template 'lmeval' (baseline) vs 'atb' (this run)",
                                                  "scoring 'prefix' (baseline) vs 'naive' (this run)",
                                                  "data_sha256 'aa' (baseline) vs 'bb' (this run)"]
+
+
+def test_fit_differs_only_where_a_prompt_was_over_the_model_length():
+    """A baseline from before --fit (no "fit": it fitted by dropping shots) against a run with fit truncate."""
+    old = {"template": "lmeval", "shots": 5, "split": "val", "extra": {"scoring": "prefix", "data_sha256": "aa"}}
+    run = {**old, "extra": {**old["extra"], "fit": "truncate"}}
+    assert settings_differences(old, run) == ["fit 'shots' (baseline) vs 'truncate' (this run)"]
+    assert settings_differences(old, run, prompts_fitted=False) == []  # same prompts either way: gated
+    shots = {**old, "extra": {**old["extra"], "fit": "shots"}}
+    assert settings_differences(old, shots) == []
+    assert any_prompt_fitted([PromptFit(5, 0, 0), {"shots": 5, "dropped_shots": 0, "truncated": 0}]) is False
+    assert any_prompt_fitted([PromptFit(5, 0, 0), PromptFit(3, 2, 0)]) is True
+    assert any_prompt_fitted([PromptFit(5, 0, 1)]) is True
+    assert any_prompt_fitted([None]) is True  # a subject with no record: cannot say, so fit counts

@@ -47,10 +47,13 @@ TABLE = [
 
 def test_category_accuracy_pools_questions():
     classes = classes_accuracy(TABLE)
-    # Hand computation: STEM = (1 + 1 + 0) / (1 + 3 + 2); the mean of its subjects would be 4/9.
-    assert classes == {"STEM": 2 / 6, "Humanities": 1 / 2, "Avg": 3 / 8, "Avg(Hard)": 1 / 5}
-    assert list(classes) == ["STEM", "Humanities", "Avg", "Avg(Hard)"]
-    assert classes["STEM"] != (1 + 1 / 3 + 0) / 3
+    # Hand computation: STEM = (1 + 1 + 0) / (1 + 3 + 2); the mean of its subjects, 4/9, is its macro average.
+    pooled = {"STEM": 2 / 6, "Humanities": 1 / 2, "Avg": 3 / 8, "Avg(Hard)": 1 / 5}
+    macro = {"STEM (macro)": (1 + 1 / 3 + 0) / 3, "Humanities (macro)": 1 / 2,
+             "Avg (macro)": (1 + 1 / 3 + 0 + 1 / 2) / 4, "Avg(Hard) (macro)": (1 / 3 + 0) / 2}
+    assert classes == {**pooled, **macro}
+    assert list(classes) == [*pooled, *macro]  # the pooled keys first, as classes_acc.json always had them
+    assert classes["STEM"] != classes["STEM (macro)"]
     assert subject_accuracy(TABLE) == {
         "computer_network": 1.0, "college_physics": 0.0, "advanced_mathematics": 1 / 3,
         "logic": 0.5,
@@ -212,12 +215,14 @@ def test_report_files(tmp_path):
     assert [p.name for p in paths] == ["subject_acc.json", "classes_acc.json", "summary.md",
                                        "ceval_acc.png"]
     assert json.loads((tmp_path / "classes_acc.json").read_text()) == {
-        "STEM": 2 / 6, "Humanities": 0.5, "Avg": 0.375, "Avg(Hard)": 0.2}
+        "STEM": 2 / 6, "Humanities": 0.5, "Avg": 0.375, "Avg(Hard)": 0.2, "STEM (macro)": 4 / 9,
+        "Humanities (macro)": 0.5, "Avg (macro)": 11 / 24, "Avg(Hard) (macro)": 1 / 6}
     assert json.loads((tmp_path / "subject_acc.json").read_text())["advanced_mathematics"] == 1 / 3
     summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
     assert "| advanced_mathematics " in summary and "高等数学" in summary
     assert repr(1 / 3) in summary and repr(2 / 6) in summary  # full precision
     assert summary.index("## Per subject") < summary.index("## Per category")
+    assert "macro average" in summary and repr(11 / 24) in summary  # the macro Avg, labelled
     assert "| dtype " in summary and "float16" in summary
     assert (tmp_path / "ceval_acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -226,7 +231,8 @@ def test_report_has_all_class_keys_when_all_categories_present(tmp_path):
     rows = [row(s.name, "0", "A", "A" if i % 2 else "B") for i, s in enumerate(SUBJECTS)]
     write_report(tmp_path, rows)
     classes = json.loads((tmp_path / "classes_acc.json").read_text())
-    assert list(classes) == ["STEM", "Social Science", "Humanities", "Other", "Avg", "Avg(Hard)"]
+    pooled = ["STEM", "Social Science", "Humanities", "Other", "Avg", "Avg(Hard)"]
+    assert list(classes) == pooled + [f"{k} (macro)" for k in pooled]
     assert classes["Avg"] == 26 / 52
 
 
@@ -323,3 +329,34 @@ def test_identical_duplicates_collapse_with_a_warning(tmp_path):
         rebuild_report(tmp_path)
     assert path.read_text() == HEADER + "logic,0,A,B,0\nlogic,1,C,C,1\n"
     assert json.loads((tmp_path / "subject_acc.json").read_text()) == {"logic": 0.5}
+
+
+# ---- prompt fitting: a setting with an implied legacy value, and a run record -------------------------------
+
+def test_a_cache_written_before_fit_existed_is_a_fit_shots_cache(tmp_path):
+    with QuestionCache(tmp_path, SETTINGS) as cache:  # no "fit" in extra: what caches before --fit hold
+        cache.add(TABLE[0])
+    with_fit = lambda fit: CacheSettings(**{**SETTINGS.__dict__, "extra": {**SETTINGS.extra, "fit": fit}})  # noqa: E731
+    QuestionCache(tmp_path, with_fit("shots")).close()  # the behaviour of then: resumes
+    with pytest.raises(CacheError, match="extra.fit: 'shots' in the cache, 'truncate' now"):
+        QuestionCache(tmp_path, with_fit("truncate"))
+
+
+def test_prompt_fit_record_reaches_the_summary_and_is_no_setting(tmp_path):
+    from npuinfer.ceval.cache import PROMPT_FIT, read_meta, record_in_meta
+
+    with QuestionCache(tmp_path, SETTINGS) as cache:
+        for r in TABLE:
+            cache.add(r)
+    record_in_meta(tmp_path, PROMPT_FIT, {"logic": {"shots": 5, "dropped_shots": 0, "truncated": 2}})
+    record_in_meta(tmp_path, PROMPT_FIT, {"law": {"shots": 3, "dropped_shots": 2, "truncated": 0}})
+    assert set(read_meta(tmp_path)[PROMPT_FIT]) == {"logic", "law"}  # merged, not replaced
+    QuestionCache(tmp_path, SETTINGS).close()  # the record is not compared as a setting
+    rebuild_report(tmp_path)
+    summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "2 cut from the left (lm-eval's truncation) in 1 subjects" in summary
+    logic = next(line for line in summary.splitlines() if line.startswith("| logic "))
+    assert logic.replace(" ", "").endswith("|5|0|2|")  # shots kept, dropped, prompts cut
+    assert "prompt_fit" not in summary  # not shown as a setting
+    with pytest.raises(ValueError, match="not a run record"):
+        record_in_meta(tmp_path, "model", {"x": 1})

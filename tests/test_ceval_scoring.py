@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from npuinfer.ceval import build_prompt, first_choice_letter, load_split, sample_dir
-from npuinfer.ceval.prompts import LMEVAL, build_prefix
+from npuinfer.ceval.prompts import LMEVAL, build_prefix, get_template
 from npuinfer.ceval.encoding import PromptEncoder, lmeval_split, newline_cut
-from npuinfer.ceval.scoring import BOUNDARY_SLACK, ScoringStats, _tail_rows, score_subject
+from npuinfer.ceval.scoring import BOUNDARY_SLACK, PromptFit, ScoringStats, _tail_rows, score_subject
 from npuinfer.ceval.synth import write_synthetic_ceval
 
 TINY = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny"]
@@ -46,13 +46,56 @@ def assert_same(a, b, atol=ATOL):
         assert diff < atol, (qid, a[qid].logprobs, b[qid].logprobs)
 
 
+class HeadInputs:
+    """The shapes the model's head (output projection) receives, recorded by a forward hook."""
+
+    def __init__(self, model):
+        self.shapes: list[tuple[int, ...]] = []
+        self._handle = model.output.register_forward_hook(lambda mod, args, out: self.shapes.append(
+            tuple(args[0].shape)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
+def full_logits_loglikelihood(model, ctx: list[int], conts: list[list[int]], max_length: int) -> list[float]:
+    """lm-eval's _loglikelihood_tokens, written out on our model: per choice the input
+    (context + continuation)[-(max_length + 1):][:-1], every position projected, the continuation's
+    log-probabilities read from the last len(continuation) positions."""
+    out = []
+    for cont in conts:
+        inp = (ctx + cont)[-(max_length + 1):][:-1]
+        model.setup_caches(1, len(inp))
+        with torch.inference_mode():
+            logp = model(torch.tensor([inp]), 0)[0].float().log_softmax(-1)  # [len(inp), vocab]
+        first = len(inp) - len(cont)
+        out.append(sum(logp[first + j, t].item() for j, t in enumerate(cont)))
+    return out
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_prefix_cached_equals_naive(name, load_tiny, data):
+    """prefix == naive == every position projected (the code before the head gathered its positions), and the
+    head never receives more than the positions a continuation reads."""
     loaded = load_tiny(name)
     for subject, template in (("law", "lmeval"), ("logic", "atb"), ("college_physics", ODD)):
-        prefix, ps = score(loaded, data, subject, template)
-        naive, ns = score(loaded, data, subject, template, mode="naive", batch_size=1)
+        with HeadInputs(loaded.model) as head:
+            prefix, ps = score(loaded, data, subject, template)
+            naive, ns = score(loaded, data, subject, template, mode="naive", batch_size=1)
         assert_same(prefix, naive)
+        if template != ODD:  # single letters: " A" .. " D", at most two tokens each on the tiny tokenizers
+            assert head.shapes and all(s[1] <= 2 for s in head.shapes), head.shapes
+            assert max(s[0] for s in head.shapes) <= 3  # rows of a batch (batch size 3, one row a question)
+        assert {s[1] for s in head.shapes if s[0] == 1 and s[1] == 0}  # the prefix run: no logits at all
+        dev, val = load_split(data, subject, "dev"), load_split(data, subject, "val")
+        for q in val[:3]:
+            ctx, conts = lmeval_split(loaded.tokenizer.encode, build_prompt(template, subject, dev, q).context,
+                                      get_template(template).continuations)
+            ref = full_logits_loglikelihood(loaded.model, ctx, conts, loaded.args.max_seq_len)
+            assert max(abs(a - b) for a, b in zip(prefix[q.question_id].logprobs, ref)) < ATOL
         assert all(s.cached_prefix for s in prefix.values()) and ps.fallbacks == 0
         assert not any(s.cached_prefix for s in naive.values())
         assert ps.prompt_tokens < ns.prompt_tokens / 2
@@ -288,14 +331,24 @@ def test_shots_dropped_from_the_end_to_fit(load_tiny, data):
     dev, val = load_split(data, "law", "dev"), load_split(data, "law", "val")
 
     def longest(k: int) -> int:
-        return max(len(loaded.tokenizer.encode(build_prompt("lmeval", "law", dev[:k], q).context)) for q in val)
+        """The longest row a k-shot prompt needs: context and the longest tail (" D" is two tokens here)."""
+        return max(len(ctx) + max(len(c) for c in conts) - 1 for ctx, conts in (
+            lmeval_split(loaded.tokenizer.encode, build_prompt("lmeval", "law", dev[:k], q).context,
+                         LMEVAL.continuations) for q in val))
 
     budget = longest(2)  # the 2-shot prompts fit, the 3-shot ones do not
     assert longest(3) > budget
-    cut, cs = score(loaded, data, "law", max_prompt_tokens=budget)
-    assert cs.shots == {"law": 2}
-    naive, _ = score(loaded, data, "law", mode="naive", max_prompt_tokens=budget)
+    cut, cs = score(loaded, data, "law", max_length=budget, fit="shots")
+    assert cs.shots == {"law": 2} and cs.prompt_fit["law"] == PromptFit(shots=2, dropped_shots=3, truncated=0)
+    naive, _ = score(loaded, data, "law", mode="naive", max_length=budget, fit="shots")
     assert_same(cut, naive)
+    # lm-eval's budget to the token: a prompt of exactly max_length tokens is fed whole, with every shot
+    exact, es = score(loaded, data, "law", max_length=longest(5), fit="shots")
+    assert es.prompt_fit["law"] == PromptFit(shots=5, dropped_shots=0, truncated=0)
+    _, ts = score(loaded, data, "law", max_length=longest(5), fit="truncate")
+    assert ts.prompt_fit["law"] == PromptFit(shots=5, dropped_shots=0, truncated=0)
+    _, ts = score(loaded, data, "law", max_length=longest(5) - 1, fit="truncate")
+    assert ts.prompt_fit["law"].truncated >= 1 and ts.prompt_fit["law"].dropped_shots == 0
 
 
 def test_question_too_long_alone_is_cut_and_others_keep_shots(load_tiny, tmp_path):
@@ -309,11 +362,57 @@ def test_question_too_long_alone_is_cut_and_others_keep_shots(load_tiny, tmp_pat
     with open(path, "w", encoding="utf-8", newline="") as f:
         csv.writer(f).writerows(rows)
     loaded = load_tiny("qwen-tiny")
-    got, stats = score(loaded, tmp_path, "law", max_prompt_tokens=600)
-    assert stats.truncated == 1 and stats.shots["law"] > 0
-    assert not got["0"].cached_prefix and got["1"].cached_prefix
-    naive, _ = score(loaded, tmp_path, "law", mode="naive", max_prompt_tokens=600)
-    assert_same(got, naive)
+    for fit in ("shots", "truncate"):
+        got, stats = score(loaded, tmp_path, "law", max_length=600, fit=fit)
+        cut = {qid for qid, s in got.items() if not s.cached_prefix}
+        assert "0" in cut and stats.truncated == stats.prompt_fit["law"].truncated == len(cut) < 3
+        if fit == "shots":  # shots dropped until the others fit: only the one too long alone is cut
+            assert cut == {"0"} and 0 < stats.shots["law"] < 5
+        else:  # every prompt keeps the 5 shots, the over-long ones are cut
+            assert stats.shots["law"] == 5 and stats.prompt_fit["law"].dropped_shots == 0
+        naive, _ = score(loaded, tmp_path, "law", mode="naive", max_length=600, fit=fit)
+        assert_same(got, naive)
+
+
+@pytest.mark.parametrize("name, template", [("qwen-tiny", "lmeval"), ("internlm-tiny", ODD),
+                                            ("baichuan2-13b-tiny", "atb")])
+def test_an_over_long_question_is_fed_exactly_lmeval_ids(name, template, load_tiny, tmp_path):
+    """fit truncate: each choice is fed (context + continuation)[-(L + 1):][:-1] of lm-eval's _encode_pair ids
+    (computed here from whole encodings), every question keeps its 5 shots, and the log-likelihoods equal
+    lm-eval's computation on those ids."""
+    import csv
+
+    write_synthetic_ceval(tmp_path, subjects=["law"], val_per_subject=3)
+    path = tmp_path / "val" / "law_val.csv"
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    rows[1][1] = "很长的题目" * 300  # question 0: thousands of tokens
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows(rows)
+    loaded = load_tiny(name)
+    tok, model, max_length = loaded.tokenizer, loaded.model, 700
+    t = get_template(template)
+    dev, val = load_split(tmp_path, "law", "dev"), load_split(tmp_path, "law", "val")
+    fed: list[list[int]] = []
+    hook = model.register_forward_pre_hook(
+        lambda mod, args, kwargs: fed.extend(args[0].tolist()) if args[1] == 0 and kwargs.get("prefix") is None
+        else None, with_kwargs=True)
+    try:
+        got, stats = score(loaded, tmp_path, "law", template, batch_size=1, max_length=max_length)
+    finally:
+        hook.remove()
+    assert stats.prompt_fit["law"].shots == 5 and stats.prompt_fit["law"].dropped_shots == 0
+    ctx, conts = _whole_encodings(tok.encode, build_prompt(t, "law", dev, val[0]).context, t.continuations)
+    assert len(ctx) > 2 * max_length
+    inputs = [(ctx + cont)[-(max_length + 1):][:-1] for cont in conts]
+    assert all(len(i) == max_length for i in inputs)
+    # Rows of batch size 1 hold one question: the over-long one's rows are its choices' distinct inputs (one
+    # input that starts another is read from the longer row), unpadded.
+    longest = [i for i in inputs if not any(j != i and j[:len(i)] == i for j in inputs)]
+    assert sorted(r for r in fed if len(r) == max_length) == sorted(map(list, {tuple(i) for i in longest}))
+    assert not got["0"].cached_prefix and stats.truncated == stats.prompt_fit["law"].truncated >= 1
+    ref = full_logits_loglikelihood(model, ctx, conts, max_length)
+    assert max(abs(a - b) for a, b in zip(got["0"].logprobs, ref)) < ATOL
 
 
 def test_resume_skip_uses_the_same_shots(load_tiny, data):

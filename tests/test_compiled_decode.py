@@ -11,7 +11,7 @@ import torch
 
 from npuinfer.decode_graph import compile_decode
 from npuinfer.generate import generate, seq_state
-from npuinfer.model import DecodeSlot
+from npuinfer.model import LAST_POSITION, DecodeSlot
 
 from conftest import TINY_NAMES
 from test_bench_suite import rows_of, run_bench
@@ -28,7 +28,7 @@ def _decode_logits(model, ids, mask, steps: int, mode: str, total: int | None = 
     state = seq_state(mask, total)
     positions = torch.arange(total)
     compiled = model.compiled_decode.prepare(model, batch, total, state) if mode == "compiled" else None
-    logits = [model(ids, 0, state, last_only=True)[:, -1]]
+    logits = [model(ids, 0, state, logits_at=LAST_POSITION)[:, -1]]
     for step in range(steps):
         token = logits[-1].argmax(-1).view(batch, 1)
         pos = prompt_len + step

@@ -31,11 +31,15 @@ def test_rows_after_a_shared_prefix_equal_rows_after_a_copied_prefix(load_tiny, 
             kv = model.prefix_kv(prefix_ids)
             expected = _through_the_cache(model, kv, rows)
             got = model(rows, prefix_ids.shape[1], prefix=kv)
-            tail = model(rows, prefix_ids.shape[1], logits_from=tail_from, prefix=kv)
+            tail = model(rows, prefix_ids.shape[1], logits_at=slice(tail_from, None), prefix=kv)
+            at = torch.randint(0, width, (5, 2), generator=g)  # per row, the head sees only these positions
+            gathered = model(rows, prefix_ids.shape[1], logits_at=at, prefix=kv)
     finally:
         model.set_attention("sdpa")
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), f"{(got - expected).abs().max():.3e}"
     assert torch.allclose(tail, expected[:, tail_from:], atol=1e-5, rtol=0)
+    assert gathered.shape == (5, 2, expected.shape[-1])
+    assert torch.allclose(gathered, expected[torch.arange(5)[:, None], at], atol=1e-5, rtol=0)
 
 
 def test_a_prefix_that_does_not_end_where_the_rows_start_is_refused(load_tiny):

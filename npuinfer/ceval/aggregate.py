@@ -1,4 +1,4 @@
-"""Accuracy per subject and per category, pooled over questions."""
+"""Accuracy per subject and per category: pooled over questions, and the macro average over subjects."""
 
 from __future__ import annotations
 
@@ -11,6 +11,13 @@ from npuinfer.ceval.subjects import CATEGORIES, HARD_SUBJECTS, get_subject, offi
 AVG = "Avg"
 AVG_HARD = "Avg(Hard)"
 CLASS_KEYS: tuple[str, ...] = CATEGORIES + (AVG, AVG_HARD)
+# classes_acc.json key of a group's macro average: the mean of its subjects' accuracies (the C-Eval paper's
+# average), beside the pooled correct / questions under the plain key (lm-eval's ceval-valid group, seed tables).
+MACRO_SUFFIX = " (macro)"
+
+
+def macro_key(key: str) -> str:
+    return key + MACRO_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -26,14 +33,16 @@ class Tally:
 @dataclass(frozen=True)
 class Aggregate:
     subjects: dict[str, Tally]  # subjects.csv order
-    classes: dict[str, Tally]  # CLASS_KEYS order, empty groups left out
+    classes: dict[str, Tally]  # CLASS_KEYS order, empty groups left out; pooled over questions
+    macro: dict[str, float]  # same keys: the mean of the group's subject accuracies
 
 
 def aggregate(rows: Iterable[ScoredRow]) -> Aggregate:
     """Tallies per subject and per class.
 
     A category's accuracy is correct / questions over all its questions (not a mean of subject
-    accuracies); Avg pools every question, Avg(Hard) the questions of the 8 hard subjects.
+    accuracies); Avg pools every question, Avg(Hard) the questions of the 8 hard subjects. ``macro`` holds,
+    for the same groups, the mean of their subjects' accuracies (every subject weighs the same).
     """
     per_subject: dict[str, list[int]] = {}
     for row in rows:
@@ -60,7 +69,8 @@ def aggregate(rows: Iterable[ScoredRow]) -> Aggregate:
         for key, names in groups.items()
         if names
     }
-    return Aggregate(subjects=subjects, classes=classes)
+    macro = {key: sum(subjects[n].accuracy for n in names) / len(names) for key, names in groups.items() if names}
+    return Aggregate(subjects=subjects, classes=classes, macro=macro)
 
 
 def subject_accuracy(rows: Iterable[ScoredRow]) -> dict[str, float]:
@@ -68,4 +78,6 @@ def subject_accuracy(rows: Iterable[ScoredRow]) -> dict[str, float]:
 
 
 def classes_accuracy(rows: Iterable[ScoredRow]) -> dict[str, float]:
-    return {k: t.accuracy for k, t in aggregate(rows).classes.items()}
+    """classes_acc.json: the pooled accuracies (CLASS_KEYS), then the macro averages (macro_key)."""
+    agg = aggregate(rows)
+    return {**{k: t.accuracy for k, t in agg.classes.items()}, **{macro_key(k): v for k, v in agg.macro.items()}}

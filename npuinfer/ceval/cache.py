@@ -20,7 +20,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,11 @@ from npuinfer.ceval.subjects import SUBJECT_NAMES, official_order
 CACHE_FORMAT_VERSION = 1
 CACHE_FILE = "cache.csv"
 META_FILE = "cache_meta.json"
+# Settings added to ``extra`` after caches were written without them, with the value those caches imply.
+IMPLIED_EXTRA: dict[str, Any] = {"fit": "shots"}
+# Keys of cache_meta.json that record what a run found (run.record_prompt_fit), not settings it was asked for.
+PROMPT_FIT = "prompt_fit"
+RUN_RECORDS: tuple[str, ...] = (PROMPT_FIT,)
 _PART_RE = re.compile(r"^cache\.part-([A-Za-z0-9_.-]+)\.csv$")
 LOCK_FILE = ".cache.lock"
 NO_PREDICTION = ""  # scoring.NO_LETTER: a generation that held no letter A-D
@@ -123,11 +128,11 @@ def _check_format(meta: Mapping[str, Any], path: Path) -> None:
 def _settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     diffs = []
     for key in [*old, *(k for k in new if k not in old)]:
-        if key in ("extra", "provenance"):
+        if key in ("extra", "provenance") or key in RUN_RECORDS:
             continue
         if old.get(key) != new.get(key):
             diffs.append(f"{key}: {old.get(key)!r} in the cache, {new.get(key)!r} now")
-    old_extra, new_extra = old.get("extra") or {}, new.get("extra") or {}
+    old_extra, new_extra = ({**IMPLIED_EXTRA, **(meta.get("extra") or {})} for meta in (old, new))
     for key in [*old_extra, *(k for k in new_extra if k not in old_extra)]:
         if old_extra.get(key) != new_extra.get(key):
             diffs.append(
@@ -161,6 +166,20 @@ def open_meta(cache_dir: str | os.PathLike, settings: CacheSettings) -> None:
             f"{path}: the cache was written with other settings ({'; '.join(diffs)}). "
             "Score into a new directory; rows from different settings are never mixed."
         )
+
+
+def record_in_meta(cache_dir: str | os.PathLike, key: str, entries: Mapping[str, Any],
+                   order: Callable[[str], Any] | None = None) -> None:
+    """Merge ``entries`` into the run record ``key`` (one of RUN_RECORDS) of an existing cache_meta.json, its
+    entries sorted by ``order`` (so the bytes do not depend on the order cases finished in)."""
+    if key not in RUN_RECORDS:
+        raise ValueError(f"{key!r} is not a run record of {META_FILE} ({', '.join(RUN_RECORDS)})")
+    d = Path(cache_dir)
+    with lock(d):  # another run may record its subjects at the same time
+        meta = read_meta(d)
+        merged = {**(meta.get(key) or {}), **entries}
+        meta[key] = {k: merged[k] for k in sorted(merged, key=order)}
+        write_atomic(d / META_FILE, json.dumps(meta, ensure_ascii=False, indent=2) + "\n")
 
 
 def _row_from_fields(fields: list[str], where: str) -> ScoredRow:

@@ -2,6 +2,10 @@
 
 A prompt is ``prefix + question_text``: the prefix (description + shots) is the same for every
 question of a subject, so a caller can encode it once and reuse its KV cache.
+
+Fitting a prompt to the model's length (``FITS``): ``truncate`` keeps the k shots in every prompt and cuts an
+over-long one from the left, as lm-evaluation-harness does; ``shots`` drops shots from the end for the whole
+subject until its longest question fits (the Ascend tool's way), cutting only a question too long even alone.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class Template:
     answer_delimiter: str  # between a shot's block and its answer letter
     shot_delimiter: str  # after every shot
     continuations: tuple[str, ...]  # scored after the context, one per choice, in CHOICES order
+    fit: str  # default of FITS: how the tool this template follows fits a prompt to the model's length
 
     def render_block(self, q: Question) -> str:
         text = q.question.strip() if self.strip_question else q.question
@@ -51,6 +56,7 @@ LMEVAL = Template(
     answer_delimiter=" ",
     shot_delimiter="\n\n",
     continuations=tuple(" " + c for c in CHOICES),
+    fit="truncate",
 )
 
 # The Ascend tool's MMLU-style English prompt; it generates and takes the first letter A-D,
@@ -65,9 +71,20 @@ ATB = Template(
     answer_delimiter=" ",
     shot_delimiter="\n\n",
     continuations=tuple(" " + c for c in CHOICES),
+    fit="shots",
 )
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in (LMEVAL, ATB)}
+FITS: tuple[str, ...] = ("truncate", "shots")
+
+
+def resolve_fit(fit: str | None, template: Template | str) -> str:
+    """``fit``, or the template's own default when None; an unknown mode is refused."""
+    if fit is None:
+        return get_template(template).fit
+    if fit not in FITS:
+        raise ValueError(f"fit: expected one of {', '.join(FITS)}, got {fit!r}")
+    return fit
 
 
 def get_template(template: Template | str) -> Template:
@@ -113,7 +130,8 @@ def build_prompt(
     )
 
 
-def _first_k(dev_rows: Sequence[Question], k: int) -> list[Question]:
+def first_shots(dev_rows: Sequence[Question], k: int) -> list[Question]:
+    """The first k dev rows (the shots of lm-eval's ceval-valid and of the Ascend tool)."""
     if k < 0:
         raise ValueError(f"shot count must be >= 0, got {k}")
     if k > len(dev_rows):
@@ -135,7 +153,7 @@ def fit_shots(
     Returns [] when even the zero-shot prompt is over budget; the caller decides what then.
     """
     t = get_template(template)
-    shots = _first_k(dev_rows, k)
+    shots = first_shots(dev_rows, k)
     while shots and count_tokens(build_prompt(t, subject, shots, question).context) > max_tokens:
         shots.pop()
     return shots
@@ -160,7 +178,7 @@ def fit_shots_for_subject(
     It is asked only of questions the shots make too long, and of as few others as that answer needs.
     """
     t = get_template(template)
-    shots = _first_k(dev_rows, k)
+    shots = first_shots(dev_rows, k)
     some_fit_alone = False
     for q in sorted(questions, key=lambda q: len(t.render_block(q)), reverse=True):
         while shots and count_tokens(build_prompt(t, subject, shots, q).context) > max_tokens:

@@ -16,9 +16,11 @@ from typing import Any
 
 from tabulate import tabulate
 
-from npuinfer.ceval.aggregate import AVG_HARD, Aggregate, aggregate
 from npuinfer.atomic import write_atomic
+from npuinfer.ceval.aggregate import AVG_HARD, Aggregate, aggregate, macro_key
 from npuinfer.ceval.cache import (
+    PROMPT_FIT,
+    RUN_RECORDS,
     CacheSettings,
     _id_key,
     lock,
@@ -50,6 +52,8 @@ def _settings_lines(settings: Mapping[str, Any] | CacheSettings | None) -> list[
         return []
     meta = settings.to_meta() if isinstance(settings, CacheSettings) else dict(settings)
     extra = meta.pop("extra", None) or {}
+    for key in RUN_RECORDS:
+        meta.pop(key, None)
     pairs = [(k, str(v)) for k, v in meta.items()]
     pairs += [(f"extra.{k}", str(v)) for k, v in extra.items()]
     table = tabulate(pairs, headers=["setting", "value"], tablefmt="github", disable_numparse=True)
@@ -73,28 +77,52 @@ def _check_rows(rows: list[ScoredRow]) -> bool:
     return with_answer == len(rows)
 
 
-def _scored_summary(agg: Aggregate, settings_lines: list[str]) -> str:
+def _fit_columns(fits: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    fit = fits.get(name)
+    if not isinstance(fit, Mapping):
+        return ("-", "-", "-")
+    return tuple(str(fit.get(k, "-")) for k in ("shots", "dropped_shots", "truncated"))
+
+
+def _fit_lines(fits: Mapping[str, Any], subjects: Iterable[str]) -> list[str]:
+    """What fitting the prompts to the model's length did, from cache_meta.json's prompt_fit record."""
+    known = [fits[s] for s in subjects if isinstance(fits.get(s), Mapping)]
+    if not known:
+        return []
+    cut = [f.get("truncated", 0) for f in known]
+    dropped = [f.get("dropped_shots", 0) for f in known]
+    return [f"Prompts over the model's length: {sum(cut)} cut from the left (lm-eval's truncation) in "
+            f"{sum(1 for n in cut if n)} subjects; shots dropped in {sum(1 for n in dropped if n)} subjects "
+            f"({sum(dropped)} in all). Per subject: shots kept, shots dropped, prompts cut.", ""]
+
+
+def _scored_summary(agg: Aggregate, settings_lines: list[str], fits: Mapping[str, Any]) -> str:
     subject_rows = [
         (name, get_subject(name).name_zh, get_subject(name).category, t.total, t.correct,
-         repr(t.accuracy))
+         repr(t.accuracy), *_fit_columns(fits, name))
         for name, t in agg.subjects.items()
     ]
-    class_rows = [(key, t.total, t.correct, repr(t.accuracy)) for key, t in agg.classes.items()]
+    class_rows = [(key, t.total, t.correct, repr(t.accuracy), repr(agg.macro[key]))
+                  for key, t in agg.classes.items()]
     lines = [
         "# C-Eval results",
         "",
         *settings_lines,
         "Accuracy is correct / questions, pooled over all questions of a group: a category is not "
-        f"the mean of its subjects. {AVG_HARD} pools the 8 hard subjects.",
+        f"the mean of its subjects. {AVG_HARD} pools the 8 hard subjects. The macro average (the C-Eval "
+        "paper's) is the mean of the group's subject accuracies, every subject weighing the same: "
+        f"`{macro_key('Avg')}` etc. in {CLASSES_ACC}.",
         "",
+        *_fit_lines(fits, agg.subjects),
         "## Per subject",
         "",
-        tabulate(subject_rows, headers=["subject", "名称", "category", "n", "correct", "accuracy"],
+        tabulate(subject_rows, headers=["subject", "名称", "category", "n", "correct", "accuracy", "shots",
+                                        "shots dropped", "prompts cut"],
                  tablefmt="github", disable_numparse=True),
         "",
         "## Per category",
         "",
-        tabulate(class_rows, headers=["category", "n", "correct", "accuracy"],
+        tabulate(class_rows, headers=["category", "n", "correct", "accuracy (pooled)", "macro average"],
                  tablefmt="github", disable_numparse=True),
         "",
     ]
@@ -105,14 +133,14 @@ def _letter(prediction: str) -> str:
     return prediction if prediction in CHOICES else "other"
 
 
-def _prediction_summary(rows: list[ScoredRow], settings_lines: list[str]) -> str:
+def _prediction_summary(rows: list[ScoredRow], settings_lines: list[str], fits: Mapping[str, Any]) -> str:
     letters = [*CHOICES, "other"]
     by_subject: dict[str, Counter[str]] = {}
     for r in rows:
         by_subject.setdefault(r.subject, Counter())[_letter(r.prediction)] += 1
     table = [
         (name, get_subject(name).name_zh, get_subject(name).category,
-         sum(c.values()), *(c[x] for x in letters))
+         sum(c.values()), *(c[x] for x in letters), *_fit_columns(fits, name))
         for name, c in sorted(by_subject.items(), key=lambda kv: official_order(kv[0]))
     ]
     lines = [
@@ -121,9 +149,11 @@ def _prediction_summary(rows: list[ScoredRow], settings_lines: list[str]) -> str
         *settings_lines,
         f"**No accuracy:** {NO_ACCURACY}.",
         "",
+        *_fit_lines(fits, by_subject),
         "## Predictions per subject",
         "",
-        tabulate(table, headers=["subject", "名称", "category", "n", *letters],
+        tabulate(table, headers=["subject", "名称", "category", "n", *letters, "shots", "shots dropped",
+                                 "prompts cut"],
                  tablefmt="github", disable_numparse=True),
         "",
     ]
@@ -183,6 +213,13 @@ def _prediction_chart(rows: list[ScoredRow], path: Path) -> None:
     _save(fig, path)
 
 
+def _prompt_fits(settings: Mapping[str, Any] | CacheSettings | None) -> Mapping[str, Any]:
+    if settings is None or isinstance(settings, CacheSettings):
+        return {}
+    fits = settings.get(PROMPT_FIT)
+    return fits if isinstance(fits, Mapping) else {}
+
+
 def write_report(
     out_dir: str | os.PathLike,
     rows: Iterable[ScoredRow],
@@ -198,8 +235,9 @@ def write_report(
     if scored:
         agg = aggregate(rows)
         _write_json(paths[0], {k: t.accuracy for k, t in agg.subjects.items()})
-        _write_json(paths[1], {k: t.accuracy for k, t in agg.classes.items()})
-        write_atomic(paths[2], _scored_summary(agg, settings_lines))
+        _write_json(paths[1], {**{k: t.accuracy for k, t in agg.classes.items()},
+                               **{macro_key(k): v for k, v in agg.macro.items()}})
+        write_atomic(paths[2], _scored_summary(agg, settings_lines, _prompt_fits(settings)))
         _scored_chart(agg, paths[3])
         return paths
     counts = Counter(r.subject for r in rows)
@@ -208,7 +246,7 @@ def write_report(
                            "predictions": {s: counts[s] for s in subjects}})
     _write_json(paths[1], {"split": "test", "accuracy": None, "note": NO_ACCURACY,
                            "predictions": len(rows)})
-    write_atomic(paths[2], _prediction_summary(rows, settings_lines))
+    write_atomic(paths[2], _prediction_summary(rows, settings_lines, _prompt_fits(settings)))
     _prediction_chart(rows, paths[3])
     submission: dict[str, dict[str, str]] = {}
     for r in sorted(rows, key=lambda r: (official_order(r.subject), _id_key(r.question_id))):

@@ -12,21 +12,32 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from npuinfer.ceval.aggregate import AVG, AVG_HARD, CLASS_KEYS
-from npuinfer.ceval.cache import META_FILE, CacheError, CacheSettings, QuestionCache, read_meta
+from npuinfer.ceval.cache import (
+    IMPLIED_EXTRA,
+    META_FILE,
+    PROMPT_FIT,
+    CacheError,
+    CacheSettings,
+    QuestionCache,
+    read_meta,
+    record_in_meta,
+)
 from npuinfer.parallel import dist as tp_dist
 from npuinfer.ceval.dataset import SPLITS, data_identity, load_split
-from npuinfer.ceval.prompts import TEMPLATES
+from npuinfer.ceval.prompts import TEMPLATES, resolve_fit
 from npuinfer.ceval.report import SUBJECT_ACC
 from npuinfer.ceval.scored import ScoredRow
-from npuinfer.ceval.subjects import HARD_SUBJECTS, get_subject
+from npuinfer.ceval.subjects import HARD_SUBJECTS, get_subject, official_order
 from npuinfer.ceval.scoring import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_NEW_TOKENS,
     SCORING_MODES,
+    PromptFit,
     ScoringStats,
     score_subject,
 )
@@ -45,6 +56,7 @@ class RunSettings:
     scoring: str = "prefix"
     batch_size: int = DEFAULT_BATCH_SIZE  # not part of the cache settings: results do not depend on it
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # generate mode only
+    fit: str | None = None  # prompts.FITS; None: the template's default (lmeval: truncate, atb: shots)
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -55,11 +67,12 @@ class RunSettings:
             raise ValueError(f"scoring: expected one of {', '.join(SCORING_MODES)}, got {self.scoring!r}")
         if self.shots < 0:
             raise ValueError(f"shots: expected >= 0, got {self.shots}")
+        object.__setattr__(self, "fit", resolve_fit(self.fit, self.template))
 
     def cache_settings(self, loaded) -> CacheSettings:
         """Everything that changes a prediction: model, weights, prompt, dtype, data, scoring mode."""
         extra: dict[str, object] = {"scoring": self.scoring, **data_identity(self.data_dir, self.split),
-                                    "max_seq_len": loaded.args.max_seq_len}
+                                    "max_seq_len": loaded.args.max_seq_len, "fit": self.fit}
         kernels = getattr(loaded, "kernels", None)
         if kernels is not None and kernels.label != "fused":  # fused (the default) adds nothing: older caches
             extra["kernels"] = kernels.label  # stay valid; a plain run never mixes rows with a fused one
@@ -83,6 +96,11 @@ class SubjectResult:
     rows: list[ScoredRow]  # every question of the subject: from the cache and scored now
     scored_now: int
     stats: ScoringStats = field(default_factory=ScoringStats)
+
+    @property
+    def fit(self) -> PromptFit | None:
+        """Shots kept and dropped, prompts cut: how the subject's prompts were fitted to the model's length."""
+        return self.stats.prompt_fit.get(self.subject)
 
     @property
     def questions(self) -> int:
@@ -119,7 +137,7 @@ class CevalRun:
         new: list[ScoredRow] = []
         for scored in score_subject(self.loaded, subject, dev, questions, s.template, s.shots, s.scoring,
                                     s.batch_size, max_new_tokens=s.max_new_tokens, stats=stats,
-                                    skip=set(done)):
+                                    skip=set(done), fit=s.fit):
             self.cache.add(scored.row)
             new.append(scored.row)
         if stats.nonfinite:
@@ -164,6 +182,12 @@ def _open_cache(out_dir: Path, settings: CacheSettings) -> QuestionCache | _Rank
     return _RankView(QuestionCache.snapshot(out_dir))
 
 
+def record_prompt_fit(out_dir: str | os.PathLike, fits: dict[str, PromptFit]) -> None:
+    """Add each subject's PromptFit to the run's cache_meta.json (a record of the run, not a setting); called
+    once by the process that merges the run (the only writer), before the report that shows them is written."""
+    record_in_meta(out_dir, PROMPT_FIT, {s: asdict(f) for s, f in fits.items()}, order=official_order)
+
+
 def read_subject_accuracy(path: str | os.PathLike, what: str = "subject") -> dict[str, float]:
     """Accuracies of a subject_acc.json (or, with ``what="category"``, a classes_acc.json); empty for a
     test-split report, which has none."""
@@ -203,20 +227,38 @@ def find_baseline(baseline: str | os.PathLike, model: str, device_label: str) ->
 # --------------------------------------------------------------------------------- gating against a baseline
 
 # The settings under which two accuracies are comparable at all; a baseline scored otherwise is not gated.
-GATED_SETTINGS: tuple[str, ...] = ("template", "shots", "split", "scoring", "data_sha256")
+GATED_SETTINGS: tuple[str, ...] = ("template", "shots", "split", "scoring", "data_sha256", "fit")
 
 
 def gate_settings(meta: dict) -> dict[str, object]:
-    """GATED_SETTINGS out of a cache_meta.json object (scoring and the data hash live under ``extra``)."""
-    extra = meta.get("extra") or {}
+    """GATED_SETTINGS out of a cache_meta.json object (scoring, the data hash and fit live under ``extra``; a
+    meta written before a setting existed implies the behaviour of then, cache.IMPLIED_EXTRA)."""
+    extra = {**IMPLIED_EXTRA, **(meta.get("extra") or {})}
     return {"template": meta.get("template"), "shots": meta.get("shots"), "split": meta.get("split"),
-            "scoring": extra.get("scoring"), "data_sha256": extra.get("data_sha256")}
+            "scoring": extra.get("scoring"), "data_sha256": extra.get("data_sha256"), "fit": extra.get("fit")}
 
 
-def settings_differences(baseline_meta: dict, run_meta: dict) -> list[str]:
-    """One ``"<setting> <baseline value> (baseline) vs <run value> (this run)"`` per differing setting."""
+def settings_differences(baseline_meta: dict, run_meta: dict, prompts_fitted: bool = True) -> list[str]:
+    """One ``"<setting> <baseline value> (baseline) vs <run value> (this run)"`` per differing setting.
+
+    ``prompts_fitted=False``: no prompt of the compared subjects was over the model's length in this run (no shot
+    dropped, none cut), so either fit gives the same prompts (same data, template, shots) and fit is not a
+    difference.
+    """
     old, new = gate_settings(baseline_meta), gate_settings(run_meta)
-    return [f"{k} {old[k]!r} (baseline) vs {new[k]!r} (this run)" for k in GATED_SETTINGS if old[k] != new[k]]
+    return [f"{k} {old[k]!r} (baseline) vs {new[k]!r} (this run)" for k in GATED_SETTINGS
+            if old[k] != new[k] and (k != "fit" or prompts_fitted)]
+
+
+def any_prompt_fitted(fits: Iterable[PromptFit | dict | None]) -> bool:
+    """Whether some subject dropped a shot or cut a prompt (an unknown PromptFit counts as fitted)."""
+    for f in fits:
+        if f is None:
+            return True
+        f = f if isinstance(f, PromptFit) else PromptFit(**f)
+        if f.dropped_shots or f.truncated:
+            return True
+    return False
 
 
 def read_baseline_meta(subject_acc: str | os.PathLike) -> dict | None:

@@ -18,6 +18,14 @@ only the logits at the context's last position; a longer one needs its own earli
 context. Rows are the distinct longest such "tails" (usually one: " A" .. " D" are single tokens for every
 real tokenizer, or share a leading "▁"), and each choice reads the row whose tail starts with its own.
 
+The head sees only the positions a continuation reads (the hidden states are gathered first): one per row for
+single-token choices, two where " A" is "▁" + "A"; never a [rows, length, vocab] tensor.
+
+Fitting to the model's length L as lm-eval does: a choice is fed ``(context + continuation)[-(L + 1):][:-1]``,
+so a continuation of n tokens leaves L - (n - 1) positions to its context, and an over-long prompt loses its
+first tokens (``fit="truncate"``, the lmeval template's default); ``fit="shots"`` drops shots for the whole
+subject first (prompts.FITS). Counted per subject in ``ScoringStats.prompt_fit``.
+
 The model always sees the ids of each question's own joint encoding, as in the naive mode. The cache holds
 the longest run of the prefix's tokens that the questions' encodings all start with (a tokenizer may merge the
 prefix's last token or two differently once a question follows); a question sharing less runs its full
@@ -38,16 +46,28 @@ from npuinfer.ceval.prompts import (
     Template,
     build_prefix,
     first_choice_letter,
+    first_shots,
     fit_shots_for_subject,
     get_template,
+    resolve_fit,
 )
 from npuinfer.ceval.scored import ScoredRow
-from npuinfer.model import SeqState
+from npuinfer.model import LAST_POSITION, SeqState
 
 SCORING_MODES: tuple[str, ...] = ("prefix", "naive", "generate")
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_NEW_TOKENS = 8
 NO_LETTER = ""  # prediction when a generation holds no letter A-D
+
+
+@dataclass(frozen=True)
+class PromptFit:
+    """How one subject's prompts were fitted to the model's length, over all its questions (skipped ones too,
+    so a resumed run reports the same)."""
+
+    shots: int  # shots in every prompt of the subject
+    dropped_shots: int  # shots asked for but dropped to fit (fit="shots")
+    truncated: int  # prompts cut from the left (fit="truncate", or a question too long even alone)
 
 
 @dataclass
@@ -61,9 +81,10 @@ class ScoringStats:
     forwards: int = 0  # model calls with prompt tokens (decode steps of generate not included)
     generated_tokens: int = 0  # decode positions computed in generate mode (rows x steps)
     fallbacks: int = 0  # questions run without the cached prefix (tokenizer merged across the boundary)
-    truncated: int = 0  # questions whose zero-shot prompt alone was over the length budget (cut from the left)
+    truncated: int = 0  # scored questions whose prompt was cut from the left (over the model's length)
     shots: dict[str, int] = field(default_factory=dict)  # shots actually used per subject
     nonfinite: list[str] = field(default_factory=list)  # question ids not scored: NaN / inf logits
+    prompt_fit: dict[str, PromptFit] = field(default_factory=dict)  # per subject
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -81,9 +102,9 @@ class QuestionScore:
 class _Item:
     question: Question
     start: int  # 0, or the cached prefix's length
-    tokens: list[int]  # context tokens after ``start``
     conts: list[list[int]]  # continuation tokens per choice (log-likelihood modes)
-    rows: list[list[int]]  # tokens fed after ``start``: context part + one tail each
+    rows: list[list[int]]  # tokens fed after ``start``: context part + one tail each (generate: the context)
+    contexts: list[int]  # per row, how many of its tokens are context (the rest is its tail)
     row_of: list[int]  # choice -> index into rows
 
 
@@ -113,12 +134,16 @@ def _tail_rows(conts: Sequence[Sequence[int]]) -> tuple[list[tuple[int, ...]], l
 
 
 class SubjectScorer:
-    """Scores the questions of one subject: prompt building, shot fitting, batching, the forwards."""
+    """Scores the questions of one subject: prompt building, fitting to the model's length, batching, the forwards.
+
+    ``max_length``: lm-eval's max_length, the most tokens a row may hold (default and ceiling: the model's
+    max_seq_len). ``fit``: prompts.FITS, None for the template's default.
+    """
 
     def __init__(self, loaded, subject: str, dev_rows: Sequence[Question], questions: Sequence[Question],
                  template: Template | str = "lmeval", shots: int = 5, mode: str = "prefix",
                  batch_size: int = DEFAULT_BATCH_SIZE, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 max_prompt_tokens: int | None = None, stats: ScoringStats | None = None) -> None:
+                 max_length: int | None = None, stats: ScoringStats | None = None, fit: str | None = None) -> None:
         if mode not in SCORING_MODES:
             raise ValueError(f"scoring mode: expected one of {', '.join(SCORING_MODES)}, got {mode!r}")
         if batch_size < 1:
@@ -132,18 +157,25 @@ class SubjectScorer:
         self.tok = loaded.tokenizer
         self.subject = subject
         self.template = get_template(template)
+        self.fit_mode = resolve_fit(fit, self.template)
         self.mode = mode
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.stats = stats if stats is not None else ScoringStats()
         self.questions = list(questions)
         self._prompts = PromptEncoder(self.tok)
+        self._split: dict[str, tuple[list[int], list[list[int]]]] = {}  # question id -> (context, continuations)
         self._holds_prefix: tuple[object, list[object]] | None = None  # (prefix K/V, the caches holding it)
-        self.budget = self._budget(max_prompt_tokens)
-        self.shots = self._fit_shots(dev_rows, shots) if self.questions else []
-        self.stats.shots[subject] = len(self.shots)
+        self.max_length = min(self.model.args.max_seq_len, max_length or self.model.args.max_seq_len)
+        self.budget = self._budget()
+        self.shots = self._choose_shots(dev_rows, shots) if self.questions else []
         self.prefix_text = build_prefix(self.template, subject, self.shots)
         self._prompts.add_head(self.prefix_text)
+        self.fit = PromptFit(shots=len(self.shots),
+                             dropped_shots=shots - len(self.shots) if self.questions else 0,
+                             truncated=sum(self._is_cut(q) for q in self.questions))
+        self.stats.shots[subject] = len(self.shots)
+        self.stats.prompt_fit[subject] = self.fit
 
     # ---- prompts -------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -151,31 +183,32 @@ class SubjectScorer:
         prompt's shared head is not re-encoded (see encoding.PromptEncoder)."""
         return self._prompts.encode(text)
 
-    def _budget(self, max_prompt_tokens: int | None) -> int:
-        """Most context tokens a question may have: room is left for the tails or the generated tokens."""
+    def _budget(self) -> int:
+        """Most context tokens a prompt may hold uncut: the model's length less the tail a continuation adds
+        (lm-eval feeds a continuation of n tokens after L - (n - 1) context tokens; the last one is never fed),
+        or less the tokens generate mode adds."""
         if self.mode == "generate":
             reserve = self.max_new_tokens
         else:
             probe = self.template.render_description(self.subject) + self.template.render_block(
                 self.questions[0]) if self.questions else "x"
             reserve = max(len(c) for c in lmeval_split(self.tok.encode, probe, self.template.continuations,
-                                                       self.tok.splits_after_newlines)[1])
-        budget = self.model.args.max_seq_len - reserve
-        if max_prompt_tokens is not None:
-            budget = min(budget, max_prompt_tokens)
+                                                       self.tok.splits_after_newlines)[1]) - 1
+        budget = self.max_length - reserve
         if budget < 1:
-            raise ValueError(f"no room for a prompt: max_seq_len {self.model.args.max_seq_len}, "
+            raise ValueError(f"no room for a prompt: max length {self.max_length}, "
                              f"{reserve} tokens reserved after it")
         return budget
 
-    def _fit_shots(self, dev_rows: Sequence[Question], k: int) -> list[Question]:
-        """The first k dev rows, dropped from the end until the longest question fits.
+    def _choose_shots(self, dev_rows: Sequence[Question], k: int) -> list[Question]:
+        """fit "truncate": the first k dev rows. fit "shots": the first k, dropped from the end until the
+        longest question fits.
 
-        Questions too long even without shots are left out of the fit (they are cut from the left when
+        Questions too long even without shots are left out of that fit (they are cut from the left when
         scored, as lm-eval does); they must not cost every other question its shots.
         """
-        if k == 0:
-            return []
+        if self.fit_mode == "truncate" or k == 0:
+            return first_shots(dev_rows, k)
         for n in range(1, min(k, len(dev_rows)) + 1):
             self._prompts.add_head(build_prefix(self.template, self.subject, dev_rows[:n]))
         description = self.template.render_description(self.subject)
@@ -186,41 +219,67 @@ class SubjectScorer:
         return fit_shots_for_subject(self.template, self.subject, dev_rows, self.questions, k,
                                      lambda text: len(self.encode(text)), self.budget, fits_alone)
 
-    def _encode(self, q: Question) -> tuple[list[int], list[list[int]], bool]:
-        """(context ids, continuation ids, truncated) of one question, lm-eval style."""
-        context = self.prefix_text + self.template.render_block(q)
-        if self.mode == "generate":
-            ctx, conts = self.encode(context), []
-        else:
-            ctx, conts = lmeval_split(self.encode, context, self.template.continuations,
-                                      self.tok.splits_after_newlines)
-        extra = max((len(c) - 1 for c in conts), default=0)  # tail tokens fed after the context
-        limit = min(self.budget, self.model.args.max_seq_len - extra)
-        if len(ctx) > limit:
-            self.stats.truncated += 1
-            return ctx[-limit:], conts, True  # lm-eval keeps the last tokens of an over-long input
-        return ctx, conts, False
+    def _encode(self, q: Question) -> tuple[list[int], list[list[int]]]:
+        """(context ids, continuation ids per choice) of one question, lm-eval style, whole (uncut)."""
+        split = self._split.get(q.question_id)
+        if split is None:
+            context = self.prefix_text + self.template.render_block(q)
+            if self.mode == "generate":
+                split = self.encode(context), []
+            else:
+                split = lmeval_split(self.encode, context, self.template.continuations,
+                                     self.tok.splits_after_newlines)
+            self._split[q.question_id] = split
+        return split
 
-    def _item(self, q: Question, ctx: list[int], conts: list[list[int]], start: int) -> _Item:
-        tokens = ctx[start:]
+    def _is_cut(self, q: Question) -> bool:
+        """Whether lm-eval's truncation cuts this question's prompt for some choice."""
+        ctx, conts = self._encode(q)
         if self.mode == "generate":
-            return _Item(q, start, tokens, conts, [tokens], [])
-        tails, row_of = _tail_rows(conts)
-        return _Item(q, start, tokens, conts, [tokens + list(t) for t in tails], row_of)
+            return len(ctx) > self.budget
+        return any(len(ctx) + len(c) - 1 > self.max_length for c in conts)
 
-    def _cached_length(self, prefix_ids: list[int], encoded: list[tuple[list[int], list, bool]]) -> list[int]:
+    def _item(self, q: Question, ctx: list[int], conts: list[list[int]], start: int, cut: bool) -> _Item:
+        if self.mode == "generate":
+            tokens = ctx[-self.budget:] if cut else ctx[start:]
+            return _Item(q, start, conts, [tokens], [len(tokens)], [])
+        if not cut:
+            context = ctx[start:]
+            tails, row_of = _tail_rows(conts)
+            return _Item(q, start, conts, [context + list(t) for t in tails], [len(context)] * len(tails), row_of)
+        # lm-eval feeds each choice (context + continuation)[-(L + 1):][:-1]: the context keeps its last
+        # L - (n - 1) tokens for a continuation of n; choices keeping as many share rows as uncut ones do.
+        keeps: dict[int, list[int]] = {}
+        for c, cont in enumerate(conts):
+            keeps.setdefault(min(len(ctx), self.max_length - (len(cont) - 1)), []).append(c)
+        rows: list[list[int]] = []
+        contexts: list[int] = []
+        row_of = [0] * len(conts)
+        for keep in sorted(keeps, reverse=True):
+            choices = keeps[keep]
+            tails, of = _tail_rows([conts[c] for c in choices])
+            for c, r in zip(choices, of):
+                row_of[c] = len(rows) + r
+            rows += [ctx[len(ctx) - keep:] + list(t) for t in tails]
+            contexts += [keep] * len(tails)
+        return _Item(q, 0, conts, rows, contexts, row_of)
+
+    def _cached_length(self, prefix_ids: list[int], encoded: list[tuple[list[int], list]],
+                       cut: list[bool]) -> list[int]:
         """Per question, how many leading tokens come from the cached prefix (0: runs its full prompt).
 
         The cache holds the longest run of the prefix's tokens that every question's joint encoding starts
         with: a tokenizer that merges differently at the boundary (Qwen's "\n\n" alone is one token, before
-        a question two) costs the last token or two, not the cache. A question sharing less than that falls back.
+        a question two) costs the last token or two, not the cache. A question sharing less than that falls
+        back; a cut question (its first tokens are not the prefix's) runs in full too.
         """
-        shared = [_common_prefix(prefix_ids, ctx) if not truncated and len(ctx) > 1 else 0
-                  for ctx, _, truncated in encoded]
+        shared = [_common_prefix(prefix_ids, ctx) if not c and len(ctx) > 1 else 0
+                  for (ctx, _), c in zip(encoded, cut)]
         usable = [n for n in shared if n >= len(prefix_ids) - BOUNDARY_SLACK and n > 0]
-        length = min(min(usable, default=0), min(len(ctx) for ctx, _, _ in encoded) - 1)
+        length = min(min(usable, default=0), min((len(ctx) for (ctx, _), c in zip(encoded, cut) if not c),
+                                                 default=1) - 1)
         starts = [length if length > 0 and n >= length else 0 for n in shared]
-        self.stats.fallbacks += sum(1 for n, (_, _, truncated) in zip(starts, encoded) if n == 0 and not truncated)
+        self.stats.fallbacks += sum(1 for n, c in zip(starts, cut) if n == 0 and not c)
         return starts
 
     # ---- running -------------------------------------------------------------------------------
@@ -229,11 +288,15 @@ class SubjectScorer:
         if not self.questions:
             return
         encoded = [self._encode(q) for q in self.questions]
+        cut = [self._is_cut(q) for q in self.questions]
+        self.stats.truncated += sum(cut)
         starts = [0] * len(encoded)
         if self.mode != "naive":
-            starts = self._cached_length(self.tok.encode(self.prefix_text), encoded)
-        items = [self._item(q, ctx, conts, start) for q, (ctx, conts, _), start in zip(self.questions, encoded, starts)]
+            starts = self._cached_length(self.tok.encode(self.prefix_text), encoded, cut)
+        items = [self._item(q, ctx, conts, start, c)
+                 for q, (ctx, conts), start, c in zip(self.questions, encoded, starts, cut)]
         self._prompts.clear()
+        self._split.clear()
         prefix_kv = None
         if any(starts):
             cached = max(starts)
@@ -305,32 +368,35 @@ class SubjectScorer:
     def _loglikelihood(self, batch: list[_Item], start: int, kv) -> Iterator[QuestionScore]:
         model = self.model
         rows = [r for it in batch for r in it.rows]
+        contexts = [n for it in batch for n in it.contexts]
         width = max(len(r) for r in rows)
         # Right padding: under the causal mask a real token never sees the padding after it.
         ids = torch.full((len(rows), width), self.tok.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        first = min(len(it.tokens) for it in batch) - 1  # no continuation is read before this position
+        # The positions a continuation reads: a row's last context position (it predicts a continuation's first
+        # token) and its tail's; only these reach the head. Rows with fewer repeat their last one.
+        reads = max(len(r) - n + 1 for r, n in zip(rows, contexts))
+        at = torch.tensor([[n - 1 + min(k, len(r) - n) for k in range(reads)] for r, n in zip(rows, contexts)])
         if kv is None:
             model.setup_caches(len(rows), width)
             self._holds_prefix = None  # this forward writes from slot 0
         # With a cached prefix the rows attend to its one copy in place: no cache, nothing copied per row.
-        logits = model(ids.to(model.device), start, logits_from=first, prefix=kv)
+        logits = model(ids.to(model.device), start, logits_at=at, prefix=kv)  # [rows, reads, vocab]
         self._count(rows, width)
-        # Gather the logits every continuation token needs: row, position, token.
-        row_idx, pos_idx, tok_idx, owner = [], [], [], []
+        logprobs = logits.float().log_softmax(-1)
+        # Every continuation token: its row, its index among the row's read positions, the token.
+        row_idx, read_idx, tok_idx, owner = [], [], [], []
         base = 0
         for n, it in enumerate(batch):
-            last = len(it.tokens) - 1  # the context's last position predicts a continuation's first token
             for c, cont in enumerate(it.conts):
                 for j, t in enumerate(cont):
                     row_idx.append(base + it.row_of[c])
-                    pos_idx.append(last + j - first)
+                    read_idx.append(j)
                     tok_idx.append(t)
                     owner.append((n, c))
             base += len(it.rows)
-        picked = logits[torch.tensor(row_idx), torch.tensor(pos_idx)].float().log_softmax(-1)
-        token_lp = picked[torch.arange(len(tok_idx)), torch.tensor(tok_idx)].tolist()
+        token_lp = logprobs[torch.tensor(row_idx), torch.tensor(read_idx), torch.tensor(tok_idx)].tolist()
         sums = [[0.0] * len(CHOICES) for _ in batch]
         for (n, c), lp in zip(owner, token_lp):
             sums[n][c] += lp
@@ -347,7 +413,7 @@ class SubjectScorer:
     def _generate(self, batch: list[_Item], start: int, kv) -> Iterator[QuestionScore]:
         """Greedy decoding; question tokens left-padded between the prefix and the new tokens."""
         model, tok = self.model, self.tok
-        rows = [it.tokens for it in batch]
+        rows = [it.rows[0] for it in batch]
         width = max(len(r) for r in rows)
         total = start + width + self.max_new_tokens
         ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
@@ -359,7 +425,7 @@ class SubjectScorer:
         self._prepare(len(rows), start, width + self.max_new_tokens, kv)
         device = model.device
         state = SeqState.from_attention_mask(mask.to(device), total)
-        value, next_ids = model(ids.to(device), start, state, last_only=True)[:, -1].max(-1)
+        value, next_ids = model(ids.to(device), start, state, logits_at=LAST_POSITION)[:, -1].max(-1)
         finite = torch.isfinite(value)  # per row; NaN wins max, inf is the max
         self._count(rows, width)
         out: list[list[int]] = [[] for _ in rows]
@@ -393,18 +459,20 @@ class SubjectScorer:
 def score_subject(loaded, subject: str, dev_rows: Sequence[Question], questions: Sequence[Question],
                   template: Template | str = "lmeval", shots: int = 5, mode: str = "prefix",
                   batch_size: int = DEFAULT_BATCH_SIZE, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                  max_prompt_tokens: int | None = None, stats: ScoringStats | None = None,
-                  skip: frozenset[str] | set[str] = frozenset()) -> Iterator[QuestionScore]:
+                  max_length: int | None = None, stats: ScoringStats | None = None,
+                  skip: frozenset[str] | set[str] = frozenset(), fit: str | None = None) -> Iterator[QuestionScore]:
     """Score the questions of one subject; yields one QuestionScore per question as its batch finishes.
 
     ``loaded`` is a runtime.LoadedModel (its ``model``, ``tokenizer`` are used). Shots are the first
-    ``shots`` dev rows, dropped from the end until the prompt of the longest question fits the model's
-    length; they are fitted against all ``questions``, including those in ``skip`` (ids already scored,
-    e.g. on resume), so a resumed run uses the same prompt. ``stats`` accumulates token counts.
+    ``shots`` dev rows; with ``fit="shots"`` they are dropped from the end until the prompt of the longest
+    question fits the model's length, fitted against all ``questions``, including those in ``skip`` (ids
+    already scored, e.g. on resume), so a resumed run uses the same prompt. ``fit=None``: the template's
+    default (lmeval: "truncate", lm-eval's left truncation of an over-long prompt). ``max_length``: lm-eval's
+    max_length (default the model's). ``stats`` accumulates token counts and each subject's PromptFit.
     Yield order is scoring order (longest prompts first), not file order.
     """
     scorer = SubjectScorer(loaded, subject, dev_rows, questions, template, shots, mode, batch_size,
-                           max_new_tokens, max_prompt_tokens, stats)
+                           max_new_tokens, max_length, stats, fit)
     if skip:
         scorer.questions = [q for q in scorer.questions if q.question_id not in skip]
     return iter(scorer)

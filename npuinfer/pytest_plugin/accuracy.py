@@ -7,7 +7,8 @@ controller (or the only process of a serial run) rewrites it sorted when the ses
 report, so both runs leave the same files. Then it gates the pooled category accuracies (and Avg, Avg(Hard)) of the rebuilt report
 against the baseline's classes_acc.json, for the categories whose subjects the run covers exactly as the
 baseline does; a drop fails the session. A baseline scored with other settings (template, shots, split,
-scoring, data) is not gated at all, with a warning naming what differs.
+scoring, data, fit) is not gated at all, with a warning naming what differs; fit counts as a difference only when
+a prompt of the run was over the model's length (otherwise both fits give the same prompts).
 The per-subject and per-category tables, and the category gate's lines, go to pytest's terminal summary.
 """
 from __future__ import annotations
@@ -21,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from ..ceval.aggregate import aggregate
-from ..ceval.cache import CacheError, read_cache, read_meta
+from ..ceval.cache import PROMPT_FIT, CacheError, read_cache, read_meta
 from ..ceval.dataset import SPLITS, CevalDataError, available_subjects, sample_dir
-from ..ceval.prompts import TEMPLATES
+from ..ceval.prompts import FITS, TEMPLATES
 from ..ceval.report import CLASSES_ACC, SUBJECT_ACC, rebuild_report
 from ..parallel import dist as tp_dist
 from ..ceval.run import (
@@ -32,13 +33,16 @@ from ..ceval.run import (
     NonFiniteScores,
     RunSettings,
     SubjectResult,
+    any_prompt_fitted,
     find_baseline,
     gate_categories,
     read_baseline_meta,
     read_subject_accuracy,
+    record_prompt_fit,
     results_dir,
     settings_differences,
 )
+from ..ceval.scoring import PromptFit
 from ..ceval.scoring import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, SCORING_MODES
 from ..ceval.subjects import get_subject, official_order
 from ..device import get_device
@@ -50,6 +54,7 @@ P_DIR, P_MODEL, P_SUBJECT = "ceval_results_dir", "ceval_model", "ceval_subject"
 P_N, P_CORRECT, P_ACC, P_NEW = "ceval_questions", "ceval_correct", "ceval_accuracy", "ceval_scored_now"
 P_BASE, P_TOKENS, P_SHOTS = "ceval_baseline", "ceval_prompt_tokens", "ceval_shots"
 P_NOT_GATED = "ceval_not_gated"  # why a case was not compared with the baseline
+P_DROPPED, P_TRUNCATED = "ceval_dropped_shots", "ceval_truncated"  # how the prompts were fitted to the model
 
 
 class CevalBaselineWarning(UserWarning):
@@ -99,6 +104,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="k-shot examples from the first dev rows (default 5; dropped from the end to fit)")
     group.addoption("--template", default="lmeval", choices=list(TEMPLATES), dest="ceval_template",
                     help="prompt: lmeval (lm-evaluation-harness ceval-valid) or atb (the Ascend tool's)")
+    group.addoption("--fit", default=None, choices=list(FITS), dest="ceval_fit",
+                    help="a prompt over the model's length: truncate (lm-eval's: every prompt keeps the shots, an "
+                         "over-long one loses its first tokens; default for --template lmeval) or shots (shots "
+                         "dropped from the end for the whole subject until its longest question fits; default "
+                         "for --template atb)")
     group.addoption("--scoring", default="prefix", choices=list(SCORING_MODES), dest="ceval_scoring",
                     help="prefix: log-likelihood with the k-shot prefix cached per subject (default); naive: "
                          "the same, every prompt run in full; generate: greedy, first letter A-D")
@@ -124,7 +134,8 @@ def _settings(config: pytest.Config) -> RunSettings:
     return RunSettings(
         data_dir=_data_dir(config), split=config.getoption("ceval_split"), shots=config.getoption("ceval_shot"),
         template=config.getoption("ceval_template"), scoring=config.getoption("ceval_scoring"),
-        batch_size=config.getoption("ceval_batch_size"), max_new_tokens=config.getoption("ceval_max_new_tokens"))
+        batch_size=config.getoption("ceval_batch_size"), max_new_tokens=config.getoption("ceval_max_new_tokens"),
+        fit=config.getoption("ceval_fit"))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -160,7 +171,7 @@ class CevalSuite:
         self.max_drop = config.getoption("ceval_max_acc_drop")
         self.baseline = config.getoption("--baseline")
         self._runs: dict[str, CevalRun | Exception] = {}
-        self._baselines: dict[str, tuple[Path | None, dict[str, float], list[str]]] = {}
+        self._baselines: dict[str, tuple[Path | None, dict[str, float], dict | None]] = {}
 
     def out_dir(self, model: str) -> Path:
         return results_dir(self.results_root, model, self.device_label)
@@ -193,26 +204,30 @@ class CevalSuite:
         record(P_NEW, result.scored_now)
         record(P_TOKENS, result.stats.prompt_tokens)
         record(P_SHOTS, result.stats.shots.get(subject))
+        if result.fit is not None:
+            record(P_DROPPED, result.fit.dropped_shots)
+            record(P_TRUNCATED, result.fit.truncated)
         self.gate(model, result, record)
         return result
 
-    def _baseline_for(self, model: str) -> tuple[Path | None, dict[str, float], list[str]]:
-        """The baseline's subject_acc.json, its accuracies, and the settings it differs from this run in."""
+    def _baseline_for(self, model: str) -> tuple[Path | None, dict[str, float], dict | None]:
+        """The baseline's subject_acc.json, its accuracies, and its cache_meta.json (None: none beside it)."""
         if model not in self._baselines:
             path = find_baseline(self.baseline, model, self.device_label)
             accs = read_subject_accuracy(path) if path else {}
             meta = read_baseline_meta(path) if path else None
-            differ = []
-            if meta is not None:
-                run = self._runs[model]
-                differ = settings_differences(meta, run.settings.cache_settings(run.loaded).to_meta())
-            self._baselines[model] = (path, accs, differ)
+            self._baselines[model] = (path, accs, meta)
         return self._baselines[model]
 
     def gate(self, model: str, result: SubjectResult, record) -> None:
         if not self.baseline:
             return
-        path, accs, differ = self._baseline_for(model)
+        path, accs, meta = self._baseline_for(model)
+        differ = []
+        if meta is not None:
+            run = self._runs[model]
+            differ = settings_differences(meta, run.settings.cache_settings(run.loaded).to_meta(),
+                                          prompts_fitted=any_prompt_fitted([result.fit]))
         where = path or f"{self.baseline} (no subject_acc.json for {model})"
         if differ:
             record(P_NOT_GATED, "settings differ")
@@ -280,6 +295,9 @@ class CevalSessionReport:
             return  # the controller (xdist) or rank 0 (tensor parallel) merges once the others are done
         for out_dir in sorted({c[P_DIR] for c in self.cases}):
             try:
+                fits = _prompt_fits([c for c in self.cases if c[P_DIR] == out_dir])
+                if fits:
+                    record_prompt_fit(out_dir, fits)
                 paths = rebuild_report(out_dir)
                 rows = read_cache(out_dir)
                 agg = aggregate(rows) if all(r.answer is not None for r in rows) else None
@@ -306,7 +324,10 @@ class CevalSessionReport:
         classes = path.parent / CLASSES_ACC
         try:
             meta = read_baseline_meta(path)
-            differ = settings_differences(meta, read_meta(out_dir)) if meta is not None else []
+            run_meta = read_meta(out_dir)
+            fitted = any_prompt_fitted((run_meta.get(PROMPT_FIT) or {}).get(s) for s in
+                                       read_subject_accuracy(out_dir / SUBJECT_ACC))
+            differ = settings_differences(meta, run_meta, prompts_fitted=fitted) if meta is not None else []
             if differ:
                 lines = [f"categories not gated: the baseline was scored with other settings: {'; '.join(differ)}"]
             elif not classes.is_file():
@@ -332,17 +353,21 @@ class CevalSessionReport:
                           key=lambda c: official_order(c[P_SUBJECT]))
             rows = [(c[P_SUBJECT], get_subject(c[P_SUBJECT]).category, _fmt(c.get(P_N)), _fmt(c.get(P_CORRECT)),
                      _fmt(c.get(P_ACC)), "not gated" if c.get(P_NOT_GATED) else _fmt(c.get(P_BASE)),
-                     _fmt(c.get(P_NEW)), c["outcome"]) for c in mine]
+                     _fmt(c.get(P_NEW)), _fmt(c.get(P_SHOTS)), _fmt(c.get(P_DROPPED)), _fmt(c.get(P_TRUNCATED)),
+                     c["outcome"]) for c in mine]
             tr.write_line(tabulate(rows, headers=["subject", "category", "n", "correct", "accuracy", "baseline",
-                                                  "scored now", "case"], tablefmt="github", disable_numparse=True))
+                                                  "scored now", "shots", "shots dropped", "prompts cut", "case"],
+                                   tablefmt="github", disable_numparse=True))
+            tr.write_line(_fit_line(mine))
             if isinstance(agg, Exception):
                 tr.write_line(f"report not written: {agg}")
                 continue
             if agg is not None:
                 tr.write_line("")
-                tr.write_line("Every question in cache.csv, pooled per category:")
-                classes = [(k, t.total, t.correct, repr(t.accuracy)) for k, t in agg.classes.items()]
-                tr.write_line(tabulate(classes, headers=["category", "n", "correct", "accuracy"],
+                tr.write_line("Every question in cache.csv, pooled per category (macro: the mean of its subjects):")
+                classes = [(k, t.total, t.correct, repr(t.accuracy), repr(agg.macro[k]))
+                           for k, t in agg.classes.items()]
+                tr.write_line(tabulate(classes, headers=["category", "n", "correct", "accuracy", "macro average"],
                                        tablefmt="github", disable_numparse=True))
             names = ", ".join(p.name for p in paths)
             tr.write_line(f"results: {out_dir}{os.sep} (cache.csv, {names})")
@@ -362,6 +387,21 @@ class CevalSessionReport:
                 tr.write_line(f"WARNING: {line.message}", yellow=True, bold=True)
             else:
                 tr.write_line(line.message, green=True)
+
+
+def _prompt_fits(cases: list[dict]) -> dict[str, PromptFit]:
+    """Each case's PromptFit, from its user properties (cases that failed before scoring have none)."""
+    return {c[P_SUBJECT]: PromptFit(int(c[P_SHOTS]), int(c[P_DROPPED]), int(c[P_TRUNCATED]))
+            for c in cases if c.get(P_TRUNCATED) is not None}
+
+
+def _fit_line(cases: list[dict]) -> str:
+    fits = _prompt_fits(cases)
+    cut = sum(f.truncated for f in fits.values())
+    dropped = [f for f in fits.values() if f.dropped_shots]
+    return (f"Prompts over the model's length: {cut} cut from the left in "
+            f"{sum(1 for f in fits.values() if f.truncated)} subjects; shots dropped in {len(dropped)} subjects "
+            f"({sum(f.dropped_shots for f in dropped)} in all).")
 
 
 def _fmt(value) -> str:
