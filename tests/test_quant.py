@@ -160,3 +160,26 @@ def test_smoothing_keeps_the_float_maths(quantized):
     tokens = torch.randint(0, loaded.args.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
     want = logits(fake_quant_reference(directory), tokens)
     assert ((logits(loaded.model, tokens) - want).abs().max() / want.abs().max()) < 5e-4
+
+
+def test_infer_cli_runs_a_quantized_directory(quantized, capsys):
+    from npuinfer.cli import main
+
+    directory = quantized("gpt-neox-tiny", "W8A8")
+    assert main(["infer", "--model-path", str(directory), "--max-new-tokens", "3", "--no-stop", "hello"]) == 0
+    assert capsys.readouterr().out.startswith("hello")
+
+
+def test_compare_pairs_a_float_run_with_its_quantized_copy(tmp_path):
+    from npuinfer.results.compare import Labels, compare_runs, to_markdown
+    from npuinfer.results.performance import BATCH, INPUT, NEXT, OUTPUT
+
+    for run, model, next_ms, quant in (("float", "qwen-7b", 100.0, "none"), ("w8a16", "qwen-7b-w8a16", 60.0, "W8A16")):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / f"performance_{model}_cpu.csv").write_text(
+            f"model,{BATCH},{INPUT},{OUTPUT},{NEXT},quantization,quant_kernel\n"
+            f"{model},1,32,32,{next_ms},{quant},{'W8A16: torch._weight_int8pack_mm' if quant != 'none' else ''}\n")
+    comparison = compare_runs(tmp_path / "w8a16", tmp_path / "float", Labels("W8A16", "float"))
+    row = next(r for r in comparison.performance if r["metric"] == NEXT)
+    assert row["W8A16/float (对比)"] == pytest.approx(0.6)
+    assert "W8A16 (W8A16: torch._weight_int8pack_mm)" in to_markdown(comparison)

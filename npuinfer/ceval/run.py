@@ -58,6 +58,8 @@ class RunSettings:
                                     "max_seq_len": loaded.args.max_seq_len}
         if self.scoring == "generate":
             extra["max_new_tokens"] = self.max_new_tokens
+        if loaded.quantization.get("quantization", "none") != "none":  # W8 checkpoints (npuinfer.quant)
+            extra.update({k: loaded.quantization[k] for k in ("quantization", "quant_kernel")})
         return CacheSettings(model=loaded.name, checkpoint=loaded.checkpoint_id, template=self.template,
                              shots=self.shots, dtype=loaded.dtype_name, split=self.split, extra=extra)
 

@@ -383,7 +383,9 @@ class BenchSession:
         return {"model": model, "device": self.device.label, "device_name": self.device.name(),
                 "dtype": dtype_name(backend.dtype), "backend": self.options.backend_label, "timing": self.options.timing,
                 "rounds": self.options.rounds, "warmup": self.options.warmup, "tp": self._tp_size(),
-                "checkpoint": backend.checkpoint, "torch": torch.__version__}
+                "checkpoint": backend.checkpoint, "torch": torch.__version__,
+                # W8 checkpoints: the scheme and the matmul kernel its layers ran (npuinfer.quant); "none" for float
+                **_quant_columns(backend)}
 
     @staticmethod
     def _check_length(backend, model: str, input_len: int, output_len: int) -> None:
@@ -591,3 +593,8 @@ def _gate_summary(tr, config: pytest.Config) -> None:
         tr.write_line("REGRESSED " + message)
     for message in by_status["skipped"]:
         tr.write_line("NOT GATED " + message)
+
+
+def _quant_columns(backend) -> dict[str, str]:
+    quant = getattr(backend, "quantization", None) or {}
+    return {"quantization": quant.get("quantization", "none"), "quant_kernel": quant.get("quant_kernel", "")}

@@ -31,7 +31,7 @@ PUBLISHED_FROM_SUMMARY = {"response_s": RESPONSE, "first_token_ms": FIRST, "next
                           "pre_next_ms": PRE, "post_next_ms": POST}
 PEAK = "peak_memory(MiB)"
 SETTINGS = ["model", "device", "device_name", "dtype", "backend", "timing", "rounds", "warmup", "tp", "checkpoint",
-            "torch"]
+            "torch", "quantization", "quant_kernel"]  # quantization: none | W8A16 | W8A8 (npuinfer.quant)
 PERFORMANCE_COLUMNS = (PUBLISHED_COLUMNS + [THROUGHPUT] + list(METRICS.values()) + [PEAK, "status", "reason"]
                        + SETTINGS + ["case_id", "measured_at", "rounds_detail"])
 # Settings that make two measurements of a case different ones (device_name and torch are provenance).
