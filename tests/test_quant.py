@@ -183,3 +183,63 @@ def test_compare_pairs_a_float_run_with_its_quantized_copy(tmp_path):
     row = next(r for r in comparison.performance if r["metric"] == NEXT)
     assert row["W8A16/float (对比)"] == pytest.approx(0.6)
     assert "W8A16 (W8A16: torch._weight_int8pack_mm)" in to_markdown(comparison)
+
+
+def _npy_layout(float_dir: Path, quant_dir: Path, out: Path) -> None:
+    """The older ModelSlim layout: the float checkpoint plus .npy dicts keyed by layer name."""
+    import shutil
+
+    shutil.copytree(float_dir, out)
+    (out / "npuinfer_tiny.json").unlink()
+    tensors = read_quant_files(find_quant_files(quant_dir))
+    dicts: dict[str, dict[str, np.ndarray]] = {}
+    names = {"weight": "quant_weight"}
+    for name, tensor in tensors.items():
+        layer, _, param = name.rpartition(".")
+        if f"{layer}.weight" in tensors and tensors[f"{layer}.weight"].dtype == torch.int8 and param != "bias":
+            dicts.setdefault(names.get(param, param), {})[layer] = tensor.numpy()
+    for stem, table in dicts.items():
+        np.save(out / f"{stem}.npy", table, allow_pickle=True)  # what ModelSlim's calibrator.save writes
+
+
+@pytest.mark.parametrize("scheme", ["W8A16", "W8A8"])
+def test_modelslim_npy_dicts_load_like_the_mindie_layout(quantized, tiny_dir, tmp_path, scheme):
+    from npuinfer.runtime import load_model
+
+    directory = quantized("baichuan2-13b-tiny", scheme)
+    _npy_layout(tiny_dir("baichuan2-13b-tiny"), directory, tmp_path / "npy")
+    from_npy = load_model(model_path=tmp_path / "npy", device="cpu", dtype="fp32")
+    from_mindie = load_model(model_path=directory, device="cpu", dtype="fp32")
+    assert from_npy.quantization["quantization"] == scheme
+    tokens = torch.randint(0, from_npy.args.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(logits(from_npy.model, tokens), logits(from_mindie.model, tokens))
+
+
+class _WouldRunCode:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")  # unpickling this creates the file
+
+
+def test_npy_pickle_that_would_run_code_is_refused_and_not_run(tiny_dir, tmp_path):
+    import shutil
+
+    from npuinfer.quant.npy_dict import RefusedPickle
+    from npuinfer.runtime import load_model
+
+    victim = tmp_path / "pwned"
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_dir("qwen-tiny"), directory)
+    np.save(directory / "quant_weight.npy", {"transformer.h.0.attn.c_attn": _WouldRunCode(victim)}, allow_pickle=True)
+    np.save(directory / "weight_scale.npy", {}, allow_pickle=True)
+    with pytest.raises(RefusedPickle, match=r"quant_weight.npy: its pickle refers to \w+\.open"):
+        load_model(model_path=directory, device="cpu", dtype="fp32")
+    assert not victim.exists()
+    # the same file through a plain unpickler would have run it: the test's payload is real
+    with open(directory / "quant_weight.npy", "rb") as f:
+        np.lib.format.read_magic(f)
+        np.lib.format.read_array_header_1_0(f)
+        pickle.load(f)
+    assert victim.exists()

@@ -125,7 +125,8 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, scheme: str,
     bad = sorted(i for i in skip if not 0 <= i < args.n_layers)
     if bad:
         raise ValueError(f"--skip-layers: {bad} out of range; the model has layers 0..{args.n_layers - 1}")
-    state, _ = read_canonical(model_dir, config, family, args)
+    # the head as stored (Baichuan2's NormHead is normalised again whenever the output is read)
+    state, _ = read_canonical(model_dir, config, family, args.with_(norm_head=False))
     if config.get("tie_word_embeddings") and state.get("output.weight") is state.get("tok_embeddings.weight"):
         state.pop("output.weight")  # a tied head is filled from the embedding again when read
     dtype = state["tok_embeddings.weight"].dtype
