@@ -51,7 +51,9 @@ class LoadedModel:
 
 def checkpoint_identity(model_dir: Path) -> str:
     digest = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
-    for path in checkpoint_files(model_dir):
+    from .quant.npy_dict import npy_files  # the older ModelSlim .npy dicts override float weights beside them
+
+    for path in checkpoint_files(model_dir) + npy_files(model_dir):
         digest.update(f"{path.name}:{path.stat().st_size}".encode())
     return digest.hexdigest()[:16]
 

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from npuinfer.checkpoint import CheckpointError, args_from_config, detect_family, read_config
 from npuinfer.model import Transformer

@@ -8,10 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import DEQUANTIZE, Kernel, choose_kernel
+from .kernels import DEQUANTIZE, FALLBACK, Kernel, choose_kernel
 from .scheme import W8A8, W8A16
 
 W8A16_PARAMS = ("weight_scale", "weight_offset")
@@ -93,8 +92,6 @@ class QuantLinear(nn.Module):
         return skipped
 
     def forward(self, x: Tensor) -> Tensor:
-        from .kernels import FALLBACK
-
         kernel = self._kernel or FALLBACK[self.scheme]
         y = kernel(x.reshape(-1, x.shape[-1]), self).reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y

@@ -74,6 +74,11 @@ def load_npy_dict(path: Path) -> dict[str, np.ndarray]:
     return obj
 
 
+def npy_files(model_dir: Path) -> list[Path]:
+    """The .npy dicts of a directory (part of its checkpoint identity)."""
+    return [p for stem in (*NPY_FILES, *IGNORED_FILES) if (p := Path(model_dir) / f"{stem}.npy").is_file()]
+
+
 def has_npy_layout(model_dir: Path) -> bool:
     return (Path(model_dir) / "quant_weight.npy").is_file()
 
