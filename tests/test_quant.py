@@ -242,3 +242,23 @@ def test_npy_pickle_that_would_run_code_is_refused_and_not_run(tiny_dir, tmp_pat
         np.lib.format.read_array_header_1_0(f)
         pickle.load(f)
     assert victim.exists()
+
+
+def test_quantize_command(tmp_path, capsys):
+    from npuinfer.cli import main
+
+    out = tmp_path / "q"
+    calib = tmp_path / "calib.txt"
+    calib.write_text("hello world\n\nsecond prompt\n", encoding="utf-8")
+    assert main(["quantize", "--model", "internlm-tiny", "--w8a8", "--out", str(out), "--calib-file", str(calib),
+                 "--skip-layers", "1"]) == 0
+    assert f"wrote {out} (W8A8" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("quant_model_*")) == ["quant_model_description_w8a8.json",
+                                                                  "quant_model_weight_w8a8.safetensors"]
+    assert not (out / "npuinfer_tiny.json").exists() and (out / "config.json").is_file()
+    assert main(["quantize", "--model", "internlm-tiny", "--w8a16", "--out", str(out)]) == 1  # not empty
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main(["quantize", "--model-path", str(out), "--w8a16", "--out", str(tmp_path / "again")]) == 1
+    assert "is already quantized" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["quantize", "--model", "internlm-tiny", "--w8a16", "--out", str(tmp_path / "x"), "--calib-file", "f"])
