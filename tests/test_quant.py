@@ -262,3 +262,12 @@ def test_quantize_command(tmp_path, capsys):
     assert "is already quantized" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["quantize", "--model", "internlm-tiny", "--w8a16", "--out", str(tmp_path / "x"), "--calib-file", "f"])
+
+
+def test_hf_backend_refuses_a_quantized_checkpoint(quantized):
+    """Loaded into transformers' float layers, int8 weights would run as their integer values."""
+    from npuinfer.device import get_device
+    from npuinfer.hf_backend import HFUnsupported, load_hf_model
+
+    with pytest.raises(HFUnsupported, match="W8 quantized checkpoint.*--backend npuinfer"):
+        load_hf_model(quantized("qwen-tiny", "W8A16"), get_device("cpu"), torch.float32)
