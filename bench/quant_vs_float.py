@@ -2,6 +2,7 @@
 real size. Figures are printed, never asserted (a shared machine is noisy).
 
     python bench/quant_vs_float.py error                      # tiny models + a widened qwen: logit error
+    python bench/quant_vs_float.py layers --layers 4          # real Qwen-7B layers, small vocab, < 3 GiB, interleaved
     python bench/quant_vs_float.py speed --dims qwen-7b --dir /tmp/q7b --write-only   # < 3 GiB: 14.4 GiB bf16
                                                               # + 8 GiB W8A16 random weights written to --dir
     flock /work/realsize.lock python bench/quant_vs_float.py speed --dims qwen-7b --dir /tmp/q7b   # measure;
@@ -208,6 +209,59 @@ def speed(args) -> None:
           f"(weights {results['W8A16']['weights_gib'] / results['bf16']['weights_gib']:.2f})")
 
 
+@torch.no_grad()
+def layers(args) -> None:
+    """Real Qwen-7B layer dimensions, --layers decoder layers and a small vocabulary, bf16 and W8A16 built in
+    memory from the same weights (< 3 GiB together), decode steps interleaved so machine noise hits both."""
+    from npuinfer.checkpoint import args_from_config
+    from npuinfer.model import Transformer
+    from npuinfer.quant import plan_from_state, prepare, swap_linears
+    from npuinfer.quant.calibrate import target_linears
+    from npuinfer.quant.scheme import quantize_weight
+    from npuinfer.tiny import ensure_tiny
+
+    config = {**json.loads((ensure_tiny("qwen-tiny") / "config.json").read_text()), **DIMS["qwen-7b"],
+              "num_hidden_layers": args.layers, "vocab_size": 2048}
+    margs = args_from_config(config, "qwen")
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: an fp32 copy would double the peak
+    try:
+        bf16 = Transformer(margs).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    state = dict(bf16.state_dict())
+    for name in target_linears(state, margs.n_layers, set()):
+        q, scale = quantize_weight(state.pop(f"{name}.weight"))
+        state.update({f"{name}.weight": q, f"{name}.weight_scale": scale.to(torch.bfloat16),
+                      f"{name}.weight_offset": torch.zeros_like(scale, dtype=torch.bfloat16)})
+    with torch.device("meta"):
+        w8 = Transformer(margs)
+    swap_linears(w8, plan_from_state(state))
+    w8.load_state_dict(state, assign=True)
+    w8.eval()
+    print(f"{args.layers} layers at Qwen-7B dims: bf16 weights "
+          f"{sum(t.numel() * t.element_size() for t in bf16.state_dict().values()) / 2**30:.2f} GiB, W8A16 "
+          f"{sum(t.numel() * t.element_size() for t in w8.state_dict().values()) / 2**30:.2f} GiB, "
+          f"{prepare(w8, 'cpu', torch.bfloat16)}", flush=True)
+    print("| batch | bf16 step (ms) | W8A16 step (ms) | W8A16/bf16 (median of per-pair ratios) |")
+    print("|---|---|---|---|")
+    for batch in args.batches:
+        ids = torch.randint(3, 1000, (batch, 8))
+        for model in (bf16, w8):
+            model.setup_caches(batch, 8 + args.steps + 2)
+            model(ids, 0, last_only=True)
+            model(ids[:, :1], 8)  # warm-up decode step
+        times = {"bf16": [], "w8": []}
+        for step in range(args.steps):
+            for key, model in (("bf16", bf16), ("w8", w8)) if step % 2 == 0 else (("w8", w8), ("bf16", bf16)):
+                t = time.perf_counter()
+                model(ids[:, :1], 9 + step)
+                times[key].append(time.perf_counter() - t)
+        ratios = [q / f for q, f in zip(times["w8"], times["bf16"])]
+        print(f"| {batch} | {statistics.median(times['bf16']) * 1e3:.0f} | {statistics.median(times['w8']) * 1e3:.0f} "
+              f"| {statistics.median(ratios):.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -221,6 +275,10 @@ def main() -> None:
     sp.add_argument("--steps", type=int, default=6)
     sp.add_argument("--write-only", action="store_true",
                     help="write the checkpoints and stop (the writer stays under 3 GiB: no lock needed)")
+    ly = sub.add_parser("layers", help="real-size layers, small vocabulary, both models in one process (< 3 GiB)")
+    ly.add_argument("--layers", type=int, default=4)
+    ly.add_argument("--batches", type=int, nargs="*", default=[1, 4])
+    ly.add_argument("--steps", type=int, default=10)
     me = sub.add_parser("_measure")
     me.add_argument("path")
     me.add_argument("--batches", type=int, nargs="*")
@@ -230,6 +288,8 @@ def main() -> None:
         print(json.dumps(measure(args.path, args.batches, args.steps, "bf16")))
     elif args.mode == "speed":
         speed(args)
+    elif args.mode == "layers":
+        layers(args)
     else:
         from npuinfer.tiny import ensure_tiny
 
