@@ -194,12 +194,13 @@ def speed(args) -> None:
         cmd = [sys.executable, __file__, "_measure", str(path), "--batches", *map(str, args.batches),
                "--steps", str(args.steps)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-        if proc.returncode:
-            raise SystemExit(f"{label}: {proc.stderr[-3000:]}")
+        if proc.returncode:  # a negative code is a signal (-9: killed, e.g. out of memory)
+            raise SystemExit(f"{label}: exit code {proc.returncode}\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
         results[label] = json.loads(proc.stdout.strip().splitlines()[-1])
         r = results[label]
+        steps = {b: round(statistics.median(t) * 1e3) for b, t in r["steps"].items()}
         print(f"{label}: load {r['load_s']:.0f} s, weights {r['weights_gib']:.2f} GiB, peak RSS "
-              f"{r['peak_rss_gib']:.2f} GiB, {r['quantization']}", flush=True)
+              f"{r['peak_rss_gib']:.2f} GiB, next-token ms by batch {steps}, {r['quantization']}", flush=True)
     print("| batch | bf16 next-token (ms) | W8A16 next-token (ms) | W8A16/bf16 |")
     print("|---|---|---|---|")
     for batch in map(str, args.batches):
