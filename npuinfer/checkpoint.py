@@ -84,6 +84,10 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (model_dir / single).is_file():
             return [model_dir / single]
+    from .quant.layout import quant_weight_files  # a MindIE quantized directory holds only its own files
+
+    if quant_weight_files(model_dir):
+        return quant_weight_files(model_dir)
     raise CheckpointError(
         f"{model_dir}: no weights found; expected model.safetensors, pytorch_model.bin, "
         f"or an index ({SAFETENSORS_INDEX} / {BIN_INDEX}) with its shards"
@@ -221,7 +225,10 @@ def source_name(family: str, canonical: str) -> str:
 
 def read_canonical(model_dir: Path, config: dict, family: str, args: ModelArgs) -> tuple[dict[str, Tensor], dict]:
     """A directory's weights under canonical names (a tied head filled from the embedding), with their sources."""
-    state, origin = to_canonical(family, read_weights(model_dir), args)
+    from .quant.layout import read_canonical_quantized  # the one hook for quantized layouts (npuinfer/quant/)
+
+    quantized = read_canonical_quantized(model_dir, family, args)
+    state, origin = quantized or to_canonical(family, read_weights(model_dir), args)
     if "output.weight" not in state and config.get("tie_word_embeddings") and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     return state, origin

@@ -139,6 +139,11 @@ def load_hf_model(model_dir: str | Path, device: Device, dtype: torch.dtype, *, 
     if args.position == "alibi":  # fail before reading gigabytes of weights
         hf_equivalent(args, {}, config_path)
     state, _ = read_canonical(model_dir, config, family, args)
+    from .quant import plan_from_state  # int8 weights would load into float layers as their integer values
+
+    if plan_from_state(state):
+        raise HFUnsupported(f"{model_dir}: a W8 quantized checkpoint; transformers has no equivalent of its int8 "
+                            f"layers here; use --backend npuinfer")
     cls, hf_config, hf_state = hf_equivalent(args, state, config_path)
     hf_state = {k: v.to(dtype) for k, v in hf_state.items()}
     dtype_kw = "dtype" if _transformers_version() >= (4, 56) else "torch_dtype"

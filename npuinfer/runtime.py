@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from .checkpoint import (
     read_canonical,
     read_config,
 )
+from . import quant
 from .decode_graph import compile_decode
 from .device import Device, dtype_name, get_device, parse_dtype
 from .kernels import MODES as KERNEL_MODES
@@ -42,6 +43,8 @@ class LoadedModel:
     tokenizer: object  # npuinfer.tokenizer.Tokenizer
     device: Device
     dtype: torch.dtype
+    # {"quantization": "none" | "W8A16" | "W8A8", "quant_kernel": the matmul its layers run, ...} (npuinfer.quant)
+    quantization: dict = field(default_factory=lambda: {"quantization": "none", "quant_kernel": ""})
 
     @property
     def dtype_name(self) -> str:
@@ -185,19 +188,22 @@ def load_model(
         state, origin = read_canonical(model_dir, config, family, args)
     with torch.device("meta"):
         model = Transformer(args)
+    quant.swap_linears(model, quant.plan_from_state(state))  # int8 layers where the tensors are quantized
     expected = {k: v.shape for k, v in model.state_dict().items()}
     # missing tensors are named as the family's files name them (part_model/ files hold canonical names)
     check_state_dict(state, expected, origin, str(model_dir), family if parallel is None else None)
-    state = {k: v.to(device=dev.torch_device, dtype=torch_dtype) for k, v in state.items()}
+    state = {k: v.to(device=dev.torch_device, dtype=quant.load_dtype(k, v, torch_dtype)) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     model.eval().requires_grad_(False)
     model.set_attention(attention)
     model.use_kernels(kernels_for(args, dev.torch_device, torch_dtype, kernels))  # the self-check runs here
+    quantization = quant.prepare(model, dev.type, torch_dtype)
     if compile:
         compile_decode(model, dev)
     if parallel is not None:
         tp_dist.install_all_reduce(model)  # sum the row-parallel partial outputs (attention wo, mlp w2)
 
     tokenizer = load_tokenizer(model_dir, family)
-    return LoadedModel(name or model_dir.name, family, model_dir, args, model, tokenizer, dev, torch_dtype)
+    return LoadedModel(name or model_dir.name, family, model_dir, args, model, tokenizer, dev, torch_dtype,
+                       quantization)
 

@@ -340,6 +340,7 @@ class NpuinferBackend:
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.checkpoint = loaded.checkpoint_id
+        self.quantization = loaded.quantization  # {"quantization": ..., "quant_kernel": ...} (npuinfer.quant)
         self.max_seq_len = loaded.args.max_seq_len
         self.vocab_size = loaded.args.vocab_size
 

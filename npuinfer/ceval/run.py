@@ -78,6 +78,8 @@ class RunSettings:
             extra["kernels"] = kernels.label  # stay valid; a plain run never mixes rows with a fused one
         if self.scoring == "generate":
             extra["max_new_tokens"] = self.max_new_tokens
+        if loaded.quantization.get("quantization", "none") != "none":  # W8 checkpoints (npuinfer.quant)
+            extra.update({k: loaded.quantization[k] for k in ("quantization", "quant_kernel")})
         provenance = {} if kernels is None else {"kernels": kernels.describe(),
                                                  "kernel_check": kernels.check_summary()}
         return CacheSettings(model=loaded.name, checkpoint=loaded.checkpoint_id, template=self.template,

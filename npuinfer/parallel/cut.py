@@ -26,6 +26,10 @@ qkv) and already split, so a rank reads nothing but its own tensors:
 - replicated: norms, ``tok_embeddings`` and ``output`` (the head). Baichuan2's NormHead is normalised
   over the full rows when the checkpoint is canonicalised, before the cut, so every rank holds the
   same normalised head.
+- W8 checkpoints (npuinfer.quant): int8 weights split like float ones; per-output-channel parameters
+  (weight_scale, weight_offset, deq_scale, quant_bias) go with the rows of column-parallel layers and are
+  replicated for row-parallel ones, whose row-parallel W8A8 quant_bias is re-split so the ranks' int32
+  partial sums add up exactly; per-tensor activation scales (input_scale, input_offset) are replicated.
 - ALiBi slopes are not weights: the model computes the slopes of its own heads from ``tp_rank``.
 
 Embedding and head are replicated rather than vocab-parallel on purpose. A vocab-parallel head
@@ -58,6 +62,7 @@ from ..checkpoint import (
     read_config,
 )
 from ..model import ModelArgs, Transformer
+from ..quant.linear import QUANT_PARAMS, TENSOR_PARAMS, plan_from_state, swap_linears
 
 PART_DIR = "part_model"
 TP_KEY = "npuinfer_tp"
@@ -90,13 +95,20 @@ def check_tp(args: ModelArgs, tp: int, where: str) -> None:
                        f"choose a tp that divides both")
 
 
+def _heads(tensor: Tensor, args: ModelArgs, tp: int, rank: int) -> Tensor:
+    local = args.n_heads // tp
+    blocks = tensor.view(3, args.n_heads, args.head_dim, *tensor.shape[1:])  # [Q; K; V] by heads
+    return blocks[:, rank * local:(rank + 1) * local].reshape(-1, *tensor.shape[1:])
+
+
 def shard_tensor(name: str, tensor: Tensor, args: ModelArgs, tp: int, rank: int) -> Tensor:
     """Rank ``rank``'s piece of the canonical tensor ``name`` (a view where possible)."""
     suffix = name.split(".", 2)[2] if name.startswith("layers.") else name
+    linear, _, param = suffix.rpartition(".")
+    if param in QUANT_PARAMS:  # W8 (npuinfer.quant): int8 weights split as float ones, above and below
+        return _shard_quant_param(name, f"{linear}.weight", param, tensor, args, tp, rank)
     if suffix in COLUMN_BY_HEADS:
-        local = args.n_heads // tp
-        blocks = tensor.view(3, args.n_heads, args.head_dim, *tensor.shape[1:])  # [Q; K; V] by heads
-        return blocks[:, rank * local:(rank + 1) * local].reshape(-1, *tensor.shape[1:])
+        return _heads(tensor, args, tp, rank)
     if suffix in COLUMN:
         return tensor.chunk(tp, dim=0)[rank]
     if suffix in ROW:
@@ -106,8 +118,51 @@ def shard_tensor(name: str, tensor: Tensor, args: ModelArgs, tp: int, rank: int)
     return tensor  # norms, embedding, head: replicated
 
 
+def _shard_quant_param(name: str, weight: str, param: str, tensor: Tensor, args: ModelArgs, tp: int,
+                       rank: int) -> Tensor:
+    """Per-output-channel parameters go with the weight's rows; per-tensor activation scales are replicated;
+    a row-parallel layer's rows are not split, so its per-channel scales are replicated too."""
+    if param in TENSOR_PARAMS or weight in ROW:
+        if weight in ROW and param == "quant_bias":
+            raise CutError(f"{name}: a row-parallel quant_bias is split by shard_state (it needs the weights)")
+        return tensor
+    if weight in COLUMN_BY_HEADS:
+        return _heads(tensor, args, tp, rank)
+    if weight in COLUMN:
+        return tensor.chunk(tp, dim=0)[rank]
+    raise CutError(f"{name}: quantization parameter of a layer that is not tensor parallel")
+
+
+def _row_quant_bias(state: dict[str, Tensor], prefix: str, tp: int, rank: int) -> Tensor:
+    """quant_bias of rank ``rank`` for a row-parallel W8A8 linear.
+
+    quant_bias = round(bias / deq_scale) - input_offset * sum_k(weight); each rank sums its own columns of the
+    weight, so rank r takes -input_offset * sum over its columns, and rank 0 also the folded float bias: the
+    ranks' int32 partial products then add up (by the all-reduce) to exactly the unsharded output.
+    """
+    weight, offset = state[f"{prefix}.weight"].long(), state[f"{prefix}.input_offset"].double()
+    if not torch.equal(offset, offset.round()):
+        raise CutError(f"{prefix}.input_offset = {offset.tolist()} is not an integer; its quant_bias cannot be split "
+                       f"exactly across ranks")
+    off = int(offset.round().item())
+    partial = -off * weight.chunk(tp, dim=1)[rank].sum(dim=1)
+    if rank == 0:
+        partial = partial + state[f"{prefix}.quant_bias"].long() + off * weight.sum(dim=1)
+    if partial.abs().max() >= 2**31:
+        raise CutError(f"{prefix}.quant_bias of rank {rank} overflows int32")
+    return partial.to(torch.int32)
+
+
 def shard_state(state: dict[str, Tensor], args: ModelArgs, tp: int, rank: int) -> dict[str, Tensor]:
-    return {name: shard_tensor(name, t, args, tp, rank) for name, t in state.items()}
+    out = {}
+    for name, t in state.items():
+        prefix, _, param = name.rpartition(".")
+        row_linear = name.startswith("layers.") and f"{prefix.split('.', 2)[2]}.weight" in ROW
+        if param == "quant_bias" and row_linear:
+            out[name] = _row_quant_bias(state, prefix, tp, rank)
+        else:
+            out[name] = shard_tensor(name, t, args, tp, rank)
+    return out
 
 
 def read_checkpoint_args(model_dir: Path) -> tuple[dict, str, ModelArgs]:
@@ -124,13 +179,15 @@ def read_checkpoint_args(model_dir: Path) -> tuple[dict, str, ModelArgs]:
 def read_canonical(model_dir: Path, config: dict, family: str, args: ModelArgs) -> dict[str, Tensor]:
     """The full canonical state, checked against the unsharded model."""
     state, origin = read_canonical_weights(model_dir, config, family, args)
-    check_state_dict(state, _expected(args), origin, str(model_dir))
+    check_state_dict(state, _expected(args, plan_from_state(state)), origin, str(model_dir))
     return state
 
 
-def _expected(args: ModelArgs) -> dict[str, torch.Size]:
+def _expected(args: ModelArgs, plan: dict | None = None) -> dict[str, torch.Size]:
     with torch.device("meta"):
-        return {k: v.shape for k, v in Transformer(args).state_dict().items()}
+        model = Transformer(args)
+        swap_linears(model, plan or {})  # W8 layers where the checkpoint is quantized
+        return {k: v.shape for k, v in model.state_dict().items()}
 
 
 def cut_checkpoint(model_dir: str | os.PathLike, tp: int) -> list[Path]:
@@ -148,7 +205,8 @@ def cut_checkpoint(model_dir: str | os.PathLike, tp: int) -> list[Path]:
     shards = []
     for rank in range(tp):
         shard = shard_state(state, args, tp, rank)
-        check_state_dict(shard, _expected(args.with_(tp_size=tp, tp_rank=rank)), {}, f"rank {rank} of the cut")
+        check_state_dict(shard, _expected(args.with_(tp_size=tp, tp_rank=rank), plan_from_state(state)), {},
+                         f"rank {rank} of the cut")
         shards.append(shard)
 
     staging = _fresh_dir(model_dir, "tmp")

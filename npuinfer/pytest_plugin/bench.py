@@ -439,7 +439,9 @@ class BenchSession:
         return {"model": model, "device": self.device.label, "device_name": self.device.name(),
                 "dtype": dtype_name(backend.dtype), "backend": self.options.backend_label, "timing": self.options.timing,
                 "rounds": self.options.rounds, "warmup": self.options.warmup, "tp": self._tp_size(),
-                "checkpoint": backend.checkpoint, "torch": torch.__version__, "kernels": _kernels_cell(backend)}
+                "checkpoint": backend.checkpoint, "torch": torch.__version__, "kernels": _kernels_cell(backend),
+                # W8 checkpoints: the scheme and the matmul kernel its layers ran (npuinfer.quant); "none" for float
+                **_quant_columns(backend)}
 
     @staticmethod
     def _check_length(backend, model: str, input_len: int, output_len: int) -> None:
@@ -730,3 +732,8 @@ def _gate_summary(tr, config: pytest.Config) -> None:
     nothing = config.stash.get(_NOTHING_COMPARED, None)
     if nothing:
         tr.write_line("FAILED " + nothing, red=True)
+
+
+def _quant_columns(backend) -> dict[str, str]:
+    quant = getattr(backend, "quantization", None) or {}
+    return {"quantization": quant.get("quantization", "none"), "quant_kernel": quant.get("quant_kernel", "")}

@@ -197,6 +197,8 @@ def performance_settings(run: Run, model: str) -> str:
     parts = [r.get("device_name") or r.get("device"), r.get("dtype"), r.get("backend"), f"{r.get('timing')} timing"]
     if r.get("tp") and r.get("tp") != "1":
         parts.append(f"tp {r.get('tp')}")
+    if r.get("quantization") not in (None, "", "none"):
+        parts.append(f"{r.get('quantization')} ({r.get('quant_kernel')})")
     return ", ".join(p for p in parts if p)
 
 
@@ -287,9 +289,26 @@ class Comparison:
 
 def compare_runs(run_a: str | Path, run_b: str | Path, labels: Labels) -> Comparison:
     a, b = read_run(run_a, "RUN_A"), read_run(run_b, "RUN_B")
+    paired = pair_single_models(a, b)
     perf, perf_notes = performance_rows(a, b, labels)
     acc, acc_notes = accuracy_rows(a, b, labels)
-    return Comparison(labels, a, b, perf, acc, perf_notes + acc_notes)
+    return Comparison(labels, a, b, perf, acc, paired + perf_notes + acc_notes)
+
+
+def pair_single_models(a: Run, b: Run) -> list[str]:
+    """One model in each run under different names (a float directory and its quantized copy, qwen-7b and
+    qwen-7b-w8a16): they are compared with each other, under the name ``A-name / B-name``."""
+    models_a = set(a.performance) | set(a.accuracy)
+    models_b = set(b.performance) | set(b.accuracy)
+    if len(models_a) != 1 or len(models_b) != 1 or models_a == models_b:
+        return []
+    (ma,), (mb,) = models_a, models_b
+    name = f"{ma} / {mb}"
+    for run, model in ((a, ma), (b, mb)):
+        for table in (run.performance, run.performance_files, run.accuracy):
+            if model in table:
+                table[name] = table.pop(model)
+    return [f"{name}: one model in each run under different names; compared with each other"]
 
 
 def _cell(value: object) -> str:

@@ -33,7 +33,9 @@ PUBLISHED_FROM_SUMMARY = {"response_s": RESPONSE, "first_token_ms": FIRST, "next
                           "pre_next_ms": PRE, "post_next_ms": POST}
 PEAK = "peak_memory(MiB)"
 SETTINGS = ["model", "device", "device_name", "dtype", "backend", "timing", "rounds", "warmup", "tp", "checkpoint",
-            "torch", "kernels"]  # kernels: the kernel set and its self-check (provenance; "+plain" is in backend)
+            "torch", "kernels", "quantization", "quant_kernel"]
+# kernels: the kernel set and its self-check (provenance; "+plain" is in backend); quantization: none | W8A16 | W8A8
+# (npuinfer.quant) and quant_kernel the matmul its layers ran
 # The noise guard's verdict (npuinfer.noise): was the machine quiet while the row was measured, why not, and the
 # figures it judged by (JSON). Last, so that rows written before it keep their columns where they were.
 QUIET, QUIET_REASONS, NOISE = "quiet", "quiet_reasons", "noise"

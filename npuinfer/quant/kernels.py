@@ -1,0 +1,121 @@
+"""Which matmul a quantized linear runs, per device type: a table tried in order, each entry checked once
+against dequantize-then-matmul on a small input before it is used (a kernel that is missing, refuses the
+shapes or disagrees falls through to the next, and the last is always dequantize-then-matmul).
+
+cpu:  W8A16 torch._weight_int8pack_mm, W8A8 torch._int_mm (int32 accumulation).
+cuda: W8A16 dequantize-then-matmul, W8A8 torch._int_mm (rows padded to 17: cuda's kernel needs M > 16).
+npu:  W8A16 torch_npu.npu_weight_quant_batchmatmul, W8A8 torch_npu.npu_quant_matmul, keyword arguments only
+      (positional order changed between CANN releases). The cuda and npu entries are not run here.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .scheme import W8A8, W8A16, decode_deq_scale, dequantize_weight, quantize_activation
+
+Kernel = Callable[[Tensor, "torch.nn.Module"], Tensor]  # (x [M, k], layer) -> y [M, n] without the float bias
+DEQUANTIZE = "dequantize"
+
+
+# ---------------------------------------------------------------- W8A16: y = x @ ((w - offset) * scale).T
+
+
+def w8a16_dequantize(x: Tensor, layer) -> Tensor:
+    w = dequantize_weight(layer.weight, layer.weight_scale, layer.weight_offset).to(x.dtype)
+    return F.linear(x, w)
+
+
+def w8a16_int8pack(x: Tensor, layer) -> Tensor:
+    # the kernel is symmetric: x @ ((w - o) * s).T = int8pack(x, w, s) - sum_k(x) * (o * s)
+    scale = layer.weight_scale.reshape(-1).to(x.dtype)
+    y = torch._weight_int8pack_mm(x.contiguous(), layer.weight, scale)
+    if layer.has_offset:
+        y = y - x.sum(dim=-1, keepdim=True) * (layer.weight_offset.reshape(-1) * layer.weight_scale.reshape(-1)
+                                                ).to(x.dtype)
+    return y
+
+
+def w8a16_npu(x: Tensor, layer) -> Tensor:
+    import torch_npu  # type: ignore[import-not-found]
+
+    n = layer.weight.shape[0]
+    offset = (-layer.weight_offset).reshape(1, n).to(x.dtype) if layer.has_offset else None
+    return torch_npu.npu_weight_quant_batchmatmul(x=x, weight=layer.weight.t(),
+                                                  antiquant_scale=layer.weight_scale.reshape(1, n).to(x.dtype),
+                                                  antiquant_offset=offset)
+
+
+# ---------------------------------------------------------------- W8A8: y = (xq @ w.T + quant_bias) * deq_scale
+
+
+def _dequant_output(acc: Tensor, layer, dtype: torch.dtype) -> Tensor:
+    return ((acc + layer.quant_bias).float() * decode_deq_scale(layer.deq_scale)).to(dtype)
+
+
+def w8a8_dequantize(x: Tensor, layer) -> Tensor:
+    xq = quantize_activation(x, layer.input_scale, layer.input_offset)
+    acc = F.linear(xq.float(), layer.weight.float())  # fp32: exact while sums stay below 2^24, ~1e-7 beyond
+    return _dequant_output(acc, layer, x.dtype)
+
+
+def w8a8_int_mm(x: Tensor, layer) -> Tensor:
+    xq = quantize_activation(x, layer.input_scale, layer.input_offset)
+    return _dequant_output(torch._int_mm(xq, layer.weight.t()), layer, x.dtype)
+
+
+def w8a8_int_mm_padded(x: Tensor, layer) -> Tensor:
+    xq = quantize_activation(x, layer.input_scale, layer.input_offset)
+    rows = xq.shape[0]
+    if rows <= 16:
+        xq = F.pad(xq, (0, 0, 0, 17 - rows))
+    return _dequant_output(torch._int_mm(xq, layer.weight.t())[:rows], layer, x.dtype)
+
+
+def w8a8_npu(x: Tensor, layer) -> Tensor:
+    import torch_npu  # type: ignore[import-not-found]
+
+    xq = quantize_activation(x, layer.input_scale, layer.input_offset)
+    scale = decode_deq_scale(layer.deq_scale)
+    if x.dtype == torch.float16:  # fp16 output takes the int64-packed scale
+        scale = torch_npu.npu_trans_quant_param(scale=scale)
+    return torch_npu.npu_quant_matmul(x1=xq, x2=layer.weight.t(), scale=scale, bias=layer.quant_bias,
+                                      output_dtype=x.dtype)
+
+
+KERNELS: dict[str, dict[str, list[tuple[str, Kernel]]]] = {
+    W8A16: {"cpu": [("torch._weight_int8pack_mm", w8a16_int8pack)],
+            "cuda": [],
+            "npu": [("torch_npu.npu_weight_quant_batchmatmul", w8a16_npu)]},
+    W8A8: {"cpu": [("torch._int_mm", w8a8_int_mm)],
+           "cuda": [("torch._int_mm", w8a8_int_mm_padded)],
+           "npu": [("torch_npu.npu_quant_matmul", w8a8_npu)]},
+}
+FALLBACK: dict[str, Kernel] = {W8A16: w8a16_dequantize, W8A8: w8a8_dequantize}
+
+
+def choose_kernel(layer, device_type: str) -> tuple[str, Kernel, list[str]]:
+    """(name, kernel, reasons the earlier candidates were passed over) for ``layer`` on ``device_type``."""
+    fallback = FALLBACK[layer.scheme]
+    skipped = []
+    probe = torch.randn(3, layer.weight.shape[1], device=layer.weight.device, dtype=layer.compute_dtype)
+    if layer.scheme == W8A8:  # inputs inside the calibrated range, so both paths quantize alike
+        probe = (probe.float().clamp(-2, 2) * layer.input_scale.float() * 20).to(layer.compute_dtype)
+    with torch.no_grad():
+        expected = fallback(probe, layer).float()
+        for name, kernel in KERNELS[layer.scheme].get(device_type, []):
+            try:
+                got = kernel(probe, layer).float()
+            except Exception as exc:  # missing op, unsupported dtype or shape
+                skipped.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                continue
+            tol = 1e-3 if layer.compute_dtype == torch.float32 else 3e-2
+            scale = expected.abs().max().clamp(min=1e-6)
+            if got.shape != expected.shape or ((got - expected).abs().max() / scale) > tol:
+                skipped.append(f"{name}: disagrees with dequantize-then-matmul")
+                continue
+            return name, kernel, skipped
+    return DEQUANTIZE, fallback, skipped
