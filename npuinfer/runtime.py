@@ -35,14 +35,24 @@ class LoadedModel:
     tokenizer: object  # npuinfer.tokenizer.Tokenizer
     device: Device
     dtype: torch.dtype
+    dummy_seed: int | None = None  # set when the weights are seeded random ones (npuinfer.dummy), not a checkpoint
 
     @property
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
 
     @property
+    def weights(self) -> str:
+        """The ``weights`` column of rows: ``checkpoint`` or ``dummy(seed N)``."""
+        return "checkpoint" if self.dummy_seed is None else f"dummy(seed {self.dummy_seed})"
+
+    @property
     def checkpoint_id(self) -> str:
         """Identity of the weights on disk (config + file names and sizes), for result caches."""
+        if self.dummy_seed is not None:
+            from .dummy import dummy_identity
+
+            return dummy_identity(self.args, self.dummy_seed)
         return checkpoint_identity(self.model_dir)
 
 
@@ -65,12 +75,21 @@ def load_model(
     max_seq_len: int | None = None,
     attention: str = "sdpa",
     compile: bool = False,
+    dummy_weights: bool = False,
+    seed: int = 0,
+    memory_limit: int | None = None,
 ) -> LoadedModel:
-    """Load a registry model (``name``) or any supported directory (``model_path``) ready to run."""
+    """Load a registry model (``name``) or any supported directory (``model_path``) ready to run.
+
+    ``dummy_weights``: the real shapes with seeded random weights made on the device (npuinfer.dummy), refused
+    before allocating when they cannot fit ``memory_limit`` / the device / the host.
+    """
     from .tokenizer import load_tokenizer
 
     if name is None and model_path is None:
         raise ValueError("give a model name (--model) or a checkpoint directory (--model-path)")
+    if dummy_weights:
+        return _load_dummy(name, model_path, device, dtype, max_seq_len, attention, compile, seed, memory_limit)
     spec: ModelSpec | None = get_spec(name) if name else None
     model_dir = resolve_model_dir(name, model_path) if name else Path(model_path)
     dev = device if isinstance(device, Device) else get_device(device, tp_dist.local_rank())
@@ -124,8 +143,37 @@ def load_model(
     return LoadedModel(name or model_dir.name, family, model_dir, args, model, tokenizer, dev, torch_dtype)
 
 
+def _load_dummy(name, model_path, device, dtype, max_seq_len, attention, compile, seed, memory_limit) -> LoadedModel:
+    from . import dummy
+    from .tiny import ensure_tiny
+    from .tokenizer import load_tokenizer
+
+    dev = device if isinstance(device, Device) else get_device(device, tp_dist.local_rank())
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else (dtype or default_dtype(dev))
+    dev.check_dtype(torch_dtype)
+    args, tok_dir, origin = dummy.dummy_source(name, model_path, max_seq_len)
+    parallel = tp_dist.tp_world()
+    if parallel is not None:
+        args = args.with_(tp_size=parallel[0], tp_rank=parallel[1])
+    label = name or Path(model_path).name
+    dummy.check_fits(args, torch_dtype, dev, memory_limit, f"{label} ({origin})")
+    model = dummy.build_dummy_model(args, dev, torch_dtype, seed)
+    model.set_attention(attention)
+    if compile:
+        from .decode_graph import compile_decode
+
+        compile_decode(model, dev)
+    if parallel is not None:
+        tp_dist.install_all_reduce(model)
+    if tok_dir is None:  # a real name without a download: the tiny stand-in's tokenizer (ids < its vocab)
+        tok_dir = ensure_tiny(get_spec(name).stand_in)
+    tokenizer = load_tokenizer(tok_dir, args.family)
+    return LoadedModel(label, args.family, tok_dir, args, model, tokenizer, dev, torch_dtype, dummy_seed=seed)
+
+
 def config_summary(loaded: LoadedModel) -> str:
     a = loaded.args
     return json.dumps({"model": loaded.name, "family": a.family, "layers": a.n_layers, "hidden": a.dim,
                        "heads": a.n_heads, "params": a.num_parameters(), "device": str(loaded.device),
-                       "dtype": loaded.dtype_name, "max_seq_len": a.max_seq_len})
+                       "dtype": loaded.dtype_name, "max_seq_len": a.max_seq_len,
+                       "weights": loaded.weights})

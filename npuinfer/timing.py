@@ -338,6 +338,7 @@ class NpuinferBackend:
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.checkpoint = loaded.checkpoint_id
+        self.weights = loaded.weights
         self.max_seq_len = loaded.args.max_seq_len
         self.vocab_size = loaded.args.vocab_size
 

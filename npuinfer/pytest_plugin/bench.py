@@ -339,6 +339,9 @@ class BenchSession:
             return NpuinferBackend(self.model_cache.get(model))
         from ..device import parse_dtype
         from ..hf_backend import HFBackend
+
+        if self.config.getoption("npuinfer_dummy_weights"):  # transformers over the same dummy weights
+            return HFBackend.sharing(self.model_cache.get(model), attention=self.config.getoption("npuinfer_attention"))
         from ..registry import MODELS, resolve_model_dir
 
         opt = self.config.getoption
@@ -383,7 +386,8 @@ class BenchSession:
         return {"model": model, "device": self.device.label, "device_name": self.device.name(),
                 "dtype": dtype_name(backend.dtype), "backend": self.options.backend_label, "timing": self.options.timing,
                 "rounds": self.options.rounds, "warmup": self.options.warmup, "tp": self._tp_size(),
-                "checkpoint": backend.checkpoint, "torch": torch.__version__}
+                "checkpoint": backend.checkpoint, "torch": torch.__version__,
+                "weights": getattr(backend, "weights", "checkpoint")}
 
     @staticmethod
     def _check_length(backend, model: str, input_len: int, output_len: int) -> None:

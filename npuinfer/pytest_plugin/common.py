@@ -30,6 +30,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--compile", action="store_true", default=False, dest="npuinfer_compile",
                     help="run the decode step as one graph (cpu: an AOTInductor library; cuda: CUDA graphs; npu: "
                          "torchair); each new shape builds first, in the warm-up")
+    group.addoption("--dummy-weights", action="store_true", default=False, dest="npuinfer_dummy_weights",
+                    help="the model's real shapes with seeded random weights made on the device, no checkpoint "
+                         "(refused before allocating when the weights cannot fit --memory-limit / the device)")
     group.addoption("--results-dir", default="results", dest="npuinfer_results_dir",
                     help="where CSV, markdown and plots are written (default results/)")
     group.addoption("--tp", default=1, type=int, dest="npuinfer_tp",
@@ -94,7 +97,9 @@ class ModelCache:
             self._loaded[name] = load_model(
                 registry_name, path, self.device, self.config.getoption("npuinfer_dtype"),
                 self.config.getoption("npuinfer_max_seq_len"), self.config.getoption("npuinfer_attention"),
-                compile=self.config.getoption("npuinfer_compile"))
+                compile=self.config.getoption("npuinfer_compile"),
+                dummy_weights=self.config.getoption("npuinfer_dummy_weights"),
+                memory_limit=self.config.getoption("bench_memory_limit", None))
         return self._loaded[name]
 
 

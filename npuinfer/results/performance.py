@@ -33,7 +33,8 @@ PEAK = "peak_memory(MiB)"
 SETTINGS = ["model", "device", "device_name", "dtype", "backend", "timing", "rounds", "warmup", "tp", "checkpoint",
             "torch"]
 PERFORMANCE_COLUMNS = (PUBLISHED_COLUMNS + [THROUGHPUT] + list(METRICS.values()) + [PEAK, "status", "reason"]
-                       + SETTINGS + ["case_id", "measured_at", "rounds_detail"])
+                       + SETTINGS + ["case_id", "measured_at", "rounds_detail"]
+                       + ["weights"])  # appended: the committed baselines' columns stay as they were
 # Settings that make two measurements of a case different ones (device_name and torch are provenance).
 PERFORMANCE_KEY = ["model", "device", "dtype", "backend", "timing", "rounds", "warmup", "tp", "checkpoint",
                    BATCH, INPUT, OUTPUT]
