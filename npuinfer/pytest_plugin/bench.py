@@ -45,6 +45,7 @@ from ..results.baseline import DEFAULT_MAX_REGRESSION, GATE_MODES, GateOutcome, 
 from ..results.calibration import CALIBRATION, CALIBRATION_FIGURES, Calibrator, calibration_path, calibration_row, \
     calibration_table
 from ..results.table import append_jsonl
+from ..roofline import roofline_figures, session_peaks
 from ..timing import MODES, BenchCase, measure_case, plain_repeat
 from .common import DEFAULT_TINY_MODELS, GROUP, selected_models
 
@@ -208,6 +209,10 @@ _REPORTS = pytest.StashKey[list]()
 _RAN_BENCH: set[str] = set()  # node ids of bench cases reported in this process's session
 _GATE_KEY = "npuinfer_perf_gate"  # user property: (status, message, worst slowdown, where) of a case's gate
 _GATED: dict[str, tuple] = {}  # node id -> (status, message, worst slowdown, where), as reported (xdist: workers')
+
+
+class RooflineWarning(UserWarning):
+    """A row beat the session's bandwidth probe (MBU > 1): the probe, not the row, needs fixing."""
 
 
 class PerformanceBaselineWarning(UserWarning):
@@ -409,6 +414,7 @@ class BenchSession:
             if old is not None and old.get("status") == "ok":
                 pytest.skip(f"already measured in {csv_path} at {old.get('measured_at')} (--skip-measured)")
         writer = self._writes_rows()
+        session_peaks(self.device, backend.dtype)  # probed once, before the first case is timed
         calibrate_before = self._calibrate(backend, case) if self.calibrating else None
         self.device.reset_peak_memory()
         try:
@@ -431,6 +437,7 @@ class BenchSession:
         summary = self._over_ranks(timing.summary())
         row = performance_row(case.batch, case.input_len, case.output_len, settings, summary=summary,
                               rounds_detail=timing.rounds_brief(), peak_bytes=peak, case_id=case.id)
+        row.update(self._roofline(backend, case, summary, settings))
         cal_row = None
         if self.calibrating:
             cal_row = calibration_row(key, case.id, calibrate_before, calibrate_after, dtype_name(backend.dtype))
@@ -444,6 +451,19 @@ class BenchSession:
                 calibration_table(calibration_path(self.results_dir, case.model, self.device.label)).upsert(cal_row)
         benchmark.extra_info.update({k: v for k, v in row.items() if k not in ("rounds_detail",)})
         self._gate(case, row, cal_row)
+
+    def _roofline(self, backend, case: BenchCase, summary: dict, settings: dict) -> dict:
+        """Bytes, FLOPs, MBU and MFU of a row (npuinfer.roofline), against this session's probed peaks."""
+        bandwidth, flops = session_peaks(self.device, backend.dtype)
+        args = backend.loaded.args if hasattr(backend, "loaded") else backend.args
+        figures = roofline_figures(args, case.batch, case.input_len, case.output_len, backend.dtype,
+                                   summary.get("first_token_ms"), summary.get("next_token_ms"), bandwidth, flops,
+                                   str(settings.get("device_name", "")))
+        if (figures["MBU"] or 0) > 1:
+            warnings.warn(RooflineWarning(
+                f"{case.id}: MBU {figures['MBU']:.2f} > 1: the decode read memory faster than the bandwidth probe "
+                f"({bandwidth.source}); the probe is missing a faster way to read memory (npuinfer/roofline.py)"))
+        return figures
 
     # -- calibration and the baseline gate
     def _calibrate(self, backend, case: BenchCase) -> list[float]:

@@ -10,6 +10,7 @@ import datetime as _dt
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..roofline import ROOFLINE_COLUMNS
 from .table import CsvTable, markdown_table, parse_float, read_csv, varying_columns, write_text_atomic
 
 BATCH, INPUT, OUTPUT = "batch_size", "input_seq_len(Encoding)", "output_seq_len(Decoding)"
@@ -34,7 +35,8 @@ SETTINGS = ["model", "device", "device_name", "dtype", "backend", "timing", "rou
             "torch"]
 PERFORMANCE_COLUMNS = (PUBLISHED_COLUMNS + [THROUGHPUT] + list(METRICS.values()) + [PEAK, "status", "reason"]
                        + SETTINGS + ["case_id", "measured_at", "rounds_detail"]
-                       + ["weights"])  # appended: the committed baselines' columns stay as they were
+                       # appended: the committed baselines' columns stay as they were
+                       + ["weights"] + ROOFLINE_COLUMNS)
 # Settings that make two measurements of a case different ones (device_name and torch are provenance).
 PERFORMANCE_KEY = ["model", "device", "dtype", "backend", "timing", "rounds", "warmup", "tp", "checkpoint",
                    BATCH, INPUT, OUTPUT]
@@ -46,7 +48,8 @@ MAX_BATCH_COLUMNS = ([INPUT, OUTPUT, MAX_BATCH, "predicted_max_batch", "memory_l
                      + MAX_BATCH_SETTINGS + ["measured_at"])
 MAX_BATCH_KEY = ["model", "device", "dtype", "backend", "checkpoint", "memory_limit", INPUT, OUTPUT]
 
-NUMERIC = set(PUBLISHED_COLUMNS + [THROUGHPUT, PEAK, "predicted_peak(MiB)", "measured_peak(MiB)"]
+NUMERIC = set(PUBLISHED_COLUMNS + [THROUGHPUT, PEAK, "predicted_peak(MiB)", "measured_peak(MiB)", "MBU", "MFU",
+               "achieved_bandwidth(GB/s)", "peak_bandwidth(GB/s)", "max_batch_tpot(ms)"]
               + list(METRICS.values()))
 MIB = 1024 * 1024
 
@@ -118,12 +121,18 @@ def performance_markdown(csv_path: Path) -> str:
     _, rows = read_csv(csv_path)
     rows = sorted(rows, key=_sort_key)
     varying = varying_columns(rows, [c for c in SETTINGS if c not in ("model",)])
-    columns = PUBLISHED_COLUMNS + [THROUGHPUT, "TTFT(ms)", "TPOT(ms)", "status"] + varying
+    roofline = ["achieved_bandwidth(GB/s)", "MBU"] if any(r.get("MBU") for r in rows) else []
+    columns = PUBLISHED_COLUMNS + [THROUGHPUT, "TTFT(ms)", "TPOT(ms)"] + roofline + ["status"] + varying
     same = [c for c in SETTINGS if c not in varying]
     lines = [f"# Performance: {rows[0]['model'] if rows else csv_path.stem}", "",
-             _title(rows, same), "", markdown_table(rows, columns, numeric=NUMERIC), ""]
+             _title(rows, same + ["weights"]), "", markdown_table(rows, columns, numeric=NUMERIC), ""]
     notes = [f"- {r.get('case_id') or _case_label(r)}: {r.get('status')}: {r.get('reason')}"
              for r in rows if r.get("status") != "ok" and r.get("reason")]
+    peaks = sorted({f"{float(r['peak_bandwidth(GB/s)']):.1f} GB/s ({r.get('peak_bandwidth_source')})"
+                    for r in rows if r.get("MBU") and r.get("peak_bandwidth(GB/s)")})
+    if peaks:
+        lines += ["MBU = (weight + KV bytes a decode step reads) / next-token time / peak bandwidth; peak used: "
+                  + "; ".join(peaks), ""]
     if notes:
         lines += ["Rows not measured:", *notes, ""]
     lines.append(f"Source: {csv_path.name} (raw rounds: {raw_rounds_path(csv_path).name})")
