@@ -25,6 +25,7 @@ from ..device import Device, dtype_name
 from ..memory import MaxBatchSearch, format_size, parse_size
 from ..results.performance import (
     INPUT,
+    LATENCY_MAX_BATCH,
     MAX_BATCH,
     MAX_BATCH_SETTINGS,
     MIB,
@@ -129,6 +130,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="npuinfer's runtime, or transformers' generate on the same checkpoint (hf)")
     group.addoption("--memory-limit", type=_size, default=None, dest="bench_memory_limit", metavar="16GiB",
                     help="memory the max-batch search may use (required on cpu; on a device: min with its memory)")
+    group.addoption("--max-tpot", type=_duration("--max-tpot"), default=None, dest="bench_max_tpot", metavar="50ms",
+                    help="bench/test_max_batch.py: also the largest batch whose measured time per output token "
+                         "stays within this limit (searched up to the memory-bound batch)")
+    group.addoption("--max-ttft", type=_duration("--max-ttft"), default=None, dest="bench_max_ttft", metavar="2s",
+                    help="bench/test_max_batch.py: also the largest batch whose measured first-token time stays "
+                         "within this limit (with --max-tpot: both)")
     group.addoption("--skip-measured", action="store_true", default=False, dest="bench_skip_measured",
                     help="skip cases whose row, with the same settings, is already in the results CSV "
                          "(to finish an interrupted sweep); without it a case is measured again and its row replaced")
@@ -152,6 +159,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "case) so the machine's momentary speed cancels; raw: compare the times themselves")
 
 
+def _duration(option: str):
+    def parse(text: str) -> float:
+        from ..latency import parse_duration_ms
+
+        try:
+            return parse_duration_ms(text, option)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
 def _regression(text: str) -> float:
     return parse_regression(text)
 
@@ -173,6 +192,8 @@ class BenchOptions:
     memory_limit: int | None
     skip_measured: bool
     seed: int
+    max_tpot_ms: float | None = None
+    max_ttft_ms: float | None = None
 
     @property
     def backend_label(self) -> str:
@@ -199,7 +220,8 @@ class BenchOptions:
         return cls(batches=tuple(batches), pairs=tuple(pairs), rounds=opt("bench_rounds"), warmup=opt("bench_warmup"),
                    timing=opt("bench_timing"), backend=opt("bench_backend"), compile=opt("npuinfer_compile"),
                    memory_limit=opt("bench_memory_limit"),
-                   skip_measured=opt("bench_skip_measured"), seed=opt("bench_seed"))
+                   skip_measured=opt("bench_skip_measured"), seed=opt("bench_seed"),
+                   max_tpot_ms=opt("bench_max_tpot"), max_ttft_ms=opt("bench_max_ttft"))
 
 
 _OPTIONS = pytest.StashKey[BenchOptions]()
@@ -501,9 +523,10 @@ class BenchSession:
         if opts.backend != "npuinfer":
             pytest.skip("the max-batch search plans npuinfer's static KV cache; run it with --backend npuinfer")
         device = self.device
+        latency = opts.max_tpot_ms is not None or opts.max_ttft_ms is not None
         if not device.is_accelerator and opts.memory_limit is None:
             pytest.skip("on cpu the max batch needs --memory-limit (e.g. --memory-limit 16GiB): "
-                        "there is no device memory to fill")
+                        "there is no device memory to fill (--max-tpot / --max-ttft search up to that batch)")
         backend = self.backend(case.model)
         self._check_length(backend, case.model, case.input_len, case.output_len)
         loaded = backend.loaded
@@ -519,10 +542,34 @@ class BenchSession:
                "measured_peak(MiB)": result.measured_peak / MIB if result.measured_peak is not None else None,
                "confirmed_by": result.confirmed_by, "trial_runs": result.trials, "status": result.status,
                "reason": result.reason, "memory_limit": format_size(limit), "measured_at": now_iso()}
+        if latency:
+            row.update(self._latency_max_batch(backend, case, result))
         if self._writes_rows():
             max_batch_table(max_batch_path(self.results_dir, case.model, device.label)).upsert(row)
-        if result.status != "ok":
+        if result.status not in ("ok", "unconfirmed") or (result.status != "ok" and not latency):
             pytest.skip(f"{case.id}: {result.reason}")
+
+    def _latency_max_batch(self, backend, case: MaxBatchCase, memory) -> dict:
+        """The largest batch within --max-tpot / --max-ttft, searched up to the memory-bound batch (measured)."""
+        from ..latency import LatencyBatchSearch
+
+        opts = self.options
+        cap = memory.max_batch if memory.status == "ok" else memory.predicted
+        search = LatencyBatchSearch(backend, case.model, case.input_len, case.output_len, max_tpot_ms=opts.max_tpot_ms,
+                                    max_ttft_ms=opts.max_ttft_ms, rounds=opts.rounds, warmup=opts.warmup,
+                                    mode=opts.timing, seed=opts.seed)
+        start = time.perf_counter()
+        try:
+            result = search.run(cap)
+        finally:
+            backend.loaded.model.setup_caches(1, 1)
+            self.device.empty_cache()
+            self.stats["generate_s"] += time.perf_counter() - start
+        return {"max_tpot(ms)": opts.max_tpot_ms, "max_ttft(ms)": opts.max_ttft_ms,
+                LATENCY_MAX_BATCH: result.max_batch, "latency_batch_tpot(ms)": result.tpot_ms,
+                "latency_batch_ttft(ms)": result.ttft_ms,
+                "latency_bound_by": "memory (every batch up to the memory-bound one was within)" if result.capped
+                else "latency", "latency_trials": result.trials}
 
 
 def _repeat_with(benchmark):

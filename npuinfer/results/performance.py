@@ -45,11 +45,17 @@ MAX_BATCH = "max_batch_size"
 MAX_BATCH_SETTINGS = ["model", "device", "device_name", "dtype", "backend", "checkpoint", "torch"]
 MAX_BATCH_COLUMNS = ([INPUT, OUTPUT, MAX_BATCH, "predicted_max_batch", "memory_limit", "predicted_peak(MiB)",
                       "measured_peak(MiB)", "confirmed_by", "trial_runs", "status", "reason"]
-                     + MAX_BATCH_SETTINGS + ["measured_at"])
-MAX_BATCH_KEY = ["model", "device", "dtype", "backend", "checkpoint", "memory_limit", INPUT, OUTPUT]
+                     + MAX_BATCH_SETTINGS + ["measured_at"]
+                     # appended: the largest batch within --max-tpot / --max-ttft (npuinfer.latency)
+                     + ["max_tpot(ms)", "max_ttft(ms)", "latency_max_batch", "latency_batch_tpot(ms)",
+                        "latency_batch_ttft(ms)", "latency_bound_by", "latency_trials"])
+LATENCY_MAX_BATCH = "latency_max_batch"
+MAX_BATCH_KEY = ["model", "device", "dtype", "backend", "checkpoint", "memory_limit", INPUT, OUTPUT, "max_tpot(ms)",
+                 "max_ttft(ms)"]
 
 NUMERIC = set(PUBLISHED_COLUMNS + [THROUGHPUT, PEAK, "predicted_peak(MiB)", "measured_peak(MiB)", "MBU", "MFU",
-               "achieved_bandwidth(GB/s)", "peak_bandwidth(GB/s)", "max_batch_tpot(ms)"]
+               "achieved_bandwidth(GB/s)", "peak_bandwidth(GB/s)", "max_tpot(ms)", "max_ttft(ms)",
+               "latency_batch_tpot(ms)", "latency_batch_ttft(ms)"]
               + list(METRICS.values()))
 MIB = 1024 * 1024
 
@@ -200,6 +206,8 @@ def max_batch_markdown(csv_path: Path) -> str:
     varying = varying_columns(rows, [c for c in MAX_BATCH_SETTINGS + ["memory_limit"] if c != "model"])
     columns = [INPUT, OUTPUT, MAX_BATCH, "predicted_max_batch", "memory_limit", "measured_peak(MiB)",
                "confirmed_by", "status"] + [c for c in varying if c != "memory_limit"]
+    if any(r.get(LATENCY_MAX_BATCH) for r in rows):
+        columns[3:3] = ["max_tpot(ms)", "max_ttft(ms)", LATENCY_MAX_BATCH, "latency_batch_tpot(ms)"]
     same = [c for c in MAX_BATCH_SETTINGS if c not in varying]
     return "\n".join([f"# Max batch: {rows[0]['model'] if rows else csv_path.stem}", "", _title(rows, same), "",
                       markdown_table(rows, columns, numeric=NUMERIC), "", f"Source: {csv_path.name}"]) + "\n"
