@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..options import add_model_options, memory_limit, model_name, positive_int
 
@@ -25,23 +26,44 @@ def add_parser(sub) -> None:
     parser.set_defaults(run=run)
 
 
+def timing_line(loaded, run) -> str:
+    """One line: first-token and next-token time, tokens/s, and MBU against the bandwidth probed now."""
+    from ..roofline import probe_bandwidth, roofline_figures
+
+    bandwidth = probe_bandwidth(loaded.device, loaded.dtype)
+    fig = roofline_figures(loaded.args, run.batch, run.input_len, run.output_len, loaded.dtype, run.first_token_ms,
+                           run.next_token_ms, bandwidth, bandwidth)  # the FLOP/s peak is not shown here
+    nxt = run.next_token_ms
+    decode = (f"next token {nxt:.2f} ms (mean of {run.output_len - 1} steps)" if nxt is not None
+              else "next token n/a (one token)")
+    mbu = f"MBU {fig['MBU']:.3f}" if fig["MBU"] is not None else "MBU n/a"
+    return (f"timing: first token {run.first_token_ms:.2f} ms, {decode}, {run.throughput:.1f} tokens/s "
+            f"({run.batch} x {run.output_len} tokens in {run.response_s:.3f} s), {mbu} of "
+            f"{bandwidth.value / 1e9:.1f} GB/s ({bandwidth.source}); weights: {loaded.weights}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..generate import generate
     from ..parallel.dist import init_tensor_parallel, is_rank0
     from ..runtime import load_model
+    from ..timing import Timer
 
     device = init_tensor_parallel(args.tp, args.device)
     loaded = load_model(model_name(args), args.model_path, device, args.dtype, args.max_seq_len, args.attention,
                         compile=args.compile, dummy_weights=args.dummy_weights, memory_limit=args.memory_limit)
     tok = loaded.tokenizer
     input_ids, mask = tok.encode_batch(list(args.prompts))
-    out = generate(loaded.model, input_ids, args.max_new_tokens, mask, eos_id=tok.eos_id, stop_at_eos=not args.no_stop)
+    timer = Timer(loaded.device)
+    timer.start()
+    out = generate(loaded.model, input_ids, args.max_new_tokens, mask, eos_id=tok.eos_id, stop_at_eos=not args.no_stop,
+                   observer=timer)
+    timer.stop()
     if not is_rank0():  # every rank computed the same tokens; one prints them
         return 0
     for prompt, ids in zip(args.prompts, out.tolist()):
         if not args.no_stop and tok.eos_id in ids:
             ids = ids[: ids.index(tok.eos_id)]
         print(f"{prompt}{tok.decode(ids)}")
-    if loaded.dummy_seed is not None:
-        print(f"weights: {loaded.weights}, random: the continuations above mean nothing")
+    # on stderr: stdout stays the continuations alone, for pipes and for comparing runs
+    print(timing_line(loaded, timer.result(*input_ids.shape)), file=sys.stderr)
     return 0
