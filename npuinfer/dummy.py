@@ -110,16 +110,30 @@ def check_fits(args: ModelArgs, dtype: torch.dtype, device: Device, memory_limit
             f"more than {source}; nothing was allocated. Use a smaller --dtype, --tp, or a larger --memory-limit")
 
 
+BLOCK = 1 << 22  # values in the seeded random block every tensor is cut from
+
+
 @torch.no_grad()
 def build_dummy_model(args: ModelArgs, device: Device, dtype: torch.dtype, seed: int = 0) -> Transformer:
     """The Transformer with seeded random weights made in ``device`` memory in ``dtype`` (no fp32 copy, no
-    host copy): norm scales 1 + noise, biases and matrices N(0, 0.02)."""
+    host copy): norm scales 1 + noise, biases and matrices N(0, 0.02).
+
+    One block of 4M N(0, 0.02) values is drawn from the seed on the device and every tensor is filled with windows
+    of it at offsets drawn from the same seed: copying runs at memory speed where a random generator does not
+    (qwen-7b in bf16 on 2 cpu cores: seconds instead of minutes). Values repeat every 4M elements, which no timing
+    can see: every weight still lives in its own memory and is read in full."""
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to(dtype).to_empty(device=device.torch_device)
     gen = torch.Generator(device=device.torch_device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        param.normal_(0.0, DUMMY_STD, generator=gen)
+    block = torch.empty(BLOCK, dtype=dtype, device=device.torch_device).normal_(0.0, DUMMY_STD, generator=gen)
+    ring = torch.cat([block, block])
+    offsets = torch.randint(0, BLOCK, (sum(1 for _ in model.parameters()),), generator=torch.Generator().manual_seed(seed))
+    for (name, param), offset in zip(model.named_parameters(), offsets.tolist()):
+        flat = param.view(-1)
+        for start in range(0, flat.numel(), BLOCK):
+            chunk = flat[start:start + BLOCK]
+            chunk.copy_(ring[offset:offset + chunk.numel()])
         if name.endswith("norm.weight"):
             param.add_(1.0)
     return model.eval().requires_grad_(False)
