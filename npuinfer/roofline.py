@@ -132,7 +132,8 @@ def last_level_cache_bytes() -> int | None:
 
 def probe_size(device) -> int:
     """Buffer bytes for the bandwidth probe: well beyond the last-level cache (4x, at least 512 MiB; 2 GiB on
-    an accelerator, whose L2 is tens of MiB), and at most an eighth of the memory free for it."""
+    an accelerator, whose L2 is tens of MiB), and at most an eighth of the memory free for it, but never under
+    twice the last-level cache."""
     from .memory import available_host_memory
 
     if device.is_accelerator:
@@ -141,7 +142,9 @@ def probe_size(device) -> int:
         size, free = max(512 * 1024**2, 4 * (last_level_cache_bytes() or 0)), available_host_memory()
     if free:
         size = min(size, free // 8)
-    return max(64 * 1024**2, size)
+    # never small enough to live in the cache: that would measure the cache, not the memory
+    floor = 64 * 1024**2 if device.is_accelerator else 2 * (last_level_cache_bytes() or 32 * 1024**2)
+    return max(floor, size)
 
 
 def _best_time(device, fn, repeats: int) -> float:
