@@ -83,3 +83,18 @@ def test_infer_and_bench_say_the_weights_were_dummy(tmp_path, npuinfer_cache):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 1 and rows[0]["weights"] == "dummy(seed 0)" and rows[0]["checkpoint"].startswith("dummy-s0-")
     assert not (results / "performance_qwen-7b_cpu.csv").exists()
+
+
+def test_backend_hf_runs_on_the_same_dummy_tensors(npuinfer_cache):
+    from npuinfer.hf_backend import HFBackend
+    from npuinfer.timing import NpuinferBackend
+
+    loaded = load_model("internlm-tiny", device="cpu", dtype="fp32", dummy_weights=True, seed=1)
+    hf = HFBackend.sharing(loaded)
+    ours = {t.untyped_storage().data_ptr() for t in loaded.model.state_dict().values()}
+    # views of npuinfer's tensors (q, k, v are row blocks of the fused wqkv), no copy
+    assert all(p.untyped_storage().data_ptr() in ours for p in hf.model.parameters())
+    assert hf.weights == "dummy(seed 1)" and hf.checkpoint == loaded.checkpoint_id
+    ids = torch.randint(0, loaded.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    assert torch.equal(hf.generate(ids, mask, 5), NpuinferBackend(loaded).generate(ids, mask, 5))
