@@ -12,6 +12,17 @@ the best of the two is the peak MBU is measured against.
 
 Goals of issue #15 (printed, never asserted): next-token npuinfer / transformers <= 0.9 at batch 1 and 4,
 decode MBU >= 0.85 against the probe, first-token npuinfer / transformers <= 0.4.
+
+Measured 2026-12-01 16:00-16:13 on the shared 2-core VM (Intel Xeon, avx512_bf16, 2 threads), qwen-7b dummy bf16,
+input 32, output 6, 2 rounds, while the load average fell from ~11 to ~3 (the probe read 6.8 GB/s before and 29.0
+after; one step took 6.4 s in round 0 and 1.1-3.0 s in round 1): not goal-grade figures. Medians:
+npuinfer / transformers next-token 1.29 (bs1), 1.13 (bs4); first-token 0.48 (bs1), 0.22 (bs4); decode MBU
+0.10-0.13 against the 29 GB/s probe. A profiled decode step (bs1, quieter): aten::mm + addmm (the Linears, the
+same calls transformers makes) 96.7% of 1.3 s, attention 0.5%: 14.2 GB in 1.3 s is 10.9 GB/s, 0.38 of the probe.
+What limits it: aten's bf16 GEMV. Side by side on 11008 x 4096 matrices (720 MB) it streamed 0.53x the bytes/s of
+an fp32 GEMV over the same bytes, and oneDNN with prepacked weights (torch.ops.mkldnn._reorder_linear_weight +
+_linear_pointwise, what inductor's freezing uses) 1.29x aten's bf16 (same result bits). No Python-side change to
+the step can reach 0.9 of transformers at batch 1 or MBU 0.85 while both call the same bf16 GEMV.
 """
 from __future__ import annotations
 
