@@ -19,6 +19,8 @@ after; one step took 6.4 s in round 0 and 1.1-3.0 s in round 1): not goal-grade 
 npuinfer / transformers next-token 1.29 (bs1), 1.13 (bs4); first-token 0.48 (bs1), 0.22 (bs4); decode MBU
 0.10-0.13 against the 29 GB/s probe. A profiled decode step (bs1, quieter): aten::mm + addmm (the Linears, the
 same calls transformers makes) 96.7% of 1.3 s, attention 0.5%: 14.2 GB in 1.3 s is 10.9 GB/s, 0.38 of the probe.
+A second run at 16:14-16:22 (load ~3.5-6, probe 13.5 GB/s before, 8.1 after): next-token ratio 0.92 (bs1),
+0.77 (bs4); first-token 0.63 (bs1), 0.35 (bs4); MBU 0.32 (bs1), 0.29 (bs4) against 13.5 GB/s.
 What limits it: aten's bf16 GEMV. Side by side on 11008 x 4096 matrices (720 MB) it streamed 0.53x the bytes/s of
 an fp32 GEMV over the same bytes, and oneDNN with prepacked weights (torch.ops.mkldnn._reorder_linear_weight +
 _linear_pointwise, what inductor's freezing uses) 1.29x aten's bf16 (same result bits). No Python-side change to
