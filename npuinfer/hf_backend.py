@@ -139,12 +139,17 @@ def load_hf_model(model_dir: str | Path, device: Device, dtype: torch.dtype, *, 
     if args.position == "alibi":  # fail before reading gigabytes of weights
         hf_equivalent(args, {}, config_path)
     state, _ = read_canonical(model_dir, config, family, args)
-    from .quant import plan_from_state  # int8 weights would load into float layers as their integer values
-
-    if plan_from_state(state):
+    if plan_from_state(state):  # int8 weights would load into float layers as their integer values
         raise HFUnsupported(f"{model_dir}: a W8 quantized checkpoint; transformers has no equivalent of its int8 "
                             f"layers here; use --backend npuinfer")
-    cls, hf_config, hf_state = hf_equivalent(args, state, config_path)
+    return hf_model_from_canonical(args, state, device, dtype, attention, config_path), args
+
+
+def hf_model_from_canonical(args: ModelArgs, state: dict[str, Tensor], device: Device, dtype: torch.dtype,
+                            attention: str = "sdpa", where: str = "checkpoint"):
+    """The transformers model computing ``args`` + canonical ``state``; tensors already in ``dtype`` on the
+    device are used in place, not copied (so --dummy-weights runs both backends on one set of weights)."""
+    cls, hf_config, hf_state = hf_equivalent(args, state, where)
     hf_state = {k: v.to(dtype) for k, v in hf_state.items()}
     dtype_kw = "dtype" if _transformers_version() >= (4, 56) else "torch_dtype"
     from transformers.utils import logging as hf_logging
@@ -160,7 +165,7 @@ def load_hf_model(model_dir: str | Path, device: Device, dtype: torch.dtype, *, 
     model = model.to(device.torch_device).eval().requires_grad_(False)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    return model, args
+    return model
 
 
 class HFBackend:
@@ -176,6 +181,7 @@ class HFBackend:
         self.device = device
         self.dtype = model.dtype
         self.checkpoint = checkpoint
+        self.weights = "checkpoint"
         self.max_seq_len = args.max_seq_len
         self.vocab_size = args.vocab_size
         self._observer = None
@@ -200,6 +206,15 @@ class HFBackend:
         model, args = load_hf_model(model_dir, device, dtype, position=position, max_seq_len=max_seq_len,
                                     attention=attention)
         return cls(model, args, device, checkpoint_identity(model_dir))
+
+    @classmethod
+    def sharing(cls, loaded, attention: str = "sdpa") -> "HFBackend":
+        """transformers' model over the weights of an npuinfer LoadedModel (its dummy weights: no checkpoint)."""
+        state = loaded.model.state_dict()
+        model = hf_model_from_canonical(loaded.args, state, loaded.device, loaded.dtype, attention, loaded.name)
+        backend = cls(model, loaded.args, loaded.device, loaded.checkpoint_id)
+        backend.weights = loaded.weights
+        return backend
 
     def _forward_start(self, module, args) -> None:
         if self._observer is not None:

@@ -16,6 +16,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def memory_limit(text: str) -> int:
+    from .memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help=f"registry name (default {DEFAULT_MODEL} unless --model-path is given)")

@@ -1,7 +1,6 @@
 """Name or directory -> a ready model: checkpoint + Transformer + tokenizer on a device."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,23 +11,22 @@ from .checkpoint import (
     args_from_config,
     check_config_matches,
     check_state_dict,
-    checkpoint_files,
     checkpoint_identity,
     detect_family,
     env_max_seq_len,
     read_canonical,
     read_config,
 )
-from . import quant
+from . import dummy, quant
 from .decode_graph import compile_decode
 from .device import Device, dtype_name, get_device, parse_dtype
 from .kernels import MODES as KERNEL_MODES
 from .kernels import kernels_for
 from .model import ModelArgs, Transformer
 from .parallel import dist as tp_dist
-from .parallel.cut import PART_DIR
 from .parallel.shard import load_shard, reject_part_dir
-from .registry import DEFAULT_MODEL, ModelNotFound, ModelSpec, get_spec, models_dir
+from .locate import ModelUnavailable, locate_model, resolve_model_dir  # noqa: F401  (re-exported)
+from .registry import ModelSpec, get_spec
 from .tiny import ensure_tiny
 from .tokenizer import load_tokenizer
 
@@ -45,6 +43,7 @@ class LoadedModel:
     dtype: torch.dtype
     # {"quantization": "none" | "W8A16" | "W8A8", "quant_kernel": the matmul its layers run, ...} (npuinfer.quant)
     quantization: dict = field(default_factory=lambda: {"quantization": "none", "quant_kernel": ""})
+    dummy_seed: int | None = None  # set when the weights are seeded random ones (npuinfer.dummy), not a checkpoint
 
     @property
     def dtype_name(self) -> str:
@@ -55,84 +54,16 @@ class LoadedModel:
         return self.model.resolve_kernels()
 
     @property
+    def weights(self) -> str:
+        """The ``weights`` column of rows: ``checkpoint`` or ``dummy(seed N)``."""
+        return "checkpoint" if self.dummy_seed is None else f"dummy(seed {self.dummy_seed})"
+
+    @property
     def checkpoint_id(self) -> str:
         """Identity of the weights on disk (config + file names and sizes), for result caches."""
+        if self.dummy_seed is not None:
+            return dummy.dummy_identity(self.args, self.dummy_seed)
         return checkpoint_identity(self.model_dir)
-
-
-def resolve_model_dir(name: str, model_path: str | os.PathLike | None = None) -> Path:
-    """The checkpoint directory for a registry name (tiny ones are built on first use)."""
-    spec = get_spec(name)
-    if model_path is not None:
-        return Path(model_path)
-    if spec.tiny:
-        return ensure_tiny(name)
-    base = models_dir()
-    if base is not None and (base / name).is_dir():
-        return base / name
-    where = f"$NPUINFER_MODELS_DIR/{name} ({base / name} does not exist)" if base else "$NPUINFER_MODELS_DIR/<name>"
-    raise ModelNotFound(
-        f"model {name!r} needs its checkpoint directory: pass --model-path DIR, or put the download at {where}. "
-        f"To try the harness without weights use the tiny stand-in --model {spec.stand_in}"
-    )
-
-
-class ModelUnavailable(LookupError):
-    """A model named on the command line has no usable checkpoint: the message says what was looked for,
-    what was wrong with it, and the stand-in to try instead."""
-
-
-def locate_model(name: str | None, model_path: str | Path | None = None, *, tp: int = 1,
-                 dummy_weights: bool = False) -> Path | None:
-    """Where a model's checkpoint is, checked before anything is loaded (config.json read, weight files
-    present, no tensor read): the one place a session start or ``npuinfer infer`` asks. None for a tiny
-    model without ``model_path`` (built on first use). Raises ModelUnavailable.
-
-    ``dummy_weights``: a real name whose checkpoint is missing runs on random weights of its real size
-    (helper wt-15's --dummy-weights; until it lands nothing passes True).
-    """
-    if name is None and model_path is None:
-        raise ModelUnavailable("give a model name (--model) or a checkpoint directory (--model-path)")
-    try:
-        spec = get_spec(name) if name is not None else None
-    except ModelNotFound as exc:
-        raise ModelUnavailable(str(exc)) from None
-    if model_path is not None:
-        return _checked_dir(Path(model_path), spec, tp, f"--model-path {model_path}")
-    if spec.tiny:
-        return None
-    base = models_dir()
-    if base is not None and (base / spec.name).is_dir():
-        return _checked_dir(base / spec.name, spec, tp, f"$NPUINFER_MODELS_DIR/{spec.name}")
-    if dummy_weights:
-        return None
-    try:
-        resolve_model_dir(spec.name)  # the registry's own message: both places looked at, and the stand-in
-    except ModelNotFound as exc:
-        raise ModelUnavailable(str(exc)) from None
-    raise AssertionError("resolve_model_dir found a directory locate_model did not")  # pragma: no cover
-
-
-def _checked_dir(model_dir: Path, spec: ModelSpec | None, tp: int, looked_at: str) -> Path:
-    """``model_dir`` if it holds a checkpoint of ``spec``'s family and size, else ModelUnavailable."""
-    try:
-        config = read_config(model_dir)
-        config_path = str(model_dir / "config.json")
-        family = detect_family(config, config_path)
-        if spec is not None and spec.family != family:
-            raise CheckpointError(f"{config_path} describes a {family} model (model_type "
-                                  f"{config.get('model_type')!r}), not {spec.name} ({spec.family})")
-        if spec is not None:
-            check_config_matches(spec, family, args_from_config(config, family, path=config_path), config_path)
-        if not (tp > 1 and (model_dir / PART_DIR).is_dir()):  # tp nodes may hold only their part_model/ shards
-            checkpoint_files(model_dir)
-    except CheckpointError as exc:
-        stand_in = spec.name if spec is not None and spec.tiny else (spec.stand_in if spec is not None else None)
-        hint = (f"the tiny stand-in --model {stand_in}" if stand_in
-                else f"a tiny stand-in such as --model {DEFAULT_MODEL} (without --model-path)")
-        raise ModelUnavailable(f"{looked_at}: not a usable checkpoint: {exc}. To try the harness without "
-                               f"weights use {hint}") from None
-    return model_dir
 
 
 def default_dtype(device: Device) -> torch.dtype:
@@ -148,15 +79,24 @@ def load_model(
     attention: str = "sdpa",
     compile: bool = False,
     kernels: str = "fused",
+    dummy_weights: bool = False,
+    seed: int = 0,
+    memory_limit: int | None = None,
 ) -> LoadedModel:
     """Load a registry model (``name``) or any supported directory (``model_path``) ready to run.
 
-    ``kernels``: "fused" (the device's fused ops, each checked against plain torch here first) or "plain"."""
+    ``kernels``: "fused" (the device's fused ops, each checked against plain torch here first) or "plain".
+    ``dummy_weights``: the real shapes with seeded random weights made on the device (npuinfer.dummy), refused
+    before allocating when they cannot fit ``memory_limit`` / the device / the host.
+    """
     if kernels not in KERNEL_MODES:
         raise ValueError(f"--kernels: expected one of {', '.join(KERNEL_MODES)}, got {kernels!r}")
 
     if name is None and model_path is None:
         raise ValueError("give a model name (--model) or a checkpoint directory (--model-path)")
+    if dummy_weights:
+        return _load_dummy(name, model_path, device, dtype, max_seq_len, attention, compile, seed, memory_limit,
+                           kernels)
     spec: ModelSpec | None = get_spec(name) if name else None
     model_dir = resolve_model_dir(name, model_path) if name else Path(model_path)
     dev = device if isinstance(device, Device) else get_device(device, tp_dist.local_rank())
@@ -206,4 +146,28 @@ def load_model(
     tokenizer = load_tokenizer(model_dir, family)
     return LoadedModel(name or model_dir.name, family, model_dir, args, model, tokenizer, dev, torch_dtype,
                        quantization)
+
+
+def _load_dummy(name, model_path, device, dtype, max_seq_len, attention, compile, seed, memory_limit,
+                kernels) -> LoadedModel:
+    dev = device if isinstance(device, Device) else get_device(device, tp_dist.local_rank())
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else (dtype or default_dtype(dev))
+    dev.check_dtype(torch_dtype)
+    args, tok_dir, origin = dummy.dummy_source(name, model_path, max_seq_len)
+    parallel = tp_dist.tp_world()
+    if parallel is not None:
+        args = args.with_(tp_size=parallel[0], tp_rank=parallel[1])
+    label = name or Path(model_path).name
+    dummy.check_fits(args, torch_dtype, dev, memory_limit, f"{label} ({origin})")
+    model = dummy.build_dummy_model(args, dev, torch_dtype, seed)
+    model.set_attention(attention)
+    model.use_kernels(kernels_for(args, dev.torch_device, torch_dtype, kernels))  # the self-check runs here
+    if compile:
+        compile_decode(model, dev)
+    if parallel is not None:
+        tp_dist.install_all_reduce(model)
+    if tok_dir is None:  # a real name without a download: the tiny stand-in's tokenizer (ids < its vocab)
+        tok_dir = ensure_tiny(get_spec(name).stand_in)
+    tokenizer = load_tokenizer(tok_dir, args.family)
+    return LoadedModel(label, args.family, tok_dir, args, model, tokenizer, dev, torch_dtype, dummy_seed=seed)
 

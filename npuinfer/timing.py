@@ -341,6 +341,7 @@ class NpuinferBackend:
         self.dtype = loaded.dtype
         self.checkpoint = loaded.checkpoint_id
         self.quantization = loaded.quantization  # {"quantization": ..., "quant_kernel": ...} (npuinfer.quant)
+        self.weights = loaded.weights
         self.max_seq_len = loaded.args.max_seq_len
         self.vocab_size = loaded.args.vocab_size
 

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..cli import UsageError
 from ..generate import generate
-from ..options import add_model_options, model_name, positive_int
+from ..options import add_model_options, memory_limit, model_name, positive_int
 from ..parallel.dist import init_tensor_parallel, is_rank0
+from ..roofline import probe_bandwidth, roofline_figures
 from ..runtime import load_model, locate_model
+from ..timing import Timer
 
 DEFAULT_PROMPT = "苹果公司的CEO是"
 
@@ -20,8 +23,27 @@ def add_parser(sub) -> None:
     parser.add_argument("--tp", type=positive_int, default=1,
                         help="tensor parallel size: run under torchrun --nproc-per-node N; each rank loads "
                              "DIR/part_model/{rank} (npuinfer cut)")
+    parser.add_argument("--dummy-weights", action="store_true",
+                        help="the model's real shapes with seeded random weights made on the device, no checkpoint "
+                             "(a real name without a download uses its tiny stand-in's tokenizer)")
+    parser.add_argument("--memory-limit", type=memory_limit, default=None, metavar="16GiB",
+                        help="memory the model may use: --dummy-weights refuses, before allocating, what cannot fit")
     parser.add_argument("prompts", nargs="*", default=[DEFAULT_PROMPT], metavar="PROMPT")
     parser.set_defaults(run=run)
+
+
+def timing_line(loaded, run) -> str:
+    """One line: first-token and next-token time, tokens/s, and MBU against the bandwidth probed now."""
+    bandwidth = probe_bandwidth(loaded.device, loaded.dtype)
+    fig = roofline_figures(loaded.args, run.batch, run.input_len, run.output_len, loaded.dtype, run.first_token_ms,
+                           run.next_token_ms, bandwidth, bandwidth)  # the FLOP/s peak is not shown here
+    nxt = run.next_token_ms
+    decode = (f"next token {nxt:.2f} ms (mean of {run.output_len - 1} steps)" if nxt is not None
+              else "next token n/a (one token)")
+    mbu = f"MBU {fig['MBU']:.3f}" if fig["MBU"] is not None else "MBU n/a"
+    return (f"timing: first token {run.first_token_ms:.2f} ms, {decode}, {run.throughput:.1f} tokens/s "
+            f"({run.batch} x {run.output_len} tokens in {run.response_s:.3f} s), {mbu} of "
+            f"{bandwidth.value / 1e9:.1f} GB/s ({bandwidth.source}); weights: {loaded.weights}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,20 +52,27 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"PROMPT {', '.join(map(str, empty))} of {len(args.prompts)}: the prompt is empty; "
                          "give the text to continue")
     # A missing or unusable checkpoint is one message (cli.main prints it) before any device or rank starts.
-    locate_model(model_name(args), args.model_path, tp=args.tp)
+    locate_model(model_name(args), args.model_path, tp=args.tp, dummy_weights=args.dummy_weights)
     device = init_tensor_parallel(args.tp, args.device)
     loaded = load_model(model_name(args), args.model_path, device, args.dtype, args.max_seq_len, args.attention,
-                        compile=args.compile, kernels=args.kernels)
+                        compile=args.compile, kernels=args.kernels, dummy_weights=args.dummy_weights,
+                        memory_limit=args.memory_limit)
     tok = loaded.tokenizer
     input_ids, mask = tok.encode_batch(list(args.prompts))
     no_tokens = [n for n, length in enumerate(mask.sum(dim=1).tolist(), 1) if length == 0]
     if no_tokens:
         raise UsageError(f"PROMPT {', '.join(map(str, no_tokens))}: the prompt encodes to no tokens")
-    out = generate(loaded.model, input_ids, args.max_new_tokens, mask, eos_id=tok.eos_id, stop_at_eos=not args.no_stop)
+    timer = Timer(loaded.device)
+    timer.start()
+    out = generate(loaded.model, input_ids, args.max_new_tokens, mask, eos_id=tok.eos_id, stop_at_eos=not args.no_stop,
+                   observer=timer)
+    timer.stop()
     if not is_rank0():  # every rank computed the same tokens; one prints them
         return 0
     for prompt, ids in zip(args.prompts, out.tolist()):
         if not args.no_stop and tok.eos_id in ids:
             ids = ids[: ids.index(tok.eos_id)]
         print(f"{prompt}{tok.decode(ids)}")
+    # on stderr: stdout stays the continuations alone, for pipes and for comparing runs
+    print(timing_line(loaded, timer.result(*input_ids.shape)), file=sys.stderr)
     return 0

@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..cli import UsageError
     from ..quant.calibrate import quantize_checkpoint, read_calibration
-    from ..registry import resolve_model_dir
+    from ..locate import resolve_model_dir
 
     if args.model is None and args.model_path is None:
         raise UsageError("give the float checkpoint (--model-path DIR) or a registry name (--model)")

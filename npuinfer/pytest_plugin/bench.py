@@ -25,6 +25,7 @@ from ..device import Device, dtype_name
 from ..memory import MaxBatchSearch, format_size, parse_size
 from ..results.performance import (
     INPUT,
+    LATENCY_MAX_BATCH,
     MAX_BATCH,
     MAX_BATCH_SETTINGS,
     MIB,
@@ -58,6 +59,7 @@ from ..results.baseline import (
 from ..results.calibration import CALIBRATION, CALIBRATION_FIGURES, Calibrator, calibration_path, calibration_row, \
     calibration_table
 from ..results.table import append_jsonl
+from ..roofline import roofline_figures, session_peaks
 from ..timing import MODES, BenchCase, measure_case, plain_repeat
 from .common import DEFAULT_TINY_MODELS, GROUP, selected_models
 from .noise import make_guard, record_verdict
@@ -142,6 +144,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="npuinfer's runtime, or transformers' generate on the same checkpoint (hf)")
     group.addoption("--memory-limit", type=_size, default=None, dest="bench_memory_limit", metavar="16GiB",
                     help="memory the max-batch search may use (required on cpu; on a device: min with its memory)")
+    group.addoption("--max-tpot", type=_duration("--max-tpot"), default=None, dest="bench_max_tpot", metavar="50ms",
+                    help="bench/test_max_batch.py: also the largest batch whose measured time per output token "
+                         "stays within this limit (searched up to the memory-bound batch)")
+    group.addoption("--max-ttft", type=_duration("--max-ttft"), default=None, dest="bench_max_ttft", metavar="2s",
+                    help="bench/test_max_batch.py: also the largest batch whose measured first-token time stays "
+                         "within this limit (with --max-tpot: both)")
     group.addoption("--skip-measured", action="store_true", default=False, dest="bench_skip_measured",
                     help="skip cases whose row, with the same settings, is already in the results CSV "
                          "(to finish an interrupted sweep); without it a case is measured again and its row replaced")
@@ -174,6 +182,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "or the case was skipped) fails instead of warning (CI uses it)")
 
 
+def _duration(option: str):
+    def parse(text: str) -> float:
+        from ..latency import parse_duration_ms
+
+        try:
+            return parse_duration_ms(text, option)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
 def _regression(text: str) -> float:
     return parse_regression(text)
 
@@ -196,6 +216,8 @@ class BenchOptions:
     memory_limit: int | None
     skip_measured: bool
     seed: int
+    max_tpot_ms: float | None = None
+    max_ttft_ms: float | None = None
 
     @property
     def backend_label(self) -> str:
@@ -227,7 +249,8 @@ class BenchOptions:
                    timing=opt("bench_timing"), backend=opt("bench_backend"), compile=opt("npuinfer_compile"),
                    kernels=opt("npuinfer_kernels"),
                    memory_limit=opt("bench_memory_limit"),
-                   skip_measured=opt("bench_skip_measured"), seed=opt("bench_seed"))
+                   skip_measured=opt("bench_skip_measured"), seed=opt("bench_seed"),
+                   max_tpot_ms=opt("bench_max_tpot"), max_ttft_ms=opt("bench_max_ttft"))
 
 
 _OPTIONS = pytest.StashKey[BenchOptions]()
@@ -247,6 +270,10 @@ def _kernels_cell(backend) -> str:
         return ""
     kernels = loaded.kernels
     return kernels.label if kernels.label == "plain" else f"{kernels.label} (check {kernels.check_summary()})"
+
+
+class RooflineWarning(UserWarning):
+    """A row beat the session's bandwidth probe (MBU > 1): the probe, not the row, needs fixing."""
 
 
 class PerformanceBaselineWarning(UserWarning):
@@ -394,6 +421,9 @@ class BenchSession:
             return NpuinferBackend(self.model_cache.get(model))
         from ..device import parse_dtype
         from ..hf_backend import HFBackend
+
+        if self.config.getoption("npuinfer_dummy_weights"):  # transformers over the same dummy weights
+            return HFBackend.sharing(self.model_cache.get(model), attention=self.config.getoption("npuinfer_attention"))
         from ..registry import MODELS
         from ..runtime import resolve_model_dir
 
@@ -441,7 +471,7 @@ class BenchSession:
                 "rounds": self.options.rounds, "warmup": self.options.warmup, "tp": self._tp_size(),
                 "checkpoint": backend.checkpoint, "torch": torch.__version__, "kernels": _kernels_cell(backend),
                 # W8 checkpoints: the scheme and the matmul kernel its layers ran (npuinfer.quant); "none" for float
-                **_quant_columns(backend)}
+                **_quant_columns(backend), "weights": getattr(backend, "weights", "checkpoint")}
 
     @staticmethod
     def _check_length(backend, model: str, input_len: int, output_len: int) -> None:
@@ -491,6 +521,7 @@ class BenchSession:
     def _measure(self, case: BenchCase, benchmark, backend, settings: dict, key: dict, table, csv_path: Path):
         """One measurement of a case with its calibration: (row, calibration row or None, timing)."""
         opts = self.options
+        session_peaks(self.device, backend.dtype)  # probed once, before the first case is timed
         calibrate_before = self._calibrate(backend, case) if self.calibrating else None
         self.device.reset_peak_memory()
         guard_start = self.noise_guard.start()
@@ -525,6 +556,7 @@ class BenchSession:
         row = performance_row(case.batch, case.input_len, case.output_len, settings, summary=summary,
                               rounds_detail=timing.rounds_brief(), peak_bytes=peak, case_id=case.id)
         row.update(noise_columns(noise.quiet, noise.reason, noise.facts))
+        row.update(self._roofline(backend, case, summary, settings))
         cal_row = None
         if self.calibrating:
             cal_row = calibration_row(key, case.id, calibrate_before, calibrate_after, dtype_name(backend.dtype))
@@ -545,6 +577,19 @@ class BenchSession:
         append_jsonl(raw_rounds_path(csv_path), record)
         if cal_row is not None:
             calibration_table(calibration_path(self.results_dir, case.model, self.device.label)).upsert(cal_row)
+
+    def _roofline(self, backend, case: BenchCase, summary: dict, settings: dict) -> dict:
+        """Bytes, FLOPs, MBU and MFU of a row (npuinfer.roofline), against this session's probed peaks."""
+        bandwidth, flops = session_peaks(self.device, backend.dtype)
+        args = backend.loaded.args if hasattr(backend, "loaded") else backend.args
+        figures = roofline_figures(args, case.batch, case.input_len, case.output_len, backend.dtype,
+                                   summary.get("first_token_ms"), summary.get("next_token_ms"), bandwidth, flops,
+                                   str(settings.get("device_name", "")))
+        if (figures["MBU"] or 0) > 1:
+            warnings.warn(RooflineWarning(
+                f"{case.id}: MBU {figures['MBU']:.2f} > 1: the decode read memory faster than the bandwidth probe "
+                f"({bandwidth.source}); the probe is missing a faster way to read memory (npuinfer/roofline.py)"))
+        return figures
 
     # -- calibration and the baseline gate
     def _calibrate(self, backend, case: BenchCase) -> list[float]:
@@ -592,9 +637,10 @@ class BenchSession:
         if opts.backend != "npuinfer":
             pytest.skip("the max-batch search plans npuinfer's static KV cache; run it with --backend npuinfer")
         device = self.device
+        latency = opts.max_tpot_ms is not None or opts.max_ttft_ms is not None
         if not device.is_accelerator and opts.memory_limit is None:
             pytest.skip("on cpu the max batch needs --memory-limit (e.g. --memory-limit 16GiB): "
-                        "there is no device memory to fill")
+                        "there is no device memory to fill (--max-tpot / --max-ttft search up to that batch)")
         backend = self.backend(case.model)
         self._check_length(backend, case.model, case.input_len, case.output_len)
         loaded = backend.loaded
@@ -610,10 +656,34 @@ class BenchSession:
                "measured_peak(MiB)": result.measured_peak / MIB if result.measured_peak is not None else None,
                "confirmed_by": result.confirmed_by, "trial_runs": result.trials, "status": result.status,
                "reason": result.reason, "memory_limit": format_size(limit), "measured_at": now_iso()}
+        if latency:
+            row.update(self._latency_max_batch(backend, case, result))
         if self._writes_rows():
             max_batch_table(max_batch_path(self.results_dir, case.model, device.label)).upsert(row)
-        if result.status != "ok":
+        if result.status not in ("ok", "unconfirmed") or (result.status != "ok" and not latency):
             pytest.skip(f"{case.id}: {result.reason}")
+
+    def _latency_max_batch(self, backend, case: MaxBatchCase, memory) -> dict:
+        """The largest batch within --max-tpot / --max-ttft, searched up to the memory-bound batch (measured)."""
+        from ..latency import LatencyBatchSearch
+
+        opts = self.options
+        cap = memory.max_batch if memory.status == "ok" else memory.predicted
+        search = LatencyBatchSearch(backend, case.model, case.input_len, case.output_len, max_tpot_ms=opts.max_tpot_ms,
+                                    max_ttft_ms=opts.max_ttft_ms, rounds=opts.rounds, warmup=opts.warmup,
+                                    mode=opts.timing, seed=opts.seed)
+        start = time.perf_counter()
+        try:
+            result = search.run(cap)
+        finally:
+            backend.loaded.model.setup_caches(1, 1)
+            self.device.empty_cache()
+            self.stats["generate_s"] += time.perf_counter() - start
+        return {"max_tpot(ms)": opts.max_tpot_ms, "max_ttft(ms)": opts.max_ttft_ms,
+                LATENCY_MAX_BATCH: result.max_batch, "latency_batch_tpot(ms)": result.tpot_ms,
+                "latency_batch_ttft(ms)": result.ttft_ms,
+                "latency_bound_by": "memory (every batch up to the memory-bound one was within)" if result.capped
+                else "latency", "latency_trials": result.trials}
 
 
 def _repeat_with(benchmark):

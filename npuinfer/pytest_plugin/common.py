@@ -33,6 +33,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--compile", action="store_true", default=False, dest="npuinfer_compile",
                     help="run the decode step as one graph (cpu: an AOTInductor library; cuda: CUDA graphs; npu: "
                          "torchair); each new shape builds first, in the warm-up")
+    group.addoption("--dummy-weights", action="store_true", default=False, dest="npuinfer_dummy_weights",
+                    help="the model's real shapes with seeded random weights made on the device, no checkpoint "
+                         "(refused before allocating when the weights cannot fit --memory-limit / the device)")
     group.addoption("--results-dir", default="results", dest="npuinfer_results_dir",
                     help="where CSV, markdown and plots are written (default results/)")
     group.addoption("--tp", default=1, type=int, dest="npuinfer_tp",
@@ -41,11 +44,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Bad session-wide input is one usage error before any case runs: the results directory, the models."""
     results = config.getoption("npuinfer_results_dir", None)
     if results is not None:
         problem = results_dir_problem(Path(results))
         if problem:
             raise pytest.UsageError(f"--results-dir {results}: {problem}")
+    if not config.getoption("help", False):
+        check_models(config)
 
 
 def results_dir_problem(path: Path) -> str | None:
@@ -71,11 +77,6 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     check_models(config)  # once here, not once per rank
     return run_under_torchrun(tp, ["-m", "pytest", *config.invocation_params.args],
                               cwd=str(config.invocation_params.dir))
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    if not config.getoption("help", False):
-        check_models(config)
 
 
 def check_models(config: pytest.Config) -> None:
@@ -145,7 +146,9 @@ class ModelCache:
                 registry_name, path, self.device, self.config.getoption("npuinfer_dtype"),
                 self.config.getoption("npuinfer_max_seq_len"), self.config.getoption("npuinfer_attention"),
                 compile=self.config.getoption("npuinfer_compile"),
-                kernels=self.config.getoption("npuinfer_kernels"))
+                kernels=self.config.getoption("npuinfer_kernels"),
+                dummy_weights=self.config.getoption("npuinfer_dummy_weights"),
+                memory_limit=self.config.getoption("bench_memory_limit", None))
         return self._loaded[name]
 
 

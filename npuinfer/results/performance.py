@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..atomic import write_atomic
+from ..roofline import ROOFLINE_COLUMNS
 from .table import CsvTable, markdown_table, parse_float, read_csv, varying_columns, write_text_atomic
 
 BATCH, INPUT, OUTPUT = "batch_size", "input_seq_len(Encoding)", "output_seq_len(Decoding)"
@@ -47,6 +48,7 @@ PERFORMANCE_COLUMNS = (PUBLISHED_COLUMNS + [THROUGHPUT] + list(METRICS.values())
 GATE_RETRIES, GATE_ATTEMPTS = "gate_retries", "gate_attempts"
 PERFORMANCE_COLUMNS += [GATE_RETRIES, GATE_ATTEMPTS]
 PERFORMANCE_COLUMNS += NOISE_COLUMNS
+PERFORMANCE_COLUMNS += ["weights"] + ROOFLINE_COLUMNS  # appended: the committed baselines' columns stay as they were
 # Settings that make two measurements of a case different ones (device_name and torch are provenance).
 PERFORMANCE_KEY = ["model", "device", "dtype", "backend", "timing", "rounds", "warmup", "tp", "checkpoint",
                    BATCH, INPUT, OUTPUT]
@@ -55,10 +57,17 @@ MAX_BATCH = "max_batch_size"
 MAX_BATCH_SETTINGS = ["model", "device", "device_name", "dtype", "backend", "checkpoint", "torch"]
 MAX_BATCH_COLUMNS = ([INPUT, OUTPUT, MAX_BATCH, "predicted_max_batch", "memory_limit", "predicted_peak(MiB)",
                       "measured_peak(MiB)", "confirmed_by", "trial_runs", "status", "reason"]
-                     + MAX_BATCH_SETTINGS + ["measured_at"])
-MAX_BATCH_KEY = ["model", "device", "dtype", "backend", "checkpoint", "memory_limit", INPUT, OUTPUT]
+                     + MAX_BATCH_SETTINGS + ["measured_at"]
+                     # appended: the largest batch within --max-tpot / --max-ttft (npuinfer.latency)
+                     + ["max_tpot(ms)", "max_ttft(ms)", "latency_max_batch", "latency_batch_tpot(ms)",
+                        "latency_batch_ttft(ms)", "latency_bound_by", "latency_trials"])
+LATENCY_MAX_BATCH = "latency_max_batch"
+MAX_BATCH_KEY = ["model", "device", "dtype", "backend", "checkpoint", "memory_limit", INPUT, OUTPUT, "max_tpot(ms)",
+                 "max_ttft(ms)"]
 
-NUMERIC = set(PUBLISHED_COLUMNS + [THROUGHPUT, PEAK, "predicted_peak(MiB)", "measured_peak(MiB)"]
+NUMERIC = set(PUBLISHED_COLUMNS + [THROUGHPUT, PEAK, "predicted_peak(MiB)", "measured_peak(MiB)", "MBU", "MFU",
+               "achieved_bandwidth(GB/s)", "peak_bandwidth(GB/s)", "max_tpot(ms)", "max_ttft(ms)",
+               "latency_batch_tpot(ms)", "latency_batch_ttft(ms)"]
               + list(METRICS.values()))
 MIB = 1024 * 1024
 
@@ -141,12 +150,19 @@ def performance_markdown(csv_path: Path) -> str:
     rows = sorted(rows, key=_sort_key)
     varying = varying_columns(rows, [c for c in SETTINGS if c not in ("model",)])
     busy = busy_rows(rows)
-    columns = PUBLISHED_COLUMNS + [THROUGHPUT, "TTFT(ms)", "TPOT(ms)", "status"] + ([QUIET] if busy else []) + varying
+    roofline = ["achieved_bandwidth(GB/s)", "MBU"] if any(r.get("MBU") for r in rows) else []
+    columns = (PUBLISHED_COLUMNS + [THROUGHPUT, "TTFT(ms)", "TPOT(ms)"] + roofline + ["status"]
+               + ([QUIET] if busy else []) + varying)
     same = [c for c in SETTINGS if c not in varying]
     lines = [f"# Performance: {rows[0]['model'] if rows else csv_path.stem}", "",
-             _title(rows, same), "", markdown_table(rows, columns, numeric=NUMERIC), ""]
+             _title(rows, same + ["weights"]), "", markdown_table(rows, columns, numeric=NUMERIC), ""]
     notes = [f"- {r.get('case_id') or _case_label(r)}: {r.get('status')}: {r.get('reason')}"
              for r in rows if r.get("status") != "ok" and r.get("reason")]
+    peaks = sorted({f"{float(r['peak_bandwidth(GB/s)']):.1f} GB/s ({r.get('peak_bandwidth_source')})"
+                    for r in rows if r.get("MBU") and r.get("peak_bandwidth(GB/s)")})
+    if peaks:
+        lines += ["MBU = (weight + KV bytes a decode step reads) / next-token time / peak bandwidth; peak used: "
+                  + "; ".join(peaks), ""]
     if notes:
         lines += ["Rows not measured:", *notes, ""]
     if busy:
@@ -219,6 +235,8 @@ def max_batch_markdown(csv_path: Path) -> str:
     varying = varying_columns(rows, [c for c in MAX_BATCH_SETTINGS + ["memory_limit"] if c != "model"])
     columns = [INPUT, OUTPUT, MAX_BATCH, "predicted_max_batch", "memory_limit", "measured_peak(MiB)",
                "confirmed_by", "status"] + [c for c in varying if c != "memory_limit"]
+    if any(r.get(LATENCY_MAX_BATCH) for r in rows):
+        columns[3:3] = ["max_tpot(ms)", "max_ttft(ms)", LATENCY_MAX_BATCH, "latency_batch_tpot(ms)"]
     same = [c for c in MAX_BATCH_SETTINGS if c not in varying]
     return "\n".join([f"# Max batch: {rows[0]['model'] if rows else csv_path.stem}", "", _title(rows, same), "",
                       markdown_table(rows, columns, numeric=NUMERIC), "", f"Source: {csv_path.name}"]) + "\n"

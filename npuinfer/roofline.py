@@ -1,0 +1,232 @@
+"""The roofline of one generate call: bytes a decode step must read, FLOPs a prefill must do, and the peaks
+they are measured against (REFERENCE.md section 9).
+
+Everything per step is computed from first principles, from ModelArgs (per tensor-parallel rank: args.tp_size),
+batch, position and dtype, never from a loaded model:
+
+* weight bytes read by a decode step: every weight matrix, bias and norm once, except the embedding table, of
+  which a step reads only its batch's rows (counting the whole table would credit a step with 1.2 GB it never
+  reads on qwen-7b);
+* KV bytes read by a decode step at ``window`` cache slots: 2 (K and V) x layers x batch x window x local heads
+  x head_dim x dtype bytes; a row's mean over its decode steps uses the mean window, input + output / 2;
+* prefill FLOPs: 2 x (matrix parameters of the layers) x batch x tokens, + the head on the last position only
+  (npuinfer projects only that one), + causal attention 2 x 2 x batch x heads x head_dim x tokens^2 / 2 per layer
+  (q.k^T and p.v, half the square under the causal mask).
+
+MBU = bytes / next-token time / peak bandwidth; MFU = prefill FLOPs / first-token time / peak FLOP/s.
+
+The peak bandwidth is measured on the device by `probe_bandwidth`: the best of several passes of kernels that do
+nothing but read a buffer several times larger than the last-level cache (a reduction, a matrix-vector product
+in fp32 and in the run's dtype, the kernel a decode step is made of). A decode step at the real size has to read
+at least the bytes counted above from the same memory, with those same kernels plus other work between them, so
+it cannot stream faster than the best of them: MBU <= 1. If a row ever shows MBU > 1 the probe is missing a
+faster way to read memory, and the probe is what must change (a warning says so); values are never clipped.
+A model whose bytes per step fit in the last-level cache (the tiny stand-ins) is not bounded by this probe: its
+MBU says how far it is from being memory-bound, not that it is cache-bound.
+Spec figures are given where the device is known (``spec_*`` columns, marked spec), never used for MBU.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .memory import available_host_memory
+from .model import ModelArgs
+
+GB = 1e9
+TFLOP = 1e12
+
+
+# --------------------------------------------------------------------------------------------- bytes and FLOPs
+
+
+def _norm_params(args: ModelArgs) -> int:
+    return args.dim * (2 if args.norm == "layer" else 1)
+
+
+def layer_matrix_params(args: ModelArgs) -> int:
+    """Weight-matrix parameters of one layer on one rank (what a token multiplies through)."""
+    d, h, i = args.dim, args.n_local_heads * args.head_dim, args.local_intermediate_size
+    n_mats = 3 if args.mlp == "swiglu" else 2
+    return d * 3 * h + h * d + n_mats * d * i
+
+
+def layer_params(args: ModelArgs) -> int:
+    """Every parameter of one layer on one rank: matrices, biases (row-parallel output biases are whole on every
+    rank) and the two norms."""
+    d, h, i = args.dim, args.n_local_heads * args.head_dim, args.local_intermediate_size
+    biases = (3 * h if args.qkv_bias else 0) + (d if args.o_bias else 0) + ((i + d) if args.mlp_bias else 0)
+    return layer_matrix_params(args) + biases + 2 * _norm_params(args)
+
+
+def weight_bytes_per_step(args: ModelArgs, batch: int, dtype_bytes: int) -> int:
+    """Weight bytes one decode step reads on one rank: all layers, final norm and head once, and ``batch`` rows
+    of the embedding table."""
+    params = args.n_layers * layer_params(args) + _norm_params(args) + args.vocab_size * args.dim
+    return (params + batch * args.dim) * dtype_bytes
+
+
+def kv_bytes_per_step(args: ModelArgs, batch: int, window: float, dtype_bytes: int) -> float:
+    """KV-cache bytes one decode step reads on one rank when it attends to ``window`` slots."""
+    return 2 * args.n_layers * batch * window * args.n_local_heads * args.head_dim * dtype_bytes
+
+
+def mean_decode_window(input_len: int, output_len: int) -> float:
+    """Mean slots attended over the decode steps of input -> output: step s (1..output-1) attends input + s."""
+    return input_len + output_len / 2
+
+
+def prefill_flops(args: ModelArgs, batch: int, tokens: int) -> float:
+    """FLOPs of a prefill over ``tokens`` per row on one rank (logits of the last position only)."""
+    h = args.n_local_heads * args.head_dim
+    matmuls = 2 * args.n_layers * layer_matrix_params(args) * batch * tokens
+    head = 2 * args.dim * args.vocab_size * batch
+    attention = args.n_layers * 2 * 2 * batch * h * tokens * tokens / 2
+    return matmuls + head + attention
+
+
+# --------------------------------------------------------------------------------------------- peaks
+
+
+@dataclass(frozen=True)
+class Peak:
+    value: float  # bytes/s or FLOP/s
+    source: str
+
+
+# Datasheet figures of devices whose name we can recognise (dense, no sparsity). Ascend figures seen so far are
+# press numbers (REFERENCE.md section 9), so none are listed: measure.
+_SPEC = [  # (substring of the device name, bytes/s, {dtype: FLOP/s}, where from)
+    ("H200", 4.8e12, {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12}, "NVIDIA H200 SXM datasheet"),
+    ("H100 80GB HBM3", 3.35e12, {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12},
+     "NVIDIA H100 SXM datasheet"),
+    ("A100-SXM4-80GB", 2.039e12, {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 19.5e12},
+     "NVIDIA A100 80GB SXM datasheet"),
+]
+
+
+def spec_peaks(device_name: str, dtype: torch.dtype) -> tuple[Peak | None, Peak | None]:
+    """(bandwidth, FLOP/s) from a datasheet when the device is known, else (None, None)."""
+    for key, bandwidth, flops, where in _SPEC:
+        if key in device_name:
+            f = flops.get(dtype)
+            return Peak(bandwidth, f"spec: {where}"), (Peak(f, f"spec: {where}") if f else None)
+    return None, None
+
+
+def last_level_cache_bytes() -> int | None:
+    """The cpu's largest cache (Linux sysfs), None where unknown."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        scale = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return max(sizes) if sizes else None
+
+
+def probe_size(device) -> int:
+    """Buffer bytes for the bandwidth probe: well beyond the last-level cache (4x, at least 512 MiB; 2 GiB on
+    an accelerator, whose L2 is tens of MiB), and at most an eighth of the memory free for it, but never under
+    twice the last-level cache."""
+    if device.is_accelerator:
+        size, free = 2 * 1024**3, device.total_memory_bytes()
+    else:
+        size, free = max(512 * 1024**2, 4 * (last_level_cache_bytes() or 0)), available_host_memory()
+    if free:
+        size = min(size, free // 8)
+    # never small enough to live in the cache: that would measure the cache, not the memory
+    floor = 64 * 1024**2 if device.is_accelerator else 2 * (last_level_cache_bytes() or 32 * 1024**2)
+    return max(floor, size)
+
+
+def _best_time(device, fn, repeats: int) -> float:
+    fn()  # first touch / kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        device.synchronize()
+        start = time.perf_counter()
+        fn()
+        device.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.inference_mode()
+def probe_bandwidth(device, dtype: torch.dtype = torch.float32, size: int | None = None,
+                    repeats: int = 3) -> Peak:
+    """The device's read bandwidth in bytes/s: the best pass of a reduction and of a matrix-vector product (fp32
+    and ``dtype``) over a buffer of ``size`` bytes (`probe_size`), each the best of ``repeats``."""
+    size = size or probe_size(device)
+    cols = 4096
+    results = []
+    for kind in dict.fromkeys((torch.float32, dtype)):
+        rows = size // (cols * kind.itemsize)
+        matrix = torch.full((rows, cols), 0.5, dtype=kind, device=device.torch_device)
+        vector = torch.ones(1, cols, dtype=kind, device=device.torch_device)
+        nbytes = matrix.numel() * matrix.element_size()
+        name = str(kind).replace("torch.", "")
+        if kind == torch.float32:
+            results.append((nbytes / _best_time(device, matrix.sum, repeats), f"{name} sum"))
+        results.append((nbytes / _best_time(device, lambda: torch.nn.functional.linear(vector, matrix), repeats),
+                        f"{name} matrix-vector"))
+        del matrix
+        device.empty_cache()
+    value, how = max(results)
+    return Peak(value, f"probe: {how} over {size / 1024**3:.3g} GiB, best of {repeats}")
+
+
+@torch.inference_mode()
+def probe_flops(device, dtype: torch.dtype, n: int | None = None, repeats: int = 3) -> Peak:
+    """The device's matrix-multiply rate in FLOP/s: the best of ``repeats`` n x n x n products in ``dtype``."""
+    n = n or (8192 if device.is_accelerator else 1024)
+    a = torch.full((n, n), 0.5, dtype=dtype, device=device.torch_device)
+    b = torch.full((n, n), 0.25, dtype=dtype, device=device.torch_device)
+    seconds = _best_time(device, lambda: a @ b, repeats)
+    return Peak(2 * n**3 / seconds, f"probe: {n}^3 {str(dtype).replace('torch.', '')} matmul, best of {repeats}")
+
+
+@lru_cache(maxsize=None)
+def session_peaks(device, dtype: torch.dtype) -> tuple[Peak, Peak]:
+    """(bandwidth, FLOP/s) probed once per process, device and dtype (the first row of a session pays ~1 s)."""
+    return probe_bandwidth(device, dtype), probe_flops(device, dtype)
+
+
+# --------------------------------------------------------------------------------------------- a row's figures
+
+
+ROOFLINE_COLUMNS = ["weight_bytes_per_step", "kv_bytes_per_step", "achieved_bandwidth(GB/s)", "MBU",
+                    "prefill_FLOPs", "achieved_TFLOP/s", "MFU", "peak_bandwidth(GB/s)", "peak_bandwidth_source",
+                    "peak_TFLOP/s", "peak_TFLOP/s_source", "spec_bandwidth(GB/s)", "spec_TFLOP/s", "spec_source"]
+
+
+def roofline_figures(args: ModelArgs, batch: int, input_len: int, output_len: int, dtype: torch.dtype,
+                     first_token_ms: float | None, next_token_ms: float | None, bandwidth: Peak, flops: Peak,
+                     device_name: str = "") -> dict[str, object]:
+    """The roofline columns of a performance row (next-token time is the mean over the decode steps, so the KV
+    bytes are those at the mean window)."""
+    nbytes = dtype.itemsize
+    weights = weight_bytes_per_step(args, batch, nbytes)
+    kv = kv_bytes_per_step(args, batch, mean_decode_window(input_len, output_len), nbytes)
+    flop = prefill_flops(args, batch, input_len)
+    achieved_bw = (weights + kv) / (next_token_ms / 1e3) if next_token_ms else None
+    achieved_flops = flop / (first_token_ms / 1e3) if first_token_ms else None
+    spec_bw, spec_fl = spec_peaks(device_name, dtype)
+    return {
+        "weight_bytes_per_step": weights, "kv_bytes_per_step": kv,
+        "achieved_bandwidth(GB/s)": achieved_bw / GB if achieved_bw else None,
+        "MBU": achieved_bw / bandwidth.value if achieved_bw else None,
+        "prefill_FLOPs": flop, "achieved_TFLOP/s": achieved_flops / TFLOP if achieved_flops else None,
+        "MFU": achieved_flops / flops.value if achieved_flops else None,
+        "peak_bandwidth(GB/s)": bandwidth.value / GB, "peak_bandwidth_source": bandwidth.source,
+        "peak_TFLOP/s": flops.value / TFLOP, "peak_TFLOP/s_source": flops.source,
+        "spec_bandwidth(GB/s)": spec_bw.value / GB if spec_bw else None,
+        "spec_TFLOP/s": spec_fl.value / TFLOP if spec_fl else None,
+        "spec_source": spec_bw.source if spec_bw else "",
+    }

@@ -1,0 +1,100 @@
+"""--dummy-weights: real shapes, seeded random weights made on the device, refused before allocating when
+they cannot fit (npuinfer.memory's prediction)."""
+from __future__ import annotations
+
+import csv
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from npuinfer.dummy import DoesNotFit, predicted_load_bytes, registry_args
+from npuinfer.memory import estimate, format_size, parse_size
+from npuinfer.registry import MODELS
+from npuinfer.runtime import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = [name for name, spec in MODELS.items() if not spec.tiny]
+# Published parameter counts (embedding and head untied), to 2 decimals of a billion.
+PUBLISHED_PARAMS = {"qwen-7b": 7.72, "qwen-14b": 14.17, "baichuan2-7b": 7.51, "baichuan2-13b": 13.90,
+                    "internlm-7b": 7.32, "gpt-neox-20b": 20.55}
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_every_real_model_is_refused_by_the_prediction_before_allocating(name, npuinfer_cache):
+    args = registry_args(MODELS[name])
+    assert round(args.num_parameters() / 1e9, 2) == PUBLISHED_PARAMS[name]
+    need = predicted_load_bytes(args, torch.bfloat16)
+    assert need == estimate(args, 0, 1, 0, 2).total and need > 14 * 10**9
+    before = _peak_rss()
+    with pytest.raises(DoesNotFit) as err:
+        load_model(name, device="cpu", dtype="bf16", dummy_weights=True, memory_limit=parse_size("256MiB"))
+    message = str(err.value)
+    assert name in message and format_size(need) in message and "--memory-limit 256MiB" in message
+    assert "nothing was allocated" in message
+    # the weights were never made: the process's peak resident memory did not grow by a fraction of them
+    assert _peak_rss() - before < 256 * 2**20
+
+
+def test_a_tiny_model_with_dummy_weights_runs_seeded_on_its_own_shapes(npuinfer_cache):
+    a = load_model("qwen-tiny", device="cpu", dtype="fp32", dummy_weights=True, seed=3)
+    b = load_model("qwen-tiny", device="cpu", dtype="fp32", dummy_weights=True, seed=3)
+    real = load_model("qwen-tiny", device="cpu", dtype="fp32")
+    assert a.weights == "dummy(seed 3)" and real.weights == "checkpoint"
+    assert a.args == real.args and a.checkpoint_id != real.checkpoint_id and a.checkpoint_id.startswith("dummy-s3-")
+    for (name, pa), pb, pr in zip(a.model.state_dict().items(), b.model.state_dict().values(),
+                                  real.model.state_dict().values()):
+        assert pa.shape == pr.shape and pa.dtype == torch.float32, name
+        assert torch.equal(pa, pb) and not torch.equal(pa, pr), name
+    ids = torch.tensor([[5, 6, 7, 8]])
+    a.model.setup_caches(1, 8)
+    with torch.inference_mode():
+        logits = a.model(ids, 0)
+    assert torch.isfinite(logits).all()
+
+
+def test_infer_and_bench_say_the_weights_were_dummy(tmp_path, npuinfer_cache):
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    res = subprocess.run([sys.executable, "-m", "npuinfer", "infer", "--model", "internlm-tiny", "--dummy-weights",
+                          "--max-new-tokens", "4", "hello"], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    timing = res.stderr.strip().splitlines()[-1]
+    assert res.stdout.startswith("hello") and timing.startswith("timing: first token ") and "next token" in timing
+    assert timing.endswith("weights: dummy(seed 0)") and "MBU" in timing and "GB/s (probe: " in timing
+    res = subprocess.run([sys.executable, "-m", "npuinfer", "infer", "--model", "gpt-neox-20b", "--dummy-weights",
+                          "--memory-limit", "1GiB", "hi"], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 1 and "more than --memory-limit 1GiB" in res.stderr and "Traceback" not in res.stderr
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "bench/test_performance.py",
+                           "--model", "qwen-tiny", "--model", "qwen-7b", "--dummy-weights", "--memory-limit", "2GiB",
+                           "--batch-sizes", "1", "--case-pairs", "8x4", "--rounds", "1", "--results-dir",
+                           str(results)], cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 1, proc.stdout[-3000:]  # qwen-7b's case fails with the refusal
+    assert "qwen-7b" in proc.stdout and "more than --memory-limit 2GiB" in proc.stdout
+    with open(results / "performance_qwen-tiny_cpu.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 1 and rows[0]["weights"] == "dummy(seed 0)" and rows[0]["checkpoint"].startswith("dummy-s0-")
+    assert not (results / "performance_qwen-7b_cpu.csv").exists()
+
+
+def test_backend_hf_runs_on_the_same_dummy_tensors(npuinfer_cache):
+    from npuinfer.hf_backend import HFBackend
+    from npuinfer.timing import NpuinferBackend
+
+    loaded = load_model("internlm-tiny", device="cpu", dtype="fp32", dummy_weights=True, seed=1)
+    hf = HFBackend.sharing(loaded)
+    ours = {t.untyped_storage().data_ptr() for t in loaded.model.state_dict().values()}
+    # views of npuinfer's tensors (q, k, v are row blocks of the fused wqkv), no copy
+    assert all(p.untyped_storage().data_ptr() in ours for p in hf.model.parameters())
+    assert hf.weights == "dummy(seed 1)" and hf.checkpoint == loaded.checkpoint_id
+    ids = torch.randint(0, loaded.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    assert torch.equal(hf.generate(ids, mask, 5), NpuinferBackend(loaded).generate(ids, mask, 5))
