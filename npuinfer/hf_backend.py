@@ -36,6 +36,7 @@ from .checkpoint import (
 from .device import Device
 from .families import gpt_neox
 from .model import ModelArgs
+from .quant import plan_from_state
 
 
 class HFUnsupported(ValueError):
@@ -139,9 +140,7 @@ def load_hf_model(model_dir: str | Path, device: Device, dtype: torch.dtype, *, 
     if args.position == "alibi":  # fail before reading gigabytes of weights
         hf_equivalent(args, {}, config_path)
     state, _ = read_canonical(model_dir, config, family, args)
-    from .quant import plan_from_state  # int8 weights would load into float layers as their integer values
-
-    if plan_from_state(state):
+    if plan_from_state(state):  # int8 weights would load into float layers as their integer values
         raise HFUnsupported(f"{model_dir}: a W8 quantized checkpoint; transformers has no equivalent of its int8 "
                             f"layers here; use --backend npuinfer")
     cls, hf_config, hf_state = hf_equivalent(args, state, config_path)
