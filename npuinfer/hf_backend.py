@@ -36,6 +36,7 @@ from .checkpoint import (
 from .device import Device
 from .families import gpt_neox
 from .model import ModelArgs
+from .quant import plan_from_state
 
 
 class HFUnsupported(ValueError):

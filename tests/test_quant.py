@@ -214,6 +214,46 @@ def test_modelslim_npy_dicts_load_like_the_mindie_layout(quantized, tiny_dir, tm
     assert torch.equal(logits(from_npy.model, tokens), logits(from_mindie.model, tokens))
 
 
+def test_checkpoint_identity_covers_the_npy_dicts(quantized, tiny_dir, tmp_path):
+    """The .npy dicts override the float weights beside them: another calibration is another checkpoint."""
+    from npuinfer.checkpoint import checkpoint_identity
+    from npuinfer.quant.npy_dict import load_npy_dict
+
+    _npy_layout(tiny_dir("baichuan2-13b-tiny"), quantized("baichuan2-13b-tiny", "W8A16"), tmp_path / "npy")
+    before = checkpoint_identity(tmp_path / "npy")
+    scales = load_npy_dict(tmp_path / "npy" / "weight_scale.npy")
+    scales.popitem()
+    np.save(tmp_path / "npy" / "weight_scale.npy", scales, allow_pickle=True)
+    assert checkpoint_identity(tmp_path / "npy") != before
+
+
+def test_packed_deq_scale_loads_and_a_wrong_integer_dtype_is_named(quantized, tmp_path):
+    """MindIE's fp16 W8A8 files hold deq_scale as int64 (the fp32 bits): same model. An int64 quant_bias is not."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from npuinfer.runtime import load_model
+
+    source = quantized("qwen-tiny", "W8A8")
+    directory = tmp_path / "packed"
+    shutil.copytree(source, directory)
+    path = directory / "quant_model_weight_w8a8.safetensors"
+    tensors = load_file(str(path))
+    for name in [n for n in tensors if n.endswith(".deq_scale")]:
+        tensors[name] = tensors[name].float().view(torch.int32).to(torch.int64)
+    save_file(tensors, str(path))
+    tokens = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(3))
+    packed = load_model(model_path=directory, device="cpu", dtype="fp32")
+    plain = load_model(model_path=source, device="cpu", dtype="fp32")
+    assert torch.equal(logits(packed.model, tokens), logits(plain.model, tokens))
+    name = "transformer.h.1.mlp.c_proj.quant_bias"
+    tensors[name] = tensors[name].to(torch.int64)
+    save_file(tensors, str(path))
+    with pytest.raises(CheckpointError, match=rf"wrong dtype: {name} is int64, expected int32"):
+        load_model(model_path=directory, device="cpu", dtype="fp32")
+
+
 class _WouldRunCode:
     def __init__(self, path: Path):
         self.path = path

@@ -4,6 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli import UsageError
+from ..quant.calibrate import quantize_checkpoint, read_calibration
+from ..runtime import resolve_model_dir
+
 
 def _layers(text: str) -> set[int]:
     try:
@@ -32,10 +36,6 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UsageError
-    from ..quant.calibrate import quantize_checkpoint, read_calibration
-    from ..locate import resolve_model_dir
-
     if args.model is None and args.model_path is None:
         raise UsageError("give the float checkpoint (--model-path DIR) or a registry name (--model)")
     if args.calib_file is not None and args.scheme != "W8A8":

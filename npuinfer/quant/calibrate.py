@@ -14,13 +14,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from ..checkpoint import CheckpointError, args_from_config, detect_family, read_canonical, read_config
-from .layout import (describe_tensors, description_file_name, find_quant_files, quant_from_canonical,
-                     weight_file_name)
+from ..runtime import load_model
+from .files import description_file_name, find_quant_files, has_npy_layout, weight_file_name
+from .layout import describe_tensors, quant_from_canonical
 from .linear import LINEARS
-from .npy_dict import has_npy_layout
 from .scheme import W8A8, W8A16, activation_params, quantize_weight, w8a8_params
 
 # The Baichuan2 guide's calibration prompts.
@@ -54,8 +55,6 @@ def target_linears(state: dict[str, Tensor], n_layers: int, skip: set[int]) -> l
 @torch.no_grad()
 def activation_stats(model_dir: Path, prompts: list[str], targets: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
     """Per target linear, the per-input-channel (min, max) its input reached over the prompts (fp32 model)."""
-    from ..runtime import load_model
-
     loaded = load_model(model_path=model_dir, device="cpu", dtype="fp32")
     model = loaded.model
     stats: dict[str, tuple[Tensor, Tensor]] = {}
@@ -155,8 +154,6 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, scheme: str,
 
 def _write(model_dir: Path, out_dir: Path, state: dict[str, Tensor], scheme: str) -> None:
     """Into a staging folder renamed into place, so an interrupted run leaves no half directory."""
-    from safetensors.torch import save_file
-
     staging = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -6,69 +6,28 @@ The description maps every tensor name to its type: ``"FLOAT"`` for tensors left
 ``"model_quant_type"``. Tensor names are the family's own (``transformer.h.0.attn.c_attn.weight_scale``,
 ``model.layers.0.self_attn.W_pack.deq_scale``): a quantized linear is its float name plus the parameter.
 Here they are mapped onto canonical names (npuinfer/model.py), fused layouts keeping their scales row by row.
+Which files make a quantized directory is files.py's business (the loader asks it without importing this).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
-from ..checkpoint import (NAME_TABLES, CheckpointError, _neox_blocks_to_heads, _neox_heads_to_blocks,
-                          from_canonical, to_canonical)
+from ..canonical import blocks_to_per_head, from_canonical, per_head_to_blocks, to_canonical
+from ..families import QKV_PER_HEAD, QKV_SEPARATE, get_family
+from ..hf_config import CheckpointError
 from ..model import ModelArgs
+from .files import QuantFiles, find_quant_files, has_npy_layout
 from .linear import QUANT_PARAMS, ROW_PARAMS, TENSOR_PARAMS, plan_from_state, split_param
+from .npy_dict import read_npy_layout
 from .scheme import SCHEMES
 
-WEIGHT_GLOB = "quant_model_weight*.safetensors"
-INDEX_GLOB = "quant_model_weight*.safetensors.index.json"
-DESCRIPTION_GLOB = "quant_model_description*.json"
 FLOAT = "FLOAT"
 META_KEYS = ("model_quant_type", "kv_cache_type", "version", "group_size")
-
-
-def weight_file_name(scheme: str) -> str:
-    return f"quant_model_weight_{scheme.lower()}.safetensors"
-
-
-def description_file_name(scheme: str) -> str:
-    return f"quant_model_description_{scheme.lower()}.json"
-
-
-@dataclass(frozen=True)
-class QuantFiles:
-    weights: list[Path]
-    description: Path
-
-
-def find_quant_files(model_dir: Path) -> QuantFiles | None:
-    """The MindIE files of ``model_dir``, or None when it holds none. Half a layout is an error."""
-    model_dir = Path(model_dir)
-    weights = sorted(model_dir.glob(WEIGHT_GLOB))
-    descriptions = sorted(model_dir.glob(DESCRIPTION_GLOB))
-    if not weights and not descriptions:
-        return None
-    if not descriptions:
-        raise CheckpointError(f"{model_dir}: has {weights[0].name} but no quant_model_description*.json naming "
-                              f"each tensor's type; a MindIE quantized directory holds both")
-    if len(descriptions) > 1:
-        raise CheckpointError(f"{model_dir}: several descriptions ({', '.join(d.name for d in descriptions)}); "
-                              f"expected one quant_model_description*.json")
-    indexes = sorted(model_dir.glob(INDEX_GLOB))
-    if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{indexes[0]}: expected JSON with a 'weight_map' object ({exc})") from None
-        weights = [model_dir / name for name in dict.fromkeys(weight_map.values())]
-        missing = [str(w) for w in weights if not w.is_file()]
-        if missing:
-            raise CheckpointError(f"{indexes[0]} names shard files that are missing: {', '.join(missing)}")
-    if not weights:
-        raise CheckpointError(f"{descriptions[0]}: no {WEIGHT_GLOB} file beside it holds the tensors it describes")
-    return QuantFiles(weights, descriptions[0])
 
 
 def read_description(path: Path) -> tuple[str, dict[str, str]]:
@@ -96,8 +55,6 @@ def read_description(path: Path) -> tuple[str, dict[str, str]]:
 
 def read_quant_files(files: QuantFiles) -> dict[str, Tensor]:
     """The tensors of the layout, each one the description names present, and described consistently."""
-    from safetensors.torch import load_file
-
     state: dict[str, Tensor] = {}
     for path in files.weights:
         try:
@@ -129,10 +86,12 @@ def read_quant_files(files: QuantFiles) -> dict[str, Tensor]:
 
 def quant_to_canonical(family: str, state: dict[str, Tensor], args: ModelArgs
                        ) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Like checkpoint.to_canonical, for a state that also holds quantization parameters."""
-    table = NAME_TABLES[family]
+    """Like canonical.to_canonical, for a state that also holds quantization parameters."""
+    record = get_family(family)
+    table = record.names
     extras = {n: t for n, t in state.items() if split_param(n)[1] in QUANT_PARAMS}
-    out, origin = to_canonical(family, {n: t for n, t in state.items() if n not in extras}, args)
+    quantized = {f"{split_param(n)[0]}.weight" for n in extras}  # their weights are int8
+    out, origin = to_canonical(family, {n: t for n, t in state.items() if n not in extras}, args, int8=quantized)
     params: dict[str, dict[str, Tensor]] = {}
     for name, tensor in extras.items():
         prefix, param = split_param(name)
@@ -146,7 +105,7 @@ def quant_to_canonical(family: str, state: dict[str, Tensor], args: ModelArgs
     for i in range(args.n_layers):
         parts = [f"layers.{i}.attention.w{p}" for p in "qkv"]
         fused = f"layers.{i}.attention.wqkv"
-        if any(p in params for p in parts):  # InternLM: q/k/v quantized separately, fused here row by row
+        if any(p in params for p in parts):  # q/k/v stored (and quantized) separately: fused here row by row
             groups = [params.get(p) for p in parts]
             if any(g is None or g.keys() != groups[0].keys() for g in groups):
                 raise CheckpointError(f"layer {i}: the q, k and v projections must be quantized alike "
@@ -168,10 +127,10 @@ def quant_to_canonical(family: str, state: dict[str, Tensor], args: ModelArgs
             for p in parts:
                 del params[p]
             params[fused] = merged
-        if family == "gpt-neox" and fused in params:
+        if record.qkv == QKV_PER_HEAD and fused in params:  # per-output-row parameters follow the rows
             for param in ROW_PARAMS:
                 if param in params[fused]:
-                    params[fused][param] = _neox_heads_to_blocks(params[fused][param], args.n_heads)
+                    params[fused][param] = per_head_to_blocks(params[fused][param], args.n_heads)
     for cprefix, group in params.items():
         for param, tensor in group.items():
             out[f"{cprefix}.{param}"] = tensor
@@ -180,7 +139,8 @@ def quant_to_canonical(family: str, state: dict[str, Tensor], args: ModelArgs
 
 def quant_from_canonical(family: str, state: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
     """Canonical tensors (quantization parameters included) -> the family's names and fused layouts."""
-    table = NAME_TABLES[family]
+    record = get_family(family)
+    table = record.names
     extras = {n: t for n, t in state.items() if split_param(n)[1] in QUANT_PARAMS}
     out = from_canonical(family, {n: t for n, t in state.items() if n not in extras}, args)
     width = args.n_heads * args.head_dim
@@ -188,13 +148,13 @@ def quant_from_canonical(family: str, state: dict[str, Tensor], args: ModelArgs)
         cprefix, param = split_param(name)
         pieces = {cprefix: tensor}
         if cprefix.endswith("attention.wqkv"):
-            if family == "internlm":
+            if record.qkv == QKV_SEPARATE:
                 base = cprefix[: -len("wqkv")]
                 # per-tensor parameters are copied to each of q, k, v (safetensors refuses shared storage)
                 split = tensor.split(width, dim=0) if param in ROW_PARAMS else [tensor.clone() for _ in "qkv"]
                 pieces = {f"{base}w{p}": part for p, part in zip("qkv", split)}
-            elif family == "gpt-neox" and param in ROW_PARAMS:
-                pieces = {cprefix: _neox_blocks_to_heads(tensor, args.n_heads)}
+            elif record.qkv == QKV_PER_HEAD and param in ROW_PARAMS:
+                pieces = {cprefix: blocks_to_per_head(tensor, args.n_heads)}
         for prefix, part in pieces.items():
             original = table.original(f"{prefix}.weight")
             if original is None:
@@ -217,8 +177,6 @@ def read_canonical_quantized(model_dir: Path, family: str, args: ModelArgs
                              ) -> tuple[dict[str, Tensor], dict[str, str]] | None:
     """The loader hook: canonical tensors of a quantized directory (MindIE safetensors, or the older ModelSlim
     .npy dicts beside float weights), or None for a float one."""
-    from .npy_dict import has_npy_layout, read_npy_layout
-
     files = find_quant_files(model_dir)
     if files is not None:
         state = read_quant_files(files)
@@ -233,8 +191,3 @@ def read_canonical_quantized(model_dir: Path, family: str, args: ModelArgs
                               f"deq_scale tensors)")
     return state, origin
 
-
-def quant_weight_files(model_dir: Path) -> list[Path]:
-    """The weight files of a MindIE quantized directory (for checkpoint identity), or []."""
-    files = find_quant_files(model_dir)
-    return files.weights if files is not None else []

@@ -19,6 +19,10 @@ QUANT_PARAMS = W8A16_PARAMS + W8A8_PARAMS
 ROW_PARAMS = ("weight_scale", "weight_offset", "quant_bias", "deq_scale")  # one entry per output channel
 TENSOR_PARAMS = ("input_scale", "input_offset")  # per tensor: replicated under TP
 FP32_PARAMS = ("input_scale", "input_offset", "deq_scale")  # kept fp32 whatever the model dtype (deq_scale ~1e-6)
+# A quantized linear's tensors that are integers: the weight and W8A8's quant_bias always; deq_scale is fp32, or
+# int64 holding the fp32 bits (MindIE's layout for fp16 models, see scheme.decode_deq_scale).
+INTEGER_PARAMS = {"weight": torch.int8, "quant_bias": torch.int32}
+PACKED_PARAMS = {"deq_scale": torch.int64}
 
 # The linears a checkpoint may quantize (the head, output, never is).
 LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")
@@ -44,6 +48,22 @@ def plan_from_state(state: dict[str, Tensor]) -> dict[str, LinearPlan]:
         if param in ("weight_scale", "deq_scale"):
             plan[prefix] = LinearPlan(W8A16 if param == "weight_scale" else W8A8, f"{prefix}.bias" in state)
     return plan
+
+
+def wrong_dtypes(state: dict[str, Tensor]) -> dict[str, str]:
+    """Name -> the dtype expected, for each tensor of a canonical state whose dtype does not fit: a quantized
+    linear's weight is int8 and its quant_bias int32, its deq_scale fp32 or int64-packed; all else floating point."""
+    quantized = plan_from_state(state)
+    wrong = {}
+    for name, tensor in state.items():
+        prefix, param = split_param(name)
+        integer = INTEGER_PARAMS.get(param) if prefix in quantized else None
+        packed = PACKED_PARAMS.get(param) if prefix in quantized else None
+        if integer is not None and tensor.dtype != integer:
+            wrong[name] = str(integer).removeprefix("torch.")
+        elif integer is None and not tensor.is_floating_point() and tensor.dtype != packed:
+            wrong[name] = "floating point" + (f" or {str(packed).removeprefix('torch.')}" if packed else "")
+    return wrong
 
 
 def load_dtype(name: str, tensor: Tensor, dtype: torch.dtype) -> torch.dtype:

@@ -17,12 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoint import CheckpointError, read_weights
-
-NPY_FILES = {"quant_weight": "weight", "weight_scale": "weight_scale", "weight_offset": "weight_offset",
-             "input_scale": "input_scale", "input_offset": "input_offset", "quant_bias": "quant_bias",
-             "deq_scale": "deq_scale"}
-IGNORED_FILES = ("fp_bias",)  # the float bias quant_bias was computed from (it is folded in quant_bias)
+from ..hf_config import CheckpointError
+from ..weight_files import read_weights
+from .files import NPY_FILES
 
 _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
@@ -72,15 +69,6 @@ def load_npy_dict(path: Path) -> dict[str, np.ndarray]:
                                             for k, v in obj.items()):
         raise CheckpointError(f"{path}: expected a dict of layer name -> numeric numpy array")
     return obj
-
-
-def npy_files(model_dir: Path) -> list[Path]:
-    """The .npy dicts of a directory (part of its checkpoint identity)."""
-    return [p for stem in (*NPY_FILES, *IGNORED_FILES) if (p := Path(model_dir) / f"{stem}.npy").is_file()]
-
-
-def has_npy_layout(model_dir: Path) -> bool:
-    return (Path(model_dir) / "quant_weight.npy").is_file()
 
 
 def read_npy_layout(model_dir: Path) -> dict[str, Tensor]:

@@ -1,0 +1,101 @@
+"""The weight files of a checkpoint directory and their tensors, read without running code from it.
+
+Sharded checkpoints are read through their index; pickled .bin files are opened with ``weights_only=True``;
+every file named must lie inside the model directory. (Split from checkpoint.py so that npuinfer.quant can
+read float weights without importing the loader that dispatches to it.)
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path, PurePosixPath
+
+import torch
+from torch import Tensor
+
+from .hf_config import CheckpointError
+from .quant.files import quant_weight_files
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The weight files of a directory, from its index when sharded."""
+    model_dir = Path(model_dir)
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index = model_dir / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object ({exc})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
+            outside = [name for name in dict.fromkeys(weight_map.values()) if not _inside(name)]
+            if outside:
+                raise CheckpointError(f"{index} names weight files outside {model_dir}: {', '.join(outside)}; "
+                                      f"weights are read from the model directory only")
+            files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names shard files that are missing: {', '.join(missing)}")
+            return files
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+    quantized = quant_weight_files(model_dir)  # a MindIE quantized directory holds only its own files
+    if quantized:
+        return quantized
+    raise CheckpointError(
+        f"{model_dir}: no weights found; expected model.safetensors, pytorch_model.bin, "
+        f"or an index ({SAFETENSORS_INDEX} / {BIN_INDEX}) with its shards"
+    )
+
+
+def _inside(name: str) -> bool:
+    """An index's file name stays inside the model directory: relative, no '..' (symlinks, as the Hugging Face
+    cache uses them, are the directory's own business)."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    return bool(name) and not path.is_absolute() and ".." not in path.parts and ":" not in name
+
+
+def read_weight_file(path: Path) -> dict[str, Tensor]:
+    """All tensors of one file, memory-mapped where the format allows."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            # A legacy (pre-zip) torch.save file cannot be memory-mapped; read it whole, still weights_only.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: cannot read weights: the file is corrupt, or its pickle holds objects other "
+                              f"than tensors, which are refused (weights_only=True; checkpoint code is never run) "
+                              f"({_reason(exc)})") from None
+    except Exception as exc:  # truncated or corrupt files raise many kinds of errors
+        raise CheckpointError(f"{path}: cannot read weights, the file is truncated or corrupt ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensor name -> tensor")
+    return state
+
+
+def _reason(exc: BaseException) -> str:
+    """The specific line of torch's weights_only error, without its generic advice to disable the check."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    generic = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    specific = [line for line in lines if not line.startswith(generic)]
+    return (specific or lines or [type(exc).__name__])[0]
+
+
+def read_weights(model_dir: Path) -> dict[str, Tensor]:
+    state: dict[str, Tensor] = {}
+    for path in checkpoint_files(model_dir):
+        state.update(read_weight_file(path))
+    return state
