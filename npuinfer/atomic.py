@@ -6,7 +6,10 @@ clobber each other's temporary files; the last rename wins whole.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -66,3 +69,66 @@ def create_atomic(path: str | os.PathLike, data: str | bytes) -> bool:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
     return True
+
+
+# ---- directories: a staged copy swapped in whole (npuinfer baseline update)
+
+
+def sibling(directory: Path, role: str) -> Path:
+    """Where an update stages a baseline directory (``staging``), or parks the old one (``previous``)."""
+    return directory.with_name(f".{directory.name}.{role}")
+
+
+def fsync_tree(directory: Path) -> None:
+    """Every file and directory under ``directory`` on disk before it is swapped in."""
+    for path in sorted(directory.rglob("*"), reverse=True) + [directory]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE). False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def swap_directory(staging: Path, out: Path) -> None:
+    """``staging`` becomes ``out``. With RENAME_EXCHANGE the two trade places at once and the old tree is
+    deleted from the staging name. Elsewhere the old tree is first renamed to ``.<name>.previous``; a kill
+    between the two renames is repaired by the next update (`recover_interrupted_swap`)."""
+    if out.is_dir() and _exchange(staging, out):
+        _fsync_dir(out.parent)
+        shutil.rmtree(staging)
+        return
+    previous = sibling(out, "previous")
+    if out.exists():
+        os.rename(out, previous)
+    os.rename(staging, out)
+    _fsync_dir(out.parent)
+    if previous.exists():
+        shutil.rmtree(previous)
+
+
+
+def recover_interrupted_swap(out: Path) -> None:
+    """Finish what a killed `swap_directory` left: the old tree parked with no new one in place comes back; parked
+    beside a complete new one, it is deleted."""
+    previous = sibling(out, "previous")
+    if not previous.is_dir():
+        return
+    if out.exists():
+        shutil.rmtree(previous)
+    else:
+        os.rename(previous, out)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from .memory import parse_size
 from .registry import DEFAULT_MODEL
 
 
@@ -17,8 +18,6 @@ def positive_int(text: str) -> int:
 
 
 def memory_limit(text: str) -> int:
-    from .memory import parse_size
-
     try:
         return parse_size(text)
     except ValueError as exc:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from npuinfer.cli import main
+from npuinfer import atomic
 from npuinfer.results import baseline as store
 from npuinfer.results.baseline import update_baseline, verify_baseline
 
@@ -150,7 +151,7 @@ def test_without_an_atomic_exchange_a_kill_between_the_renames_is_repaired(basel
     """Where renameat2 cannot exchange, the old tree is parked, then the new one renamed in; killed in between,
     verify says where the baseline is and the next update puts it back before updating."""
     before = tree(baseline)
-    monkeypatch.setattr(store, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     renames = []
 
     def rename_then_die(a, b):
@@ -159,10 +160,10 @@ def test_without_an_atomic_exchange_a_kill_between_the_renames_is_repaired(basel
         raise Killed
 
     os_rename = os.rename
-    monkeypatch.setattr(store.os, "rename", rename_then_die)
+    monkeypatch.setattr(atomic.os, "rename", rename_then_die)
     with pytest.raises(Killed):
         update_baseline(run_dir, baseline)
-    monkeypatch.setattr(store.os, "rename", os_rename)
+    monkeypatch.setattr(atomic.os, "rename", os_rename)
     parked = baseline.parent / ".cpu-tiny.previous"
     assert renames == [(baseline, parked)] and not baseline.exists() and tree(parked) == before
     _, problems = verify_baseline(baseline)
@@ -176,7 +177,7 @@ def test_without_an_atomic_exchange_a_kill_between_the_renames_is_repaired(basel
 def test_an_update_swaps_the_directory_in_one_step_on_linux(baseline, run_dir, monkeypatch):
     """renameat2(RENAME_EXCHANGE) is used where the system has it: no moment without a baseline directory."""
     exchanged = []
-    exchange = store._exchange
+    exchange = atomic._exchange
 
     def spy(a, b):
         done = exchange(a, b)
@@ -185,7 +186,7 @@ def test_an_update_swaps_the_directory_in_one_step_on_linux(baseline, run_dir, m
             assert json.loads((b / "manifest.json").read_text())["source"] == str(run_dir.resolve())
         return done
 
-    monkeypatch.setattr(store, "_exchange", spy)
+    monkeypatch.setattr(atomic, "_exchange", spy)
     update_baseline(run_dir, baseline)
     if sys.platform != "linux":
         pytest.skip("RENAME_EXCHANGE is Linux's")

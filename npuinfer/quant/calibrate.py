@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..atomic import swap_directory
 from ..checkpoint import CheckpointError, args_from_config, detect_family, read_canonical, read_config
 from ..runtime import load_model
 from .files import description_file_name, find_quant_files, has_npy_layout, weight_file_name
@@ -166,8 +167,6 @@ def _write(model_dir: Path, out_dir: Path, state: dict[str, Tensor], scheme: str
                   metadata={"format": "pt", "model_quant_type": scheme})
         (staging / description_file_name(scheme)).write_text(
             json.dumps(describe_tensors(state, scheme), indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        staging.rename(out_dir)
+        swap_directory(staging, out_dir)  # out_dir, if present, is empty (checked above)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import errno
 import hashlib
 import json
 import math
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..atomic import fsync_tree, recover_interrupted_swap, sibling, swap_directory
 from .calibration import calibration_path, calibration_table, calibration_value
 from .performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, THROUGHPUT, performance_path
 from .performance import GATE_ATTEMPTS, GATE_RETRIES  # noqa: F401  (the row columns the gate fills, for the plugin)
@@ -536,11 +536,11 @@ def update_baseline(run_dir: str | Path, baseline_dir: str | Path, models: Seque
 
     All or nothing: the whole baseline directory is copied to a staging directory beside it, the run's files
     and the manifest are written there, and the staging directory then takes the baseline's place in one
-    rename (`_swap_in`). An update killed at any point leaves the old baseline or the new one, complete."""
+    rename (`swap_directory`). An update killed at any point leaves the old baseline or the new one, complete."""
     plan = plan_update(run_dir, models)
     out = Path(baseline_dir)
-    _recover_interrupted_update(out)
-    staging = _sibling(out, "staging")
+    recover_interrupted_swap(out)
+    staging = sibling(out, "staging")
     if staging.exists():  # an update killed before its swap: the baseline was never touched
         shutil.rmtree(staging)
     if out.exists() and not out.is_dir():
@@ -554,7 +554,7 @@ def update_baseline(run_dir: str | Path, baseline_dir: str | Path, models: Seque
     except Exception:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _swap_in(staging, out)
+    swap_directory(staging, out)
     return written, warnings
 
 
@@ -599,85 +599,13 @@ def _stage_update(plan: UpdatePlan, run_dir: str | Path, staging: Path, out: Pat
                      "python": platform.python_version(), "host": _host(),
                      "device": devices, "files": dict(sorted(files.items()))})
     manifest_path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    _fsync_tree(staging)
+    fsync_tree(staging)
     return written + [out / MANIFEST], warnings
 
 
 def _as_list(value: object) -> list:
     """A manifest fact: one value, or a list when the rows hold several (several machines' rows)."""
     return list(value) if isinstance(value, list) else [value]
-
-
-# --------------------------------------------------------------------------------------------- all or nothing
-
-
-def _sibling(directory: Path, role: str) -> Path:
-    """Where an update stages a baseline directory (``staging``), or parks the old one (``previous``)."""
-    return directory.with_name(f".{directory.name}.{role}")
-
-
-def _fsync_tree(directory: Path) -> None:
-    """Every file and directory under ``directory`` on disk before it is swapped in."""
-    for path in sorted(directory.rglob("*"), reverse=True) + [directory]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE). False where the system cannot."""
-    import ctypes
-
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """``staging`` becomes ``out``. With RENAME_EXCHANGE the two trade places at once and the old tree is
-    deleted from the staging name. Elsewhere the old tree is first renamed to ``.<name>.previous``; a kill
-    between the two renames is repaired by the next update (`_recover_interrupted_update`)."""
-    if out.is_dir() and _exchange(staging, out):
-        _fsync_dir(out.parent)
-        shutil.rmtree(staging)
-        return
-    previous = _sibling(out, "previous")
-    if out.exists():
-        os.rename(out, previous)
-    os.rename(staging, out)
-    _fsync_dir(out.parent)
-    if previous.exists():
-        shutil.rmtree(previous)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _recover_interrupted_update(out: Path) -> None:
-    """Finish what a killed `_swap_in` left: the old tree parked with no new one in place comes back; parked
-    beside a complete new one, it is deleted."""
-    previous = _sibling(out, "previous")
-    if not previous.is_dir():
-        return
-    if out.exists():
-        shutil.rmtree(previous)
-    else:
-        os.rename(previous, out)
 
 
 # --------------------------------------------------------------------------------------------- verify
@@ -696,7 +624,7 @@ def verify_baseline(baseline_dir: str | Path) -> tuple[int, list[str]]:
     names the file and what differs."""
     directory = Path(baseline_dir)
     if not directory.is_dir():
-        parked = _sibling(directory, "previous")
+        parked = sibling(directory, "previous")
         hint = (f" ({parked} holds the baseline an interrupted update moved aside: `npuinfer baseline update` "
                 "puts it back)") if parked.is_dir() else ""
         return 0, [f"{directory}: not a directory{hint}"]
@@ -727,7 +655,7 @@ def verify_baseline(baseline_dir: str | Path) -> tuple[int, list[str]]:
     for name in baseline_files(directory):
         if name not in files:
             problems.append(f"{directory / name}: not listed in {MANIFEST}")
-    for leftover in (_sibling(directory, "staging"), _sibling(directory, "previous")):
+    for leftover in (sibling(directory, "staging"), sibling(directory, "previous")):
         if leftover.exists():
             problems.append(f"{leftover}: left by an interrupted `npuinfer baseline update` (the next update "
                             "removes it)")
