@@ -13,6 +13,7 @@ from .checkpoint import (
     detect_family,
     read_config,
 )
+from .options import RunConfig
 from .parallel.cut import PART_DIR
 from .registry import DEFAULT_MODEL, ModelNotFound, ModelSpec, get_spec, models_dir
 from .tiny import ensure_tiny
@@ -69,6 +70,11 @@ def locate_model(name: str | None, model_path: str | Path | None = None, *, tp: 
     except ModelNotFound as exc:
         raise ModelUnavailable(str(exc)) from None
     raise AssertionError("resolve_model_dir found a directory locate_model did not")  # pragma: no cover
+
+
+def locate_config(config: RunConfig) -> Path | None:
+    """``locate_model`` for a RunConfig: its model, --model-path, --tp and --dummy-weights."""
+    return locate_model(config.model, config.model_path, tp=config.tp, dummy_weights=config.dummy_weights)
 
 
 def _checked_dir(model_dir: Path, spec: ModelSpec | None, tp: int, looked_at: str) -> Path:

@@ -1,20 +1,54 @@
-"""Command-line options shared by `npuinfer` subcommands (the pytest plugin mirrors them)."""
+"""Options defined once, for the `npuinfer` CLI and the pytest plugin alike (pytest-benchmark's pattern).
+
+Each ``add_*_options(addoption)`` takes ``argparse.ArgumentParser.add_argument`` or a pytest option group's
+``addoption`` (same signature): the option names, dests, defaults and parsers are the same in both. The values
+come back as one ``RunConfig`` built from either an argparse Namespace or a pytest Config, which the loader takes
+(``runtime.load_model_from``, ``locate.locate_config``).
+"""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from .memory import parse_size
 from .registry import DEFAULT_MODEL
 
+AddOption = Callable[..., Any]  # ArgumentParser.add_argument or pytest's OptionGroup.addoption
 
-def positive_int(text: str) -> int:
+
+# --------------------------------------------------------------------------------------------- value parsers
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An integer parser refusing values below ``minimum`` (a usage error naming the option)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer_at_least_{minimum}"
+    return parse
+
+
+positive_int = at_least(1)
+non_negative_int = at_least(0)
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """``1,4,8`` -> (1, 4, 8), duplicates dropped."""
     try:
-        value = int(text)
+        values = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+        values = ()
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,4; got {text!r}")
+    return tuple(dict.fromkeys(values))
 
 
 def memory_limit(text: str) -> int:
@@ -24,26 +58,105 @@ def memory_limit(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help=f"registry name (default {DEFAULT_MODEL} unless --model-path is given)")
-    parser.add_argument("--model-path", default=None, help="checkpoint directory as downloaded from the Hub")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | npu[:N] (default auto)")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
-                        help="default fp16 on accelerators, fp32 on cpu")
-    parser.add_argument("--max-seq-len", type=positive_int, default=None,
-                        help="cap the KV cache (also $MAX_SEQ_LEN)")
-    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
-                        help="scaled_dot_product_attention (default) or the eager path")
-    parser.add_argument("--kernels", default="fused", choices=["fused", "plain"],
-                        help="fused: the device's fused ops (each checked against plain torch at load), "
-                             "plain: plain torch ops (default fused)")
-    parser.add_argument("--compile", action="store_true",
-                        help="run the decode step as one graph (cpu: an AOTInductor library; cuda: CUDA graphs; "
-                             "npu: torchair); the first run at a new shape builds it")
+# --------------------------------------------------------------------------------------------- the options
+
+MODELS_DEST = "npuinfer_models"  # pytest: --model may repeat (a list)
+MODEL_DEST = "npuinfer_model"  # CLI: one --model
 
 
-def model_name(args: argparse.Namespace) -> str | None:
-    if args.model is None and args.model_path is None:
-        return DEFAULT_MODEL
-    return args.model
+def add_model_options(addoption: AddOption, *, several: bool = False, model_help: str | None = None,
+                      path_help: str | None = None) -> None:
+    """--model and --model-path. ``several``: --model may repeat (the pytest suites), dest npuinfer_models."""
+    if several:
+        addoption("--model", action="append", default=None, dest=MODELS_DEST,
+                  help=model_help or "registry name; repeat for several (default: the tiny models, or every model "
+                                     "found under $NPUINFER_MODELS_DIR)")
+    else:
+        addoption("--model", default=None, dest=MODEL_DEST,
+                  help=model_help or f"registry name (default {DEFAULT_MODEL} unless --model-path is given)")
+    addoption("--model-path", default=None, dest="npuinfer_model_path",
+              help=path_help or "checkpoint directory as downloaded from the Hub (with a single --model, or alone: "
+                                "family from config.json)")
+
+
+def add_device_options(addoption: AddOption) -> None:
+    """--device and --dtype."""
+    addoption("--device", default="auto", dest="npuinfer_device", help="auto | cpu | cuda[:N] | npu[:N] (default auto)")
+    addoption("--dtype", default=None, dest="npuinfer_dtype", choices=["fp32", "fp16", "bf16"],
+              help="default fp16 on accelerators, fp32 on cpu")
+
+
+def add_runtime_options(addoption: AddOption) -> None:
+    """How the model runs: --max-seq-len, --attention, --kernels, --compile, --dummy-weights, --memory-limit, --tp."""
+    addoption("--max-seq-len", type=positive_int, default=None, dest="npuinfer_max_seq_len",
+              help="cap the KV cache (also $MAX_SEQ_LEN)")
+    addoption("--attention", default="sdpa", choices=["sdpa", "eager"], dest="npuinfer_attention",
+              help="scaled_dot_product_attention (default) or the eager path")
+    addoption("--kernels", default="fused", choices=["fused", "plain"], dest="npuinfer_kernels",
+              help="fused: the device's fused ops, each checked against plain torch at load (default); "
+                   "plain: plain torch ops")
+    addoption("--compile", action="store_true", default=False, dest="npuinfer_compile",
+              help="run the decode step as one graph (cpu: an AOTInductor library; cuda: CUDA graphs; npu: "
+                   "torchair); each new shape builds first (in the bench suite: in the warm-up)")
+    addoption("--dummy-weights", action="store_true", default=False, dest="npuinfer_dummy_weights",
+              help="the model's real shapes with seeded random weights made on the device, no checkpoint "
+                   "(refused before allocating when the weights cannot fit --memory-limit / the device; a real "
+                   "name without a download uses its tiny stand-in's tokenizer)")
+    addoption("--memory-limit", type=memory_limit, default=None, dest="npuinfer_memory_limit", metavar="16GiB",
+              help="memory the model may use: --dummy-weights refuses, before allocating, what cannot fit; the "
+                   "max-batch search stays within it (required on cpu; on a device: min with its memory)")
+    addoption("--tp", type=positive_int, default=1, dest="npuinfer_tp",
+              help="tensor parallel ranks: `npuinfer infer` runs under torchrun --nproc-per-node N, each rank "
+                   "loading DIR/part_model/{rank} (npuinfer cut); the pytest suites re-run themselves under "
+                   "torchrun with N processes, rows from rank 0, timings the max over ranks")
+
+
+def add_baseline_option(addoption: AddOption) -> None:
+    """--baseline, shared by the bench and accuracy suites."""
+    addoption("--baseline", default=None, dest="npuinfer_baseline", metavar="DIR",
+              help="reference results (a results directory or results/baselines/<name>): a bench case fails when "
+                   "slower than --max-regression, a C-Eval case when its accuracy drops more than --max-acc-drop; "
+                   "a case with no baseline row is not gated (warning)")
+
+
+# --------------------------------------------------------------------------------------------- the values
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Which model, where and how it runs: what the loader needs, from the CLI or from a pytest session."""
+
+    model: str | None = None  # registry name; None with model_path alone (family from config.json)
+    model_path: str | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    max_seq_len: int | None = None
+    attention: str = "sdpa"
+    compile: bool = False
+    kernels: str = "fused"
+    dummy_weights: bool = False
+    memory_limit: int | None = None
+    tp: int = 1
+
+    @classmethod
+    def from_options(cls, get: Callable[[str], Any], model: str | None = None) -> "RunConfig":
+        """From an option getter (dest -> value); ``model`` overrides --model (a pytest case's model)."""
+        return cls(model=model, model_path=get("npuinfer_model_path"), device=get("npuinfer_device"),
+                   dtype=get("npuinfer_dtype"), max_seq_len=get("npuinfer_max_seq_len"),
+                   attention=get("npuinfer_attention"), compile=bool(get("npuinfer_compile")),
+                   kernels=get("npuinfer_kernels"), dummy_weights=bool(get("npuinfer_dummy_weights")),
+                   memory_limit=get("npuinfer_memory_limit"), tp=get("npuinfer_tp"))
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "RunConfig":
+        """The CLI's values; no --model and no --model-path means the default model."""
+        name = getattr(args, MODEL_DEST, None)
+        if name is None and args.npuinfer_model_path is None:
+            name = DEFAULT_MODEL
+        return cls.from_options(lambda dest: getattr(args, dest), model=name)
+
+    @classmethod
+    def from_pytest(cls, config: Any, model: str | None) -> "RunConfig":
+        """A pytest session's values for one of its models (``model``: a registry name, or None for the
+        --model-path directory alone)."""
+        return cls.from_options(config.getoption, model=model)

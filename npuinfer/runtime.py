@@ -25,7 +25,8 @@ from .kernels import kernels_for
 from .model import ModelArgs, Transformer
 from .parallel import dist as tp_dist
 from .parallel.shard import load_shard, reject_part_dir
-from .locate import ModelUnavailable, locate_model, resolve_model_dir  # noqa: F401  (re-exported)
+from .locate import ModelUnavailable, locate_config, locate_model, resolve_model_dir  # noqa: F401  (re-exported)
+from .options import RunConfig
 from .registry import ModelSpec, get_spec
 from .tiny import ensure_tiny
 from .tokenizer import load_tokenizer
@@ -146,6 +147,15 @@ def load_model(
     tokenizer = load_tokenizer(model_dir, family)
     return LoadedModel(name or model_dir.name, family, model_dir, args, model, tokenizer, dev, torch_dtype,
                        quantization)
+
+
+def load_model_from(config: RunConfig, device: str | Device | None = None, seed: int = 0) -> LoadedModel:
+    """``load_model`` with a RunConfig's values (the CLI's or a pytest session's); ``device`` overrides its
+    device string with a Device already made (a tensor-parallel rank's, an xdist worker's)."""
+    return load_model(config.model, config.model_path, device if device is not None else config.device,
+                      config.dtype, config.max_seq_len, config.attention, compile=config.compile,
+                      kernels=config.kernels, dummy_weights=config.dummy_weights, seed=seed,
+                      memory_limit=config.memory_limit)
 
 
 def _load_dummy(name, model_path, device, dtype, max_seq_len, attention, compile, seed, memory_limit,

@@ -10,8 +10,7 @@ import npuinfer
 PACKAGE = Path(npuinfer.__file__).parent
 
 # Modules that other work of this session is rewriting; their function-level imports go when it lands.
-LAZY_ALLOWED = {"npuinfer.pytest_plugin.bench", "npuinfer.pytest_plugin.common", "npuinfer.results.baseline",
-                "npuinfer.commands.baseline"}
+LAZY_ALLOWED = {"npuinfer.results.baseline", "npuinfer.commands.baseline"}
 
 
 def modules() -> dict[str, Path]:

@@ -4,23 +4,23 @@ from __future__ import annotations
 import argparse
 
 from ..cli import UsageError
-from ..options import positive_int
+from ..options import add_model_options, positive_int
 from ..parallel.cut import cut_checkpoint
 from ..runtime import resolve_model_dir
 
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("cut", help="cut a checkpoint into part_model/{rank} for tensor parallel runs")
-    parser.add_argument("--model", default=None, help="registry name (its directory, or its tiny stand-in's cache)")
-    parser.add_argument("--model-path", default=None, help="checkpoint directory; part_model/ is written inside it")
+    add_model_options(parser.add_argument, model_help="registry name (its directory, or its tiny stand-in's cache)",
+                      path_help="checkpoint directory; part_model/ is written inside it")
     parser.add_argument("--tp", type=positive_int, required=True, help="tensor parallel size (ranks)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model is None and args.model_path is None:
+    if args.npuinfer_model is None and args.npuinfer_model_path is None:
         raise UsageError("give the checkpoint directory (--model-path DIR) or a registry name (--model)")
-    model_dir = resolve_model_dir(args.model, args.model_path) if args.model else args.model_path
+    model_dir = resolve_model_dir(args.npuinfer_model, args.npuinfer_model_path) if args.npuinfer_model else args.npuinfer_model_path
     folders = cut_checkpoint(model_dir, args.tp)
     size = sum(f.stat().st_size for f in folders[0].iterdir()) / 2**20
     print(f"cut {model_dir} for tensor parallel size {args.tp}: wrote {', '.join(map(str, folders))} "

@@ -18,6 +18,7 @@ from ..checkpoint import args_from_config, detect_family, read_config
 from ..device import Device, dtype_name, get_device, parse_dtype
 from ..kernels import PLAIN, KernelShapes, check_kernels, select_kernels
 from ..kernels.check import cases, time_call
+from ..options import add_device_options, add_model_options
 from ..runtime import resolve_model_dir
 
 FactFn = Callable[[Device], object]
@@ -86,26 +87,24 @@ def _collective(device: Device) -> str:
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("doctor", help="device facts and every fused kernel checked against plain torch")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | npu[:N] (default auto)")
-    parser.add_argument("--model", default=None,
-                        help="registry name: check at its head size, heads and position encoding (default: "
-                             "7B-class sizes, 32 heads x 128, RoPE and ALiBi)")
-    parser.add_argument("--model-path", default=None, help="checkpoint directory (only its config.json is read)")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
-                        help="default fp16 on accelerators, fp32 on cpu")
+    add_device_options(parser.add_argument)
+    add_model_options(parser.add_argument,
+                      model_help="registry name: check at its head size, heads and position encoding (default: "
+                                 "7B-class sizes, 32 heads x 128, RoPE and ALiBi)",
+                      path_help="checkpoint directory (only its config.json is read)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per kernel for the speed column")
     parser.set_defaults(run=run)
 
 
 def _shapes(args: argparse.Namespace):
-    if args.model is None and args.model_path is None:
+    if args.npuinfer_model is None and args.npuinfer_model_path is None:
         return "7B-class sizes", KernelShapes(dim=4096, heads=32, head_dim=128, rot_dim=128, intermediate=11008,
                                               rope=True, alibi=True)
-    model_dir = resolve_model_dir(args.model, args.model_path) if args.model else Path(args.model_path)
+    model_dir = resolve_model_dir(args.npuinfer_model, args.npuinfer_model_path) if args.npuinfer_model else Path(args.npuinfer_model_path)
     config = read_config(model_dir)
     path = str(model_dir / "config.json")
     model_args = args_from_config(config, detect_family(config, path), path=path)
-    return f"{args.model or model_dir.name} ({path})", KernelShapes.from_args(model_args)
+    return f"{args.npuinfer_model or model_dir.name} ({path})", KernelShapes.from_args(model_args)
 
 
 def _facts(device: Device) -> list[tuple[str, str]]:
@@ -140,8 +139,8 @@ def _speed(op: str, kernel, shapes, device: Device, dtype: torch.dtype, repeats:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = get_device(args.device)
-    dtype = parse_dtype(args.dtype) if args.dtype else (torch.float16 if device.is_accelerator else torch.float32)
+    device = get_device(args.npuinfer_device)
+    dtype = parse_dtype(args.npuinfer_dtype) if args.npuinfer_dtype else (torch.float16 if device.is_accelerator else torch.float32)
     device.check_dtype(dtype)
     where, shapes = _shapes(args)
     print("npuinfer doctor")

@@ -6,10 +6,10 @@ import sys
 
 from ..cli import UsageError
 from ..generate import generate
-from ..options import add_model_options, memory_limit, model_name, positive_int
+from ..options import RunConfig, add_device_options, add_model_options, add_runtime_options, positive_int
 from ..parallel.dist import init_tensor_parallel, is_rank0
 from ..roofline import probe_bandwidth, roofline_figures
-from ..runtime import load_model, locate_model
+from ..runtime import load_model_from, locate_config
 from ..timing import Timer
 
 DEFAULT_PROMPT = "苹果公司的CEO是"
@@ -17,17 +17,11 @@ DEFAULT_PROMPT = "苹果公司的CEO是"
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("infer", help="print greedy continuations of prompts")
-    add_model_options(parser)
+    add_model_options(parser.add_argument)
+    add_device_options(parser.add_argument)
+    add_runtime_options(parser.add_argument)
     parser.add_argument("--max-new-tokens", type=positive_int, default=32)
     parser.add_argument("--no-stop", action="store_true", help="ignore EOS and emit exactly --max-new-tokens")
-    parser.add_argument("--tp", type=positive_int, default=1,
-                        help="tensor parallel size: run under torchrun --nproc-per-node N; each rank loads "
-                             "DIR/part_model/{rank} (npuinfer cut)")
-    parser.add_argument("--dummy-weights", action="store_true",
-                        help="the model's real shapes with seeded random weights made on the device, no checkpoint "
-                             "(a real name without a download uses its tiny stand-in's tokenizer)")
-    parser.add_argument("--memory-limit", type=memory_limit, default=None, metavar="16GiB",
-                        help="memory the model may use: --dummy-weights refuses, before allocating, what cannot fit")
     parser.add_argument("prompts", nargs="*", default=[DEFAULT_PROMPT], metavar="PROMPT")
     parser.set_defaults(run=run)
 
@@ -51,12 +45,11 @@ def run(args: argparse.Namespace) -> int:
     if empty:
         raise UsageError(f"PROMPT {', '.join(map(str, empty))} of {len(args.prompts)}: the prompt is empty; "
                          "give the text to continue")
+    config = RunConfig.from_namespace(args)
     # A missing or unusable checkpoint is one message (cli.main prints it) before any device or rank starts.
-    locate_model(model_name(args), args.model_path, tp=args.tp, dummy_weights=args.dummy_weights)
-    device = init_tensor_parallel(args.tp, args.device)
-    loaded = load_model(model_name(args), args.model_path, device, args.dtype, args.max_seq_len, args.attention,
-                        compile=args.compile, kernels=args.kernels, dummy_weights=args.dummy_weights,
-                        memory_limit=args.memory_limit)
+    locate_config(config)
+    device = init_tensor_parallel(config.tp, config.device)
+    loaded = load_model_from(config, device)
     tok = loaded.tokenizer
     input_ids, mask = tok.encode_batch(list(args.prompts))
     no_tokens = [n for n, length in enumerate(mask.sum(dim=1).tolist(), 1) if length == 0]

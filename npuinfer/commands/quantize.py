@@ -6,6 +6,7 @@ import json
 
 from ..cli import UsageError
 from ..quant.calibrate import quantize_checkpoint, read_calibration
+from ..options import add_model_options
 from ..runtime import resolve_model_dir
 
 
@@ -18,8 +19,8 @@ def _layers(text: str) -> set[int]:
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("quantize", help="quantize a float checkpoint to W8A16 or W8A8 (MindIE layout)")
-    parser.add_argument("--model", default=None, help="registry name (its directory, or its tiny stand-in's cache)")
-    parser.add_argument("--model-path", default=None, help="float checkpoint directory")
+    add_model_options(parser.add_argument, model_help="registry name (its directory, or its tiny stand-in's cache)",
+                      path_help="float checkpoint directory")
     scheme = parser.add_mutually_exclusive_group(required=True)
     scheme.add_argument("--w8a16", dest="scheme", action="store_const", const="W8A16",
                         help="int8 weights per output channel, activations stay floating point")
@@ -36,11 +37,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model is None and args.model_path is None:
+    if args.npuinfer_model is None and args.npuinfer_model_path is None:
         raise UsageError("give the float checkpoint (--model-path DIR) or a registry name (--model)")
     if args.calib_file is not None and args.scheme != "W8A8":
         raise UsageError("--calib-file: only --w8a8 calibrates activations")
-    model_dir = resolve_model_dir(args.model, args.model_path) if args.model else args.model_path
+    model_dir = resolve_model_dir(args.npuinfer_model, args.npuinfer_model_path) if args.npuinfer_model else args.npuinfer_model_path
     summary = quantize_checkpoint(model_dir, args.out, args.scheme, read_calibration(args.calib_file),
                                   args.skip_layers, args.smooth)
     print(f"wrote {args.out} ({summary['scheme']}, {summary['quantized_linears']} linears quantized, "

@@ -46,8 +46,9 @@ from ..ceval.scoring import PromptFit
 from ..ceval.scoring import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, SCORING_MODES
 from ..ceval.subjects import get_subject, official_order
 from ..device import get_device
+from ..options import non_negative_int, positive_int
 from ..registry import DEFAULT_MODEL
-from .common import GROUP, ModelCache, selected_models
+from .common import GROUP, ModelCache, selected_models, xdist_worker_id
 
 # user_properties keys: how a case's results reach the controller under xdist.
 P_DIR, P_MODEL, P_SUBJECT = "ceval_results_dir", "ceval_model", "ceval_subject"
@@ -61,23 +62,6 @@ class CevalBaselineWarning(UserWarning):
     """A case's accuracy could not be compared with the baseline (no entry for it, other settings)."""
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -88,11 +72,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _registered(parser: pytest.Parser, name: str) -> bool:
-    groups = [*getattr(parser, "_groups", []), getattr(parser, "_anonymous", None)]
-    return any(name in opt.names() for g in groups if g is not None for opt in g.options)
-
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup(GROUP)
     group.addoption("--ceval-dir", default=None, dest="ceval_dir", metavar="DIR",
@@ -100,7 +79,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "shipped with npuinfer")
     group.addoption("--ceval-split", default="val", choices=list(SPLITS), dest="ceval_split",
                     help="split to score (default val); test has no answers: predictions only, no accuracy")
-    group.addoption("--shot", type=_non_negative_int, default=5, dest="ceval_shot",
+    group.addoption("--shot", type=non_negative_int, default=5, dest="ceval_shot",
                     help="k-shot examples from the first dev rows (default 5; dropped from the end to fit)")
     group.addoption("--template", default="lmeval", choices=list(TEMPLATES), dest="ceval_template",
                     help="prompt: lmeval (lm-evaluation-harness ceval-valid) or atb (the Ascend tool's)")
@@ -112,15 +91,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--scoring", default="prefix", choices=list(SCORING_MODES), dest="ceval_scoring",
                     help="prefix: log-likelihood with the k-shot prefix cached per subject (default); naive: "
                          "the same, every prompt run in full; generate: greedy, first letter A-D")
-    group.addoption("--ceval-batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+    group.addoption("--ceval-batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                     dest="ceval_batch_size", help=f"questions per forward (default {DEFAULT_BATCH_SIZE})")
-    group.addoption("--ceval-max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS,
+    group.addoption("--ceval-max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS,
                     dest="ceval_max_new_tokens",
                     help=f"tokens generated per question with --scoring generate (default {DEFAULT_MAX_NEW_TOKENS})")
-    # --baseline is shared with the bench suite: whichever plugin comes first registers it.
-    if not _registered(parser, "--baseline"):
-        group.addoption("--baseline", default=None, dest="npuinfer_baseline", metavar="DIR",
-                        help="reference results: a case fails when it is worse than its baseline")
     group.addoption("--max-acc-drop", type=_fraction, default=0.0, dest="ceval_max_acc_drop",
                     help="C-Eval: allowed accuracy drop below the baseline per subject (default 0)")
 
@@ -154,10 +129,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize(("ceval_model", "ceval_subject"), pairs, ids=[f"{m}-{s}" for m, s in pairs])
 
 
-def _worker_id(config: pytest.Config) -> str | None:
-    return getattr(config, "workerinput", {}).get("workerid")
-
-
 class CevalSuite:
     """One per session (per xdist worker): a CevalRun per model, the baseline, the gate."""
 
@@ -169,7 +140,7 @@ class CevalSuite:
         # The run's device as asked for (xdist workers on npu:N/cuda:N add their index): one directory per run.
         self.device_label = get_device(config.getoption("npuinfer_device")).label
         self.max_drop = config.getoption("ceval_max_acc_drop")
-        self.baseline = config.getoption("--baseline")
+        self.baseline = config.getoption("npuinfer_baseline")
         self._runs: dict[str, CevalRun | Exception] = {}
         self._baselines: dict[str, tuple[Path | None, dict[str, float], dict | None]] = {}
 
@@ -266,7 +237,7 @@ def ceval_suite(pytestconfig: pytest.Config, model_cache: ModelCache, results_di
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    baseline = config.getoption("--baseline", None)
+    baseline = config.getoption("npuinfer_baseline", None)
     if baseline and not Path(baseline).exists():
         raise pytest.UsageError(f"--baseline {baseline}: no such file or directory")
     config.pluginmanager.register(CevalSessionReport(config), "npuinfer-ceval-report")
@@ -279,7 +250,7 @@ class CevalSessionReport:
         self.config = config
         self.cases: list[dict] = []
         self.written: list[tuple[Path, list[Path], object]] = []
-        self.baseline = config.getoption("--baseline", None)
+        self.baseline = config.getoption("npuinfer_baseline", None)
         self.max_drop = config.getoption("ceval_max_acc_drop", 0.0)
         # Per results directory: the category gate's verdicts, or lines saying why it did not run.
         self.category_gates: dict[Path, tuple[Path | None, list[CategoryVerdict | str]]] = {}
@@ -291,7 +262,7 @@ class CevalSessionReport:
             self.cases.append({**props, "outcome": report.outcome})
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if _worker_id(self.config) is not None or not tp_dist.is_rank0():
+        if xdist_worker_id(self.config) is not None or not tp_dist.is_rank0():
             return  # the controller (xdist) or rank 0 (tensor parallel) merges once the others are done
         for out_dir in sorted({c[P_DIR] for c in self.cases}):
             try:

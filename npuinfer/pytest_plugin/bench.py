@@ -20,9 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
-from ..device import Device, dtype_name
-from ..memory import MaxBatchSearch, format_size, parse_size
+from ..device import Device, dtype_name, parse_dtype
+from ..hf_backend import HFBackend, HFUnsupported
+from ..latency import LatencyBatchSearch, parse_duration_ms
+from ..memory import MaxBatchSearch, format_size
+from ..options import at_least, positive_ints
+from ..parallel import dist as tp_dist
+from ..runtime import default_dtype, resolve_model_dir
 from ..results.performance import (
     INPUT,
     LATENCY_MAX_BATCH,
@@ -60,8 +66,8 @@ from ..results.calibration import CALIBRATION, CALIBRATION_FIGURES, Calibrator, 
     calibration_table
 from ..results.table import append_jsonl
 from ..roofline import roofline_figures, session_peaks
-from ..timing import MODES, BenchCase, measure_case, plain_repeat
-from .common import DEFAULT_TINY_MODELS, GROUP, selected_models
+from ..timing import MODES, BenchCase, NpuinferBackend, measure_case, plain_repeat
+from .common import DEFAULT_TINY_MODELS, GROUP, run_config, selected_models, xdist_worker_id
 from .noise import make_guard, record_verdict
 
 # Default grid: finishes in about a minute for the five tiny models on 2 CPU cores.
@@ -76,16 +82,6 @@ STATS_ENV = "NPUINFER_BENCH_STATS"  # a path: the session's time accounting is w
 
 
 # --------------------------------------------------------------------------------------------- options
-
-
-def _positive_ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,4; got {text!r}")
-    return tuple(dict.fromkeys(values))
 
 
 def _pairs(text: str) -> tuple[tuple[int, int], ...]:
@@ -103,47 +99,25 @@ def _pairs(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(dict.fromkeys(pairs))
 
 
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}; got {text!r}")
-        return value
-
-    return parse
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size such as 16GiB, 512MiB or 8GB; got {text!r}") from None
-
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup(GROUP)
     group.addoption("--grid", default="default", choices=["default", "seed"], dest="bench_grid",
                     help="default: batch 1,4,8 x input=output 256,512 (about a minute on 2 cores with the tiny models); "
                          "seed: the published grid, batch 1,2,4,8 x input=output 256,512,1024,2048")
-    group.addoption("--batch-sizes", type=_positive_ints, default=None, dest="bench_batches", metavar="1,4",
+    group.addoption("--batch-sizes", type=positive_ints, default=None, dest="bench_batches", metavar="1,4",
                     help="batch sizes (replaces the grid's)")
-    group.addoption("--seq-lens", type=_positive_ints, default=None, dest="bench_seq_lens", metavar="256,1024",
+    group.addoption("--seq-lens", type=positive_ints, default=None, dest="bench_seq_lens", metavar="256,1024",
                     help="sequence lengths, input = output (replaces the grid's)")
     group.addoption("--case-pairs", type=_pairs, default=None, dest="bench_pairs", metavar="256x64,1024x128",
                     help="explicit INPUTxOUTPUT pairs (replaces the grid's)")
-    group.addoption("--rounds", type=_count(1), default=3, dest="bench_rounds",
+    group.addoption("--rounds", type=at_least(1), default=3, dest="bench_rounds",
                     help="timed runs per case; the row reports the median round (default 3)")
-    group.addoption("--warmup", type=_count(0), default=1, dest="bench_warmup",
+    group.addoption("--warmup", type=at_least(0), default=1, dest="bench_warmup",
                     help="warm-up runs per case at the case's own shape (default 1)")
     group.addoption("--timing", default="detail", choices=list(MODES), dest="bench_timing",
                     help="detail: synchronized timestamps around every forward; normal: the two-run estimate")
     group.addoption("--backend", default="npuinfer", choices=list(BACKENDS), dest="bench_backend",
                     help="npuinfer's runtime, or transformers' generate on the same checkpoint (hf)")
-    group.addoption("--memory-limit", type=_size, default=None, dest="bench_memory_limit", metavar="16GiB",
-                    help="memory the max-batch search may use (required on cpu; on a device: min with its memory)")
     group.addoption("--max-tpot", type=_duration("--max-tpot"), default=None, dest="bench_max_tpot", metavar="50ms",
                     help="bench/test_max_batch.py: also the largest batch whose measured time per output token "
                          "stays within this limit (searched up to the memory-bound batch)")
@@ -153,14 +127,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--skip-measured", action="store_true", default=False, dest="bench_skip_measured",
                     help="skip cases whose row, with the same settings, is already in the results CSV "
                          "(to finish an interrupted sweep); without it a case is measured again and its row replaced")
-    group.addoption("--bench-seed", type=_count(0), default=0, dest="bench_seed",
+    group.addoption("--bench-seed", type=at_least(0), default=0, dest="bench_seed",
                     help="seed of the random input ids (default 0)")
-    # --baseline is shared with the accuracy suite: whichever plugin comes first registers it.
-    if not _registered(parser, "--baseline"):
-        group.addoption("--baseline", default=None, dest="npuinfer_baseline", metavar="DIR",
-                        help="reference results (a results directory or results/baselines/<name>): a bench case "
-                             "fails when slower than --max-regression, a C-Eval case when its accuracy drops "
-                             "more than --max-acc-drop; a case with no baseline row is not gated (warning)")
     group.addoption("--max-regression", type=_regression, default=DEFAULT_MAX_REGRESSION,
                     dest="bench_max_regression", metavar="10%",
                     help="bench gate: largest slowdown allowed against --baseline in first-token time, next-token "
@@ -171,7 +139,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--gate-timing", default="calibrated", choices=list(GATE_MODES), dest="bench_gate_timing",
                     help="calibrated (default): compare time / calibration (a fixed workload timed beside each "
                          "case) so the machine's momentary speed cancels; raw: compare the times themselves")
-    group.addoption("--gate-retries", type=_count(0), default=DEFAULT_GATE_RETRIES, dest="bench_gate_retries",
+    group.addoption("--gate-retries", type=at_least(0), default=DEFAULT_GATE_RETRIES, dest="bench_gate_retries",
                     metavar="N",
                     help="bench gate: a case beyond --max-regression is measured again (fresh warm-up, rounds and "
                          "calibration) up to N times and fails only if one metric is beyond the limit in every "
@@ -184,8 +152,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def _duration(option: str):
     def parse(text: str) -> float:
-        from ..latency import parse_duration_ms
-
         try:
             return parse_duration_ms(text, option)
         except ValueError as exc:
@@ -196,11 +162,6 @@ def _duration(option: str):
 
 def _regression(text: str) -> float:
     return parse_regression(text)
-
-
-def _registered(parser: pytest.Parser, name: str) -> bool:
-    groups = [*getattr(parser, "_groups", []), getattr(parser, "_anonymous", None)]
-    return any(name in opt.names() for g in groups if g is not None for opt in g.options)
 
 
 @dataclass(frozen=True)
@@ -248,7 +209,7 @@ class BenchOptions:
         return cls(batches=tuple(batches), pairs=tuple(pairs), rounds=opt("bench_rounds"), warmup=opt("bench_warmup"),
                    timing=opt("bench_timing"), backend=opt("bench_backend"), compile=opt("npuinfer_compile"),
                    kernels=opt("npuinfer_kernels"),
-                   memory_limit=opt("bench_memory_limit"),
+                   memory_limit=opt("npuinfer_memory_limit"),
                    skip_measured=opt("bench_skip_measured"), seed=opt("bench_seed"),
                    max_tpot_ms=opt("bench_max_tpot"), max_ttft_ms=opt("bench_max_ttft"))
 
@@ -395,8 +356,6 @@ class BenchSession:
     def backend(self, model: str):
         """The model's backend, loaded once per session; a model that cannot load fails each of its cases
         with the same message (or skips them, when the backend cannot run that family)."""
-        from ..hf_backend import HFUnsupported
-
         if model not in self._backends and model not in self._failed:
             start = time.perf_counter()
             try:
@@ -414,45 +373,29 @@ class BenchSession:
         return self._backends[model]
 
     def _load(self, model: str):
-        from ..runtime import default_dtype
-        from ..timing import NpuinferBackend
-
         if self.options.backend == "npuinfer":
             return NpuinferBackend(self.model_cache.get(model))
-        from ..device import parse_dtype
-        from ..hf_backend import HFBackend
-
-        if self.config.getoption("npuinfer_dummy_weights"):  # transformers over the same dummy weights
-            return HFBackend.sharing(self.model_cache.get(model), attention=self.config.getoption("npuinfer_attention"))
-        from ..registry import MODELS
-        from ..runtime import resolve_model_dir
-
-        opt = self.config.getoption
-        path = opt("npuinfer_model_path")
-        model_dir = resolve_model_dir(model, path) if model in MODELS else Path(path)
-        dtype = parse_dtype(opt("npuinfer_dtype")) if opt("npuinfer_dtype") else default_dtype(self.device)
+        config = run_config(self.config, model)
+        if config.dummy_weights:  # transformers over the same dummy weights
+            return HFBackend.sharing(self.model_cache.get(model), attention=config.attention)
+        model_dir = resolve_model_dir(config.model, config.model_path) if config.model else Path(config.model_path)
+        dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(self.device)
         self.device.check_dtype(dtype)
-        return HFBackend.load(model_dir, self.device, dtype, max_seq_len=opt("npuinfer_max_seq_len"),
-                              attention=opt("npuinfer_attention"))
+        return HFBackend.load(model_dir, self.device, dtype, max_seq_len=config.max_seq_len,
+                              attention=config.attention)
 
     # -- tensor parallelism: every rank measures; rank 0 writes rows holding the max over ranks
     @staticmethod
     def _tp_size() -> int:
-        from ..parallel import dist as tp_dist
-
         world = tp_dist.tp_world()
         return world[0] if world else 1
 
     @staticmethod
     def _writes_rows() -> bool:
-        from ..parallel import dist as tp_dist
-
         return tp_dist.is_rank0()
 
     @staticmethod
     def _over_ranks(summary: dict) -> dict:
-        from ..parallel import dist as tp_dist
-
         # Every rank has the same keys and the same None entries (same case, same mode).
         return {k: (None if v is None else tp_dist.max_over_ranks(v)) for k, v in summary.items()}
 
@@ -464,8 +407,6 @@ class BenchSession:
         return dict(self._settings[model])
 
     def _make_settings(self, model: str, backend) -> dict[str, object]:
-        import torch
-
         return {"model": model, "device": self.device.label, "device_name": self.device.name(),
                 "dtype": dtype_name(backend.dtype), "backend": self.options.backend_label, "timing": self.options.timing,
                 "rounds": self.options.rounds, "warmup": self.options.warmup, "tp": self._tp_size(),
@@ -665,8 +606,6 @@ class BenchSession:
 
     def _latency_max_batch(self, backend, case: MaxBatchCase, memory) -> dict:
         """The largest batch within --max-tpot / --max-ttft, searched up to the memory-bound batch (measured)."""
-        from ..latency import LatencyBatchSearch
-
         opts = self.options
         cap = memory.max_batch if memory.status == "ok" else memory.predicted
         search = LatencyBatchSearch(backend, case.model, case.input_len, case.output_len, max_tpot_ms=opts.max_tpot_ms,
@@ -717,14 +656,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[_STARTED] = time.time()
 
 
-def _is_xdist_worker(config: pytest.Config) -> bool:
-    return hasattr(config, "workerinput")
-
-
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
     started = config.stash.get(_STARTED, None)
-    if started is None or _is_xdist_worker(config) or not _RAN_BENCH:
+    if started is None or xdist_worker_id(config) is not None or not _RAN_BENCH:
         return
     _fail_a_gate_that_compared_nothing(session)
     results = Path(config.getoption("npuinfer_results_dir"))

@@ -1,4 +1,5 @@
-"""Options and fixtures every suite shares: which models, which device, where results go."""
+"""Options and fixtures every suite shares: which models, which device, where results go (the options
+themselves are defined once, in npuinfer.options, for the CLI too)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,39 +9,36 @@ import pytest
 from ..device import Device, get_device
 from ..parallel import dist as tp_dist
 from ..parallel.launch import run_under_torchrun
-from ..registry import DEFAULT_MODEL, discover_models, get_spec
-from ..runtime import LoadedModel, ModelUnavailable, load_model, locate_model
+from ..options import (
+    MODELS_DEST,
+    RunConfig,
+    add_baseline_option,
+    add_device_options,
+    add_model_options,
+    add_runtime_options,
+)
+from ..registry import DEFAULT_MODEL, MODELS, discover_models, get_spec
+from ..runtime import LoadedModel, ModelUnavailable, load_model_from, locate_config
 
 GROUP = "npuinfer"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup(GROUP, "npuinfer: models, device and results")
-    group.addoption("--model", action="append", default=None, dest="npuinfer_models",
-                    help="registry name; repeat for several (default: the tiny models, or every model found "
-                         "under $NPUINFER_MODELS_DIR)")
-    group.addoption("--model-path", default=None, dest="npuinfer_model_path",
-                    help="checkpoint directory (with a single --model, or alone: family from config.json)")
-    group.addoption("--device", default="auto", dest="npuinfer_device", help="auto | cpu | cuda[:N] | npu[:N]")
-    group.addoption("--dtype", default=None, dest="npuinfer_dtype", choices=["fp32", "fp16", "bf16"],
-                    help="default fp16 on accelerators, fp32 on cpu")
-    group.addoption("--max-seq-len", default=None, type=int, dest="npuinfer_max_seq_len",
-                    help="cap the KV cache (also $MAX_SEQ_LEN)")
-    group.addoption("--attention", default="sdpa", choices=["sdpa", "eager"], dest="npuinfer_attention")
-    group.addoption("--kernels", default="fused", choices=["fused", "plain"], dest="npuinfer_kernels",
-                    help="fused: the device's fused ops, each checked against plain torch at load (default); "
-                         "plain: plain torch ops")
-    group.addoption("--compile", action="store_true", default=False, dest="npuinfer_compile",
-                    help="run the decode step as one graph (cpu: an AOTInductor library; cuda: CUDA graphs; npu: "
-                         "torchair); each new shape builds first, in the warm-up")
-    group.addoption("--dummy-weights", action="store_true", default=False, dest="npuinfer_dummy_weights",
-                    help="the model's real shapes with seeded random weights made on the device, no checkpoint "
-                         "(refused before allocating when the weights cannot fit --memory-limit / the device)")
+    add_model_options(group.addoption, several=True)  # the same definitions as `npuinfer infer` (npuinfer.options)
+    add_device_options(group.addoption)
+    add_runtime_options(group.addoption)
+    add_baseline_option(group.addoption)  # read by the bench and the accuracy suites
     group.addoption("--results-dir", default="results", dest="npuinfer_results_dir",
                     help="where CSV, markdown and plots are written (default results/)")
-    group.addoption("--tp", default=1, type=int, dest="npuinfer_tp",
-                    help="tensor parallel ranks: the session re-runs itself under torchrun with this many "
-                         "processes; rows come from rank 0, timings are the max over ranks")
+
+
+def run_config(config: pytest.Config, model: str | None) -> RunConfig:
+    """The session's RunConfig for one of its models: a registry name, or the --model-path directory's name
+    (then the family comes from its config.json)."""
+    path = config.getoption("npuinfer_model_path")
+    registry_name = None if path and model == Path(path).name and model not in MODELS else model
+    return RunConfig.from_pytest(config, registry_name)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -68,8 +66,6 @@ def results_dir_problem(path: Path) -> str | None:
 def pytest_cmdline_main(config: pytest.Config) -> int | None:
     """With --tp N (N > 1) outside torchrun, run this same pytest command as N ranks and return their status."""
     tp = config.getoption("npuinfer_tp")
-    if tp < 1:
-        raise pytest.UsageError(f"--tp: expected a positive number of ranks, got {tp}")
     if tp == 1 or tp_dist.launched():
         return None
     if config.getoption("numprocesses", None):
@@ -85,21 +81,15 @@ def check_models(config: pytest.Config) -> None:
     naming what was looked for and the stand-in to try, not the same failure in every case. The default tiny
     models need no check: they are built on first use."""
     path = config.getoption("npuinfer_model_path")
-    names = config.getoption("npuinfer_models") or ([None] if path else discover_models())
+    names = config.getoption(MODELS_DEST) or ([None] if path else discover_models())
     problems = []
     for name in dict.fromkeys(names):
         try:
-            locate_model(name, path, tp=config.getoption("npuinfer_tp"), dummy_weights=dummy_weights(config))
+            locate_config(RunConfig.from_pytest(config, name))
         except ModelUnavailable as exc:
             problems.append(str(exc))
     if problems:
         raise pytest.UsageError("\n".join(problems))
-
-
-def dummy_weights(config: pytest.Config) -> bool:
-    """--dummy-weights (helper wt-15 adds the option): a real model without its checkpoint runs on random
-    weights of its real size instead of being a usage error."""
-    return bool(config.getoption("npuinfer_dummy_weights", False))
 
 
 def selected_models(config: pytest.Config, default: list[str]) -> list[str]:
@@ -114,9 +104,14 @@ def selected_models(config: pytest.Config, default: list[str]) -> list[str]:
     return discover_models() or default
 
 
+def xdist_worker_id(config: pytest.Config) -> str | None:
+    """This process's pytest-xdist worker id (``gw3``), None in the controller or without xdist."""
+    return getattr(config, "workerinput", {}).get("workerid")
+
+
 def worker_index(config: pytest.Config) -> int:
     """pytest-xdist worker number (gw3 -> 3), 0 when not distributed."""
-    worker = getattr(config, "workerinput", {}).get("workerid", "gw0")
+    worker = xdist_worker_id(config) or "gw0"
     return int(worker[2:]) if worker.startswith("gw") else 0
 
 
@@ -140,26 +135,12 @@ class ModelCache:
 
     def get(self, name: str) -> LoadedModel:
         if name not in self._loaded:
-            path = self.config.getoption("npuinfer_model_path")
-            registry_name = None if path and name == Path(path).name and name not in _names() else name
-            self._loaded[name] = load_model(
-                registry_name, path, self.device, self.config.getoption("npuinfer_dtype"),
-                self.config.getoption("npuinfer_max_seq_len"), self.config.getoption("npuinfer_attention"),
-                compile=self.config.getoption("npuinfer_compile"),
-                kernels=self.config.getoption("npuinfer_kernels"),
-                dummy_weights=self.config.getoption("npuinfer_dummy_weights"),
-                memory_limit=self.config.getoption("bench_memory_limit", None))
+            self._loaded[name] = load_model_from(run_config(self.config, name), self.device)
         return self._loaded[name]
 
 
 def config_device_is_generic(spec: str) -> bool:
     return spec in ("auto", "cpu")
-
-
-def _names() -> set[str]:
-    from ..registry import MODELS
-
-    return set(MODELS)
 
 
 @pytest.fixture(scope="session")
