@@ -28,6 +28,7 @@ from npuinfer.ceval.cache import (
     record_in_meta,
 )
 from npuinfer.parallel import dist as tp_dist
+from npuinfer.results.naming import CEVAL, ResultName, result_path
 from npuinfer.ceval.dataset import SPLITS, data_identity, load_split
 from npuinfer.ceval.prompts import TEMPLATES, resolve_fit
 from npuinfer.ceval.report import SUBJECT_ACC
@@ -89,7 +90,7 @@ class RunSettings:
 
 def results_dir(root: str | os.PathLike, model: str, device_label: str) -> Path:
     """``<root>/ceval_<model>_<device>/``: where a run's cache.csv and report files live."""
-    return Path(root) / f"ceval_{model}_{device_label}"
+    return result_path(CEVAL, root, model, device_label)
 
 
 @dataclass
@@ -222,7 +223,7 @@ def find_baseline(baseline: str | os.PathLike, model: str, device_label: str) ->
     exact = results_dir(path, model, device_label) / SUBJECT_ACC
     if exact.is_file():
         return exact
-    others = sorted(path.glob(f"ceval_{model}_*/{SUBJECT_ACC}"))
+    others = sorted(path.glob(f"{ResultName(CEVAL, model, '*').name}/{SUBJECT_ACC}"))
     return others[0] if len(others) == 1 else None
 
 

@@ -48,6 +48,7 @@ from ..ceval.subjects import get_subject, official_order
 from ..device import get_device
 from ..options import non_negative_int, positive_int
 from ..registry import DEFAULT_MODEL
+from ..results.naming import ResultName
 from .common import GROUP, ModelCache, selected_models, xdist_worker_id
 
 # user_properties keys: how a case's results reach the controller under xdist.
@@ -285,8 +286,8 @@ class CevalSessionReport:
 
     def _gate_categories(self, out_dir: Path) -> None:
         """Pooled category accuracies of the rebuilt report against the baseline's classes_acc.json."""
-        model = next(c[P_MODEL] for c in self.cases if c[P_DIR] == str(out_dir))
-        device_label = out_dir.name[len(f"ceval_{model}_"):]
+        named = ResultName.parse(out_dir.name)  # ceval_<model>_<device>, made by ceval.run.results_dir
+        model, device_label = named.model, named.device
         path = find_baseline(self.baseline, model, device_label)
         if path is None:
             self.category_gates[out_dir] = (None, [f"categories not gated: no subject_acc.json for {model} "

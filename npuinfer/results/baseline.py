@@ -43,6 +43,7 @@ from ..atomic import fsync_tree, recover_interrupted_swap, sibling, swap_directo
 from .calibration import calibration_path, calibration_table, calibration_value
 from .performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, THROUGHPUT, performance_path
 from .performance import GATE_ATTEMPTS, GATE_RETRIES  # noqa: F401  (the row columns the gate fills, for the plugin)
+from .naming import CALIBRATION, PERFORMANCE, calibration_of, kind_of, model_of
 from .table import CsvTable, parse_float, read_csv, write_csv
 
 DEFAULT_MAX_REGRESSION = 0.10
@@ -451,13 +452,13 @@ def plan_update(run_dir: str | Path, models: Sequence[str] | None = None) -> Upd
         if BATCH not in header:
             raise ValueError(f"{csv_path}: no {BATCH} column: not a performance CSV")
         model = rows[0].get("model") if rows else None
-        model = model or csv_path.stem[len("performance_"):].rsplit("_", 1)[0]
+        model = model or model_of(csv_path)
         if wanted is not None and model not in wanted:
             continue
         if not any(r.get("status", "ok") == "ok" for r in rows):
             plan.warnings.append(f"{csv_path.name}: no measured (status ok) row; copied all the same")
         plan.copies.append((csv_path, Path(csv_path.name)))
-        cal = run / ("calibration_" + csv_path.name[len("performance_"):])
+        cal = calibration_of(csv_path)
         if cal.is_file():
             plan.copies.append((cal, Path(cal.name)))
         else:
@@ -465,7 +466,7 @@ def plan_update(run_dir: str | Path, models: Sequence[str] | None = None) -> Upd
                                  "for this model (rerun the sweep with this npuinfer to record calibrations)")
     for acc in sorted(run.glob("ceval_*/subject_acc.json")):
         directory = acc.parent
-        model = directory.name[len("ceval_"):].rsplit("_", 1)[0]
+        model = model_of(directory)
         if wanted is not None and model not in wanted:
             continue
         data = json.loads(acc.read_text(encoding="utf-8"))
@@ -488,13 +489,7 @@ def plan_update(run_dir: str | Path, models: Sequence[str] | None = None) -> Upd
 
 
 def _model_from_name(dest: Path) -> str:
-    name = dest.parts[0]
-    for prefix in ("performance_", "calibration_", "ceval_"):
-        if name.startswith(prefix):
-            stem = name[len(prefix):]
-            stem = stem[:-4] if stem.endswith(".csv") else stem
-            return stem.rsplit("_", 1)[0]
-    return name
+    return model_of(dest.parts[0])
 
 
 def _file_facts(path: Path) -> dict[str, object]:
@@ -504,13 +499,13 @@ def _file_facts(path: Path) -> dict[str, object]:
     if path.suffix == ".csv":
         rows = read_csv(path)[1]
         facts["rows"] = len(rows)
-    if path.suffix == ".csv" and path.name.startswith("performance_"):
+    if kind_of(path) == PERFORMANCE:
         for column in ("device", "device_name", "torch", "dtype", "backend", "timing", "rounds"):
             values = sorted({r.get(column, "") for r in rows} - {""})
             if values:
                 facts[column] = values[0] if len(values) == 1 else values
         facts["measured"] = [min(r.get("measured_at", "") for r in rows), max(r.get("measured_at", "") for r in rows)] if rows else []
-    if path.suffix == ".csv" and path.name.startswith("calibration_"):
+    if kind_of(path) == CALIBRATION:
         for column in ("workload", "calibration_dtype", "cpu_threads"):
             values = sorted({r.get(column, "") for r in rows} - {""})
             if values:
@@ -573,8 +568,8 @@ def _stage_update(plan: UpdatePlan, run_dir: str | Path, staging: Path, out: Pat
     # the rows each CSV keeps of other machines, decided before any file is replaced
     kept: dict[Path, list[dict[str, str]]] = {}
     for source, dest in plan.copies:
-        if dest.name.startswith("performance_") and (staging / dest).is_file():
-            cal = _calibration_of(dest)
+        if kind_of(dest) == PERFORMANCE and (staging / dest).is_file():
+            cal = calibration_of(dest)
             kept[dest], kept[cal] = _other_machines(source, staging / dest, staging / cal)
             if kept[dest]:
                 machines = ", ".join(sorted({r["device_name"] for r in kept[dest]}))
@@ -660,10 +655,6 @@ def verify_baseline(baseline_dir: str | Path) -> tuple[int, list[str]]:
             problems.append(f"{leftover}: left by an interrupted `npuinfer baseline update` (the next update "
                             "removes it)")
     return len(files), problems
-
-
-def _calibration_of(dest: Path) -> Path:
-    return dest.with_name("calibration_" + dest.name[len("performance_"):])
 
 
 def _other_machines(run_csv: Path, baseline_csv: Path, baseline_cal: Path

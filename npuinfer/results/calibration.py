@@ -35,6 +35,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from .naming import CALIBRATION as CALIBRATION_KIND, result_path
 from .performance import PERFORMANCE_KEY, now_iso
 from .table import CsvTable, parse_float
 
@@ -126,7 +127,7 @@ class Calibrator:
 
 
 def calibration_path(results_dir: str | Path, model: str, device_label: str) -> Path:
-    return Path(results_dir) / f"calibration_{model}_{device_label}.csv"
+    return result_path(CALIBRATION_KIND, results_dir, model, device_label)
 
 
 def calibration_table(path: str | Path) -> CsvTable:

@@ -24,6 +24,7 @@ from ..ceval.aggregate import AVG, AVG_HARD, CLASS_KEYS
 from ..ceval.report import CLASSES_ACC, SUBJECT_ACC
 from ..ceval.subjects import HARD_SUBJECTS, SUBJECT_NAMES, get_subject
 from .performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, POST, PRE, RESPONSE, THROUGHPUT
+from .naming import model_of
 from .table import markdown_table, parse_float, read_csv, write_text_atomic
 
 PERFORMANCE_METRICS = (FIRST, NEXT, RESPONSE, THROUGHPUT, PRE, POST)
@@ -67,13 +68,6 @@ class Run:
     accuracy: dict[str, tuple[Path, dict, dict]] = field(default_factory=dict)  # model -> (dir, subjects, classes)
 
 
-def _model_of(path: Path, prefix: str) -> str:
-    """``performance_qwen-7b_npu0.csv`` -> ``qwen-7b`` (the device label never has an underscore)."""
-    stem = path.name[len(prefix):]
-    stem = stem[:-len(".csv")] if stem.endswith(".csv") else stem
-    return stem.rsplit("_", 1)[0] if "_" in stem else stem
-
-
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -96,13 +90,13 @@ def read_run(path: str | Path, what: str = "run") -> Run:
         if missing:
             raise ValueError(f"{csv_path}: missing column(s) {', '.join(missing)}: not a performance CSV")
         for row in rows:
-            model = row.get("model") or _model_of(csv_path, "performance_")
+            model = row.get("model") or model_of(csv_path)
             run.performance.setdefault(model, []).append(row)
             run.performance_files.setdefault(model, [])
             if csv_path not in run.performance_files[model]:
                 run.performance_files[model].append(csv_path)
     for acc in sorted(root.glob(f"ceval_*/{SUBJECT_ACC}")):
-        model = _model_of(acc.parent, "ceval_")
+        model = model_of(acc.parent)
         classes_path = acc.parent / CLASSES_ACC
         subjects = _read_json(acc)
         classes = _read_json(classes_path) if classes_path.is_file() else {}

@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 
 from ..atomic import write_atomic
 from ..roofline import ROOFLINE_COLUMNS
+from .naming import MAX_BATCH as MAX_BATCH_KIND, PERFORMANCE as PERFORMANCE_KIND, kind_of, result_path
 from .table import CsvTable, markdown_table, parse_float, read_csv, varying_columns, write_text_atomic
 
 BATCH, INPUT, OUTPUT = "batch_size", "input_seq_len(Encoding)", "output_seq_len(Decoding)"
@@ -77,11 +78,11 @@ def now_iso() -> str:
 
 
 def performance_path(results_dir: str | Path, model: str, device_label: str) -> Path:
-    return Path(results_dir) / f"performance_{model}_{device_label}.csv"
+    return result_path(PERFORMANCE_KIND, results_dir, model, device_label)
 
 
 def max_batch_path(results_dir: str | Path, model: str, device_label: str) -> Path:
-    return Path(results_dir) / f"max_batch_{model}_{device_label}.csv"
+    return result_path(MAX_BATCH_KIND, results_dir, model, device_label)
 
 
 def raw_rounds_path(csv_path: Path) -> Path:
@@ -247,7 +248,7 @@ def write_reports(csv_path: str | Path) -> list[Path]:
     csv_path = Path(csv_path)
     written = []
     md = csv_path.with_suffix(".md")
-    if csv_path.name.startswith("max_batch_"):
+    if kind_of(csv_path) == MAX_BATCH_KIND:
         write_text_atomic(md, max_batch_markdown(csv_path))
         return [md]
     write_text_atomic(md, performance_markdown(csv_path))
