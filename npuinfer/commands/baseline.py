@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..results.baseline_store import update_baseline, verify_baseline
+
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("baseline", help="make or refresh a baseline directory from a run")
@@ -38,8 +40,6 @@ def add_parser(sub) -> None:
 
 
 def run_update(args: argparse.Namespace) -> int:
-    from ..results.baseline import update_baseline
-
     written, warnings = update_baseline(args.run_dir, args.baseline_dir, args.models)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -49,8 +49,6 @@ def run_update(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from ..results.baseline import verify_baseline
-
     checked, problems = verify_baseline(args.baseline_dir)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
