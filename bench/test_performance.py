@@ -8,7 +8,8 @@
 Each case warms up at its shape, times --rounds generate calls (through pytest-benchmark, token
 metrics in extra_info) and writes its row to <results-dir>/performance_<model>_<device>.csv at
 once; the markdown table and plot are written when the session ends.
-The options and the measurement live in npuinfer/pytest_plugin/bench.py and npuinfer/timing.py.
+The options live in npuinfer/options.py and npuinfer/pytest_plugin/bench_options.py, the session in
+npuinfer/pytest_plugin/bench.py and the measurement in npuinfer/timing.py.
 """
 
 

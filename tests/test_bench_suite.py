@@ -226,7 +226,8 @@ def test_malformed_options_are_usage_errors():
     assert "argument --batch-sizes: expected comma-separated positive integers such as 1,4; got '1,x'" in proc.stderr
     from argparse import ArgumentTypeError
 
-    from npuinfer.pytest_plugin.bench import _count, _pairs, _positive_ints, _size
+    from npuinfer.options import at_least as _count, memory_limit as _size, positive_ints as _positive_ints
+    from npuinfer.pytest_plugin.bench_options import _pairs
 
     assert _pairs("256x64, 1024X128") == ((256, 64), (1024, 128)) and _positive_ints("1,4,4") == (1, 4)
     for parse, text, expected in ((_pairs, "256x", "INPUTxOUTPUT pairs"), (_pairs, "0x4", "INPUTxOUTPUT pairs"),

@@ -3,6 +3,8 @@
 Registered through the ``pytest11`` entry point (and by the repo's conftest.py when run
 from a checkout). The suite-specific parts live in sibling modules, loaded below.
 """
-# noise before bench: bench imports it, and a plugin module imported before pytest registers it is not rewritten.
-pytest_plugins = ["npuinfer.pytest_plugin.common", "npuinfer.pytest_plugin.noise", "npuinfer.pytest_plugin.bench",
+# noise and bench_options before bench: bench imports them, and a plugin module imported before pytest
+# registers it is not rewritten.
+pytest_plugins = ["npuinfer.pytest_plugin.common", "npuinfer.pytest_plugin.noise",
+                  "npuinfer.pytest_plugin.bench_options", "npuinfer.pytest_plugin.bench",
                   "npuinfer.pytest_plugin.accuracy"]
