@@ -18,9 +18,10 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.npuinfer_model is None and args.npuinfer_model_path is None:
+    name, path = args.npuinfer_model, args.npuinfer_model_path
+    if name is None and path is None:
         raise UsageError("give the checkpoint directory (--model-path DIR) or a registry name (--model)")
-    model_dir = resolve_model_dir(args.npuinfer_model, args.npuinfer_model_path) if args.npuinfer_model else args.npuinfer_model_path
+    model_dir = resolve_model_dir(name, path) if name else path
     folders = cut_checkpoint(model_dir, args.tp)
     size = sum(f.stat().st_size for f in folders[0].iterdir()) / 2**20
     print(f"cut {model_dir} for tensor parallel size {args.tp}: wrote {', '.join(map(str, folders))} "

@@ -97,14 +97,15 @@ def add_parser(sub) -> None:
 
 
 def _shapes(args: argparse.Namespace):
-    if args.npuinfer_model is None and args.npuinfer_model_path is None:
+    name, path = args.npuinfer_model, args.npuinfer_model_path
+    if name is None and path is None:
         return "7B-class sizes", KernelShapes(dim=4096, heads=32, head_dim=128, rot_dim=128, intermediate=11008,
                                               rope=True, alibi=True)
-    model_dir = resolve_model_dir(args.npuinfer_model, args.npuinfer_model_path) if args.npuinfer_model else Path(args.npuinfer_model_path)
+    model_dir = resolve_model_dir(name, path) if name else Path(path)
     config = read_config(model_dir)
-    path = str(model_dir / "config.json")
-    model_args = args_from_config(config, detect_family(config, path), path=path)
-    return f"{args.npuinfer_model or model_dir.name} ({path})", KernelShapes.from_args(model_args)
+    config_path = str(model_dir / "config.json")
+    model_args = args_from_config(config, detect_family(config, config_path), path=config_path)
+    return f"{name or model_dir.name} ({config_path})", KernelShapes.from_args(model_args)
 
 
 def _facts(device: Device) -> list[tuple[str, str]]:

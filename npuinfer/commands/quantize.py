@@ -37,11 +37,12 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.npuinfer_model is None and args.npuinfer_model_path is None:
+    name, path = args.npuinfer_model, args.npuinfer_model_path
+    if name is None and path is None:
         raise UsageError("give the float checkpoint (--model-path DIR) or a registry name (--model)")
     if args.calib_file is not None and args.scheme != "W8A8":
         raise UsageError("--calib-file: only --w8a8 calibrates activations")
-    model_dir = resolve_model_dir(args.npuinfer_model, args.npuinfer_model_path) if args.npuinfer_model else args.npuinfer_model_path
+    model_dir = resolve_model_dir(name, path) if name else path
     summary = quantize_checkpoint(model_dir, args.out, args.scheme, read_calibration(args.calib_file),
                                   args.skip_layers, args.smooth)
     print(f"wrote {args.out} ({summary['scheme']}, {summary['quantized_linears']} linears quantized, "
