@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from npuinfer.pytest_plugin import bench as bench_plugin
-from npuinfer.results import calibration
+from npuinfer import calibration_workload as calibration
 from npuinfer.timing import CaseTiming, DetailRun
 
 NS_PER_MS = 1_000_000

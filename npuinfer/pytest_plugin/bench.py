@@ -56,7 +56,8 @@ from ..results.baseline import (
     gate_case,
     persistent_regressions,
 )
-from ..results.calibration import CALIBRATION, CALIBRATION_FIGURES, Calibrator, calibration_path, calibration_row, \
+from ..calibration_workload import Calibrator
+from ..results.calibration import CALIBRATION, CALIBRATION_FIGURES, calibration_path, calibration_row, \
     calibration_table
 from ..results.table import append_jsonl
 from ..roofline import roofline_figures, session_peaks
