@@ -383,7 +383,7 @@ class BenchSession:
     # -- calibration and the baseline gate
     def _calibrate(self, backend, case: BenchCase) -> list[float]:
         """The reference workload's times now, at the case's shape, on its device and dtype
-        (npuinfer.results.calibration)."""
+        (npuinfer.calibration_workload)."""
         start = time.perf_counter()
         calibrator = self._calibrators.get(backend.dtype)
         if calibrator is None:
