@@ -68,27 +68,28 @@ def add_model_options(addoption: AddOption, *, several: bool = False, model_help
                       path_help: str | None = None) -> None:
     """--model and --model-path. ``several``: --model may repeat (the pytest suites), dest npuinfer_models."""
     if several:
-        addoption("--model", action="append", default=None, dest=MODELS_DEST,
+        addoption("--model", action="append", default=None, dest=MODELS_DEST, metavar="NAME",
                   help=model_help or "registry name; repeat for several (default: the tiny models, or every model "
                                      "found under $NPUINFER_MODELS_DIR)")
     else:
-        addoption("--model", default=None, dest=MODEL_DEST,
+        addoption("--model", default=None, dest=MODEL_DEST, metavar="NAME",
                   help=model_help or f"registry name (default {DEFAULT_MODEL} unless --model-path is given)")
-    addoption("--model-path", default=None, dest="npuinfer_model_path",
+    addoption("--model-path", default=None, dest="npuinfer_model_path", metavar="DIR",
               help=path_help or "checkpoint directory as downloaded from the Hub (with a single --model, or alone: "
                                 "family from config.json)")
 
 
 def add_device_options(addoption: AddOption) -> None:
     """--device and --dtype."""
-    addoption("--device", default="auto", dest="npuinfer_device", help="auto | cpu | cuda[:N] | npu[:N] (default auto)")
+    addoption("--device", default="auto", dest="npuinfer_device", metavar="DEVICE",
+              help="auto | cpu | cuda[:N] | npu[:N] (default auto)")
     addoption("--dtype", default=None, dest="npuinfer_dtype", choices=["fp32", "fp16", "bf16"],
               help="default fp16 on accelerators, fp32 on cpu")
 
 
 def add_runtime_options(addoption: AddOption) -> None:
     """How the model runs: --max-seq-len, --attention, --kernels, --compile, --dummy-weights, --memory-limit, --tp."""
-    addoption("--max-seq-len", type=positive_int, default=None, dest="npuinfer_max_seq_len",
+    addoption("--max-seq-len", type=positive_int, default=None, dest="npuinfer_max_seq_len", metavar="N",
               help="cap the KV cache (also $MAX_SEQ_LEN)")
     addoption("--attention", default="sdpa", choices=["sdpa", "eager"], dest="npuinfer_attention",
               help="scaled_dot_product_attention (default) or the eager path")
@@ -105,7 +106,7 @@ def add_runtime_options(addoption: AddOption) -> None:
     addoption("--memory-limit", type=memory_limit, default=None, dest="npuinfer_memory_limit", metavar="16GiB",
               help="memory the model may use: --dummy-weights refuses, before allocating, what cannot fit; the "
                    "max-batch search stays within it (required on cpu; on a device: min with its memory)")
-    addoption("--tp", type=positive_int, default=1, dest="npuinfer_tp",
+    addoption("--tp", type=positive_int, default=1, dest="npuinfer_tp", metavar="N",
               help="tensor parallel ranks: `npuinfer infer` runs under torchrun --nproc-per-node N, each rank "
                    "loading DIR/part_model/{rank} (npuinfer cut); the pytest suites re-run themselves under "
                    "torchrun with N processes, rows from rank 0, timings the max over ranks")
