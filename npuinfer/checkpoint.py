@@ -59,6 +59,24 @@ def check_config_matches(spec: ModelSpec, family: str, args: ModelArgs, path: st
         raise CheckpointError(f"{path} does not describe {spec.name}: " + "; ".join(wrong))
 
 
+def read_model_config(model_dir: Path, spec: ModelSpec | None = None,
+                      max_seq_len: int | None = None) -> tuple[dict, str, ModelArgs]:
+    """(config.json, family, ModelArgs) of a checkpoint directory, checked against ``spec`` when the run named a
+    registry model: its family first (a clear message for a wrong model type), then its sizes."""
+    config = read_config(model_dir)
+    config_path = str(Path(model_dir) / "config.json")
+    family = detect_family(config, config_path)
+    if spec is not None and spec.family != family:
+        raise CheckpointError(f"{config_path} describes a {family} model (model_type "
+                              f"{config.get('model_type')!r}), not {spec.name} ({spec.family})")
+    # Position encoding comes from config.json, never from the name: a name that says ALiBi given a RoPE
+    # config is a contradiction that check_config_matches reports.
+    args = args_from_config(config, family, path=config_path, max_seq_len=max_seq_len)
+    if spec is not None:
+        check_config_matches(spec, family, args, config_path)
+    return config, family, args
+
+
 def read_canonical(model_dir: Path, config: dict, family: str, args: ModelArgs) -> tuple[dict[str, Tensor], dict]:
     """A directory's weights under canonical names (a tied head filled from the embedding), with their sources."""
     quantized = read_canonical_quantized(model_dir, family, args)  # the one hook for quantized layouts

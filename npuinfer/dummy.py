@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import args_from_config, check_config_matches, detect_family, env_max_seq_len, read_config
+from .checkpoint import args_from_config, env_max_seq_len, read_model_config
 from .device import Device, dtype_name
 from .memory import available_host_memory, estimate, format_size
 from .model import ModelArgs, Transformer
@@ -69,13 +69,8 @@ def dummy_source(name: str | None, model_path: str | Path | None,
         except ModelNotFound:
             model_dir = None
     if model_dir is not None:
-        config = read_config(model_dir)
-        config_path = str(model_dir / "config.json")
-        family = detect_family(config, config_path)
-        args = args_from_config(config, family, path=config_path, max_seq_len=cap)
-        if spec is not None:
-            check_config_matches(spec, family, args, config_path)
-        return args, model_dir, config_path
+        _, _, args = read_model_config(model_dir, spec, cap)
+        return args, model_dir, str(model_dir / "config.json")
     assert spec is not None  # a name without any directory
     return registry_args(spec, cap), None, f"registry dimensions of {spec.name}"
 

@@ -5,14 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import (
-    CheckpointError,
-    args_from_config,
-    check_config_matches,
-    checkpoint_files,
-    detect_family,
-    read_config,
-)
+from .checkpoint import CheckpointError, checkpoint_files, read_model_config
 from .options import RunConfig
 from .parallel.cut import PART_DIR
 from .registry import DEFAULT_MODEL, ModelNotFound, ModelSpec, get_spec, models_dir
@@ -80,14 +73,7 @@ def locate_config(config: RunConfig) -> Path | None:
 def _checked_dir(model_dir: Path, spec: ModelSpec | None, tp: int, looked_at: str) -> Path:
     """``model_dir`` if it holds a checkpoint of ``spec``'s family and size, else ModelUnavailable."""
     try:
-        config = read_config(model_dir)
-        config_path = str(model_dir / "config.json")
-        family = detect_family(config, config_path)
-        if spec is not None and spec.family != family:
-            raise CheckpointError(f"{config_path} describes a {family} model (model_type "
-                                  f"{config.get('model_type')!r}), not {spec.name} ({spec.family})")
-        if spec is not None:
-            check_config_matches(spec, family, args_from_config(config, family, path=config_path), config_path)
+        read_model_config(model_dir, spec)
         if not (tp > 1 and (model_dir / PART_DIR).is_dir()):  # tp nodes may hold only their part_model/ shards
             checkpoint_files(model_dir)
     except CheckpointError as exc:

@@ -6,17 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
-    CheckpointError,
-    args_from_config,
-    check_config_matches,
-    check_state_dict,
-    checkpoint_identity,
-    detect_family,
-    env_max_seq_len,
-    read_canonical,
-    read_config,
-)
+from .checkpoint import check_state_dict, checkpoint_identity, env_max_seq_len, read_canonical, read_model_config
 from . import dummy, quant
 from .decode_graph import compile_decode
 from .device import Device, dtype_name, get_device, parse_dtype
@@ -104,18 +94,8 @@ def load_model(
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else (dtype or default_dtype(dev))
     dev.check_dtype(torch_dtype)
 
-    config = read_config(model_dir)
-    config_path = str(model_dir / "config.json")
-    family = detect_family(config, config_path)
-    if spec is not None and spec.family != family:
-        raise CheckpointError(f"{config_path} describes a {family} model (model_type "
-                              f"{config.get('model_type')!r}), not {spec.name} ({spec.family})")
     cap = max_seq_len if max_seq_len is not None else env_max_seq_len()
-    # Position encoding comes from config.json, never from the name: a name that says ALiBi given a RoPE
-    # config is a contradiction that check_config_matches reports.
-    args = args_from_config(config, family, path=config_path, max_seq_len=cap)
-    if spec is not None:
-        check_config_matches(spec, family, args, config_path)
+    config, family, args = read_model_config(model_dir, spec, cap)
 
     parallel = tp_dist.tp_world()  # (world size, rank) under torch.distributed, else None
     if compile and parallel is not None:
