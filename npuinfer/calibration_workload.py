@@ -8,7 +8,7 @@ slower never slows the reference with it.
 
 Right before and right after each case it times ``steps`` decode steps; the case's calibration is the
 *median* step of both sides together, the same estimator the gate reads from the case (the median
-inter-token gap, npuinfer.results.baseline.gate_values), so another process taking the cpu for a while
+inter-token gap, npuinfer.gates.performance.gate_values), so another process taking the cpu for a while
 touches neither much. The gate then compares time / calibration (throughput x calibration) with the
 baseline's same ratio.
 

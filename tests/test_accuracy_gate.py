@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from npuinfer.ceval.run import any_prompt_fitted, gate_categories, settings_differences
+from npuinfer.gates.accuracy import any_prompt_fitted, gate_categories, settings_differences
 from npuinfer.ceval.scoring import PromptFit
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from npuinfer.cli import main
-from npuinfer.results.baseline import PerformanceBaseline
+from npuinfer.gates.performance import PerformanceBaseline
 from npuinfer.results.performance import performance_row, performance_table
 from npuinfer.results.table import ResultFileError
 
@@ -58,7 +58,7 @@ def test_results_dir_under_a_regular_file_is_a_usage_error(tmp_path, suite):
 
 
 def test_a_binary_accuracy_baseline_is_an_error_naming_the_file(tmp_path):
-    from npuinfer.ceval.run import read_subject_accuracy
+    from npuinfer.gates.accuracy import read_subject_accuracy
 
     path = tmp_path / "subject_acc.json"
     path.write_bytes(bytes(range(256)))

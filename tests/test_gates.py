@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from npuinfer.results.baseline import compare_row, gate_values, parse_regression
+from npuinfer.gates.performance import compare_row, gate_values, parse_regression
 from npuinfer.results.calibration import calibration_value
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,7 +176,7 @@ def two_machine_baseline(measured: Path, directory: Path, shift_days: int):
 def test_a_baseline_keeps_rows_per_cpu_model_with_their_own_calibrations(measured, tmp_path):
     """Rows of two cpu models in one baseline: a run is gated against its own machine's row and that row's
     calibration (nearest in time among rows with the same key); another machine falls back with a note."""
-    from npuinfer.results.baseline import PerformanceBaseline
+    from npuinfer.gates.performance import PerformanceBaseline
 
     two = tmp_path / "two"
     perf, cal, other, other_cal = two_machine_baseline(measured, two, shift_days=1)
@@ -193,7 +193,7 @@ def test_a_baseline_keeps_rows_per_cpu_model_with_their_own_calibrations(measure
 def test_baseline_update_replaces_this_machines_rows_and_keeps_another_machines(measured, tmp_path):
     """Refreshing a baseline from a run on one cpu model keeps the rows (and their calibrations) measured on
     another; a second refresh replaces the first one's rows instead of adding more."""
-    from npuinfer.results.baseline import PerformanceBaseline
+    from npuinfer.gates.performance import PerformanceBaseline
 
     two = tmp_path / "two"
     perf, cal, other, other_cal = two_machine_baseline(measured, two, shift_days=-1)

@@ -10,30 +10,17 @@ Used by the pytest plugin (one test case per subject) and usable as is from a sc
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from npuinfer.ceval.aggregate import AVG, AVG_HARD, CLASS_KEYS
-from npuinfer.ceval.cache import (
-    IMPLIED_EXTRA,
-    META_FILE,
-    PROMPT_FIT,
-    CacheError,
-    CacheSettings,
-    QuestionCache,
-    read_meta,
-    record_in_meta,
-)
-from npuinfer.parallel import dist as tp_dist
-from npuinfer.results.naming import CEVAL, ResultName, result_path
+from npuinfer.ceval.cache import PROMPT_FIT, CacheSettings, QuestionCache, record_in_meta
 from npuinfer.ceval.dataset import SPLITS, data_identity, load_split
 from npuinfer.ceval.prompts import TEMPLATES, resolve_fit
-from npuinfer.ceval.report import SUBJECT_ACC
 from npuinfer.ceval.scored import ScoredRow
-from npuinfer.ceval.subjects import HARD_SUBJECTS, get_subject, official_order
+from npuinfer.ceval.subjects import official_order
+from npuinfer.parallel import dist as tp_dist
+from npuinfer.results.naming import CEVAL, result_path
 from npuinfer.ceval.scoring import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_NEW_TOKENS,
@@ -189,138 +176,3 @@ def record_prompt_fit(out_dir: str | os.PathLike, fits: dict[str, PromptFit]) ->
     """Add each subject's PromptFit to the run's cache_meta.json (a record of the run, not a setting); called
     once by the process that merges the run (the only writer), before the report that shows them is written."""
     record_in_meta(out_dir, PROMPT_FIT, {s: asdict(f) for s, f in fits.items()}, order=official_order)
-
-
-def read_subject_accuracy(path: str | os.PathLike, what: str = "subject") -> dict[str, float]:
-    """Accuracies of a subject_acc.json (or, with ``what="category"``, a classes_acc.json); empty for a
-    test-split report, which has none."""
-    try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a JSON file of {what} accuracies ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object of {what} -> accuracy")
-    if data.get("split") == "test":
-        return {}
-    bad = [k for k, v in data.items() if not isinstance(v, (int, float)) or isinstance(v, bool)]
-    if bad:
-        raise ValueError(f"{path}: accuracy of {bad[0]!r} is not a number")
-    return {k: float(v) for k, v in data.items()}
-
-
-def find_baseline(baseline: str | os.PathLike, model: str, device_label: str) -> Path | None:
-    """The subject_acc.json a --baseline points at for this model.
-
-    Accepted: the file itself; a run directory holding it; or a directory of runs holding
-    ``ceval_<model>_<device>/`` (any device when that one is missing but exactly one other is there:
-    comparing an NPU run with a GPU baseline is the point).
-    """
-    path = Path(baseline)
-    if path.is_file():
-        return path
-    if (path / SUBJECT_ACC).is_file():
-        return path / SUBJECT_ACC
-    exact = results_dir(path, model, device_label) / SUBJECT_ACC
-    if exact.is_file():
-        return exact
-    others = sorted(path.glob(f"{ResultName(CEVAL, model, '*').name}/{SUBJECT_ACC}"))
-    return others[0] if len(others) == 1 else None
-
-
-# --------------------------------------------------------------------------------- gating against a baseline
-
-# The settings under which two accuracies are comparable at all; a baseline scored otherwise is not gated.
-GATED_SETTINGS: tuple[str, ...] = ("template", "shots", "split", "scoring", "data_sha256", "fit")
-
-
-def gate_settings(meta: dict) -> dict[str, object]:
-    """GATED_SETTINGS out of a cache_meta.json object (scoring, the data hash and fit live under ``extra``; a
-    meta written before a setting existed implies the behaviour of then, cache.IMPLIED_EXTRA)."""
-    extra = {**IMPLIED_EXTRA, **(meta.get("extra") or {})}
-    return {"template": meta.get("template"), "shots": meta.get("shots"), "split": meta.get("split"),
-            "scoring": extra.get("scoring"), "data_sha256": extra.get("data_sha256"), "fit": extra.get("fit")}
-
-
-def settings_differences(baseline_meta: dict, run_meta: dict, prompts_fitted: bool = True) -> list[str]:
-    """One ``"<setting> <baseline value> (baseline) vs <run value> (this run)"`` per differing setting.
-
-    ``prompts_fitted=False``: no prompt of the compared subjects was over the model's length in this run (no shot
-    dropped, none cut), so either fit gives the same prompts (same data, template, shots) and fit is not a
-    difference.
-    """
-    old, new = gate_settings(baseline_meta), gate_settings(run_meta)
-    return [f"{k} {old[k]!r} (baseline) vs {new[k]!r} (this run)" for k in GATED_SETTINGS
-            if old[k] != new[k] and (k != "fit" or prompts_fitted)]
-
-
-def any_prompt_fitted(fits: Iterable[PromptFit | dict | None]) -> bool:
-    """Whether some subject dropped a shot or cut a prompt (an unknown PromptFit counts as fitted)."""
-    for f in fits:
-        if f is None:
-            return True
-        f = f if isinstance(f, PromptFit) else PromptFit(**f)
-        if f.dropped_shots or f.truncated:
-            return True
-    return False
-
-
-def read_baseline_meta(subject_acc: str | os.PathLike) -> dict | None:
-    """The cache_meta.json beside a baseline's subject_acc.json; None when there is none."""
-    directory = Path(subject_acc).parent
-    if not (directory / META_FILE).is_file():
-        return None
-    try:
-        return read_meta(directory)
-    except CacheError as exc:
-        raise ValueError(str(exc)) from None
-
-
-def in_class(subject: str, key: str) -> bool:
-    """Whether a subject's questions count towards a classes_acc.json entry."""
-    if key == AVG:
-        return True
-    if key == AVG_HARD:
-        return subject in HARD_SUBJECTS
-    return get_subject(subject).category == key
-
-
-@dataclass(frozen=True)
-class CategoryVerdict:
-    category: str
-    status: str  # "passed", "failed" or "not gated"
-    accuracy: float | None
-    baseline: float | None
-    message: str
-
-
-def gate_categories(run_subjects: dict[str, float], run_classes: dict[str, float],
-                    base_subjects: dict[str, float], base_classes: dict[str, float],
-                    max_drop: float) -> list[CategoryVerdict]:
-    """The pooled category (and Avg, Avg(Hard)) accuracies of a run against a baseline's.
-
-    Only categories the baseline has are looked at. A category is gated only when the run holds exactly
-    the baseline's subjects of it: a pooled accuracy over other questions is not comparable.
-    """
-    verdicts = []
-    for key in CLASS_KEYS:
-        base = base_classes.get(key)
-        if base is None:
-            continue
-        want = {s for s in base_subjects if in_class(s, key)}
-        have = {s for s in run_subjects if in_class(s, key)}
-        acc = run_classes.get(key)
-        if want != have or acc is None:
-            extra = f", and {len(have - want)} the baseline lacks" if have - want else ""
-            verdicts.append(CategoryVerdict(key, "not gated", acc, base,
-                                            f"{key}: category not gated: run covers {len(want & have)} of "
-                                            f"{len(want)} subjects{extra}"))
-            continue
-        drop = base - acc
-        if drop > max_drop + 1e-12:
-            verdicts.append(CategoryVerdict(key, "failed", acc, base,
-                                            f"{key}: category accuracy {acc!r} is {drop:.6g} below the baseline "
-                                            f"{base!r}; allowed drop {max_drop:g} (--max-acc-drop)"))
-        else:
-            verdicts.append(CategoryVerdict(key, "passed", acc, base,
-                                            f"{key}: category accuracy {acc!r}, baseline {base!r}: passed"))
-    return verdicts

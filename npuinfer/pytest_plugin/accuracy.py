@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,19 +26,14 @@ from ..ceval.dataset import SPLITS, CevalDataError, available_subjects, sample_d
 from ..ceval.prompts import FITS, TEMPLATES
 from ..ceval.report import CLASSES_ACC, SUBJECT_ACC, rebuild_report
 from ..parallel import dist as tp_dist
-from ..ceval.run import (
+from ..ceval.run import CevalRun, NonFiniteScores, RunSettings, SubjectResult, record_prompt_fit, results_dir
+from ..gates.accuracy import (
     CategoryVerdict,
-    CevalRun,
-    NonFiniteScores,
-    RunSettings,
-    SubjectResult,
     any_prompt_fitted,
     find_baseline,
     gate_categories,
     read_baseline_meta,
     read_subject_accuracy,
-    record_prompt_fit,
-    results_dir,
     settings_differences,
 )
 from ..ceval.scoring import PromptFit

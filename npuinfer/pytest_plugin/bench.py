@@ -48,7 +48,7 @@ from ..results.performance import (
 )
 from ..atomic import write_atomic
 from ..generate import NonFiniteLogits
-from ..results.baseline import (
+from ..gates.performance import (
     GATE_ATTEMPTS,
     GATE_RETRIES,
     GateOutcome,

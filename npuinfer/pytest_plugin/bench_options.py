@@ -9,7 +9,7 @@ import pytest
 
 from ..latency import parse_duration_ms
 from ..options import at_least, positive_ints
-from ..results.baseline import DEFAULT_GATE_RETRIES, DEFAULT_MAX_REGRESSION, GATE_MODES, parse_regression
+from ..gates.performance import DEFAULT_GATE_RETRIES, DEFAULT_MAX_REGRESSION, GATE_MODES, parse_regression
 from ..timing import MODES
 from .common import GROUP
 

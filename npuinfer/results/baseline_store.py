@@ -1,7 +1,7 @@
 """Baseline storage: `npuinfer baseline update` copies a results directory's gated files (performance and
 calibration CSVs, C-Eval accuracy JSON) into a baseline directory through a staged swap, with a manifest of
 their hashes and the machine they were measured on; `npuinfer baseline verify` checks a baseline against its
-manifest. The gate that reads baselines is npuinfer.results.baseline; file names are npuinfer.results.naming.
+manifest. The gate that reads baselines is npuinfer.gates.performance; file names are npuinfer.results.naming.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ..atomic import fsync_tree, recover_interrupted_swap, sibling, swap_directory
 from ..device import cpu_model_name
-from .baseline import paired_calibration
+from ..gates.performance import paired_calibration
 from .calibration import calibration_table
 from .naming import CALIBRATION, PERFORMANCE, calibration_of, kind_of, model_of
 from .performance import BATCH

@@ -44,7 +44,7 @@ QUIET, QUIET_REASONS, NOISE = "quiet", "quiet_reasons", "noise"
 NOISE_COLUMNS = [QUIET, QUIET_REASONS, NOISE]
 PERFORMANCE_COLUMNS = (PUBLISHED_COLUMNS + [THROUGHPUT] + list(METRICS.values()) + [PEAK, "status", "reason"]
                        + SETTINGS + ["case_id", "measured_at", "rounds_detail"])
-# The gate's record of a case measured against --baseline (npuinfer.results.baseline): re-measurements allowed,
+# The gate's record of a case measured against --baseline (npuinfer.gates.performance): re-measurements allowed,
 # and each attempt's figures and verdict.
 GATE_RETRIES, GATE_ATTEMPTS = "gate_retries", "gate_attempts"
 PERFORMANCE_COLUMNS += [GATE_RETRIES, GATE_ATTEMPTS]

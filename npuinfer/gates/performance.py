@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .calibration import calibration_path, calibration_table, calibration_value
-from .performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, THROUGHPUT, performance_path
-from .performance import GATE_ATTEMPTS, GATE_RETRIES  # noqa: F401  (the row columns the gate fills, for the plugin)
-from .table import CsvTable, parse_float, read_csv
+from ..results.calibration import calibration_path, calibration_table, calibration_value
+from ..results.performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, THROUGHPUT, performance_path
+from ..results.performance import GATE_ATTEMPTS, GATE_RETRIES  # noqa: F401  (the row columns the gate fills, for the plugin)
+from ..results.table import CsvTable, parse_float, read_csv
 
 DEFAULT_MAX_REGRESSION = 0.10
 # A case beyond the limit is measured again up to this many times; it fails only if a metric is beyond the limit
