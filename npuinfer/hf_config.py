@@ -20,13 +20,18 @@ def read_config(model_dir: Path) -> dict:
         raise CheckpointError(f"{model_dir}: checkpoint directory does not exist")
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; a Hugging Face checkpoint directory holds config.json")
+    return read_json_object(path)
+
+
+def read_json_object(path: Path, what: str = "") -> dict:
+    """A JSON file that must hold one object; CheckpointError naming the file otherwise."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return config
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object{what}")
+    return data
 
 
 _ABSENT = object()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import npuinfer
 from npuinfer.atomic import create_atomic, write_atomic
-from npuinfer.results.table import write_text_atomic
+from npuinfer.results.table import write_csv
 
 PACKAGE = Path(npuinfer.__file__).parent
 REPLACING = {"replace", "rename", "link"}  # os.replace / os.rename / os.link, and Path.replace / Path.rename
@@ -38,7 +38,7 @@ def test_write_atomic_fsyncs_before_the_rename_and_leaves_no_temp_file(tmp_path,
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
     target = tmp_path / "sub" / "table.csv"
-    write_text_atomic(target, "a,b\n1,2\n")  # the results tables' writer goes through it
+    write_csv(target, ["a", "b"], [{"a": "1", "b": "2"}])  # the results tables' writer goes through it
     assert target.read_text() == "a,b\n1,2\n"
     assert events[:2] == ["fsync", "replace"]
     write_atomic(target, b"new\n")

@@ -10,7 +10,6 @@ Which files make a quantized directory is files.py's business (the loader asks i
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from torch import Tensor
 
 from ..canonical import blocks_to_per_head, from_canonical, per_head_to_blocks, to_canonical
 from ..families import QKV_PER_HEAD, QKV_SEPARATE, get_family
-from ..hf_config import CheckpointError
+from ..hf_config import CheckpointError, read_json_object
 from ..model import ModelArgs
 from .files import QuantFiles, find_quant_files, has_npy_layout
 from .linear import QUANT_PARAMS, ROW_PARAMS, TENSOR_PARAMS, plan_from_state, split_param
@@ -32,12 +31,7 @@ META_KEYS = ("model_quant_type", "kv_cache_type", "version", "group_size")
 
 def read_description(path: Path) -> tuple[str, dict[str, str]]:
     """(model_quant_type, tensor name -> type), checked."""
-    try:
-        desc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(desc, dict):
-        raise CheckpointError(f"{path}: expected a JSON object of tensor name -> quantization type")
+    desc = read_json_object(path, " of tensor name -> quantization type")
     scheme = desc.get("model_quant_type")
     if scheme not in SCHEMES:
         raise CheckpointError(f"{path}: model_quant_type {scheme!r} is not supported; expected one of "

@@ -25,7 +25,8 @@ from ..ceval.report import CLASSES_ACC, SUBJECT_ACC
 from ..ceval.subjects import HARD_SUBJECTS, SUBJECT_NAMES, get_subject
 from .performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, POST, PRE, RESPONSE, THROUGHPUT
 from .naming import model_of
-from .table import markdown_table, parse_float, read_csv, write_text_atomic
+from ..atomic import write_atomic
+from .table import markdown_table, parse_float, read_csv
 
 PERFORMANCE_METRICS = (FIRST, NEXT, RESPONSE, THROUGHPUT, PRE, POST)
 
@@ -358,10 +359,10 @@ def write_comparison(c: Comparison, out_dir: str | Path) -> list[Path]:
     written = []
     if c.performance:
         written.append(out / "performance.csv")
-        write_text_atomic(written[-1], to_csv(c.performance, c.performance_columns()))
+        write_atomic(written[-1], to_csv(c.performance, c.performance_columns()))
     if c.accuracy:
         written.append(out / "accuracy.csv")
-        write_text_atomic(written[-1], to_csv(c.accuracy, c.accuracy_columns()))
+        write_atomic(written[-1], to_csv(c.accuracy, c.accuracy_columns()))
     written.append(out / "compare.md")
-    write_text_atomic(written[-1], to_markdown(c))
+    write_atomic(written[-1], to_markdown(c))
     return written

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 from ..atomic import write_atomic
 from ..roofline import ROOFLINE_COLUMNS
 from .naming import MAX_BATCH as MAX_BATCH_KIND, PERFORMANCE as PERFORMANCE_KIND, kind_of, result_path
-from .table import CsvTable, markdown_table, parse_float, read_csv, varying_columns, write_text_atomic
+from .table import CsvTable, markdown_table, parse_float, read_csv, varying_columns
 
 BATCH, INPUT, OUTPUT = "batch_size", "input_seq_len(Encoding)", "output_seq_len(Decoding)"
 RESPONSE = "ResponseTime(s)"
@@ -249,9 +249,9 @@ def write_reports(csv_path: str | Path) -> list[Path]:
     written = []
     md = csv_path.with_suffix(".md")
     if kind_of(csv_path) == MAX_BATCH_KIND:
-        write_text_atomic(md, max_batch_markdown(csv_path))
+        write_atomic(md, max_batch_markdown(csv_path))
         return [md]
-    write_text_atomic(md, performance_markdown(csv_path))
+    write_atomic(md, performance_markdown(csv_path))
     written.append(md)
     png = csv_path.with_suffix(".png")
     if performance_plot(csv_path, png):

@@ -69,11 +69,6 @@ class ResultFileError(ValueError):
     """A results or baseline file that is not what its name says (binary, not CSV, another table)."""
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` all at once (npuinfer.atomic: temp file, fsync, rename)."""
-    write_atomic(path, text)
-
-
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """(header, rows) of a CSV file; ([], []) when it does not exist. A file that is not UTF-8 CSV text
     raises ResultFileError naming it."""
@@ -154,7 +149,7 @@ def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, st
     writer.writeheader()
     for row in rows:
         writer.writerow({c: row.get(c, "") or "" for c in columns})
-    write_text_atomic(Path(path), buf.getvalue())
+    write_atomic(Path(path), buf.getvalue())
 
 
 def append_jsonl(path: str | os.PathLike, record: Mapping[str, object]) -> None:
