@@ -15,7 +15,7 @@ from .kernels import kernels_for
 from .model import ModelArgs, Transformer
 from .parallel import dist as tp_dist
 from .parallel.shard import load_shard, reject_part_dir
-from .locate import ModelUnavailable, locate_config, locate_model, resolve_model_dir  # noqa: F401  (re-exported)
+from .locate import resolve_model_dir
 from .options import RunConfig
 from .registry import ModelSpec, get_spec
 from .tiny import ensure_tiny

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from npuinfer.runtime import ModelUnavailable, locate_model
+from npuinfer.locate import ModelUnavailable, locate_model
 
 REPO = Path(__file__).resolve().parents[1]
 

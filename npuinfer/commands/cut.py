@@ -6,7 +6,7 @@ import argparse
 from ..cli import UsageError
 from ..options import add_model_options, positive_int
 from ..parallel.cut import cut_checkpoint
-from ..runtime import resolve_model_dir
+from ..locate import resolve_model_dir
 
 
 def add_parser(sub) -> None:

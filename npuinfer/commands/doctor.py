@@ -19,7 +19,7 @@ from ..device import Device, dtype_name, get_device, parse_dtype
 from ..kernels import PLAIN, KernelShapes, check_kernels, select_kernels
 from ..kernels.check import cases, time_call
 from ..options import add_device_options, add_model_options
-from ..runtime import resolve_model_dir
+from ..locate import resolve_model_dir
 
 FactFn = Callable[[Device], object]
 DEVICE_FACTS: list[tuple[str, FactFn]] = []

@@ -9,7 +9,8 @@ from ..generate import generate
 from ..options import RunConfig, add_device_options, add_model_options, add_runtime_options, positive_int
 from ..parallel.dist import init_tensor_parallel, is_rank0
 from ..roofline import probe_bandwidth, roofline_figures
-from ..runtime import load_model_from, locate_config
+from ..locate import locate_config
+from ..runtime import load_model_from
 from ..timing import Timer
 
 DEFAULT_PROMPT = "苹果公司的CEO是"

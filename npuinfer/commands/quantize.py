@@ -7,7 +7,7 @@ import json
 from ..cli import UsageError
 from ..quant.calibrate import quantize_checkpoint, read_calibration
 from ..options import add_model_options
-from ..runtime import resolve_model_dir
+from ..locate import resolve_model_dir
 
 
 def _layers(text: str) -> set[int]:

@@ -26,7 +26,8 @@ from ..hf_backend import HFBackend, HFUnsupported
 from ..latency import LatencyBatchSearch
 from ..memory import MaxBatchSearch, format_size
 from ..parallel import dist as tp_dist
-from ..runtime import default_dtype, resolve_model_dir
+from ..locate import resolve_model_dir
+from ..runtime import default_dtype
 from ..results.performance import (
     INPUT,
     LATENCY_MAX_BATCH,

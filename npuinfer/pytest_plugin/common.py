@@ -17,8 +17,9 @@ from ..options import (
     add_model_options,
     add_runtime_options,
 )
+from ..locate import ModelUnavailable, locate_config
 from ..registry import DEFAULT_MODEL, MODELS, discover_models, get_spec
-from ..runtime import LoadedModel, ModelUnavailable, load_model_from, locate_config
+from ..runtime import LoadedModel, load_model_from
 
 GROUP = "npuinfer"
 
