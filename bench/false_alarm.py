@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = "results/baselines/cpu-tiny"
 THROUGHPUT = "E2E throughput (token/s)"
-ROUND_TIMES = ("response_s", "first_token_ms", "next_token_ms")
+ROUND_TIMES = ("response_s", "first_token_ms", "next_token_ms", "itl_min_ms")
 
 
 def ci_gated_command() -> str:

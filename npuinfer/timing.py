@@ -29,6 +29,7 @@ from .generate import generate
 
 MODES = ("detail", "normal")
 NS_PER_MS = 1_000_000
+ITL_MIN = "itl_min_ms"  # a round's fastest inter-token gap, in rounds_detail
 NS_PER_S = 1_000_000_000
 
 
@@ -304,9 +305,16 @@ class CaseTiming:
         return out
 
     def rounds_brief(self) -> list[dict[str, float | None]]:
-        """Per-round headline figures (kept in the CSV row)."""
+        """Per-round headline figures (kept in the CSV row), with the round's fastest inter-token gap where
+        tokens were timed one by one (the gate's next-token reading, npuinfer.gates.performance)."""
         keys = ("response_s", "first_token_ms", "next_token_ms")
-        return [{k: _round(r.summary()[k]) for k in keys} for r in self.rounds]
+        brief = []
+        for r in self.rounds:
+            figures = {k: _round(r.summary()[k]) for k in keys}
+            if r.itl_ms:
+                figures[ITL_MIN] = _round(min(r.itl_ms))
+            brief.append(figures)
+        return brief
 
 
 def _round(value: float | None, digits: int = 6) -> float | None:

@@ -53,11 +53,11 @@ def scripted_measure_case(backend, case, *, rounds=3, warmup=1, mode="detail", s
     return CaseTiming(mode, (run,) * rounds, (run,) * warmup)
 
 
-def scripted_calibration(self, batch: int, input_len: int) -> list[float]:
+def scripted_calibration(self, batch: int, input_len: int, steps: int | None = None) -> list[float]:
     case_id = _current[-1]
     figures = attempt(case_id, _calibrated[case_id] // 2)  # before and after each measurement
     _calibrated[case_id] += 1
-    return [figures.get("calibration_ms", 1.0)] * self.steps
+    return [figures.get("calibration_ms", 1.0)] * (self.steps if steps is None else steps)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from npuinfer.gates.performance import compare_row, gate_values, parse_regression
-from npuinfer.results.calibration import calibration_value
+from npuinfer.gates.performance import PerformanceBaseline, compare_row, gate_case, gate_values, parse_regression
+from npuinfer.results.calibration import CALIBRATION_MIN, calibration_value
 
 REPO = Path(__file__).resolve().parents[1]
 FIRST, NEXT = "forward_first_token_time(ms)", "forward_next_token_time(ms)"
@@ -93,8 +93,9 @@ def measured(tmp_path_factory, npuinfer_cache) -> Path:
 def rows(measured) -> list[tuple[dict[str, str], float]]:
     _, perf = read_rows(measured / "performance_qwen-tiny_cpu.csv")
     _, cal = read_rows(measured / "calibration_qwen-tiny_cpu.csv")
-    calibration = {r["case_id"]: calibration_value(r) for r in cal}
+    calibration = {r["case_id"]: calibration_value(r, CALIBRATION_MIN) for r in cal}
     assert sorted(calibration) == CASES and all(calibration.values())
+    assert all(calibration_value(r, CALIBRATION_MIN) <= calibration_value(r) for r in cal)
     return [(r, calibration[r["case_id"]]) for r in perf]
 
 
@@ -119,6 +120,67 @@ def test_gate_values_come_from_the_rounds_and_the_median_gap(rows):
         batch, output = int(row["batch_size"]), int(row["output_seq_len(Decoding)"])
         e2e_s = (values[FIRST].value + (output - 1) * values[NEXT].value) / 1000
         assert values[TPUT].value == pytest.approx(batch * output / e2e_s)
+
+
+def test_the_fastest_reading_is_the_fastest_gap_of_any_round(rows):
+    for row, _ in rows:
+        values = gate_values(row, "fastest")
+        rounds = json.loads(row["rounds_detail"])
+        assert all(r["itl_min_ms"] > 0 for r in rounds)
+        assert values[NEXT].value == min(r["itl_min_ms"] for r in rounds) <= float(row["ITL_p50(ms)"])
+        assert values[NEXT].how == "fastest inter-token gap over 10 rounds"
+        assert values[FIRST].value == gate_values(row)[FIRST].value  # the best round either way
+
+
+def slow_spell(row: dict[str, str]) -> dict[str, str]:
+    """The row as if the machine had run at half speed for all but its fastest round: every median and mean
+    doubled, the fastest readings as they were."""
+    out = faster(row, 2.0)
+    rounds = json.loads(row["rounds_detail"])
+    best = min(range(len(rounds)), key=lambda i: rounds[i]["first_token_ms"])
+    fastest_gap = min(range(len(rounds)), key=lambda i: rounds[i]["itl_min_ms"])
+    slow = json.loads(out["rounds_detail"])
+    slow[best]["first_token_ms"] = rounds[best]["first_token_ms"]
+    slow[fastest_gap]["itl_min_ms"] = rounds[fastest_gap]["itl_min_ms"]
+    out["rounds_detail"] = json.dumps(slow)
+    return out
+
+
+def test_a_slow_spell_of_the_machine_moves_the_typical_reading_but_not_the_fastest(rows):
+    for row, cal in rows:
+        spell = slow_spell(row)
+        assert compare_row(spell, row, estimator="fastest").status == "passed"
+        assert compare_row(spell, row).estimator == "fastest"  # both rows carry the fastest gaps
+        typical = compare_row(spell, row, estimator="typical")
+        assert typical.status == "failed" and NEXT in [c.metric for c in typical.regressions]
+
+
+def test_rows_and_calibrations_from_before_the_fastest_figures_are_read_the_typical_way(measured, rows, tmp_path):
+    """Baseline rows written before rounds carried itl_min_ms (the committed AMD rows) are still gated: by the
+    median gap over the median calibration step, on both sides."""
+    old = tmp_path / "old"
+    shutil.copytree(measured, old)
+    header, perf = read_rows(old / "performance_qwen-tiny_cpu.csv")
+    for r in perf:
+        r["rounds_detail"] = json.dumps([{k: v for k, v in x.items() if k != "itl_min_ms"}
+                                         for x in json.loads(r["rounds_detail"])])
+    write_rows(old / "performance_qwen-tiny_cpu.csv", header, perf)
+    cal_header, cals = read_rows(old / "calibration_qwen-tiny_cpu.csv")
+    write_rows(old / "calibration_qwen-tiny_cpu.csv", [c for c in cal_header if c != CALIBRATION_MIN],
+               [{k: v for k, v in c.items() if k != CALIBRATION_MIN} for c in cals])
+    _, now_cals = read_rows(measured / "calibration_qwen-tiny_cpu.csv")
+    now_cal = {c["case_id"]: c for c in now_cals}
+    for row, _ in rows:
+        outcome = gate_case(PerformanceBaseline(old), row, "cpu", calibration=now_cal[row["case_id"]])
+        assert outcome.estimator == "typical" and outcome.status == "passed"
+        median = calibration_value(now_cal[row["case_id"]])
+        assert outcome.calibration == (median, median)
+        check = {c.metric: c for c in outcome.checks}[NEXT]
+        assert check.how.startswith("median inter-token gap") and check.current == float(row["ITL_p50(ms)"])
+        # the fastest figures of both sides when both have them
+        fresh = gate_case(PerformanceBaseline(measured), row, "cpu", calibration=now_cal[row["case_id"]])
+        assert fresh.estimator == "fastest" and fresh.calibration[0] == calibration_value(now_cal[row["case_id"]],
+                                                                                           CALIBRATION_MIN)
 
 
 def test_an_equal_baseline_passes_exactly(rows):
@@ -265,7 +327,7 @@ def test_pytest_bench_fails_a_case_slower_than_the_baseline_naming_metric_case_a
     assert "1 failed, 1 passed" in proc.stdout
     source = scripted_baseline / "performance_qwen-tiny_cpu.csv"
     assert f"{CASES[0]}: slower than 10% of the baseline ({source}" in proc.stdout
-    expected = [(FIRST, "best of 10 rounds", 12.5, 10.0), (NEXT, "median inter-token gap", 2.5, 2.0),
+    expected = [(FIRST, "best of 10 rounds", 12.5, 10.0), (NEXT, "fastest inter-token gap", 2.5, 2.0),
                 (TPUT, "batch x output", 8 / 0.0300, 8 / 0.024)]
     for metric, how, now, base in expected:
         line = next(x for x in proc.stdout.splitlines() if x.strip().startswith(f"{metric} ({how}"))
@@ -413,8 +475,8 @@ def test_a_real_sweep_passes_against_itself_and_fails_a_baseline_100x_faster(mea
         in proc.stdout
     _, now = read_rows(results / "performance_qwen-tiny_cpu.csv")
     _, base = read_rows(doctored / "performance_qwen-tiny_cpu.csv")
-    now = {r["case_id"]: gate_values(r) for r in now}
-    base = {r["case_id"]: gate_values(r) for r in base}
+    now = {r["case_id"]: gate_values(r, "fastest") for r in now}
+    base = {r["case_id"]: gate_values(r, "fastest") for r in base}
     for metric in (FIRST, NEXT, TPUT):
         assert f"{metric} ({now[CASES[1]][metric].how}): {now[CASES[1]][metric].value:.6g} now vs " \
                f"{base[CASES[1]][metric].value:.6g} in the baseline" in proc.stdout

@@ -14,11 +14,16 @@ compared values are ``time / calibration`` and ``throughput x calibration``: wha
 code's speed relative to a fixed workload on the same machine at the same moment.
 
 The gate reads each metric from the row with an estimator that interference cannot fake (`gate_values`):
-another process taking the cpu only ever adds time, to a few forwards. So the first-token time is the
-best of the rounds (``rounds_detail``), the next-token time the median inter-token gap over every round
-(``ITL_p50(ms)``), and the throughput batch x output / (first + (output - 1) x next) from those two.
+another process taking the cpu, or the host slowing the whole VM for a while, only ever adds time. So the
+first-token time is the best of the rounds (``rounds_detail``), the next-token time the fastest
+inter-token gap of any round (``itl_min_ms`` in ``rounds_detail``), and the throughput
+batch x output / (first + (output - 1) x next) from those two; the calibration they are divided by is the
+reference's fastest step, timed before, between and after the case's runs (``calibration_min(ms)``).
+A median gap was used before 2026-12 (estimator "typical", still applied to rows without the fastest
+figures): on a VM whose host slowed it for seconds at a time, medians of a whole case doubled while the
+fastest readings moved by under 10% (results/baselines/cpu-tiny/SPREAD.md).
 The row's own columns (the median round, as published) stay what the tables show; on a machine to
-itself both agree, on a shared one only the robust ones repeat (see results/baselines/*/SPREAD.md).
+itself both agree, on a shared one only the robust ones repeat.
 
 A case without a comparable baseline row is not gated: its outcome says why, and the pytest plugin
 turns that into a visible warning (or, under --require-baseline, a failure). A case beyond the limit is
@@ -36,10 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..results.calibration import calibration_path, calibration_table, calibration_value
+from ..results.calibration import CALIBRATION, CALIBRATION_MIN, calibration_path, calibration_table, \
+    calibration_value
 from ..results.performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, THROUGHPUT, performance_path
 from ..results.performance import GATE_ATTEMPTS, GATE_RETRIES  # noqa: F401  (the row columns the gate fills, for the plugin)
 from ..results.table import CsvTable, parse_float, read_csv
+from ..timing import ITL_MIN
 
 DEFAULT_MAX_REGRESSION = 0.10
 # A case beyond the limit is measured again up to this many times; it fails only if a metric is beyond the limit
@@ -51,6 +58,11 @@ GATED_METRICS: dict[str, bool] = {FIRST: False, NEXT: False, THROUGHPUT: True}
 # Settings a baseline row must share with the case to be compared at all.
 MATCH_SETTINGS = ("dtype", "backend", "timing", "tp")
 GATE_MODES = ("calibrated", "raw")
+# How the gate reads a case (gate_values): "fastest" (the best round's first-token time, the fastest inter-token
+# gap, over the fastest reference step) where both rows and both calibrations carry those figures; else "typical"
+# (the median inter-token gap, over the median reference step), which rows written before 2026-12 allow.
+ESTIMATORS = ("fastest", "typical")
+CALIBRATION_COLUMN = {"fastest": CALIBRATION_MIN, "typical": CALIBRATION}
 
 
 def parse_regression(text: str) -> float:
@@ -119,6 +131,7 @@ class GateOutcome:
     reason: str = ""  # why skipped
     notes: list[str] = field(default_factory=list)  # worth a warning, the gate still applied
     calibration: tuple[float, float] | None = None  # (now, baseline) ms, when the comparison was calibrated
+    estimator: str = "typical"  # ESTIMATORS: how the values were read from the rows
     # When the case was measured more than once (confirm before failing): every attempt's figures(), this one last.
     attempts: list[dict] = field(default_factory=list)
     retries: int = 0  # re-measurements allowed (--gate-retries)
@@ -131,6 +144,7 @@ class GateOutcome:
         """This comparison in a row's ``gate_attempts`` column: verdict, calibrations, and per metric the
         compared values and the slowdown."""
         return {"verdict": self.status, "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "estimator": self.estimator,
                 "calibration_ms": self.calibration[0] if self.calibration else None,
                 "baseline_calibration_ms": self.calibration[1] if self.calibration else None,
                 "metrics": {c.metric: {"now": c.current, "baseline": c.baseline, "slowdown": round(c.slowdown, 6)}
@@ -152,8 +166,9 @@ class GateOutcome:
                          + f" (a case beyond the limit is measured again, up to --gate-retries {self.retries} "
                            "times, and fails only if one metric is beyond it in every attempt)")
         if self.calibration:
+            step = "fastest" if self.estimator == "fastest" else "median"
             lines[0] += (f"; calibration {self.calibration[0]:.4g} ms now, {self.calibration[1]:.4g} ms in the "
-                         "baseline (reference decode step)")
+                         f"baseline ({step} reference decode step)")
         else:
             lines[0] += "; raw times compared"
         if len(self.attempts) > 1:
@@ -210,10 +225,19 @@ def _positive(values) -> list[float]:
     return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0]
 
 
-def gate_values(row: Mapping[str, object]) -> dict[str, GateValue]:
+def has_fastest_gap(row: Mapping[str, object]) -> bool:
+    """Whether every round of a row carries its fastest inter-token gap (``itl_min_ms``, rows since 2026-12)."""
+    rounds = _rounds(row)
+    return bool(rounds) and row.get("timing", "detail") == "detail" and \
+        len(_positive(r.get(ITL_MIN) for r in rounds)) == len(rounds)
+
+
+def gate_values(row: Mapping[str, object], estimator: str = "typical") -> dict[str, GateValue]:
     """The value the gate compares for each metric of a row (see the module docstring): the best round's
-    first-token time, the median inter-token gap, and the throughput they give; the row's own columns
-    where the row has no rounds (or, for the gap, no per-token timing)."""
+    first-token time, the fastest (estimator "fastest") or the median ("typical") inter-token gap, and the
+    throughput they give; the row's own columns where the row has no rounds (or no per-token timing)."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"gate estimator: expected one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     rounds = _rounds(row)
     out: dict[str, GateValue] = {}
     firsts = _positive(r.get("first_token_ms") for r in rounds)
@@ -221,10 +245,16 @@ def gate_values(row: Mapping[str, object]) -> dict[str, GateValue]:
         out[FIRST] = GateValue(min(firsts), f"best of {len(firsts)} rounds")
     elif _num(row, FIRST):
         out[FIRST] = GateValue(_num(row, FIRST), "the row's value")
-    gap = _num(row, ITL_P50) if row.get("timing", "detail") == "detail" else None
-    nexts = _positive(r.get("next_token_ms") for r in rounds)
-    if gap:
+    gap = None
+    if estimator == "fastest" and has_fastest_gap(row):
+        gap = min(_positive(r.get(ITL_MIN) for r in rounds))
+        out[NEXT] = GateValue(gap, f"fastest inter-token gap over {len(rounds)} rounds")
+    elif row.get("timing", "detail") == "detail" and _num(row, ITL_P50):
+        gap = _num(row, ITL_P50)
         out[NEXT] = GateValue(gap, f"median inter-token gap over {len(rounds) or 'all'} rounds, {ITL_P50}")
+    nexts = _positive(r.get("next_token_ms") for r in rounds)
+    if NEXT in out:
+        pass
     elif nexts:
         out[NEXT] = GateValue(min(nexts), f"best of {len(nexts)} rounds")
     elif _num(row, NEXT):
@@ -255,12 +285,16 @@ def _calibrated(metric: str, now: GateValue, base: GateValue, cal_now: float, ca
 
 def compare_row(row: Mapping[str, object], baseline_row: Mapping[str, object], *,
                 max_regression: float = DEFAULT_MAX_REGRESSION, calibration: float | None = None,
-                baseline_calibration: float | None = None, source: str = "") -> GateOutcome:
+                baseline_calibration: float | None = None, source: str = "",
+                estimator: str | None = None) -> GateOutcome:
     """Gate one measured row against one baseline row. The calibrations (ms, npuinfer.results.calibration)
-    are used when both are given."""
+    are used when both are given, and must be the ones ``estimator`` reads (CALIBRATION_COLUMN). Without an
+    estimator: "fastest" when both rows carry the fastest gaps (`has_fastest_gap`), else "typical"."""
+    if estimator is None:
+        estimator = "fastest" if has_fastest_gap(row) and has_fastest_gap(baseline_row) else "typical"
     calibrated = calibration is not None and baseline_calibration is not None
-    outcome = GateOutcome(_case(row), "passed", max_regression=max_regression, source=source)
-    now_values, base_values = gate_values(row), gate_values(baseline_row)
+    outcome = GateOutcome(_case(row), "passed", max_regression=max_regression, source=source, estimator=estimator)
+    now_values, base_values = gate_values(row, estimator), gate_values(baseline_row, estimator)
     same_rounds = _same(row.get("rounds"), baseline_row.get("rounds"))
     if not same_rounds:
         outcome.notes.append(f"{row.get('rounds')} rounds now, {baseline_row.get('rounds')} in the baseline: "
@@ -395,25 +429,29 @@ def gate_case(baseline: PerformanceBaseline, row: Mapping[str, object], device_l
                            source=str(path or baseline.directory))
     notes = [text] if text else []
     now_cal = base_cal = None
+    estimator = "fastest" if has_fastest_gap(row) and has_fastest_gap(base) else "typical"
     if mode == "calibrated":
         base_cal_row = baseline.calibration(base, device_label)
-        now_cal, base_cal, why = _usable_calibrations(calibration, base_cal_row)
+        if estimator == "fastest" and not (calibration_value(calibration, CALIBRATION_MIN)
+                                           and calibration_value(base_cal_row, CALIBRATION_MIN)):
+            estimator = "typical"  # a calibration written before the fastest step was kept
+        now_cal, base_cal, why = _usable_calibrations(calibration, base_cal_row, CALIBRATION_COLUMN[estimator])
         if why:
             notes.append(f"raw values compared: {why}")
     outcome = compare_row(row, base, max_regression=max_regression, calibration=now_cal,
-                          baseline_calibration=base_cal, source=str(path))
+                          baseline_calibration=base_cal, source=str(path), estimator=estimator)
     outcome.notes = notes + outcome.notes
     return outcome
 
 
-def _usable_calibrations(now: Mapping[str, object] | None, base: Mapping[str, str] | None
-                         ) -> tuple[float | None, float | None, str]:
-    if calibration_value(now) is None:
+def _usable_calibrations(now: Mapping[str, object] | None, base: Mapping[str, str] | None,
+                         column: str = CALIBRATION) -> tuple[float | None, float | None, str]:
+    if calibration_value(now, column) is None:
         return None, None, "this run has no calibration for the case"
-    if calibration_value(base) is None:
+    if calibration_value(base, column) is None:
         return None, None, "the baseline has no calibration for the case (calibration_<model>_<device>.csv)"
-    for column in ("workload", "calibration_dtype", "cpu_threads"):
-        if not _same(now.get(column), base.get(column)):
-            return None, None, (f"calibration {column} differs: {now.get(column)} now, "
-                                f"{base.get(column)} in the baseline")
-    return calibration_value(now), calibration_value(base), ""
+    for setting in ("workload", "calibration_dtype", "cpu_threads"):
+        if not _same(now.get(setting), base.get(setting)):
+            return None, None, (f"calibration {setting} differs: {now.get(setting)} now, "
+                                f"{base.get(setting)} in the baseline")
+    return calibration_value(now, column), calibration_value(base, column), ""

@@ -17,6 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -57,8 +58,9 @@ from ..gates.performance import (
     gate_case,
     persistent_regressions,
 )
-from ..calibration_workload import Calibrator
-from ..results.calibration import CALIBRATION, CALIBRATION_FIGURES, calibration_path, calibration_row, \
+from ..calibration_workload import INTERLEAVED_STEPS, Calibrator
+from ..results.calibration import CALIBRATION, CALIBRATION_FIGURES, CALIBRATION_MIN, calibration_path, \
+    calibration_row, \
     calibration_table
 from ..results.table import append_jsonl
 from ..roofline import roofline_figures, session_peaks
@@ -313,11 +315,16 @@ class BenchSession:
         opts = self.options
         session_peaks(self.device, backend.dtype)  # probed once, before the first case is timed
         calibrate_before = self._calibrate(backend, case) if self.calibrating else None
+        # A few reference steps before every run as well: a slow spell of the machine in the middle of the case
+        # then shows in the calibration's fastest step as it shows in the case's (the gate's readings).
+        between: list[float] = []
+        interleave = (lambda: between.extend(self._calibrate(backend, case, INTERLEAVED_STEPS))) \
+            if self.calibrating else None
         self.device.reset_peak_memory()
         guard_start = self.noise_guard.start()
         try:
             timing = measure_case(backend, case, rounds=opts.rounds, warmup=opts.warmup, mode=opts.timing,
-                                  seed=opts.seed, repeat=_repeat_with(benchmark))
+                                  seed=opts.seed, repeat=_repeat_with(benchmark, interleave))
         except NonFiniteLogits as exc:
             if self._writes_rows():
                 table.upsert(performance_row(case.batch, case.input_len, case.output_len, settings,
@@ -349,8 +356,9 @@ class BenchSession:
         row.update(self._roofline(backend, case, summary, settings))
         cal_row = None
         if self.calibrating:
-            cal_row = calibration_row(key, case.id, calibrate_before, calibrate_after, dtype_name(backend.dtype))
-            cal_row.update(self._over_ranks({k: cal_row[k] for k in CALIBRATION_FIGURES}))
+            cal_row = calibration_row(key, case.id, calibrate_before, calibrate_after, dtype_name(backend.dtype),
+                                      between)
+            cal_row.update(self._over_ranks({k: cal_row[k] for k in (*CALIBRATION_FIGURES, CALIBRATION_MIN)}))
         self._last_noise = noise
         return row, cal_row, timing
 
@@ -382,14 +390,14 @@ class BenchSession:
         return figures
 
     # -- calibration and the baseline gate
-    def _calibrate(self, backend, case: BenchCase) -> list[float]:
-        """The reference workload's times now, at the case's shape, on its device and dtype
-        (npuinfer.calibration_workload)."""
+    def _calibrate(self, backend, case: BenchCase, steps: int | None = None) -> list[float]:
+        """The reference workload's step times now (``steps``, default the calibrator's), at the case's shape,
+        on its device and dtype (npuinfer.calibration_workload)."""
         start = time.perf_counter()
         calibrator = self._calibrators.get(backend.dtype)
         if calibrator is None:
             calibrator = self._calibrators[backend.dtype] = Calibrator(self.device, backend.dtype)
-        value = calibrator.measure(case.batch, case.input_len)
+        value = calibrator.measure(case.batch, case.input_len, steps)
         self.stats["calibration_s"] += time.perf_counter() - start
         return value
 
@@ -474,18 +482,27 @@ class BenchSession:
                 else "latency", "latency_trials": result.trials}
 
 
-def _repeat_with(benchmark):
+def _repeat_with(benchmark, before_each: Callable[[], None] | None = None):
     """Runs go through pytest-benchmark's pedantic, so its statistics see the timed runs. When it is
     disabled (--benchmark-disable, or under xdist where it turns itself off) pedantic calls its target
-    once: that target is then the whole plain loop."""
+    once: that target is then the whole plain loop. ``before_each`` runs before every run, outside the
+    run's timing (pedantic's ``setup``; each run times itself, npuinfer.timing.time_run)."""
+
+    def plain(target, rounds: int, warmup: int) -> None:
+        def run() -> None:
+            before_each()
+            target()
+
+        plain_repeat(run if before_each else target, rounds, warmup)
+
     if benchmark is None:
-        return plain_repeat
+        return plain
 
     def repeat(target, rounds: int, warmup: int) -> None:
         if getattr(benchmark, "disabled", False):
-            benchmark.pedantic(plain_repeat, args=(target, rounds, warmup))
+            benchmark.pedantic(plain, args=(target, rounds, warmup))
         else:
-            benchmark.pedantic(target, rounds=rounds, warmup_rounds=warmup, iterations=1)
+            benchmark.pedantic(target, setup=before_each, rounds=rounds, warmup_rounds=warmup, iterations=1)
 
     return repeat
 
