@@ -252,10 +252,7 @@ def gate_values(row: Mapping[str, object], estimator: str = "typical") -> dict[s
     elif row.get("timing", "detail") == "detail" and _num(row, ITL_P50):
         gap = _num(row, ITL_P50)
         out[NEXT] = GateValue(gap, f"median inter-token gap over {len(rounds) or 'all'} rounds, {ITL_P50}")
-    nexts = _positive(r.get("next_token_ms") for r in rounds)
-    if NEXT in out:
-        pass
-    elif nexts:
+    elif nexts := _positive(r.get("next_token_ms") for r in rounds):
         out[NEXT] = GateValue(min(nexts), f"best of {len(nexts)} rounds")
     elif _num(row, NEXT):
         out[NEXT] = GateValue(_num(row, NEXT), "the row's value")
