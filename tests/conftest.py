@@ -25,6 +25,15 @@ def npuinfer_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         yield cache
 
 
+@pytest.fixture(scope="session", autouse=True)
+def quiet_subprocess_plugins():
+    """pytest subprocesses started by tests (bench/, accuracy/ suites) run without hypothesis's plugin, which no
+    suite here uses and which costs about a second of every start."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTEST_ADDOPTS", f"{os.environ.get('PYTEST_ADDOPTS', '')} -p no:hypothesispytest".strip())
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(npuinfer_cache):
     """tiny_dir(name) -> the tiny checkpoint directory, built on first use (do not modify it)."""
