@@ -27,10 +27,11 @@ def npuinfer_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def quiet_subprocess_plugins():
-    """pytest subprocesses started by tests (bench/, accuracy/ suites) run without hypothesis's plugin, which no
-    suite here uses and which costs about a second of every start."""
+    """pytest subprocesses started by tests (bench/, accuracy/ suites) run without hypothesis's and anyio's plugins,
+    which no suite here uses and which cost about a second each of every start (anyio's imports trio)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTEST_ADDOPTS", f"{os.environ.get('PYTEST_ADDOPTS', '')} -p no:hypothesispytest".strip())
+        unused = "-p no:hypothesispytest -p no:anyio"
+        mp.setenv("PYTEST_ADDOPTS", f"{os.environ.get('PYTEST_ADDOPTS', '')} {unused}".strip())
         yield
 
 
