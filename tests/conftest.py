@@ -35,6 +35,16 @@ def quiet_subprocess_plugins():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def peaks_probed_once(tmp_path_factory):
+    """The bench and infer subprocesses share one bandwidth and FLOP/s probe (npuinfer.roofline.shared_peak)."""
+    from npuinfer.roofline import PEAKS_FILE_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(PEAKS_FILE_ENV, str(tmp_path_factory.mktemp("peaks") / "peaks.json"))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(npuinfer_cache):
     """tiny_dir(name) -> the tiny checkpoint directory, built on first use (do not modify it)."""
