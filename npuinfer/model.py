@@ -335,11 +335,19 @@ def _at_positions(x: Tensor, at: LogitsAt) -> Tensor:
     return x.gather(1, at.to(x.device).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def _embedding(vocab_size: int, dim: int) -> nn.Embedding:
+    """nn.Embedding; built under ``torch.device("meta")`` (weights loaded after) without its random init, which
+    has no data to fill there and whose meta ``normal_`` imports torch._dynamo: over a second of every start."""
+    if torch.empty(0).is_meta:
+        return nn.Embedding(vocab_size, dim, _weight=torch.empty(vocab_size, dim))
+    return nn.Embedding(vocab_size, dim)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.tok_embeddings = _embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = _norm(args)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)

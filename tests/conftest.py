@@ -25,6 +25,26 @@ def npuinfer_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         yield cache
 
 
+@pytest.fixture(scope="session", autouse=True)
+def quiet_subprocess_plugins():
+    """pytest subprocesses started by tests (bench/, accuracy/ suites) run without hypothesis's and anyio's plugins,
+    which no suite here uses and which cost about a second each of every start (anyio's imports trio)."""
+    with pytest.MonkeyPatch.context() as mp:
+        unused = "-p no:hypothesispytest -p no:anyio"
+        mp.setenv("PYTEST_ADDOPTS", f"{os.environ.get('PYTEST_ADDOPTS', '')} {unused}".strip())
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def peaks_probed_once(tmp_path_factory):
+    """The bench and infer subprocesses share one bandwidth and FLOP/s probe (npuinfer.roofline.shared_peak)."""
+    from npuinfer.roofline import PEAKS_FILE_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(PEAKS_FILE_ENV, str(tmp_path_factory.mktemp("peaks") / "peaks.json"))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(npuinfer_cache):
     """tiny_dir(name) -> the tiny checkpoint directory, built on first use (do not modify it)."""

@@ -8,7 +8,7 @@ from ..cli import UsageError
 from ..generate import generate
 from ..options import RunConfig, add_device_options, add_model_options, add_runtime_options, positive_int
 from ..parallel.dist import init_tensor_parallel, is_rank0
-from ..roofline import probe_bandwidth, roofline_figures
+from ..roofline import probe_bandwidth, roofline_figures, shared_peak
 from ..locate import locate_config
 from ..runtime import load_model_from
 from ..timing import Timer
@@ -29,7 +29,8 @@ def add_parser(sub) -> None:
 
 def timing_line(loaded, run) -> str:
     """One line: first-token and next-token time, tokens/s, and MBU against the bandwidth probed now."""
-    bandwidth = probe_bandwidth(loaded.device, loaded.dtype)
+    device, dtype = loaded.device, loaded.dtype
+    bandwidth = shared_peak("bandwidth", device, dtype, lambda: probe_bandwidth(device, dtype))
     fig = roofline_figures(loaded.args, run.batch, run.input_len, run.output_len, loaded.dtype, run.first_token_ms,
                            run.next_token_ms, bandwidth, bandwidth)  # the FLOP/s peak is not shown here
     nxt = run.next_token_ms
