@@ -39,7 +39,6 @@ import torch
 from filelock import FileLock
 
 from .atomic import write_atomic
-
 from .memory import available_host_memory
 from .model import ModelArgs
 
