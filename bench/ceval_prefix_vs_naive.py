@@ -47,6 +47,39 @@ Positions through the head on 6 subjects (152 questions): before 2,124 (prefix) 
 (two per question: the tiny tokenizer splits " D" in two). Naive scoring got 1.5-1.8x faster; prefix scoring
 1.0-1.2x: its remaining vocabulary cost is per forward (reading the 39 MB head and a log-softmax over
 151,936 entries for each read position, 326 forwards against naive's 191), so the ratio fell. Identical predictions.
+
+Then the head was applied once to the read positions of several batches (every ~128 positions and at the end of
+a subject: 52 passes in prefix mode instead of 274), as each token's logit less a log-sum-exp reduced over
+the vocabulary in 4,096-row chunks while they are in cache (`Transformer.head_logprobs`; no [rows, reads, vocab]
+tensor, no log_softmax over it). 2026-12-01, same settings (`--vocab 151936 --threads 1`, batch 8), `--repeat 2`
+(naive and prefix alternating within the process), after (this code) and before (7fbc8f7) alternating as whole
+processes, load average 5-6 on the 2-core VM for the first four (other sessions' jobs), 1-3 for the last four, so
+again only same-process figures compare:
+
+| code | naive s (runs) | prefix s (runs) | naive/prefix, each pair | median ratio | peak RSS |
+|---|---|---|---|---|---|
+| after | 36.05, 34.29 | 9.53, 8.89 | 3.78, 3.86 | 3.78 | 0.47 GiB |
+| before | 35.26, 31.42 | 13.42, 13.42 | 2.63, 2.34 | 2.63 | 0.47 GiB |
+| after | 30.54, 30.91 | 8.07, 8.42 | 3.79, 3.67 | 3.67 | 0.46 GiB |
+| before | 27.02, 30.43 | 7.67, 12.25 | 3.52, 2.48 | 2.48 | 0.46 GiB |
+| after (`--repeat 3`, load 4.3 falling to 3.5) | 23.29, 18.25, 14.91 | 5.66, 5.45, 5.84 | 4.12, 3.35, 2.56 | 3.22 | 0.47 GiB |
+| before (1 run, load 2.4) | 20.95 | 7.67 | 2.73 | 2.73 | 0.46 GiB |
+| after (load 0.8-1.1) | 14.83, 14.34 | 3.82, 3.77 | 3.88, 3.80 | 3.88 | 0.47 GiB |
+| before (load 1.1-2.2) | 16.32, 16.52 | 6.69, 5.82 | 2.44, 2.84 | 2.47 | 0.46 GiB |
+| after (load 2.1-2.6) | 13.24, 13.52 | 5.02, 3.84 | 2.64, 3.52 | 2.69 | 0.46 GiB |
+| before (load 2.6-2.8) | 13.88, 13.07 | 5.81, 5.44 | 2.39, 2.40 | 2.39 | 0.47 GiB |
+
+Prefix scoring got ~1.5x faster (at load 5-6 12.8 s -> 8.7 s by the medians, at load 1-3 5.4-6.7 s -> 3.8-5.0 s;
+single runs of either code catch lulls and spikes), naive about the same (its head ran on 16 positions a batch
+already): the ratio per pair is 2.6-4.1 (7 of 11 pairs 3.5-3.9, one 4.12) against 2.3-3.5 before, not the 4x asked
+for. Identical predictions, log-probabilities within 3e-6. Profiled (cProfile, 1 thread): the head now takes 2,692
+positions x (0.22 ms matmul + 0.13 ms normaliser) on a quiet core, ~0.95 s (1.9-2.8 s at load 4-5), in both modes
+alike, as does tokenization (~0.3 s); the rest of prefix scoring is its forwards (attention of every question token
+over the ~530-token prefix is half of them, the 52 prefix runs ~10%, ~1.2 ms fixed cost a forward). With the
+tiny-vocabulary figures above (naive 10.3 s, prefix 2.36 s), a cost S added to both modes gives (10.3 + S) / (2.36 +
+S), >= 4 only for S <= 0.3 s; the exact fp32 head alone (151,936 x 64 x 2,692 = 26 G multiply-adds) is over that on
+one core, so 4x on this configuration needs the prefix mode's own forwards cheaper still. Peak RSS is unchanged
+(0.46-0.47 GiB; the head's chunks are at most [~130, 4096] fp32).
 """
 from __future__ import annotations
 

@@ -47,18 +47,24 @@ def assert_same(a, b, atol=ATOL):
 
 
 class HeadInputs:
-    """The shapes the model's head (output projection) receives, recorded by a forward hook."""
+    """The shapes the model's head receives: the output projection's inputs in a forward (a forward hook), and
+    the positions given to head_logprobs, which applies it to the gathered read positions of several batches."""
 
     def __init__(self, model):
         self.shapes: list[tuple[int, ...]] = []
+        self.gathered: list[tuple[int, ...]] = []
         self._handle = model.output.register_forward_hook(lambda mod, args, out: self.shapes.append(
             tuple(args[0].shape)))
+        self._model, real = model, model.head_logprobs
+        model.head_logprobs = lambda hidden, *a, **kw: self.gathered.append(tuple(hidden.shape)) or real(
+            hidden, *a, **kw)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self._handle.remove()
+        del self._model.head_logprobs
 
 
 def full_logits_loglikelihood(model, ctx: list[int], conts: list[list[int]], max_length: int) -> list[float]:
@@ -87,9 +93,9 @@ def test_prefix_cached_equals_naive(name, load_tiny, data):
             naive, ns = score(loaded, data, subject, template, mode="naive", batch_size=1)
         assert_same(prefix, naive)
         if template != ODD:  # single letters: " A" .. " D", at most two tokens each on the tiny tokenizers
-            assert head.shapes and all(s[1] <= 2 for s in head.shapes), head.shapes
-            assert max(s[0] for s in head.shapes) <= 3  # rows of a batch (batch size 3, one row a question)
-        assert {s[1] for s in head.shapes if s[0] == 1 and s[1] == 0}  # the prefix run: no logits at all
+            # the head once per mode for the subject's 7 questions, at most two read positions each
+            assert len(head.gathered) == 2 and all(s[0] <= 2 * 7 for s in head.gathered), head.gathered
+        assert head.shapes == [(1, 0, loaded.args.dim)]  # the prefix run: no logits at all
         dev, val = load_split(data, subject, "dev"), load_split(data, subject, "val")
         for q in (val[0], val[-1]):  # a question of the first batch and the one of the remainder batch
             ctx, conts = lmeval_split(loaded.tokenizer.encode, build_prompt(template, subject, dev, q).context,
