@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="keep only this many layers (a preview)")
     parser.add_argument("--vocab", type=int, default=None, help="a smaller vocabulary (a preview)")
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--kernels", default="fused", choices=["fused", "plain"],
+                        help="npuinfer's kernel set (fused: on cpu bf16 the linears on prepacked oneDNN weights)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler over one npuinfer decode step")
     opts = parser.parse_args(argv)
 
@@ -82,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         from npuinfer.hf_backend import HFBackend
 
         backends["hf"] = HFBackend.sharing(loaded)
+    start = time.perf_counter()  # checked and (linears) prepacked now, not inside the first timed run
+    kernels = model.resolve_kernels(opts.kernels)
+    print(f"# npuinfer kernels {opts.kernels}: linear = {kernels.describe()['linear']}, {model.packed_linears} "
+          f"linears prepacked in {time.perf_counter() - start:.1f} s", flush=True)
     peaks = [before]
     flops = probe_flops(device, dtype)
     print(f"# probe before: {peaks[0].value / 1e9:.2f} GB/s ({peaks[0].source}); {flops.value / 1e12:.3f} TFLOP/s "
