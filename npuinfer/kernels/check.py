@@ -186,7 +186,8 @@ def check_kernels(kernels: KernelSet, shapes: KernelShapes, device: torch.device
         if not kernel.fused or not shapes.uses(op):
             continue
         for case, args in cases(op, shapes, device, dtype):
-            key = (str(device), dtype, op, kernel.name, kernel.origin, id(kernel.fn), id(kernel.prepare), case, _shape_text(args))
+            key = (str(device), dtype, op, kernel.name, kernel.origin, id(kernel.fn), id(kernel.prepare), case,
+                   _shape_text(args))
             if key not in _CHECKED:
                 with torch.inference_mode():
                     _CHECKED[key] = compare(op, kernel.fn, kernel.label, case, args, dtype, kernel.prepare)
