@@ -44,6 +44,10 @@ prepacked GEMV/GEMM, the 4-layer run's only aten's):
     OMP_NUM_THREADS=1 flock /work/realsize.lock python bench/realsize_vs_hf.py --layers 4 --input 32 --output 6
     flock /work/realsize.lock python bench/realsize_vs_hf.py --layers 8 --input 32 --output 6
 
+npuinfer alone at the full 32 layers (`flock /work/realsize.lock python bench/realsize_vs_hf.py --no-hf --input 32
+--output 6`, 2 threads, load 3.5-5, 18:44-18:49): 161 linears prepacked in 31.9 s, ~15 GB used (weights held once);
+next token 2809 ms (bs1) / 4104 ms (bs4), MBU 0.63 / 0.43 against the 8.0 GB/s probe; MFU 1.04 at bs4 (the 1024^3
+FLOP/s probe, read under load, was beaten: not fixed). No transformers run at 32 layers (memory, see above).
 The probe read 7.2-7.4 GB/s under this load (29 GB/s on a quiet machine earlier), so the MBU column is only as good
 as the probe's moment: not goal-grade. The layer shapes and the head are Qwen-7B's; 32 layers were not run (the
 pair does not fit with packing, see above). transformers' bf16 prefill is slow here (aten's bf16 GEMM at 32-128 rows),
