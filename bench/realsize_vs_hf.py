@@ -40,6 +40,10 @@ prepacked GEMV/GEMM, the 4-layer run's only aten's):
 | --layers 4 | 1 | ~4 | 4 | 0.51 | 0.06 | 0.95 / 0.49 | 7.4 GB/s |
 | --layers 8 | 2 | 3.5-5.7 | 1 | 0.71 | 0.26 | 0.55 / 0.39 | 7.2 GB/s |
 | --layers 8 | 2 | 3.5-5.7 | 4 | 0.63 | 0.11 | 0.40 / 0.25 | 7.2 GB/s |
+| --layers 4 | 2 | 1.9-0.9 | 1 | 0.76 | 0.13 | 0.21 / 0.16 | 29.1 GB/s |
+| --layers 4 | 2 | 1.9-0.9 | 4 | 0.99 | 0.10 | 0.20 / 0.20 | 29.1 GB/s |
+| --layers 4, 3 rounds | 2 | 0.9-1.1 | 1 | 0.65 | 0.15 | 0.26 / 0.17 | 30.0 GB/s |
+| --layers 4, 3 rounds | 2 | 0.9-1.1 | 4 | 0.78 | 0.12 | 0.19 / 0.14 | 30.0 GB/s |
 
     OMP_NUM_THREADS=1 flock /work/realsize.lock python bench/realsize_vs_hf.py --layers 4 --input 32 --output 6
     flock /work/realsize.lock python bench/realsize_vs_hf.py --layers 8 --input 32 --output 6
@@ -48,7 +52,10 @@ npuinfer alone at the full 32 layers (`flock /work/realsize.lock python bench/re
 --output 6`, 2 threads, load 3.5-5, 18:44-18:49): 161 linears prepacked in 31.9 s, ~15 GB used (weights held once);
 next token 2809 ms (bs1) / 4104 ms (bs4), MBU 0.63 / 0.43 against the 8.0 GB/s probe; MFU 1.04 at bs4 (the 1024^3
 FLOP/s probe, read under load, was beaten: not fixed). No transformers run at 32 layers (memory, see above).
-The probe read 7.2-7.4 GB/s under this load (29 GB/s on a quiet machine earlier), so the MBU column is only as good
+The last two runs (18:54-19:02) started as the machine went quiet: the probe read 13-14 GB/s before and 29-30 after,
+and single steps swung 2-3x within a round (npuinfer bs4 152.8 ms in round 2, 18.8 GB/s = MBU 0.63, against 519 ms
+in round 1; transformers bs4 235 ms in its quiet round): the bs4 0.99 is one such swing landing on transformers.
+The probe read 7.2-7.4 GB/s under the earlier load (29 GB/s on a quiet machine earlier), so the MBU column is only as good
 as the probe's moment: not goal-grade. The layer shapes and the head are Qwen-7B's; 32 layers were not run (the
 pair does not fit with packing, see above). transformers' bf16 prefill is slow here (aten's bf16 GEMM at 32-128 rows),
 which is most of the first-token ratio.
