@@ -5,7 +5,10 @@
     python bench/realsize_vs_hf.py --profile                                      # + where a decode step goes
 
 One set of dummy weights (npuinfer.dummy, made in memory, no checkpoint) is run by both: transformers' model is
-built over npuinfer's tensors (HFBackend.sharing), so the pair needs the memory of one model (qwen-7b bf16: 15.4 GB).
+built over npuinfer's tensors (HFBackend.sharing). With --kernels fused (the default) npuinfer then prepacks its
+linears for oneDNN (cpu bf16), new tensors beside the dense ones transformers keeps: the pair needs about twice the
+linears' memory (qwen-7b bf16: ~29 GB, more than this 24 GiB VM, so run it with --layers); --kernels plain shares
+one copy (15.4 GB). npuinfer alone (--no-hf, or `npuinfer infer`) holds each weight once.
 Each round times one generate per backend and batch, the backends alternating, so the machine's drift hits both;
 a figure is the median over rounds. The bandwidth probe (npuinfer.roofline) runs before and after the rounds and
 the best of the two is the peak MBU is measured against.
@@ -25,6 +28,37 @@ What limits it: aten's bf16 GEMV. Side by side on 11008 x 4096 matrices (720 MB)
 an fp32 GEMV over the same bytes, and oneDNN with prepacked weights (torch.ops.mkldnn._reorder_linear_weight +
 _linear_pointwise, what inductor's freezing uses) 1.29x aten's bf16 (same result bits). No Python-side change to
 the step can reach 0.9 of transformers at batch 1 or MBU 0.85 while both call the same bf16 GEMV.
+
+With the linear op in the kernel table (cpu bf16: oneDNN on weights prepacked once at load, bit-identical logits),
+2026-12-01 18:23-18:38, same VM shared with other test runs, qwen-7b dims with fewer layers (full vocabulary 151,936,
+so the head is real size), input 32, output 6, 2 rounds, medians (the 8-layer run's probe also timed the
+prepacked GEMV/GEMM, the 4-layer run's only aten's):
+
+| run | threads | load | bs | next-token n/hf (<=0.9) | first-token n/hf (<=0.4) | MBU n / hf (>=0.85) | probe |
+|---|---|---|---|---|---|---|---|
+| --layers 4 | 1 | ~4 | 1 | 0.74 | 0.08 | 0.98 / 0.73 | 7.4 GB/s |
+| --layers 4 | 1 | ~4 | 4 | 0.51 | 0.06 | 0.95 / 0.49 | 7.4 GB/s |
+| --layers 8 | 2 | 3.5-5.7 | 1 | 0.71 | 0.26 | 0.55 / 0.39 | 7.2 GB/s |
+| --layers 8 | 2 | 3.5-5.7 | 4 | 0.63 | 0.11 | 0.40 / 0.25 | 7.2 GB/s |
+| --layers 4 | 2 | 1.9-0.9 | 1 | 0.76 | 0.13 | 0.21 / 0.16 | 29.1 GB/s |
+| --layers 4 | 2 | 1.9-0.9 | 4 | 0.99 | 0.10 | 0.20 / 0.20 | 29.1 GB/s |
+| --layers 4, 3 rounds | 2 | 0.9-1.1 | 1 | 0.65 | 0.15 | 0.26 / 0.17 | 30.0 GB/s |
+| --layers 4, 3 rounds | 2 | 0.9-1.1 | 4 | 0.78 | 0.12 | 0.19 / 0.14 | 30.0 GB/s |
+
+    OMP_NUM_THREADS=1 flock /work/realsize.lock python bench/realsize_vs_hf.py --layers 4 --input 32 --output 6
+    flock /work/realsize.lock python bench/realsize_vs_hf.py --layers 8 --input 32 --output 6
+
+npuinfer alone at the full 32 layers (`flock /work/realsize.lock python bench/realsize_vs_hf.py --no-hf --input 32
+--output 6`, 2 threads, load 3.5-5, 18:44-18:49): 161 linears prepacked in 31.9 s, ~15 GB used (weights held once);
+next token 2809 ms (bs1) / 4104 ms (bs4), MBU 0.63 / 0.43 against the 8.0 GB/s probe; MFU 1.04 at bs4 (the 1024^3
+FLOP/s probe, read under load, was beaten: not fixed). No transformers run at 32 layers (memory, see above).
+The last two runs (18:54-19:02) started as the machine went quiet: the probe read 13-14 GB/s before and 29-30 after,
+and single steps swung 2-3x within a round (npuinfer bs4 152.8 ms in round 2, 18.8 GB/s = MBU 0.63, against 519 ms
+in round 1; transformers bs4 235 ms in its quiet round): the bs4 0.99 is one such swing landing on transformers.
+The probe read 7.2-7.4 GB/s under the earlier load (29 GB/s on a quiet machine earlier), so the MBU column is only as good
+as the probe's moment: not goal-grade. The layer shapes and the head are Qwen-7B's; 32 layers were not run (the
+pair does not fit with packing, see above). transformers' bf16 prefill is slow here (aten's bf16 GEMM at 32-128 rows),
+which is most of the first-token ratio.
 """
 from __future__ import annotations
 
@@ -51,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="keep only this many layers (a preview)")
     parser.add_argument("--vocab", type=int, default=None, help="a smaller vocabulary (a preview)")
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--kernels", default="fused", choices=["fused", "plain"],
+                        help="npuinfer's kernel set (fused: on cpu bf16 the linears on prepacked oneDNN weights)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler over one npuinfer decode step")
     opts = parser.parse_args(argv)
 
@@ -82,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         from npuinfer.hf_backend import HFBackend
 
         backends["hf"] = HFBackend.sharing(loaded)
+    start = time.perf_counter()  # checked and (linears) prepacked now, not inside the first timed run
+    kernels = model.resolve_kernels(opts.kernels)
+    print(f"# npuinfer kernels {opts.kernels}: linear = {kernels.describe()['linear']}, {model.packed_linears} "
+          f"linears prepacked in {time.perf_counter() - start:.1f} s", flush=True)
     peaks = [before]
     flops = probe_flops(device, dtype)
     print(f"# probe before: {peaks[0].value / 1e9:.2f} GB/s ({peaks[0].source}); {flops.value / 1e12:.3f} TFLOP/s "

@@ -44,8 +44,10 @@ class DecodeGraphs(Protocol):
 
 def compile_decode(model: Transformer, device: Device) -> None:
     """Capture the decode step for ``device``; ``generate`` then replays it every step."""
-    model.resolve_kernels()  # checked now, eagerly: never inside a trace
+    kernels = model.resolve_kernels()  # checked now, eagerly: never inside a trace
     if device.builds_ahead_of_time:
+        # AOTInductor freezes the weights and prepacks them itself; it cannot trace oneDNN's opaque tensors
+        model.use_kernels(kernels.with_plain("linear"))
         model.compiled_decode = ExportedDecode(device)
         return
     import torch._dynamo

@@ -211,7 +211,8 @@ class HFBackend:
     @classmethod
     def sharing(cls, loaded, attention: str = "sdpa") -> "HFBackend":
         """transformers' model over the weights of an npuinfer LoadedModel (its dummy weights: no checkpoint)."""
-        state = loaded.model.state_dict()
+        # a weight prepacked for npuinfer's cpu linear kernel is unpacked into a copy transformers can read
+        state = {k: v.to_dense() if v.is_mkldnn else v for k, v in loaded.model.state_dict().items()}
         model = hf_model_from_canonical(loaded.args, state, loaded.device, loaded.dtype, attention, loaded.name)
         backend = cls(model, loaded.args, loaded.device, loaded.checkpoint_id)
         backend.weights = loaded.weights

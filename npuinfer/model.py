@@ -200,6 +200,37 @@ class AttentionPlan:
 Reduce = Callable[[Tensor], Tensor]
 
 
+class Linear(nn.Linear):
+    """nn.Linear through the kernel table's ``linear``. The fused cpu one holds a bf16 weight prepacked for
+    oneDNN: ``Transformer.use_kernels`` replaces ``weight`` by the packed tensor (the dense one is dropped, so the
+    weights are held once) and puts it back to a dense one for a kernel set that does not pack."""
+
+    kernels: KernelSet | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kernels is None:
+            return F.linear(x, self.weight, self.bias)
+        return self.kernels.linear(x, self.weight, self.bias)
+
+    @property
+    def packed(self) -> bool:
+        return self.weight.is_mkldnn
+
+    def place_weight(self, kernels: KernelSet, pack: bool = True) -> None:
+        """Hold the weight as ``kernels``' linear takes it (prepacked, or dense), replacing the tensor held."""
+        self.kernels = kernels
+        weight, prepare = self.weight, kernels.kernels["linear"].prepare if pack else None
+        if weight.is_mkldnn and prepare is not None and prepare is self._packed_by:
+            return  # already in this kernel's form
+        dense = weight.to_dense() if weight.is_mkldnn else weight
+        placed = prepare(dense) if prepare is not None else dense
+        self._packed_by = prepare if placed.is_mkldnn else None
+        if placed is not weight:
+            self.weight = nn.Parameter(placed, requires_grad=False)
+
+    _packed_by: Callable | None = None
+
+
 def _identity(x: Tensor) -> Tensor:
     return x
 
@@ -209,8 +240,8 @@ class Attention(nn.Module):
         super().__init__()
         self.args = args
         width = args.n_local_heads * args.head_dim
-        self.wqkv = nn.Linear(args.dim, 3 * width, bias=args.qkv_bias)
-        self.wo = nn.Linear(width, args.dim, bias=args.o_bias)
+        self.wqkv = Linear(args.dim, 3 * width, bias=args.qkv_bias)
+        self.wo = Linear(width, args.dim, bias=args.o_bias)
         self.kv_cache: KVCache | None = None
         self.reduce: Reduce = _identity  # all-reduce under tensor parallelism
         self.kernels: KernelSet | None = None  # set by Transformer.use_kernels
@@ -279,10 +310,10 @@ class FeedForward(nn.Module):
         super().__init__()
         width = args.local_intermediate_size
         self.gated = args.mlp == "swiglu"
-        self.w1 = nn.Linear(args.dim, width, bias=args.mlp_bias)
+        self.w1 = Linear(args.dim, width, bias=args.mlp_bias)
         if self.gated:
-            self.w3 = nn.Linear(args.dim, width, bias=args.mlp_bias)
-        self.w2 = nn.Linear(width, args.dim, bias=args.mlp_bias)
+            self.w3 = Linear(args.dim, width, bias=args.mlp_bias)
+        self.w2 = Linear(width, args.dim, bias=args.mlp_bias)
         self.approximate = "tanh" if args.activation == "gelu_tanh" else "none"
         self.reduce: Reduce = _identity
         self.kernels: KernelSet | None = None
@@ -353,7 +384,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = _embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = _norm(args)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size, bias=False)
         self._tables: dict[str, Tensor] = {}
         self.cache_shape: tuple[int, int] = (0, 0)
         self.compiled_decode = None  # decode_graph.DecodeGraphs, set by decode_graph.compile_decode
@@ -376,7 +407,9 @@ class Transformer(nn.Module):
         self._mark_eager()
 
     def use_kernels(self, kernels: KernelSet) -> None:
-        """Run every norm, RoPE, attention and MLP activation through ``kernels`` (checked by the caller)."""
+        """Run every norm, RoPE, attention, MLP activation and linear layer through ``kernels`` (checked by the
+        caller). Linear weights are prepacked here, once, where the linear kernel packs (and unpacked where the
+        new set's does not); a head tied to the embedding table stays dense (packing it would hold it twice)."""
         self.kernels = kernels
         modules = [self.norm]
         for layer in self.layers:
@@ -384,7 +417,17 @@ class Transformer(nn.Module):
         for module in modules:
             if hasattr(module, "kernels"):
                 module.kernels = kernels
+        head = self.output.weight
+        tied = not head.is_mkldnn and head.data_ptr() == self.tok_embeddings.weight.data_ptr()
+        for module in self.modules():
+            if isinstance(module, Linear):  # one at a time: the peak is one matrix above the weights
+                module.place_weight(kernels, pack=not (tied and module is self.output))
         self._mark_eager()
+
+    @property
+    def packed_linears(self) -> int:
+        """How many linear layers hold a prepacked weight."""
+        return sum(1 for m in self.modules() if isinstance(m, Linear) and m.packed)
 
     def _mark_eager(self) -> None:
         plain = self.kernels is not None and not self.kernels.is_fused("prefill_attention")
@@ -493,6 +536,8 @@ class Transformer(nn.Module):
         is read once for all N rows (callers gather as many rows as they can). A token's own logit is its row's
         dot product with the token's head row, in the head's dtype as the whole head computes it.
         """
+        if self.output.packed:  # a oneDNN-prepacked head has no rows to split: one pass, [N, vocab] logits
+            return self.output(hidden).float().log_softmax(-1)[rows, tokens]
         weight = self.output.weight
         maxes, sums = [], []
         for part in weight.split(chunk):

@@ -115,6 +115,7 @@ def load_model(
     check_state_dict(state, expected, origin, str(model_dir), family if parallel is None else None)
     state = {k: v.to(device=dev.torch_device, dtype=quant.load_dtype(k, v, torch_dtype)) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
+    del state  # the model holds the tensors now: use_kernels' prepacking then replaces them, never doubles them
     model.eval().requires_grad_(False)
     model.set_attention(attention)
     model.use_kernels(kernels_for(args, dev.torch_device, torch_dtype, kernels))  # the self-check runs here

@@ -135,6 +135,10 @@ def cases(op: str, shapes: KernelShapes, device, dtype: torch.dtype, seed: int =
             yield "alibi, left-padded", (q, k, v, _alibi_bias(h, padded, dtype), False)
     elif op == "gated_mlp":
         yield "tokens", (rand(b, t, shapes.intermediate), rand(b, t, shapes.intermediate))
+    elif op == "linear":  # an MLP up projection's shape; decode's one row per sequence and prefill's b x t rows
+        weight = rand(shapes.intermediate, shapes.dim, scale=shapes.dim ** -0.5)
+        yield "decode rows", (rand(b, 1, shapes.dim), weight, None)
+        yield "tokens, bias", (rand(b, t, shapes.dim), weight, rand(shapes.intermediate, scale=0.1))
 
 
 def _shape_text(args: tuple) -> str:
@@ -145,12 +149,16 @@ def _outputs(value) -> list[Tensor]:
     return list(value) if isinstance(value, (tuple, list)) else [value]
 
 
-def compare(op: str, fused: Callable, kernel_name: str, case: str, args: tuple, dtype: torch.dtype) -> CheckResult:
+def compare(op: str, fused: Callable, kernel_name: str, case: str, args: tuple, dtype: torch.dtype,
+            prepare: Callable | None = None) -> CheckResult:
+    """``fused`` against the plain reference on ``args``; ``prepare`` (a linear kernel's weight preparation)
+    is applied to the weight the fused kernel gets, as a model's weights are."""
     atol, rtol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
     shape_text, dtype_text = _shape_text(args), str(dtype).replace("torch.", "")
     expected = _outputs(PLAIN[op].fn(*args))
     try:
-        got = _outputs(fused(*args))
+        fused_args = args if prepare is None else (args[0], prepare(args[1]), *args[2:])
+        got = _outputs(fused(*fused_args))
     except Exception as exc:  # an op this device or release does not support counts as a failed check
         return CheckResult(op, kernel_name, case, shape_text, dtype_text, math.inf, math.inf, False,
                            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}")
@@ -178,10 +186,11 @@ def check_kernels(kernels: KernelSet, shapes: KernelShapes, device: torch.device
         if not kernel.fused or not shapes.uses(op):
             continue
         for case, args in cases(op, shapes, device, dtype):
-            key = (str(device), dtype, op, kernel.name, kernel.origin, id(kernel.fn), case, _shape_text(args))
+            key = (str(device), dtype, op, kernel.name, kernel.origin, id(kernel.fn), id(kernel.prepare), case,
+                   _shape_text(args))
             if key not in _CHECKED:
                 with torch.inference_mode():
-                    _CHECKED[key] = compare(op, kernel.fn, kernel.label, case, args, dtype)
+                    _CHECKED[key] = compare(op, kernel.fn, kernel.label, case, args, dtype, kernel.prepare)
             results.append(_CHECKED[key])
     failed = [r for r in results if not r.ok]
     if failed and raise_on_failure:

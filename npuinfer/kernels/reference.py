@@ -49,3 +49,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool
 def gated_mlp(gate: Tensor, up: Tensor) -> Tensor:
     """SwiGLU's activation: silu(gate) * up."""
     return F.silu(gate) * up
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weight^T + bias: every projection and the head (aten's matmul)."""
+    return F.linear(x, weight, bias)

@@ -10,7 +10,8 @@ from typing import Callable
 
 from . import reference
 
-OPS: tuple[str, ...] = ("rms_norm", "add_rms_norm", "rope", "prefill_attention", "decode_attention", "gated_mlp")
+OPS: tuple[str, ...] = ("rms_norm", "add_rms_norm", "rope", "prefill_attention", "decode_attention", "gated_mlp",
+                         "linear")
 MODES: tuple[str, ...] = ("fused", "plain")
 DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "npu")
 PLUGIN_ENV = "NPUINFER_KERNEL_PLUGINS"
@@ -24,6 +25,10 @@ class Kernel:
     fn: Callable
     fused: bool
     origin: str  # the module that registered it
+    # weight -> the form ``fn`` takes it in (e.g. prepacked), applied once when a model takes the kernel set
+    # (model.Transformer.use_kernels), never per call; it may return the weight unchanged (a dtype it does not
+    # pack). Only the "linear" op has one; ``fn`` must take both the prepared and the plain weight.
+    prepare: Callable | None = None
 
     @property
     def label(self) -> str:
@@ -39,10 +44,11 @@ PLAIN: dict[str, Kernel] = {
 _FUSED: dict[tuple[str, str], Kernel] = {}
 
 
-def register(op: str, device_type: str, name: str, fn: Callable) -> None:
-    """Make ``fn`` the fused ``op`` on ``device_type`` (replacing an earlier registration)."""
+def register(op: str, device_type: str, name: str, fn: Callable, prepare: Callable | None = None) -> None:
+    """Make ``fn`` the fused ``op`` on ``device_type`` (replacing an earlier registration); ``prepare``: see
+    ``Kernel.prepare``."""
     if op not in OPS:
         raise ValueError(f"kernel op: expected one of {', '.join(OPS)}, got {op!r}")
     if device_type not in DEVICE_TYPES:
         raise ValueError(f"kernel device type: expected one of {', '.join(DEVICE_TYPES)}, got {device_type!r}")
-    _FUSED[(op, device_type)] = Kernel(op, name, fn, True, getattr(fn, "__module__", "?") or "?")
+    _FUSED[(op, device_type)] = Kernel(op, name, fn, True, getattr(fn, "__module__", "?") or "?", prepare)
