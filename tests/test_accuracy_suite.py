@@ -127,6 +127,7 @@ def copy_run(reference: Path, tmp_path: Path) -> Path:
     return results
 
 
+@pytest.mark.e2e
 def test_xdist_run_equals_serial_run(reference, data, tmp_path):
     proc = pytest_run(tmp_path, data, "-n", "2", "--ceval-batch-size", "3")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -169,6 +170,7 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(reference, data, 
         assert (results / RUN / name).read_bytes() == (reference / name).read_bytes(), name
 
 
+@pytest.mark.e2e
 def test_concurrent_runs_and_a_report_in_between_keep_every_question_once(reference, data, tmp_path):
     """Two runs on one --results-dir with overlapping -k, and `npuinfer report ceval` while they write."""
     (tmp_path / "paused_cache.py").write_text(PAUSE_PLUGIN)

@@ -133,6 +133,7 @@ def pytest_runtest_logfinish(nodeid, location):
 """
 
 
+@pytest.mark.e2e
 def test_a_killed_sweep_keeps_its_rows_and_a_rerun_does_not_duplicate(tmp_path, npuinfer_cache):
     plugins = tmp_path / "plugins"
     plugins.mkdir()

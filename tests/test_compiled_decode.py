@@ -62,6 +62,7 @@ def test_static_decode_step_equals_the_cached_forward(load_tiny, name):
 
 # A build takes half a minute on 2 cores: the other-shape part (one more build, a RoPE model unpadded) runs
 # once; what it checks (the cache a step reads, libraries kept per shape) does not depend on the family.
+@pytest.mark.e2e
 @pytest.mark.parametrize("name,padded,other_shape", [("qwen-tiny", True, True), ("baichuan2-13b-tiny", False, False)])
 def test_compiled_decode_generates_what_eager_does(tiny_dir, name, padded, other_shape):
     """The compiled step (built for real, on cpu an AOTInductor library): RoPE on a padded batch, ALiBi
@@ -110,6 +111,7 @@ def test_compiled_decode_generates_what_eager_does(tiny_dir, name, padded, other
     assert torch.equal(again, eager_tokens)
 
 
+@pytest.mark.e2e
 def test_bench_compile_option_runs_compiled_and_says_so(tmp_path, npuinfer_cache):
     proc = run_bench("bench/test_performance.py", "--model", "internlm-tiny", "--batch-sizes", "2",
                      "--case-pairs", "16x8", "--compile", results=tmp_path)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -21,6 +23,7 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.e2e
 def test_accuracy_tp2_equals_tp1(tmp_path):
     selection = ["accuracy/", "--model", "internlm-tiny", "-k", "law or marxism"]
     _pytest(*selection, "--results-dir", str(tmp_path / "tp1"))
