@@ -157,6 +157,7 @@ def _logits(model, ids):
 @torch.no_grad()
 def measure(path: str, batch_sizes: list[int], steps: int, dtype: str) -> dict:
     """In this process: load, then per batch the median decode step (synchronized), and the peak RSS."""
+    from npuinfer.model import LAST_POSITION
     from npuinfer.runtime import load_model
 
     t0 = time.perf_counter()
@@ -166,7 +167,7 @@ def measure(path: str, batch_sizes: list[int], steps: int, dtype: str) -> dict:
     for batch in batch_sizes:
         ids = torch.randint(3, 1000, (batch, 16), generator=torch.Generator().manual_seed(batch))
         model.setup_caches(batch, 16 + steps + 1)
-        logits = model(ids, 0, last_only=True)
+        logits = model(ids, 0, logits_at=LAST_POSITION)
         times = []
         for step in range(steps):
             token = logits[:, -1].argmax(-1, keepdim=True)
@@ -215,7 +216,7 @@ def layers(args) -> None:
     """Real Qwen-7B layer dimensions, --layers decoder layers and a small vocabulary, bf16 and W8A16 built in
     memory from the same weights (< 3 GiB together), decode steps interleaved so machine noise hits both."""
     from npuinfer.checkpoint import args_from_config
-    from npuinfer.model import Transformer
+    from npuinfer.model import LAST_POSITION, Transformer
     from npuinfer.quant import plan_from_state, prepare, swap_linears
     from npuinfer.quant.calibrate import target_linears
     from npuinfer.quant.scheme import quantize_weight
@@ -250,7 +251,7 @@ def layers(args) -> None:
         ids = torch.randint(3, 1000, (batch, 8))
         for model in (bf16, w8):
             model.setup_caches(batch, 8 + args.steps + 2)
-            model(ids, 0, last_only=True)
+            model(ids, 0, logits_at=LAST_POSITION)
             model(ids[:, :1], 8)  # warm-up decode step
         times = {"bf16": [], "w8": []}
         for step in range(args.steps):
