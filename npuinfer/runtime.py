@@ -20,6 +20,7 @@ from .options import RunConfig
 from .registry import ModelSpec, get_spec
 from .tiny import ensure_tiny
 from .tokenizer import load_tokenizer
+from .weight_files import own_small_tensors
 
 
 @dataclass
@@ -113,7 +114,8 @@ def load_model(
     expected = {k: v.shape for k, v in model.state_dict().items()}
     # missing tensors are named as the family's files name them (part_model/ files hold canonical names)
     check_state_dict(state, expected, origin, str(model_dir), family if parallel is None else None)
-    state = {k: v.to(device=dev.torch_device, dtype=quant.load_dtype(k, v, torch_dtype)) for k, v in state.items()}
+    state = own_small_tensors({k: v.to(device=dev.torch_device, dtype=quant.load_dtype(k, v, torch_dtype))
+                               for k, v in state.items()})
     model.load_state_dict(state, assign=True, strict=True)
     del state  # the model holds the tensors now: use_kernels' prepacking then replaces them, never doubles them
     model.eval().requires_grad_(False)

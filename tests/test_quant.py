@@ -94,6 +94,58 @@ def test_quantized_forward_equals_fake_quant_reference(quantized, name, scheme):
     assert err < 5e-4, f"{name} {scheme}: relative logit error {err:.2e} vs the fake-quant reference"
 
 
+BF16_FROM_MAPPED_FILE = """
+import sys, torch
+from safetensors.torch import load_file
+from npuinfer.quant.layout import find_quant_files
+from npuinfer.quant.linear import QuantLinear
+from npuinfer.runtime import load_model
+from npuinfer.weight_files import is_file_memory
+directory = sys.argv[1]
+int8 = [t for f in find_quant_files(__import__("pathlib").Path(directory)).weights for t in load_file(str(f)).values()
+        if t.dtype == torch.int8]
+print("misaligned in the file:", sum(t.data_ptr() % 16 != 0 for t in int8), "of", len(int8))
+loaded = load_model(model_path=directory, device="cpu", dtype="bf16")
+model = loaded.model
+layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+assert layers and all(m.weight.data_ptr() % 64 == 0 and not is_file_memory(m.weight) for m in layers)
+left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+        if t is not None and is_file_memory(t)]
+print("file memory left:", left)
+tokens = torch.randint(0, loaded.args.vocab_size, (4, 9), generator=torch.Generator().manual_seed(0))
+model.setup_caches(4, 10)
+with torch.no_grad():
+    prefill = model(tokens, 0).float()
+    step = model(tokens[:, :1], 9).float()
+reference = load_model(model_path=directory, device="cpu", dtype="fp32")
+reference.model.setup_caches(4, 10)
+with torch.no_grad():
+    want = reference.model(tokens, 0).float()
+print("relative error:", float((prefill - want).abs().max() / want.abs().max()),
+      loaded.quantization["quant_kernel"].removeprefix("W8A16: "))
+assert torch.isfinite(step).all()
+"""
+
+
+def test_bf16_w8a16_read_from_a_mapped_file_runs_four_rows(quantized):
+    """safetensors hands out tensors inside the file's mapping at 8-byte offsets; the cpu int8 kernel's bf16 path
+    crashed on such a weight from 4 rows up (the full-size Qwen-7B W8A16 run died in its first prefill, issue 13).
+    Run in a subprocess so a crash reads as this test failing; the file must hold misaligned int8 weights, or
+    the test would prove nothing."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", BF16_FROM_MAPPED_FILE, str(quantized("qwen-tiny", "W8A16"))],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"exit {run.returncode}:\n{run.stdout}\n{run.stderr[-3000:]}"
+    lines = dict(line.split(":", 1) for line in run.stdout.splitlines() if ":" in line)
+    misaligned, _, total = lines["misaligned in the file"].split()
+    assert int(misaligned) > 0, "the quantized file's int8 weights all happen to be aligned: the test proves nothing"
+    assert set(eval(lines["file memory left"])) <= {"tok_embeddings.weight"}  # the int8 weights are copies too
+    error, kernel = lines["relative error"].split()
+    assert kernel == "torch._weight_int8pack_mm" and float(error) < 3e-2
+
+
 def test_quantize_round_trips(quantized, tiny_dir):
     """Read back and written again, the file's tensors come out the same; the int8 weights dequantize to
     within half a step of the float weights."""

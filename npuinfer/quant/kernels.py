@@ -101,7 +101,8 @@ def choose_kernel(layer, device_type: str) -> tuple[str, Kernel, list[str]]:
     """(name, kernel, reasons the earlier candidates were passed over) for ``layer`` on ``device_type``."""
     fallback = FALLBACK[layer.scheme]
     skipped = []
-    probe = torch.randn(3, layer.weight.shape[1], device=layer.weight.device, dtype=layer.compute_dtype)
+    # 5 rows: past the 4-row blocks cpu kernels vectorize over, and a remainder row
+    probe = torch.randn(5, layer.weight.shape[1], device=layer.weight.device, dtype=layer.compute_dtype)
     if layer.scheme == W8A8:  # inputs inside the calibrated range, so both paths quantize alike
         probe = (probe.float().clamp(-2, 2) * layer.input_scale.float() * 20).to(layer.compute_dtype)
     with torch.no_grad():

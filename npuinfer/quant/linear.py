@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..weight_files import is_file_memory
 from .kernels import DEQUANTIZE, FALLBACK, Kernel, choose_kernel
 from .scheme import W8A8, W8A16
 
@@ -103,6 +104,16 @@ class QuantLinear(nn.Module):
         return self.bias.dtype if self.bias is not None else (
             self.weight_scale.dtype if self.scheme == W8A16 else torch.float32)
 
+    def own_weight(self) -> None:
+        """On cpu, hold the int8 weight in memory of its own: a tensor read from a safetensors file is a slice of
+        the file's mapping at whatever offset the file gives it (8-byte steps), and torch._weight_int8pack_mm's
+        bf16 path reads the weight with aligned vector loads: from 4 rows up a misaligned weight crashed the
+        process (SIGSEGV at Qwen-7B's real size, issue 13). The copy is 64-byte aligned, and once a file's tensors
+        are all copied its mapping, and the pages read from it, are released."""
+        w = self.weight
+        if w.device.type == "cpu" and (w.data_ptr() % 64 or is_file_memory(w)):
+            self.weight = w.clone(memory_format=torch.contiguous_format)
+
     def prepare(self, device_type: str, dtype: torch.dtype) -> list[str]:
         """Pick the kernel for this device and dtype; returns why faster candidates were passed over."""
         self._dtype = dtype
@@ -143,6 +154,7 @@ def prepare(model: nn.Module, device_type: str, dtype: torch.dtype) -> dict[str,
     notes: list[str] = []
     chosen: dict[tuple, tuple] = {}
     for layer in layers:
+        layer.own_weight()
         key = (layer.scheme, layer.in_features, layer.out_features, layer.bias is not None)
         if key not in chosen:
             notes += layer.prepare(device_type, dtype)
