@@ -14,8 +14,9 @@ max |dlogit| / max |logit|, and the share of positions whose argmax agrees. Rand
 channels, so these are a floor on what a trained model shows, not a prediction.
 
 speed: one random bf16 checkpoint and its W8A16 quantization (written shard by shard, never both in memory);
-each is then run in its own process (so its peak RSS is its own): prefill 16 tokens, then --steps decode steps at
-batch 1 and 4; the next-token time is the median step. Goals (issue 13): W8A16 / bf16 <= 0.6 for both.
+each is then run in its own process (so its peak RSS is its own), the two alternating for --rounds rounds: prefill
+16 tokens, a warm-up step, then --steps timed decode steps at batch 1 and 4. Each round gives the ratio of the
+median steps and of the fastest steps. Goals (issue 13): W8A16 / bf16 <= 0.6 for both.
 """
 from __future__ import annotations
 
@@ -166,16 +167,16 @@ def measure(path: str, batch_sizes: list[int], steps: int, dtype: str) -> dict:
     model = loaded.model
     for batch in batch_sizes:
         ids = torch.randint(3, 1000, (batch, 16), generator=torch.Generator().manual_seed(batch))
-        model.setup_caches(batch, 16 + steps + 1)
+        model.setup_caches(batch, 16 + steps + 2)
         logits = model(ids, 0, logits_at=LAST_POSITION)
         times = []
-        for step in range(steps):
+        for step in range(steps + 1):  # the first step is a warm-up, not timed
             token = logits[:, -1].argmax(-1, keepdim=True)
             t = time.perf_counter()
             logits = model(token, 16 + step)
             loaded.device.synchronize()
             times.append(time.perf_counter() - t)
-        out["steps"][batch] = times
+        out["steps"][batch] = times[1:]
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     out["weights_gib"] = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30
     return out
@@ -190,25 +191,35 @@ def speed(args) -> None:
         print(f"wrote {float_dir} and {quant_dir} in {time.perf_counter() - t:.0f} s", flush=True)
     if args.write_only:
         return
-    results = {}
-    for label, path in (("bf16", float_dir), ("W8A16", quant_dir)):
-        cmd = [sys.executable, __file__, "_measure", str(path), "--batches", *map(str, args.batches),
-               "--steps", str(args.steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-        if proc.returncode:  # a negative code is a signal (-9: killed, e.g. out of memory)
-            raise SystemExit(f"{label}: exit code {proc.returncode}\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
-        results[label] = json.loads(proc.stdout.strip().splitlines()[-1])
-        r = results[label]
-        steps = {b: round(statistics.median(t) * 1e3) for b, t in r["steps"].items()}
-        print(f"{label}: load {r['load_s']:.0f} s, weights {r['weights_gib']:.2f} GiB, peak RSS "
-              f"{r['peak_rss_gib']:.2f} GiB, next-token ms by batch {steps}, {r['quantization']}", flush=True)
-    print("| batch | bf16 next-token (ms) | W8A16 next-token (ms) | W8A16/bf16 |")
-    print("|---|---|---|---|")
+    runs: dict[str, list[dict]] = {"bf16": [], "W8A16": []}
+    for round_ in range(args.rounds):  # alternating processes, the order swapped each round: noise hits both
+        order = (("bf16", float_dir), ("W8A16", quant_dir))
+        for label, path in order if round_ % 2 == 0 else order[::-1]:
+            cmd = [sys.executable, __file__, "_measure", str(path), "--batches", *map(str, args.batches),
+                   "--steps", str(args.steps)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            if proc.returncode:  # a negative code is a signal (-9: killed, e.g. out of memory)
+                raise SystemExit(f"{label}: exit code {proc.returncode}\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[label].append(r)
+            steps = {b: f"{statistics.median(t) * 1e3:.0f}/{min(t) * 1e3:.0f}" for b, t in r["steps"].items()}
+            print(f"round {round_ + 1} {label}: load {r['load_s']:.0f} s, weights {r['weights_gib']:.2f} GiB, peak RSS "
+                  f"{r['peak_rss_gib']:.2f} GiB, next-token ms median/fastest by batch {steps}, load average "
+                  f"{os.getloadavg()[0]:.1f}, {r['quantization']}", flush=True)
+    print("| batch | bf16 next-token ms (median; fastest) | W8A16 next-token ms (median; fastest) | W8A16/bf16 "
+          "per round, medians | W8A16/bf16 per round, fastest |")
+    print("|---|---|---|---|---|")
     for batch in map(str, args.batches):
-        f, q = (statistics.median(results[k]["steps"][batch]) * 1e3 for k in ("bf16", "W8A16"))
-        print(f"| {batch} | {f:.0f} | {q:.0f} | {q / f:.2f} |")
-    print(f"peak memory W8A16/bf16: {results['W8A16']['peak_rss_gib'] / results['bf16']['peak_rss_gib']:.2f} "
-          f"(weights {results['W8A16']['weights_gib'] / results['bf16']['weights_gib']:.2f})")
+        med = {k: [statistics.median(r["steps"][batch]) * 1e3 for r in v] for k, v in runs.items()}
+        low = {k: [min(r["steps"][batch]) * 1e3 for r in v] for k, v in runs.items()}
+        print(f"| {batch} | {statistics.median(med['bf16']):.0f}; {min(low['bf16']):.0f} "
+              f"| {statistics.median(med['W8A16']):.0f}; {min(low['W8A16']):.0f} "
+              f"| {', '.join(f'{q / f:.2f}' for q, f in zip(med['W8A16'], med['bf16']))} "
+              f"| {', '.join(f'{q / f:.2f}' for q, f in zip(low['W8A16'], low['bf16']))} |")
+    peak = {k: max(r["peak_rss_gib"] for r in v) for k, v in runs.items()}
+    weights = {k: v[0]["weights_gib"] for k, v in runs.items()}
+    print(f"peak RSS W8A16/bf16: {peak['W8A16']:.2f}/{peak['bf16']:.2f} GiB = {peak['W8A16'] / peak['bf16']:.2f} "
+          f"(weights {weights['W8A16'] / weights['bf16']:.2f})")
 
 
 @torch.no_grad()
@@ -216,6 +227,7 @@ def layers(args) -> None:
     """Real Qwen-7B layer dimensions, --layers decoder layers and a small vocabulary, bf16 and W8A16 built in
     memory from the same weights (< 3 GiB together), decode steps interleaved so machine noise hits both."""
     from npuinfer.checkpoint import args_from_config
+    from npuinfer.kernels import kernels_for
     from npuinfer.model import LAST_POSITION, Transformer
     from npuinfer.quant import plan_from_state, prepare, swap_linears
     from npuinfer.quant.calibrate import target_linears
@@ -241,6 +253,9 @@ def layers(args) -> None:
     swap_linears(w8, plan_from_state(state))
     w8.load_state_dict(state, assign=True)
     w8.eval()
+    kernels = kernels_for(margs, "cpu", torch.bfloat16)
+    for model in (bf16, w8):  # as load_model runs them: bf16 linears (and W8A16's head) prepacked for oneDNN
+        model.use_kernels(kernels)
     print(f"{args.layers} layers at Qwen-7B dims: bf16 weights "
           f"{sum(t.numel() * t.element_size() for t in bf16.state_dict().values()) / 2**30:.2f} GiB, W8A16 "
           f"{sum(t.numel() * t.element_size() for t in w8.state_dict().values()) / 2**30:.2f} GiB, "
@@ -275,6 +290,7 @@ def main() -> None:
     sp.add_argument("--dir", required=True, help="where the random checkpoints are written (delete afterwards)")
     sp.add_argument("--batches", type=int, nargs="*", default=[1, 4])
     sp.add_argument("--steps", type=int, default=6)
+    sp.add_argument("--rounds", type=int, default=2, help="bf16 and W8A16 processes alternate this many times")
     sp.add_argument("--write-only", action="store_true",
                     help="write the checkpoints and stop (the writer stays under 3 GiB: no lock needed)")
     ly = sub.add_parser("layers", help="real-size layers, small vocabulary, both models in one process (< 3 GiB)")
