@@ -206,16 +206,15 @@ class TimedOp:
     fn: Callable[[], object]
 
 
-def best_rates(device, ops: list[TimedOp], repeats: int, min_seconds: float = 0.0,
-               max_repeats: int = 20) -> dict[str, float]:
-    """Each op's best rate (work per second) over its timed calls, the ops taken in turn (op 1, op 2, ..., op 1,
-    op 2, ...) after one untimed call each, so every op is sampled across the same stretch of time: a slow spell
-    of a shared machine hits them all, and the best reading of each comes from its quietest moment. At least
-    ``repeats`` rounds; more, up to ``max_repeats``, until ``min_seconds`` have passed (more chances to catch a
-    quiet moment on a busy machine, where one reading can be 3x another)."""
+def rate_readings(device, ops: list[TimedOp], repeats: int, min_seconds: float = 0.0,
+                  max_repeats: int = 20) -> dict[str, list[float]]:
+    """Each op's rates (work per second), one per timed call, the ops taken in turn (op 1, op 2, ..., op 1, op 2,
+    ...) after one untimed call each, so every op is sampled across the same stretch of time: a slow spell of a
+    shared machine hits them all. At least ``repeats`` rounds; more, up to ``max_repeats``, until ``min_seconds``
+    have passed (more chances to catch a quiet moment on a busy machine, where one reading can be 3x another)."""
     for op in ops:
         op.fn()  # first touch / kernel selection / oneDNN primitive cache
-    best = {op.label: 0.0 for op in ops}
+    readings: dict[str, list[float]] = {op.label: [] for op in ops}
     began, rounds = time.perf_counter(), 0
     while rounds < repeats or (rounds < max_repeats and time.perf_counter() - began < min_seconds):
         for op in ops:
@@ -223,9 +222,16 @@ def best_rates(device, ops: list[TimedOp], repeats: int, min_seconds: float = 0.
             start = time.perf_counter()
             op.fn()
             device.synchronize()
-            best[op.label] = max(best[op.label], op.work / (time.perf_counter() - start))
+            readings[op.label].append(op.work / (time.perf_counter() - start))
         rounds += 1
-    return best
+    return readings
+
+
+def best_rates(device, ops: list[TimedOp], repeats: int, min_seconds: float = 0.0,
+               max_repeats: int = 20) -> dict[str, float]:
+    """Each op's best rate of `rate_readings`: the reading of its quietest moment."""
+    return {label: max(rates) for label, rates in rate_readings(device, ops, repeats, min_seconds,
+                                                                 max_repeats).items()}
 
 
 def flops_probe_size(device) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ from npuinfer.dummy import registry_args
 from npuinfer.registry import MODELS
 from npuinfer.roofline import (FLOPS_PROBE_REPEATS, FLOPS_PROBE_SECONDS, Peak, TimedOp, best_rates,
                                flops_probe_ops, flops_probe_size, kv_bytes_per_step, mean_decode_window, prefill_flops,
-                               probe_bandwidth, probe_flops, roofline_figures, spec_peaks, weight_bytes_per_step)
+                               probe_bandwidth, probe_flops, rate_readings, roofline_figures, spec_peaks,
+                               weight_bytes_per_step)
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN_7B = registry_args(MODELS["qwen-7b"])
@@ -95,9 +97,9 @@ def test_flops_probe_is_not_beaten_by_a_real_size_prefill_timed_the_same_way():
     """MFU <= 1 needs a probe that no honest prefill beats. A prefill through one qwen-7b layer (real widths, dummy
     bf16, linears prepared as a run prepares them) at batch 4 x 32 tokens, the case whose MFU read 1.04 against
     the old 1024^3 probe, is read in turn with the probe's own products, with the probe's repeats and duration and
-    the threads torch uses, so the machine's state is the same for both: the probe's best must be at least the
-    prefill's best (measured 0.86-0.95 of it on the 2-core Xeon, loaded or not; the kernels are at most a few
-    percent apart, so a probe of a slower kernel or a smaller product fails here)."""
+    the threads torch uses, so the machine's state is the same for both. A row's first-token time is the median of
+    its rounds: the probe's best must be at least the prefill's median rate (measured at 0.86-0.95 of the probe
+    even by its best reading, on the 2-core Xeon, quiet; a probe of a slower kernel or product fails here)."""
     from npuinfer import dummy
     from npuinfer.generate import prefill
 
@@ -111,10 +113,11 @@ def test_flops_probe_is_not_beaten_by_a_real_size_prefill_timed_the_same_way():
     probe = flops_probe_ops(cpu, dtype, flops_probe_size(cpu))
     assert flops_probe_size(cpu) >= 2048 and all("bfloat16" in op.label for op in probe)
     real = TimedOp("prefill", prefill_flops(args, batch, tokens), lambda: prefill(model, ids, None))
-    rates = best_rates(cpu, probe + [real], FLOPS_PROBE_REPEATS, FLOPS_PROBE_SECONDS)
-    probed = max(rates[op.label] for op in probe)
-    assert probed >= rates["prefill"], (f"the FLOP/s probe ({probed / 1e9:.1f} GFLOP/s) is beaten by a real-size "
-                                        f"prefill ({rates['prefill'] / 1e9:.1f}): {rates}")
+    readings = rate_readings(cpu, probe + [real], FLOPS_PROBE_REPEATS, FLOPS_PROBE_SECONDS)
+    probed = max(max(readings[op.label]) for op in probe)
+    median = statistics.median(readings["prefill"])
+    assert probed >= median, (f"the FLOP/s probe ({probed / 1e9:.1f} GFLOP/s) is beaten by a real-size prefill's "
+                              f"median ({median / 1e9:.1f}): {readings}")
 
 
 def test_best_rates_takes_the_best_reading_of_each_op_in_turn():
