@@ -14,6 +14,9 @@ one copy (15.4 GB). npuinfer alone (--no-hf, or `npuinfer infer`) holds each wei
 npuinfer round 1, ...), so only one model is in memory (qwen-7b at 32 layers: ~15 GB, where the pair needs ~29) and
 consecutive runs of the two see the same machine; each process builds the same seeded weights, warms up once per
 batch (2 new tokens) and times one generate per batch; the ratio of each pair (a round) is printed, then the medians.
+Shown working at 2 layers (`--separate --layers 2 --vocab 32000 --input 32 --output 6`, 2 rounds, load ~4.5,
+2026-12-01 21:03, probe 7.6 GB/s before and 28.6 after): pairs 1.20 / 0.82 (bs1) and 0.79 / 1.42 (bs4) next-token,
+0.24-0.33 first-token: swings of a busy VM, not figures; 32 layers not run here.
 Each round times one generate per backend and batch, the backends alternating, so the machine's drift hits both;
 a figure is the median over rounds. The bandwidth probe (npuinfer.roofline) runs before and after the rounds and
 the best of the two is the peak MBU is measured against.
@@ -261,8 +264,8 @@ def separate(opts, argv: list[str]) -> int:
             report = json.loads(lines[-1][len(RESULT):])
             for run in report["runs"]:
                 results.setdefault((name, run["batch"]), []).append(run)
-                print(f"round {r} {name:8s} bs{run['batch']}: first {run['first_token_ms']:9.1f} ms, next "
-                      f"{run['next_token_ms']:8.1f} ms (built in {report['built_s']:.1f} s)", flush=True)
+                print(f"round {r} {name:8s} bs{run['batch']}: first {run['first_token_ms']:11.3f} ms, next "
+                      f"{run['next_token_ms']:10.3f} ms (built in {report['built_s']:.1f} s)", flush=True)
         for batch in opts.batches:
             n, h = results["npuinfer", batch][r], results["hf", batch][r]
             print(f"pair {r} bs{batch}: next-token npuinfer / transformers "

@@ -156,3 +156,24 @@ def test_bench_rows_carry_the_roofline_columns_and_markdown_shows_mbu(tmp_path, 
     assert float(row["prefill_FLOPs"]) == prefill_flops(args, 2, 16) and 0 < float(row["MFU"]) <= 1
     markdown = (results / "performance_qwen-tiny_cpu.md").read_text()
     assert re.search(r"\| MBU +\|", markdown) and "peak used: " in markdown and "weights: checkpoint" in markdown
+
+
+@pytest.mark.e2e
+def test_realsize_separate_runs_each_backend_in_its_own_process_and_pairs_them(npuinfer_cache):
+    """bench/realsize_vs_hf.py --separate (qwen-tiny's shapes here): npuinfer and transformers take turns in
+    processes of their own, and each pair's ratio is the two runs of that round."""
+    proc = subprocess.run([sys.executable, "bench/realsize_vs_hf.py", "--model", "qwen-tiny", "--dtype", "fp32",
+                           "--separate", "--rounds", "2", "--batches", "1", "2", "--input", "8", "--output", "3"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = {(int(r), name, int(b)): float(nxt) for r, name, b, nxt in
+            re.findall(r"^round (\d) (\w+) +bs(\d): first +[\d.]+ ms, next +([\d.]+) ms", proc.stdout, re.M)}
+    assert len(runs) == 2 * 2 * 2
+    order = [(int(r), name) for r, name in re.findall(r"^round (\d) (\w+) +bs1:", proc.stdout, re.M)]
+    assert order == [(0, "npuinfer"), (0, "hf"), (1, "npuinfer"), (1, "hf")]  # taking turns
+    pairs = re.findall(r"^pair (\d) bs(\d): next-token npuinfer / transformers ([\d.]+)", proc.stdout, re.M)
+    assert len(pairs) == 4
+    for r, b, ratio in pairs:
+        expected = runs[int(r), "npuinfer", int(b)] / runs[int(r), "hf", int(b)]
+        assert float(ratio) == pytest.approx(expected, rel=5e-3, abs=1e-3)  # times printed to 1 us, ratios to 1e-3
+    assert "median of 2 pairs" in proc.stdout and "| npuinfer | 2 |" in proc.stdout
