@@ -128,13 +128,9 @@ class Device:
         return int(self._backend.get_device_properties(self.torch_device).total_memory)
 
     def free_memory_bytes(self) -> int | None:
-        """Bytes free for new tensors now: on an accelerator the device's free memory plus what torch's caching
-        allocator holds unused; on cpu the host memory available (MemAvailable). None where unknown."""
-        if not self.is_accelerator:
-            from .memory import available_host_memory
-
-            return available_host_memory()
-        mem_get_info = getattr(self._backend, "mem_get_info", None)
+        """Bytes free for new tensors on an accelerator now: the device's free memory plus what torch's caching
+        allocator holds unused. None on cpu (see npuinfer.memory.available_host_memory) or where unknown."""
+        mem_get_info = getattr(self._backend, "mem_get_info", None) if self.is_accelerator else None
         if mem_get_info is None:
             return None
         free, _ = mem_get_info(self.torch_device)

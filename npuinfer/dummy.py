@@ -109,8 +109,9 @@ def check_case_fits(args: ModelArgs, dtype: torch.dtype, device: Device, memory_
                     input_len: int, output_len: int, held_cache_bytes: int, what: str) -> None:
     """Refuses, before anything of it is allocated, a case (batch x input -> output) of a model already built
     whose predicted memory (npuinfer.memory: weights + KV cache for input + output + the prefill's activations)
-    exceeds ``memory_limit``, or whose KV cache and activations exceed the memory free now (`free_memory_bytes`,
-    plus ``held_cache_bytes``: the previous case's KV cache, which the new one replaces)."""
+    exceeds ``memory_limit``, or whose KV cache and activations exceed the memory free now (on an accelerator
+    `Device.free_memory_bytes`, on cpu the host's MemAvailable), plus ``held_cache_bytes`` (the previous case's KV
+    cache, which this one replaces)."""
     est = estimate(args, batch, input_len, output_len, dtype.itemsize)
     case = est.kv_cache + est.activations
     parts = (f"weights {format_size(est.weights)} + KV cache {format_size(est.kv_cache)} + activations "
@@ -118,7 +119,7 @@ def check_case_fits(args: ModelArgs, dtype: torch.dtype, device: Device, memory_
     if memory_limit is not None and est.total > memory_limit:
         why = f"needs about {format_size(est.total)} ({parts}), more than --memory-limit {format_size(memory_limit)}"
     else:
-        free = device.free_memory_bytes()
+        free = device.free_memory_bytes() if device.is_accelerator else available_host_memory()
         if free is None or case <= free + held_cache_bytes:
             return
         why = (f"needs about {format_size(case)} beyond the weights it holds ({parts}), more than the "

@@ -23,6 +23,9 @@ it cannot stream faster than the best of them: MBU <= 1. If a row ever shows MBU
 faster way to read memory, and the probe is what must change (a warning says so); values are never clipped.
 A model whose bytes per step fit in the last-level cache (the tiny stand-ins) is not bounded by this probe: its
 MBU says how far it is from being memory-bound, not that it is cache-bound.
+The peak FLOP/s is measured by `probe_flops`: 2048^3 products (8192^3 on an accelerator) in the run's dtype, by
+aten and by the kernel table's linear on a prepared weight, with the threads torch uses, read in turn many times
+over at least 1.5 s; its best reading is the peak, so a prefill timed whole cannot beat it: MFU <= 1.
 Spec figures are given where the device is known (``spec_*`` columns, marked spec), never used for MBU.
 """
 from __future__ import annotations
@@ -236,9 +239,12 @@ def best_rates(device, ops: list[TimedOp], repeats: int, min_seconds: float = 0.
 
 def flops_probe_size(device) -> int:
     """n of the FLOP/s probe's n x n x n products: 8192 on an accelerator, 2048 on a cpu (17 GFLOP a product,
-    0.1-0.4 s on this project's 2-core Xeon). Large enough that the product runs at the kernel's full rate: on
-    that Xeon in bf16 a prefill's linears (32-128 rows x 4096 x 11008) reached 1.3-1.5x the 1024^3 product's
-    reading under load, and none reached 2048^3's when read side by side (issue #15)."""
+    0.1-0.4 s on this project's 2-core Xeon). Measured there in bf16, read in turn (issue #15): quiet, a prefill's
+    128-row linears ran at 0.95-1.0x the 2048^3 product and 1024^3 read anywhere from 0.5x to 1x of 2048^3; under
+    load (2 threads beside other work) the 128-row linears beat 1024^3 by up to 1.14x and 2048^3 in 3 of 8 single
+    best-of-5 readings. So the size only keeps the product at the kernel's full rate; what keeps a prefill below
+    the probe is reading it many times over a stretch of time (`probe_flops`): a real-size prefill's median rate
+    read 0.44-0.74 of the probe under load."""
     return 8192 if device.is_accelerator else 2048
 
 
