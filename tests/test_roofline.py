@@ -3,6 +3,7 @@ probes, and the roofline columns of a real bench run."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import statistics
@@ -157,6 +158,33 @@ def test_bench_rows_carry_the_roofline_columns_and_markdown_shows_mbu(tmp_path, 
     markdown = (results / "performance_qwen-tiny_cpu.md").read_text()
     assert re.search(r"\| MBU +\|", markdown) and "peak used: " in markdown and "weights: checkpoint" in markdown
 
+
+
+def test_a_row_beyond_the_peaks_is_warned_about_and_never_clipped(tmp_path, npuinfer_cache):
+    """Peaks far below what any run reaches, recorded in the shared peaks file the suite's processes read
+    (1 kB/s, 1 MFLOP/s, for one thread): the row's MBU and MFU are their true values, above 1, and the run warns
+    that the probe is what is wrong."""
+    peaks = tmp_path / "peaks.json"
+    peaks.write_text(json.dumps({"bandwidth cpu torch.float32 1 threads": [1e3, "probe: doctored"],
+                                 "flops cpu torch.float32 1 threads": [1e6, "probe: doctored"]}))
+    results = tmp_path / "r"
+    env = {**os.environ, "NPUINFER_PEAKS_FILE": str(peaks), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "bench/test_performance.py",
+                           "--model", "qwen-tiny", "--batch-sizes", "1", "--case-pairs", "8x4", "--rounds", "1",
+                           "--warmup", "0", "--results-dir", str(results)], cwd=REPO, capture_output=True, text=True,
+                          timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    with open(results / "performance_qwen-tiny_cpu.csv", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    assert row["peak_bandwidth_source"] == "probe: doctored" and row["peak_TFLOP/s_source"] == "probe: doctored"
+    args = registry_args(MODELS["qwen-tiny"])
+    moved = weight_bytes_per_step(args, 1, 4) + kv_bytes_per_step(args, 1, 10, 4)
+    assert float(row["MBU"]) == pytest.approx(moved / float(row["forward_next_token_time(ms)"]) * 1e3 / 1e3, rel=1e-6)
+    assert float(row["MFU"]) == pytest.approx(prefill_flops(args, 1, 8) / float(row["forward_first_token_time(ms)"])
+                                              * 1e3 / 1e6, rel=1e-6)
+    assert float(row["MBU"]) > 1 and float(row["MFU"]) > 1  # not clipped
+    assert "MBU" in proc.stdout and re.search(r"RooflineWarning: qwen-tiny-bs1-in8-out4: MBU [\d.]+ > 1", proc.stdout)
+    assert re.search(r"RooflineWarning: qwen-tiny-bs1-in8-out4: MFU [\d.]+ > 1: .*probe: doctored", proc.stdout)
 
 @pytest.mark.e2e
 def test_realsize_separate_runs_each_backend_in_its_own_process_and_pairs_them(npuinfer_cache):

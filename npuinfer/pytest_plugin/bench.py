@@ -409,6 +409,10 @@ class BenchSession:
             warnings.warn(RooflineWarning(
                 f"{case.id}: MBU {figures['MBU']:.2f} > 1: the decode read memory faster than the bandwidth probe "
                 f"({bandwidth.source}); the probe is missing a faster way to read memory (npuinfer/roofline.py)"))
+        if (figures["MFU"] or 0) > 1:
+            warnings.warn(RooflineWarning(
+                f"{case.id}: MFU {figures['MFU']:.2f} > 1: the prefill computed faster than the FLOP/s probe "
+                f"({flops.source}); the probe is missing a faster kernel or read a slow moment (npuinfer/roofline.py)"))
         return figures
 
     # -- calibration and the baseline gate
