@@ -3,12 +3,20 @@
     flock /work/realsize.lock python bench/realsize_vs_hf.py                      # qwen-7b, bf16, batch 1 and 4
     python bench/realsize_vs_hf.py --model qwen-7b --layers 2 --vocab 32000       # the same layer shapes, 1.1 GB
     python bench/realsize_vs_hf.py --profile                                      # + where a decode step goes
+    flock /work/realsize.lock python bench/realsize_vs_hf.py --separate           # each backend in its own process
 
 One set of dummy weights (npuinfer.dummy, made in memory, no checkpoint) is run by both: transformers' model is
 built over npuinfer's tensors (HFBackend.sharing). With --kernels fused (the default) npuinfer then prepacks its
 linears for oneDNN (cpu bf16), new tensors beside the dense ones transformers keeps: the pair needs about twice the
 linears' memory (qwen-7b bf16: ~29 GB, more than this 24 GiB VM, so run it with --layers); --kernels plain shares
 one copy (15.4 GB). npuinfer alone (--no-hf, or `npuinfer infer`) holds each weight once.
+--separate runs each backend in a process of its own, one at a time (npuinfer round 0, transformers round 0,
+npuinfer round 1, ...), so only one model is in memory (qwen-7b at 32 layers: ~15 GB, where the pair needs ~29) and
+consecutive runs of the two see the same machine; each process builds the same seeded weights, warms up once per
+batch (2 new tokens) and times one generate per batch; the ratio of each pair (a round) is printed, then the medians.
+Shown working at 2 layers (`--separate --layers 2 --vocab 32000 --input 32 --output 6`, 2 rounds, load ~4.5,
+2026-12-01 21:03, probe 7.6 GB/s before and 28.6 after): pairs 1.20 / 0.82 (bs1) and 0.79 / 1.42 (bs4) next-token,
+0.24-0.33 first-token: swings of a busy VM, not figures; 32 layers not run here.
 Each round times one generate per backend and batch, the backends alternating, so the machine's drift hits both;
 a figure is the median over rounds. The bandwidth probe (npuinfer.roofline) runs before and after the rounds and
 the best of the two is the peak MBU is measured against.
@@ -88,20 +96,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", default="fused", choices=["fused", "plain"],
                         help="npuinfer's kernel set (fused: on cpu bf16 the linears on prepacked oneDNN weights)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler over one npuinfer decode step")
+    parser.add_argument("--separate", action="store_true",
+                        help="each backend in its own process, the two taking turns round by round (one model in "
+                             "memory at a time)")
+    parser.add_argument("--worker", choices=["npuinfer", "hf"], help=argparse.SUPPRESS)  # a --separate child
+    parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
+    if opts.separate and (opts.no_hf or opts.profile):
+        parser.error("--separate compares the two backends run by run: it takes neither --no-hf nor --profile")
+    if opts.worker:
+        return worker(opts)
+    if opts.separate:
+        return separate(opts, argv if argv is not None else sys.argv[1:])
 
     from npuinfer import dummy
-    from npuinfer.registry import get_spec
     from npuinfer.runtime import LoadedModel
     from npuinfer.tiny import ensure_tiny
     from npuinfer.timing import BenchCase, NpuinferBackend, make_inputs, time_run
     from npuinfer.tokenizer import load_tokenizer
 
     device, dtype = get_device("cpu"), parse_dtype(opts.dtype)
-    spec = get_spec(opts.model)
-    args = dummy.registry_args(spec)
-    if opts.layers or opts.vocab:
-        args = args.with_(n_layers=opts.layers or args.n_layers, vocab_size=opts.vocab or args.vocab_size)
+    spec, args = shapes(opts)
     before = probe_bandwidth(device, dtype)  # before the model takes the memory the probe's buffer needs
     dummy.check_fits(args, dtype, device, None, opts.model)
     print(f"# {opts.model}: {args.num_parameters() / 1e9:.2f}B parameters ({args.n_layers} layers, vocab "
@@ -163,6 +178,121 @@ def main(argv: list[str] | None = None) -> int:
             (f_n, n_n), (f_h, n_h) = medians["npuinfer", batch], medians["hf", batch]
             print(f"bs{batch}: next-token npuinfer / transformers {n_n / n_h:.3f} (goal <= 0.9); first-token "
                   f"{f_n / f_h:.3f} (goal <= 0.4)")
+    return 0
+
+
+def shapes(opts):
+    from npuinfer import dummy
+    from npuinfer.registry import get_spec
+
+    spec = get_spec(opts.model)
+    args = dummy.registry_args(spec)
+    if opts.layers or opts.vocab:
+        args = args.with_(n_layers=opts.layers or args.n_layers, vocab_size=opts.vocab or args.vocab_size)
+    return spec, args
+
+
+RESULT = "RESULT "  # the line a --separate child reports its runs on
+
+
+def worker(opts) -> int:
+    """A --separate child: builds the dummy model (seed 0), runs ``opts.worker`` on it, one warm-up (2 new tokens)
+    and one timed generate per batch with round ``opts.round``'s inputs, and prints them as one JSON line."""
+    import json
+
+    from npuinfer import dummy
+    from npuinfer.runtime import LoadedModel
+    from npuinfer.tiny import ensure_tiny
+    from npuinfer.timing import NpuinferBackend, make_inputs, time_run
+    from npuinfer.tokenizer import load_tokenizer
+
+    device, dtype = get_device("cpu"), parse_dtype(opts.dtype)
+    spec, args = shapes(opts)
+    dummy.check_fits(args, dtype, device, None, opts.model)
+    start = time.perf_counter()
+    model = dummy.build_dummy_model(args, device, dtype, seed=0)
+    tok_dir = ensure_tiny(spec.stand_in or spec.name)
+    loaded = LoadedModel(opts.model, args.family, tok_dir, args, model, load_tokenizer(tok_dir, args.family), device,
+                         dtype, dummy_seed=0)
+    if opts.worker == "npuinfer":
+        model.resolve_kernels(opts.kernels)  # checked and (linears) prepacked now, not inside a timed run
+        backend = NpuinferBackend(loaded)
+    else:
+        from npuinfer.hf_backend import HFBackend
+
+        backend = HFBackend.sharing(loaded)
+    built = time.perf_counter() - start
+    runs = []
+    for batch in opts.batches:
+        ids, mask = make_inputs(device, args.vocab_size, batch, opts.input, seed=opts.round)
+        backend.generate(ids, mask, 2)  # warm-up: kernel selection, first touch of the cache
+        run = time_run(backend, ids, mask, opts.output, "detail")
+        runs.append({"batch": batch, "first_token_ms": run.first_token_ms, "next_token_ms": run.next_token_ms})
+    print(RESULT + json.dumps({"backend": opts.worker, "round": opts.round, "built_s": built, "runs": runs}),
+          flush=True)
+    return 0
+
+
+def child_argv(argv: list[str]) -> list[str]:
+    """The parent's options for a child, less --separate."""
+    return [a for a in argv if a != "--separate"]
+
+
+def separate(opts, argv: list[str]) -> int:
+    """--separate: the two backends in processes of their own, taking turns (npuinfer, hf, npuinfer, hf, ...);
+    the probes run here, with no model in memory, before and after; a ratio per pair and the medians."""
+    import json
+    import subprocess
+
+    device, dtype = get_device("cpu"), parse_dtype(opts.dtype)
+    spec, args = shapes(opts)
+    peaks = [probe_bandwidth(device, dtype)]
+    flops = [probe_flops(device, dtype)]
+    print(f"# {opts.model}: {args.num_parameters() / 1e9:.2f}B parameters ({args.n_layers} layers, vocab "
+          f"{args.vocab_size}), dummy {opts.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"each backend in its own process\n# probe before: {peaks[0].value / 1e9:.2f} GB/s ({peaks[0].source}); "
+          f"{flops[0].value / 1e12:.3f} TFLOP/s ({flops[0].source})", flush=True)
+    results: dict[tuple[str, int], list[dict]] = {}
+    for r in range(opts.rounds):
+        for name in ("npuinfer", "hf"):
+            cmd = [sys.executable, __file__, *child_argv(argv), "--worker", name, "--round", str(r)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+            if proc.returncode != 0 or not lines:
+                print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
+                raise SystemExit(f"round {r}: the {name} process failed (exit {proc.returncode}): {' '.join(cmd)}")
+            report = json.loads(lines[-1][len(RESULT):])
+            for run in report["runs"]:
+                results.setdefault((name, run["batch"]), []).append(run)
+                print(f"round {r} {name:8s} bs{run['batch']}: first {run['first_token_ms']:11.3f} ms, next "
+                      f"{run['next_token_ms']:10.3f} ms (built in {report['built_s']:.1f} s)", flush=True)
+        for batch in opts.batches:
+            n, h = results["npuinfer", batch][r], results["hf", batch][r]
+            print(f"pair {r} bs{batch}: next-token npuinfer / transformers "
+                  f"{n['next_token_ms'] / h['next_token_ms']:.3f}, first-token "
+                  f"{n['first_token_ms'] / h['first_token_ms']:.3f}", flush=True)
+    peaks.append(probe_bandwidth(device, dtype))
+    flops.append(probe_flops(device, dtype))
+    peak, flop = max(peaks, key=lambda p: p.value), max(flops, key=lambda p: p.value)
+    print(f"# probe after: {peaks[1].value / 1e9:.2f} GB/s, {flops[1].value / 1e12:.3f} TFLOP/s; MBU / MFU against "
+          f"the best: {peak.value / 1e9:.2f} GB/s ({peak.source}), {flop.value / 1e12:.3f} TFLOP/s\n")
+    print("| backend | batch | first token (ms) | next token (ms) | GB/s | MBU | TFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (name, batch), runs in results.items():
+        first = statistics.median(r["first_token_ms"] for r in runs)
+        nxt = statistics.median(r["next_token_ms"] for r in runs)
+        fig = roofline_figures(args, batch, opts.input, opts.output, dtype, first, nxt, peak, flop)
+        print(f"| {name} | {batch} | {first:.1f} | {nxt:.1f} | {fig['achieved_bandwidth(GB/s)']:.2f} | "
+              f"{fig['MBU']:.3f} | {fig['achieved_TFLOP/s']:.3f} | {fig['MFU']:.3f} |")
+    print()
+    for batch in opts.batches:
+        ratios = [n["next_token_ms"] / h["next_token_ms"]
+                  for n, h in zip(results["npuinfer", batch], results["hf", batch])]
+        firsts = [n["first_token_ms"] / h["first_token_ms"]
+                  for n, h in zip(results["npuinfer", batch], results["hf", batch])]
+        print(f"bs{batch}: next-token npuinfer / transformers, median of {len(ratios)} pairs "
+              f"{statistics.median(ratios):.3f} (goal <= 0.9); first-token {statistics.median(firsts):.3f} "
+              "(goal <= 0.4)")
     return 0
 
 

@@ -127,6 +127,16 @@ class Device:
             return None
         return int(self._backend.get_device_properties(self.torch_device).total_memory)
 
+    def free_memory_bytes(self) -> int | None:
+        """Bytes free for new tensors on an accelerator now: the device's free memory plus what torch's caching
+        allocator holds unused. None on cpu (see npuinfer.memory.available_host_memory) or where unknown."""
+        mem_get_info = getattr(self._backend, "mem_get_info", None) if self.is_accelerator else None
+        if mem_get_info is None:
+            return None
+        free, _ = mem_get_info(self.torch_device)
+        cached = self._backend.memory_reserved(self.torch_device) - self._backend.memory_allocated(self.torch_device)
+        return int(free + max(0, cached))
+
     def is_out_of_memory(self, exc: BaseException) -> bool:
         if isinstance(exc, torch.OutOfMemoryError):
             return True

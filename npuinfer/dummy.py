@@ -105,6 +105,31 @@ def check_fits(args: ModelArgs, dtype: torch.dtype, device: Device, memory_limit
             f"more than {source}; nothing was allocated. Use a smaller --dtype, --tp, or a larger --memory-limit")
 
 
+def check_case_fits(args: ModelArgs, dtype: torch.dtype, device: Device, memory_limit: int | None, batch: int,
+                    input_len: int, output_len: int, held_cache_bytes: int, what: str) -> None:
+    """Refuses, before anything of it is allocated, a case (batch x input -> output) of a model already built
+    whose predicted memory (npuinfer.memory: weights + KV cache for input + output + the prefill's activations)
+    exceeds ``memory_limit``, or whose KV cache and activations exceed the memory free now (on an accelerator
+    `Device.free_memory_bytes`, on cpu the host's MemAvailable), plus ``held_cache_bytes`` (the previous case's KV
+    cache, which this one replaces)."""
+    est = estimate(args, batch, input_len, output_len, dtype.itemsize)
+    case = est.kv_cache + est.activations
+    parts = (f"weights {format_size(est.weights)} + KV cache {format_size(est.kv_cache)} + activations "
+             f"{format_size(est.activations)}")
+    if memory_limit is not None and est.total > memory_limit:
+        why = f"needs about {format_size(est.total)} ({parts}), more than --memory-limit {format_size(memory_limit)}"
+    else:
+        free = device.free_memory_bytes() if device.is_accelerator else available_host_memory()
+        if free is None or case <= free + held_cache_bytes:
+            return
+        why = (f"needs about {format_size(case)} beyond the weights it holds ({parts}), more than the "
+               f"{format_size(free + held_cache_bytes)} free on {device} now")
+    raise DoesNotFit(f"{what} at batch {batch}, input {input_len} + output {output_len} with dummy "
+                     f"{dtype_name(dtype)} weights {why} (npuinfer.memory prediction); the case was not run and "
+                     f"nothing was allocated for it. Use a smaller batch or lengths (--batch-sizes, --case-pairs), "
+                     f"or a larger --memory-limit")
+
+
 BLOCK = 1 << 22  # values in the seeded random block every tensor is cut from
 
 

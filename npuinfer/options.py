@@ -104,7 +104,8 @@ def add_runtime_options(addoption: AddOption) -> None:
                    "(refused before allocating when the weights cannot fit --memory-limit / the device; a real "
                    "name without a download uses its tiny stand-in's tokenizer)")
     addoption("--memory-limit", type=memory_limit, default=None, dest="npuinfer_memory_limit", metavar="16GiB",
-              help="memory the model may use: --dummy-weights refuses, before allocating, what cannot fit; the "
+              help="memory the model may use: --dummy-weights refuses, before allocating, what cannot fit (the model; "
+                   "in bench/ each case, at its batch and lengths); the "
                    "max-batch search stays within it (required on cpu; on a device: min with its memory)")
     addoption("--tp", type=positive_int, default=1, dest="npuinfer_tp", metavar="N",
               help="tensor parallel ranks: `npuinfer infer` runs under torchrun --nproc-per-node N, each rank "

@@ -17,7 +17,8 @@ import torch
 
 from npuinfer.memory import estimate, parse_size, predict_max_batch
 from npuinfer.model import ModelArgs
-from npuinfer.results.performance import PUBLISHED_COLUMNS, THROUGHPUT
+from npuinfer.results.performance import (NEXT, PUBLISHED_COLUMNS, THROUGHPUT, performance_panels,
+                                         performance_plot, plot_rows)
 from npuinfer.results.table import CsvTable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +92,41 @@ def test_markdown_plot_and_summary_line(sweep):
     assert "npuinfer bench results" in proc.stdout
     assert "performance_qwen-tiny_cpu.csv (+ performance_qwen-tiny_cpu.md, performance_qwen-tiny_cpu.png)" \
            in proc.stdout
+
+
+def test_plot_draws_throughput_latency_mbu_and_mfu_from_the_rows(sweep, tmp_path):
+    """The PNG's data: every measured row is a point of each panel, MBU and MFU against batch per sequence
+    length, with the peak they are measured against in the title."""
+    results, _ = sweep
+    csv_path = results / "performance_qwen-tiny_cpu.csv"
+    _, rows = rows_of(csv_path)
+    panels = performance_panels(plot_rows(csv_path))
+    by_y = {p.ylabel: p for p in panels}
+    assert list(by_y) == [THROUGHPUT, NEXT, "MBU", "MFU"]
+    assert sorted(by_y["MBU"].series) == ["in16/out8", "in32/out4"]  # a line per sequence length
+    for r in rows:
+        b, seq = int(r["batch_size"]), f"in{r['input_seq_len(Encoding)']}/out{r['output_seq_len(Decoding)']}"
+        assert (b, float(r["MBU"])) in by_y["MBU"].series[seq]
+        assert (b, float(r["MFU"])) in by_y["MFU"].series[seq]
+        assert (b, float(r[THROUGHPUT])) in by_y[THROUGHPUT].series[seq]
+        assert (int(r["input_seq_len(Encoding)"]), float(r[NEXT])) in by_y[NEXT].series[f"bs{b}"]
+        assert f"{float(r['peak_bandwidth(GB/s)']):.3g} GB/s" in by_y["MBU"].title
+        assert f"{float(r['peak_TFLOP/s']):.3g} TFLOP/s" in by_y["MFU"].title
+    assert [x for x, _ in by_y["MBU"].series["in16/out8"]] == [1, 8]  # sorted by batch
+    png = tmp_path / "p.png"
+    assert performance_plot(csv_path, png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_of_rows_without_the_roofline_columns_has_no_mbu_panel(tmp_path):
+    """Rows written before the roofline columns (committed baselines) still plot, with the two old panels."""
+    rows = [{"batch_size": str(b), "input_seq_len(Encoding)": "16", "output_seq_len(Decoding)": "8", "status": "ok",
+             "ResponseTime(s)": "0.5", THROUGHPUT: str(16 * b), NEXT: str(2.0 + b), "dtype": "fp32"}
+            for b in (1, 2, 16)]
+    panels = performance_panels(rows)
+    assert [p.ylabel for p in panels] == [THROUGHPUT, NEXT]
+    assert panels[0].series == {"in16/out8": [(1, 16.0), (2, 32.0), (16, 256.0)]}
+    assert panels[1].series == {"bs1": [(16, 3.0)], "bs2": [(16, 4.0)], "bs16": [(16, 18.0)]}
+    assert list(panels[1].series) == ["bs1", "bs2", "bs16"]  # numeric order, not text order
 
 
 def test_benchmark_json_carries_the_token_metrics(sweep):

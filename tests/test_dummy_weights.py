@@ -98,3 +98,50 @@ def test_backend_hf_runs_on_the_same_dummy_tensors(npuinfer_cache):
     ids = torch.randint(0, loaded.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     assert torch.equal(hf.generate(ids, mask, 5), NpuinferBackend(loaded).generate(ids, mask, 5))
+
+
+def test_bench_refuses_each_dummy_case_whose_prediction_exceeds_the_memory_limit(tmp_path, npuinfer_cache):
+    """qwen-tiny with dummy fp32 weights under --memory-limit 2MiB: its weights (1.47 MiB predicted) load; batch 1
+    x 16+8 (1.55 MiB) runs; batch 16 x 16+8 (2.69 MiB: its KV cache and activations) is skipped before it
+    allocates, with a does_not_fit row naming the prediction and the option."""
+    args = registry_args(MODELS["qwen-tiny"])
+    limit = parse_size("2MiB")
+    assert predicted_load_bytes(args, torch.float32) < estimate(args, 1, 16, 8, 4).total <= limit \
+        < estimate(args, 16, 16, 8, 4).total
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs",
+                           "bench/test_performance.py", "--model", "qwen-tiny", "--dummy-weights", "--memory-limit",
+                           "2MiB", "--batch-sizes", "1,16", "--case-pairs", "16x8", "--rounds", "1", "--warmup", "0",
+                           "--results-dir", str(results)], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "1 passed, 1 skipped" in proc.stdout, proc.stdout[-3000:]
+    need = format_size(estimate(args, 16, 16, 8, 4).total)
+    skipped = [line for line in proc.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert len(skipped) == 1 and "qwen-tiny-bs16-in16-out8" in skipped[0]
+    assert f"needs about {need}" in skipped[0] and "more than --memory-limit 2MiB" in skipped[0]
+    with open(results / "performance_qwen-tiny_cpu.csv", newline="") as fh:
+        rows = {int(r["batch_size"]): r for r in csv.DictReader(fh)}
+    assert rows[1]["status"] == "ok" and float(rows[1]["ResponseTime(s)"]) > 0
+    assert rows[16]["status"] == "does_not_fit" and f"needs about {need}" in rows[16]["reason"]
+    assert rows[16]["ResponseTime(s)"] == ""  # never run
+
+
+def test_a_case_beyond_the_free_memory_is_refused_without_a_limit():
+    """No --memory-limit: the case's KV cache and activations are compared with the memory free now, to which the
+    cache the previous case holds (replaced by this one) is added."""
+    from npuinfer.device import get_device
+    from npuinfer.dummy import check_case_fits
+
+    from npuinfer.memory import available_host_memory
+
+    cpu, args = get_device("cpu"), registry_args(MODELS["qwen-7b"])
+    free = available_host_memory()
+    assert free is not None and free > 0
+    check_case_fits(args, torch.bfloat16, cpu, None, 1, 16, 8, 0, "qwen-7b")  # 8 MiB of cache: fits
+    big = estimate(args, 64, 2048, 2048, 2)  # 128 GiB of KV cache
+    assert big.kv_cache > free
+    with pytest.raises(DoesNotFit) as err:
+        check_case_fits(args, torch.bfloat16, cpu, None, 64, 2048, 2048, 0, "qwen-7b")
+    assert "free on cpu now" in str(err.value) and f"KV cache {format_size(big.kv_cache)}" in str(err.value)
+    # the same case, when the previous one holds at least that much cache, replaces it: no refusal
+    check_case_fits(args, torch.bfloat16, cpu, None, 64, 2048, 2048, big.kv_cache + big.activations, "qwen-7b")

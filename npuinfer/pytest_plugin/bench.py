@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from ..device import Device, dtype_name, parse_dtype
+from ..dummy import DoesNotFit, check_case_fits
 from ..hf_backend import HFBackend, HFUnsupported
 from ..latency import LatencyBatchSearch
 from ..memory import MaxBatchSearch, format_size
@@ -284,6 +285,7 @@ class BenchSession:
         csv_path = performance_path(self.results_dir, case.model, self.device.label)
         table = performance_table(csv_path)
         key = {**settings, **case_columns(case.batch, case.input_len, case.output_len)}
+        self._check_case_memory(case, backend, settings, table, csv_path)
         if opts.skip_measured:
             old = table.find(key)
             if old is not None and old.get("status") == "ok":
@@ -309,6 +311,26 @@ class BenchSession:
             benchmark.extra_info["calibration_ms"] = cal_row[CALIBRATION]
         record_verdict(self.config, case.id, self._last_noise)  # --require-quiet: a busy machine's case fails here
         self._verdict(case, outcome)
+
+    def _check_case_memory(self, case: BenchCase, backend, settings: dict, table, csv_path: Path) -> None:
+        """--dummy-weights: a case whose predicted memory (npuinfer.memory) exceeds --memory-limit, or whose KV cache
+        and activations exceed the device's free memory, is skipped before it allocates anything, with a
+        ``does_not_fit`` row saying why (the model's own fit was checked when it was built)."""
+        if not run_config(self.config, case.model).dummy_weights:
+            return
+        loaded = getattr(backend, "loaded", None)
+        args = loaded.args if loaded is not None else backend.args
+        held = 0  # the KV cache npuinfer's static cache holds from the previous case: replaced or reused by this one
+        if loaded is not None and loaded.model.cache_shape[0]:
+            held = args.kv_cache_bytes(*loaded.model.cache_shape, backend.dtype.itemsize)
+        try:
+            check_case_fits(args, backend.dtype, self.device, self.options.memory_limit, case.batch, case.input_len,
+                            case.output_len, held, case.model)
+        except DoesNotFit as exc:
+            if self._writes_rows():
+                table.upsert(performance_row(case.batch, case.input_len, case.output_len, settings,
+                                             status="does_not_fit", reason=str(exc), case_id=case.id))
+            pytest.skip(f"{case.id}: {exc} (row written to {csv_path})")
 
     def _measure(self, case: BenchCase, benchmark, backend, settings: dict, key: dict, table, csv_path: Path):
         """One measurement of a case with its calibration: (row, calibration row or None, timing)."""
@@ -387,6 +409,10 @@ class BenchSession:
             warnings.warn(RooflineWarning(
                 f"{case.id}: MBU {figures['MBU']:.2f} > 1: the decode read memory faster than the bandwidth probe "
                 f"({bandwidth.source}); the probe is missing a faster way to read memory (npuinfer/roofline.py)"))
+        if (figures["MFU"] or 0) > 1:
+            warnings.warn(RooflineWarning(
+                f"{case.id}: MFU {figures['MFU']:.2f} > 1: the prefill computed faster than the FLOP/s probe "
+                f"({flops.source}); the probe is missing a faster kernel or read a slow moment (npuinfer/roofline.py)"))
         return figures
 
     # -- calibration and the baseline gate

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..atomic import write_atomic
 from ..roofline import ROOFLINE_COLUMNS
@@ -178,11 +180,63 @@ def _case_label(row: Mapping[str, str]) -> str:
     return f"bs{row.get(BATCH)}-in{row.get(INPUT)}-out{row.get(OUTPUT)}"
 
 
-def performance_plot(csv_path: Path, png_path: Path) -> bool:
-    """Throughput vs batch (a line per sequence length) and next-token latency vs sequence length
-    (a line per batch). False when there is nothing measured to plot."""
+@dataclass(frozen=True)
+class Panel:
+    """One panel of the performance plot: a line per ``series`` label, each a list of (x, y) sorted by x."""
+    title: str
+    xlabel: str
+    ylabel: str
+    series: dict[str, list[tuple[float, float]]]
+
+
+def plot_rows(csv_path: Path) -> list[Mapping[str, str]]:
+    """The rows a plot draws: measured ones (status ok, with a response time)."""
     _, rows = read_csv(csv_path)
-    rows = [r for r in rows if r.get("status") == "ok" and parse_float(r.get(RESPONSE)) is not None]
+    return [r for r in rows if r.get("status") == "ok" and parse_float(r.get(RESPONSE)) is not None]
+
+
+def performance_panels(rows: Sequence[Mapping[str, str]]) -> list[Panel]:
+    """What the performance plot draws: throughput vs batch (a line per input/output length), next-token latency
+    vs input length (a line per batch), and where rows carry the roofline columns, MBU vs batch and MFU vs batch
+    (a line per input/output length; the peak each is measured against is in the panel's title). Rows whose
+    settings differ (dtype, backend, ...) get those settings in their labels."""
+    varying = varying_columns(rows, [c for c in SETTINGS if c not in ("model", "device_name", "torch", "kernels")])
+
+    def label(row: Mapping[str, str], tail: str) -> str:
+        return " ".join([*(f"{row[c]}" for c in varying), tail]).strip()
+
+    def series(column: str, x: str, key: Callable[[Mapping[str, str]], str]) -> dict[str, list]:
+        lines: dict[str, list] = {}
+        for r in rows:
+            y = parse_float(r.get(column))
+            if y is not None:
+                lines.setdefault(key(r), []).append((int(r[x]), y))
+        return {k: sorted(v) for k, v in sorted(lines.items(), key=lambda kv: _series_order(kv[0]))}
+
+    def per_seq(r: Mapping[str, str]) -> str:
+        return label(r, f"in{r[INPUT]}/out{r[OUTPUT]}")
+
+    panels = [Panel("E2E throughput vs batch", "batch size", THROUGHPUT, series(THROUGHPUT, BATCH, per_seq)),
+              Panel("next-token latency vs sequence length", "input length (tokens)", NEXT,
+                    series(NEXT, INPUT, lambda r: label(r, f"bs{r[BATCH]}")))]
+    for column, peak, unit, what in (("MBU", "peak_bandwidth(GB/s)", "GB/s", "decode"),
+                                     ("MFU", "peak_TFLOP/s", "TFLOP/s", "prefill")):
+        lines = series(column, BATCH, per_seq)
+        if lines:
+            peaks = sorted({f"{float(r[peak]):.3g}" for r in rows if parse_float(r.get(peak)) is not None})
+            panels.append(Panel(f"{what} {column} vs batch (peak {', '.join(peaks)} {unit})", "batch size",
+                                column, lines))
+    return panels
+
+
+def _series_order(label: str) -> tuple:
+    """Labels in numeric order (in8 before in16, bs2 before bs16)."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", label))
+
+
+def performance_plot(csv_path: Path, png_path: Path) -> bool:
+    """Draws `performance_panels` of the CSV's measured rows into a PNG. False when there is nothing measured."""
+    rows = plot_rows(csv_path)
     if not rows:
         return False
     import matplotlib
@@ -190,36 +244,27 @@ def performance_plot(csv_path: Path, png_path: Path) -> bool:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    varying = varying_columns(rows, [c for c in SETTINGS if c not in ("model", "device_name", "torch", "kernels")])
-
-    def group(row: Mapping[str, str]) -> str:
-        return " ".join(f"{row[c]}" for c in varying)
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    by_seq: dict[tuple, list] = {}
-    by_batch: dict[tuple, list] = {}
-    for r in rows:
-        b, i, o = int(r[BATCH]), int(r[INPUT]), int(r[OUTPUT])
-        by_seq.setdefault((group(r), i, o), []).append((b, parse_float(r[THROUGHPUT])))
-        nxt = parse_float(r.get(NEXT))
-        if nxt is not None:
-            by_batch.setdefault((group(r), b), []).append((i, nxt, o))
-    for (g, i, o), points in sorted(by_seq.items()):
-        points.sort()
-        left.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{g} in{i}/out{o}".strip())
-    for (g, b), points in sorted(by_batch.items()):
-        points.sort()
-        right.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{g} bs{b}".strip())
-    batches = sorted({int(r[BATCH]) for r in rows})
-    seqs = sorted({int(r[INPUT]) for r in rows})
-    for ax, ticks in ((left, batches), (right, seqs)):
+    panels = performance_panels(rows)
+    ncols = 2
+    nrows = (len(panels) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(11, 4.2 * nrows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        for name, points in panel.series.items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        ticks = sorted({p[0] for points in panel.series.values() for p in points})
         if len(ticks) > 1:
             ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(t) for t in ticks])
+        if panel.ylabel in ("MBU", "MFU"):
+            if max(p[1] for points in panel.series.values() for p in points) > 0.5:
+                ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")  # the probe's peak
+            ax.set_ylim(bottom=0)  # tiny models sit far below 1: scaled to their values, not hidden at 0
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    left.set(xlabel="batch size", ylabel=THROUGHPUT, title="E2E throughput vs batch")
-    right.set(xlabel="input length (tokens)", ylabel=NEXT, title="next-token latency vs sequence length")
+        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel)
+        ax.set_title(panel.title, fontsize=9)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.suptitle(f"{rows[0].get('model')} on {rows[0].get('device_name') or rows[0].get('device')} "
                  f"({rows[0].get('dtype')}, {rows[0].get('backend')}, {rows[0].get('timing')} timing)", fontsize=10)
     fig.tight_layout()
