@@ -110,14 +110,16 @@ def score_all(loaded, data_dir: Path, subjects, mode: str, shots: int, batch_siz
     stats = ScoringStats()
     out = {}
     loaded.device.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for subject in subjects:
         dev = load_split(data_dir, subject, "dev")
         val = load_split(data_dir, subject, "val")
         for s in score_subject(loaded, subject, dev, val, "lmeval", shots, mode, batch_size, stats=stats):
             out[s.row.key] = s
     loaded.device.synchronize()
-    return out, stats, time.perf_counter() - t0
+    # cpu time of the process (all its threads) besides wall time: on a shared machine it leaves out the time
+    # other work held the cores, which wall time does not
+    return out, stats, time.perf_counter() - t0, time.process_time() - c0
 
 
 def qwen_tiny_with_vocab(vocab: int, dest: Path) -> Path:
@@ -245,14 +247,17 @@ def main(argv=None) -> int:
     for _ in range(args.repeat):
         for mode in ("naive", "prefix"):
             results[mode].append(score_all(loaded, data_dir, subjects, mode, args.shot, args.batch_size))
+    cpu_runs = {}
     for mode in ("naive", "prefix"):
         runs = sorted(results[mode], key=lambda r: r[2])
-        scores, stats, seconds = runs[len(runs) // 2]  # median wall time (token counts are the same every run)
+        scores, stats, seconds, _ = runs[len(runs) // 2]  # median wall time (token counts are the same every run)
+        cpu_runs[mode] = [r[3] for r in results[mode]]
         results[mode] = (scores, stats, seconds, [r[2] for r in results[mode]])
         print(f"{mode:>6}: {seconds:8.2f} s  prompt tokens {stats.prompt_tokens:>9,}  "
               f"(padded {stats.padded_tokens:,}, prefix {stats.prefix_tokens:,})  forwards {stats.forwards:,}  "
               f"fallbacks {stats.fallbacks}  {stats.questions / seconds:.1f} questions/s  "
-              f"(runs: {', '.join(f'{t:.2f}' for t in results[mode][3])} s)")
+              f"(runs: {', '.join(f'{t:.2f}' for t in results[mode][3])} s; "
+              f"cpu: {', '.join(f'{t:.2f}' for t in cpu_runs[mode])} s)")
 
     (pre, ps, pt, p_runs), (nai, ns, nt, n_runs) = results["prefix"], results["naive"]
     assert pre.keys() == nai.keys() and len(pre) == n_questions
@@ -262,11 +267,12 @@ def main(argv=None) -> int:
         "model": loaded.name, "device": str(loaded.device), "dtype": loaded.dtype_name,
         "cpu_threads": torch.get_num_threads(), "questions": n_questions, "shots": args.shot,
         "batch_size": args.batch_size,
-        "naive": {"seconds": nt, "runs_s": n_runs, **ns.as_dict()},
-        "prefix": {"seconds": pt, "runs_s": p_runs, **ps.as_dict()},
+        "naive": {"seconds": nt, "runs_s": n_runs, "cpu_runs_s": cpu_runs["naive"], **ns.as_dict()},
+        "prefix": {"seconds": pt, "runs_s": p_runs, "cpu_runs_s": cpu_runs["prefix"], **ps.as_dict()},
         "token_ratio": ns.prompt_tokens / ps.prompt_tokens, "time_ratio": nt / pt,
         # each naive run with the prefix run right after it: slow drift of a shared machine cancels in a pair
         "pair_time_ratios": [n / p for n, p in zip(n_runs, p_runs)],
+        "pair_cpu_ratios": [n / p for n, p in zip(cpu_runs["naive"], cpu_runs["prefix"])],
         "prediction_mismatches": mismatched, "max_logprob_diff": max_diff,
     }
     for d in (figures["naive"], figures["prefix"]):
@@ -276,6 +282,7 @@ def main(argv=None) -> int:
     if len(pairs) > 1:
         print(f"wall time ratio of each naive run to the prefix run after it: "
               f"{', '.join(f'{r:.2f}' for r in pairs)} (min {min(pairs):.2f})")
+    print(f"cpu time ratio, each pair: {', '.join(f'{r:.2f}' for r in figures['pair_cpu_ratios'])}")
     print(f"naive / prefix: {figures['token_ratio']:.2f}x prompt tokens, {figures['time_ratio']:.2f}x wall time; "
           f"predictions differing: {mismatched}; max |log-prob difference|: {max_diff:.2e}")
     peak = peak_rss_bytes()
