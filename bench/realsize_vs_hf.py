@@ -67,6 +67,20 @@ The probe read 7.2-7.4 GB/s under the earlier load (29 GB/s on a quiet machine e
 as the probe's moment: not goal-grade. The layer shapes and the head are Qwen-7B's; 32 layers were not run (the
 pair does not fit with packing, see above). transformers' bf16 prefill is slow here (aten's bf16 GEMM at 32-128 rows),
 which is most of the first-token ratio.
+
+The full 32 layers side by side, `--separate --input 32 --output 6 --rounds 2`, 2026-12-01 21:49-22:05, the machine
+quiet but for this run (load ~1-2; probe 23.8 GB/s and 0.168 TFLOP/s before, 18.8 and 0.147 after), medians of 2
+rounds:
+
+| batch | next-token n / hf (<= 0.9) | pairs | first-token n / hf (<= 0.4) | MBU n / hf (>= 0.85) | MFU n / hf |
+|---|---|---|---|---|---|
+| 1 | 0.62 | 0.68, 0.57 | 0.35 | 0.72 / 0.44 | 0.63 / 0.22 |
+| 4 | 0.73 | 0.90, 0.56 | 0.31 | 0.50 / 0.37 | 0.83 / 0.26 |
+
+npuinfer next token 834 ms (bs1) and 1189 ms (bs4; 1465 in round 0, 912 in round 1), transformers 1346 and 1624;
+first token 3.9 s / 11.2 s (bs1) and 11.9 s / 38.2 s (bs4). Each process peaked near 15 GB, where the pair in
+one process needs ~29. MBU stays short of 0.85: oneDNN's bf16 GEMV on the prepacked weights streams 17-19 GB/s
+over the large matrices (11008 x 4096, 12288 x 4096) against the fp32 GEMV probe's 23.8.
 """
 from __future__ import annotations
 
