@@ -155,18 +155,6 @@ def probe_size(device) -> int:
     return max(floor, size)
 
 
-def _best_time(device, fn, repeats: int) -> float:
-    fn()  # first touch / kernel selection
-    best = float("inf")
-    for _ in range(repeats):
-        device.synchronize()
-        start = time.perf_counter()
-        fn()
-        device.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 @torch.inference_mode()
 def probe_bandwidth(device, dtype: torch.dtype = torch.float32, size: int | None = None,
                     repeats: int = 3) -> Peak:
@@ -184,15 +172,15 @@ def probe_bandwidth(device, dtype: torch.dtype = torch.float32, size: int | None
         vector = torch.ones(1, cols, dtype=kind, device=device.torch_device)
         nbytes = matrix.numel() * matrix.element_size()
         name = str(kind).replace("torch.", "")
+        ops = [TimedOp(f"{name} matrix-vector", nbytes, lambda: torch.nn.functional.linear(vector, matrix))]
         if kind == torch.float32:
-            results.append((nbytes / _best_time(device, matrix.sum, repeats), f"{name} sum"))
-        results.append((nbytes / _best_time(device, lambda: torch.nn.functional.linear(vector, matrix), repeats),
-                        f"{name} matrix-vector"))
-        prepared = linear.prepare(matrix) if linear.prepare is not None else matrix
+            ops.append(TimedOp(f"{name} sum", nbytes, matrix.sum))
+        results += [(rate, how) for how, rate in best_rates(device, ops, repeats).items()]
+        prepared = linear.prepared(matrix)
         if prepared is not matrix:
-            del matrix  # the prepared copy replaces it, as in a model: one buffer's memory at a time
-            results.append((nbytes / _best_time(device, lambda: linear.fn(vector, prepared, None), repeats),
-                            f"{name} matrix-vector ({linear.name})"))
+            del matrix, ops  # the prepared copy replaces it, as in a model: one buffer's memory at a time
+            op = TimedOp(f"{name} matrix-vector ({linear.name})", nbytes, lambda: linear.fn(vector, prepared, None))
+            results += [(rate, how) for how, rate in best_rates(device, [op], repeats).items()]
         del prepared
         matrix = None
         device.empty_cache()
@@ -257,7 +245,7 @@ def flops_probe_ops(device, dtype: torch.dtype, n: int) -> list[TimedOp]:
     kind = str(dtype).replace("torch.", "")
     ops = [TimedOp(f"{n}^3 {kind} matmul", 2 * n**3, lambda: a @ b)]
     linear = select_kernels(device.type).kernels["linear"]
-    prepared = linear.prepare(b) if linear.prepare is not None else b
+    prepared = linear.prepared(b)
     if prepared is not b:
         ops.append(TimedOp(f"{n}^3 {kind} matmul ({linear.name})", 2 * n**3, lambda: linear.fn(a, prepared, None)))
     return ops

@@ -30,6 +30,10 @@ class Kernel:
     # pack). Only the "linear" op has one; ``fn`` must take both the prepared and the plain weight.
     prepare: Callable | None = None
 
+    def prepared(self, weight):
+        """``weight`` in the form ``fn`` takes it (``prepare``'s result; unchanged where there is none)."""
+        return weight if self.prepare is None else self.prepare(weight)
+
     @property
     def label(self) -> str:
         own = self.origin.startswith("npuinfer.")

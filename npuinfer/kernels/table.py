@@ -79,13 +79,8 @@ class KernelSet:
 
     @property
     def linear(self) -> Callable:
-        """(x, weight, bias) -> y, where weight is what ``prepare_weight`` made of the module's weight."""
+        """(x, weight, bias) -> y, where weight is what the kernel's ``prepared`` made of the module's weight."""
         return self.kernels["linear"].fn
-
-    def prepare_weight(self, weight):
-        """A linear weight in the form the linear kernel takes (prepacked where it packs; else unchanged)."""
-        prepare = self.kernels["linear"].prepare
-        return weight if prepare is None else prepare(weight)
 
     def is_fused(self, op: str) -> bool:
         return self.kernels[op].fused
