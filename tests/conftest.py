@@ -53,16 +53,21 @@ def tiny_dir(npuinfer_cache):
     return ensure_tiny
 
 
-@pytest.fixture(scope="session")
-def load_tiny(npuinfer_cache):
-    """load_tiny(name) -> LoadedModel on cpu in fp32, loaded once per session (do not modify its weights)."""
+def model_loader(dtype: str):
+    """get(name) -> that registry model's LoadedModel on cpu in ``dtype``, loaded on its first call only."""
     from npuinfer.runtime import load_model
 
     loaded = {}
 
     def get(name: str):
         if name not in loaded:
-            loaded[name] = load_model(name, device="cpu", dtype="fp32")
+            loaded[name] = load_model(name, device="cpu", dtype=dtype)
         return loaded[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def load_tiny(npuinfer_cache):
+    """load_tiny(name) -> LoadedModel on cpu in fp32, loaded once per session (do not modify its weights)."""
+    return model_loader("fp32")

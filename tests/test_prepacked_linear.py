@@ -15,6 +15,8 @@ from npuinfer.kernels import kernels_for, select_kernels
 from npuinfer.model import Linear
 from npuinfer.runtime import load_model
 
+from conftest import model_loader
+
 TINY = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny"]
 
 pytestmark = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
@@ -42,14 +44,8 @@ def logits_of(model) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def bf16_models(npuinfer_cache):
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = load_model(name, device="cpu", dtype="bf16")
-        return cache[name]
-
-    return get
+    """Its own models (not a session-wide cache): these tests pack and unpack their weights."""
+    return model_loader("bf16")
 
 
 @pytest.mark.parametrize("name", TINY)
