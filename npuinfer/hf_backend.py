@@ -14,7 +14,9 @@ transformers is not patched. Its generate is observed from outside: forward pre/
 model mark each forward, and a StoppingCriteria (called once per step, after the new token is
 appended) marks the end of each step. A step starts where the previous one ended, so pre-processing
 is transformers' input preparation for that step (cache and mask update, prepare_inputs) and
-post-processing its logits processing, argmax and the token append.
+post-processing its logits processing, argmax and the token append. A LogitsProcessor keeps each step's
+largest logit per row, as npuinfer's own decoder does, so NaN / inf logits raise NonFiniteLogits on both
+backends (one max over the vocabulary a step, on either side).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from .checkpoint import (
 )
 from .device import Device
 from .families import gpt_neox
+from .generate import check_finite
 from .model import ModelArgs
 from .quant import plan_from_state
 
@@ -175,7 +178,7 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model, args: ModelArgs, device: Device, checkpoint: str = ""):
-        from transformers import StoppingCriteria
+        from transformers import LogitsProcessor, StoppingCriteria
 
         self.model = model
         self.args = args
@@ -200,6 +203,18 @@ class HFBackend:
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
         self._step_end = _StepEnd()
+
+        class _RecordChosen(LogitsProcessor):
+            """Each step's largest logit per row (what greedy picks), for the same non-finite check npuinfer's
+            own decoder runs (generate.check_finite); the scores pass through unchanged."""
+
+            def __call__(self, input_ids, scores):
+                if backend._chosen is not None:
+                    backend._chosen.append(scores.max(dim=-1).values)
+                return scores
+
+        self._record_chosen = _RecordChosen()
+        self._chosen: list[Tensor] | None = None
 
     @classmethod
     def load(cls, model_dir: str | Path, device: Device, dtype: torch.dtype, *, position: str | None = None,
@@ -230,16 +245,18 @@ class HFBackend:
     @torch.inference_mode()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
                  observer: object | None = None) -> Tensor:
-        from transformers import GenerationConfig, StoppingCriteriaList
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                                   eos_token_id=None, pad_token_id=0, bos_token_id=None)
-        self._observer, self._forwards, self._steps = observer, 0, 0
+        self._observer, self._forwards, self._steps, self._chosen = observer, 0, 0, []
         try:
             dev = self.device.torch_device
             ids = input_ids.to(dev, non_blocking=True)
             out = self.model.generate(input_ids=ids, attention_mask=attention_mask.to(dev, non_blocking=True),
-                                      generation_config=config, stopping_criteria=StoppingCriteriaList([self._step_end]))
+                                      generation_config=config, stopping_criteria=StoppingCriteriaList([self._step_end]),
+                                      logits_processor=LogitsProcessorList([self._record_chosen]))
+            check_finite(self._chosen)  # NonFiniteLogits, as from npuinfer's generate: a bench row "nonfinite"
         finally:
-            self._observer = None
+            self._observer, self._chosen = None, None
         return out[:, input_ids.shape[1]:]

@@ -85,3 +85,16 @@ def test_bench_row_gets_status_nonfinite_and_the_case_fails(nan_model, tmp_path)
         [row] = list(csv.DictReader(fh))
     assert row["status"] == "nonfinite" and "step 0" in row["reason"]
     assert row["ResponseTime(s)"] == "" and row["E2E throughput (token/s)"] == ""
+
+
+def test_hf_backend_with_nan_weights_raises_like_npuinfer(nan_model, tiny_dir):
+    """--backend hf runs the same non-finite check (so a side-by-side bench row is "nonfinite", not a timing of
+    NaN tokens); on the finite checkpoint it generates as before."""
+    from npuinfer.device import Device
+    from npuinfer.generate import NonFiniteLogits
+    from npuinfer.hf_backend import HFBackend
+
+    ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(NonFiniteLogits, match=r"step 0, prefill\), batch row\(s\) 0"):
+        HFBackend.load(nan_model, Device("cpu"), torch.float32).generate(ids, mask, 3)
+    assert HFBackend.load(tiny_dir("qwen-tiny"), Device("cpu"), torch.float32).generate(ids, mask, 3).shape == (1, 3)
