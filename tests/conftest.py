@@ -36,6 +36,17 @@ def quiet_subprocess_plugins():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def subprocesses_are_not_xdist_workers():
+    """Under ``pytest -n``, suites started by tests are ordinary pytest sessions: pytest-xdist's worker variables
+    would otherwise be inherited, and pytest-benchmark then takes the subprocess for a worker and writes no
+    --benchmark-json."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+            mp.delenv(name, raising=False)
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def peaks_probed_once(tmp_path_factory):
     """The bench and infer subprocesses share one bandwidth and FLOP/s probe (npuinfer.roofline.shared_peak)."""
     from npuinfer.roofline import PEAKS_FILE_ENV
