@@ -280,15 +280,20 @@ def _calibrated(metric: str, now: GateValue, base: GateValue, cal_now: float, ca
     return a / b, f"/ calibration: {a:.5g} vs {b:.5g}"
 
 
+def default_estimator(row: Mapping[str, object], baseline_row: Mapping[str, object]) -> str:
+    """"fastest" when both rows carry the fastest gaps (`has_fastest_gap`), else "typical"."""
+    return "fastest" if has_fastest_gap(row) and has_fastest_gap(baseline_row) else "typical"
+
+
 def compare_row(row: Mapping[str, object], baseline_row: Mapping[str, object], *,
                 max_regression: float = DEFAULT_MAX_REGRESSION, calibration: float | None = None,
                 baseline_calibration: float | None = None, source: str = "",
                 estimator: str | None = None) -> GateOutcome:
     """Gate one measured row against one baseline row. The calibrations (ms, npuinfer.results.calibration)
     are used when both are given, and must be the ones ``estimator`` reads (CALIBRATION_COLUMN). Without an
-    estimator: "fastest" when both rows carry the fastest gaps (`has_fastest_gap`), else "typical"."""
+    estimator: `default_estimator`."""
     if estimator is None:
-        estimator = "fastest" if has_fastest_gap(row) and has_fastest_gap(baseline_row) else "typical"
+        estimator = default_estimator(row, baseline_row)
     calibrated = calibration is not None and baseline_calibration is not None
     outcome = GateOutcome(_case(row), "passed", max_regression=max_regression, source=source, estimator=estimator)
     now_values, base_values = gate_values(row, estimator), gate_values(baseline_row, estimator)
@@ -426,7 +431,7 @@ def gate_case(baseline: PerformanceBaseline, row: Mapping[str, object], device_l
                            source=str(path or baseline.directory))
     notes = [text] if text else []
     now_cal = base_cal = None
-    estimator = "fastest" if has_fastest_gap(row) and has_fastest_gap(base) else "typical"
+    estimator = default_estimator(row, base)
     if mode == "calibrated":
         base_cal_row = baseline.calibration(base, device_label)
         if estimator == "fastest" and not (calibration_value(calibration, CALIBRATION_MIN)
