@@ -122,12 +122,24 @@ def score_all(loaded, data_dir: Path, subjects, mode: str, shots: int, batch_siz
     return out, stats, time.perf_counter() - t0, time.process_time() - c0
 
 
+# The continuations of the lmeval (and atb) template as the tokens a real Qwen / cl100k vocabulary has them.
+ANSWER_TOKENS = (b" A", b" B", b" C", b" D")
+
+
 def qwen_tiny_with_vocab(vocab: int, dest: Path) -> Path:
     """qwen-tiny with a ``vocab``-entry vocabulary (e.g. Qwen-7B's 151,936) in ``dest``: its qwen.tiktoken padded
     with synthetic ranks to ``vocab`` less Qwen's special tokens (numbered after the ranks), and random rows
-    added to the embedding and the head. Every synthetic rank holds a NUL byte, which C-Eval text never does, so
-    no BPE merge reaches it and the prompts tokenize exactly as on qwen-tiny; only the head is as wide as Qwen's."""
+    added to the embedding and the head.
+
+    The first synthetic ranks are the answer continuations (" A" .. " D", ANSWER_TOKENS) that qwen-tiny lacks:
+    the real Qwen vocabulary (cl100k-derived) has each as one token, so lm-eval reads one position per question,
+    where qwen-tiny splits " D" into " " + "D" and every question then reads two (which doubled the head's work
+    on this wide vocabulary). tiktoken merges any adjacent pair whose concatenation is a rank, so these ranks
+    change the tokenization only where such a pair occurs (the answers of the shots and of each choice, and a
+    " D" starting a word). Every other synthetic rank holds a NUL byte, which C-Eval text never does, so no BPE
+    merge reaches it."""
     import base64
+    import itertools
     import shutil
 
     import torch
@@ -143,10 +155,13 @@ def qwen_tiny_with_vocab(vocab: int, dest: Path) -> Path:
     if n_ranks < len(ranks):
         raise SystemExit(f"--vocab {vocab}: below qwen-tiny's {len(ranks) + len(QWEN_SPECIAL_TOKENS)} ids")
     lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
-    filler = (b"\x00" + i.to_bytes(3, "big") for i in range(1 << 24))
+    added = [tok for tok in ANSWER_TOKENS if tok not in ranks]
+    filler = (t for t in (b"\x00" + i.to_bytes(3, "big") for i in range(1 << 24)) if t not in ranks)
+    synthetic = itertools.chain(added, filler)
+    if n_ranks < len(ranks) + len(added):
+        raise SystemExit(f"--vocab {vocab}: no room for the answer tokens {added}")
     for rank in range(len(ranks), n_ranks):
-        tok = next(t for t in filler if t not in ranks)
-        lines.append(f"{base64.b64encode(tok).decode()} {rank}")
+        lines.append(f"{base64.b64encode(next(synthetic)).decode()} {rank}")
     (dest / "qwen.tiktoken").write_text("\n".join(lines) + "\n")
     config = json.loads((src / "config.json").read_text())
     config["vocab_size"] = vocab
