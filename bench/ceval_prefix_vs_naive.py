@@ -111,20 +111,25 @@ built its checkpoint:
 | single-token | 2.8-2.9 | 16.51, 17.91 | 4.28, 4.90 | 3.86, 3.66 | 3.89, 3.51 | 0.39 GiB |
 | two-token " D" | 2.9 | 21.54, 19.15 | 5.74, 4.41 | 3.75, 4.35 | 3.76, 4.46 | 0.40 GiB |
 | single-token | 2.9-1.9 | 19.84, 18.55 | 5.21, 4.17 | 3.81, 4.45 | 3.93, 4.56 | 0.39 GiB |
+| single-token | 0.9-1.0 | 16.73, 18.19 | 5.26, 4.94 | 3.18, 3.68 | 3.12, 3.71 | 0.38 GiB |
+| two-token " D" | 1.0 | 17.55, 19.20 | 4.72, 5.30 | 3.72, 3.62 | 3.72, 3.75 | 0.40 GiB |
+| single-token | 1.0 | 15.37, 17.96 | 5.03, 5.14 | 3.06, 3.49 | 3.05, 3.47 | 0.39 GiB |
+| two-token " D" | 1.0 | 17.44, 19.08 | 4.86, 5.49 | 3.59, 3.47 | 3.58, 3.48 | 0.39 GiB |
 
 Identical predictions between modes in every process; max |log-prob difference| 1.9e-6 (single-token), 2.9e-6
-(two-token). Medians over the 14 runs each: prefix 4.90 cpu s single-token against 5.48 two-token (-0.58 s,
-1,346 positions at ~0.4 ms of head each), naive 17.32 against 18.78; the cpu ratio per pair 3.15-4.45, median
-3.66, three of 14 pairs >= 4 (two-token: 2.96-4.35, median 3.57, one of 14). The default command (2 threads, one
-process, load 1.5-1.7) read 2.66 and 3.37. So 4x is not reached: the median moved ~0.1, less than this machine's
-pair-to-pair noise. Profiled at 1 thread (cProfile, prefix mode, 4.3 s): the flash calls 1.58 s (the folded
-prefix call runs at ~1 ns per query-key pair at head_dim 16, shape-independent; the causal call over each row's
-own ~100 tokens 0.59 s, ~4x that per pair because its 32-query blocks are dominated by per-block cost, and
-neither the math path nor contiguous inputs nor per-row calls were faster), the head 0.64 s (N ~26 positions a
-pass: the fp32 matmul 10.5 ms a pass at ~48 GFLOP/s, oneDNN's prepacked fp32 no faster; the normaliser 2-4 ms;
-fewer passes over the logits saved 1-2 ms a pass, ~0.07 s a run, not pursued), tokenization ~0.2 s, and ~1.3 ms
-fixed per forward (326 forwards against naive's 191). What would reach 4x here is a cheaper attention kernel for
-the prefix mode's short causal calls, not the common costs.
+(two-token). Medians over the 18 runs each: prefix 4.99 cpu s single-token against 5.46 two-token (-0.47 s: 1,346
+positions at ~0.4 ms of head each), naive 17.32 against 18.76 (its head lost the same positions; the rest of its
+-1.44 s is this machine's noise); the cpu ratio per pair 3.06-4.45, median 3.60, three of 18 pairs >= 4, against
+2.96-4.35, median 3.58, one of 18. The default command (2 threads, one process, load 1.5-1.7) read 2.66 and 3.37.
+So 4x is not reached, and the ratio did not measurably move: taking ~0.5 s off both modes should raise it by ~0.25
+at these times, less than the pair-to-pair noise here (+-0.5). Profiled at 1 thread (cProfile, prefix mode, 4.3 s):
+the flash calls 1.58 s (the folded prefix call runs at ~1 ns per query-key pair at head_dim 16 whatever the shape;
+the causal call over each row's own ~100 tokens takes 0.59 s, ~4x that per pair, its 32-query blocks dominated by
+per-block cost; neither the math path nor contiguous inputs nor per-row calls were faster), the head 0.64 s (~26
+positions a pass: the fp32 matmul 10.5 ms a pass at ~48 GFLOP/s, oneDNN's prepacked fp32 no faster; the normaliser
+2-4 ms a pass, of which fewer passes over the logits saved 1-2 ms, ~0.07 s a run, not pursued), tokenization ~0.2
+s, and ~1.3 ms fixed per forward (326 forwards against naive's 191). What would reach 4x here is a cheaper
+attention kernel for the prefix mode's short causal calls, not the common costs.
 """
 from __future__ import annotations
 
@@ -262,9 +267,9 @@ def main(argv=None) -> int:
     parser.add_argument("--widen", default=None, metavar="DIMxLAYERS",
                         help="replace the decoder by a random one of this size (e.g. 512x4), same tokenizer")
     parser.add_argument("--vocab", type=int, default=None, metavar="N",
-                        help="qwen-tiny with an N-entry vocabulary (synthetic ranks, among them single-token ' A'..' D' as "
-                             "Qwen's own; random head rows), built in a temporary directory (or --vocab-dir): e.g. "
-                             "151936, Qwen-7B's")
+                        help="qwen-tiny with an N-entry vocabulary (synthetic ranks, among them single-token "
+                             "' A'..' D' as Qwen's own; random head rows), built in a temporary directory (or "
+                             "--vocab-dir): e.g. 151936, Qwen-7B's")
     parser.add_argument("--vocab-dir", default=None, help="where --vocab builds (and keeps) its checkpoint")
     parser.add_argument("--build-only", action="store_true", help="with --vocab: build the checkpoint and exit")
     parser.add_argument("--json", default=None, help="write the figures here")
