@@ -80,6 +80,56 @@ tiny-vocabulary figures above (naive 10.3 s, prefix 2.36 s), a cost S added to b
 S), >= 4 only for S <= 0.3 s; the exact fp32 head alone (151,936 x 64 x 2,692 = 26 G multiply-adds) is over that on
 one core, so 4x on this configuration needs the prefix mode's own forwards cheaper still. Peak RSS is unchanged
 (0.46-0.47 GiB; the head's chunks are at most [~130, 4096] fp32).
+
+Those 2,692 read positions were two per question only because qwen-tiny's tiny BPE splits the continuation " D"
+into " " + "D" (" A", " B", " C" are single tokens there). Qwen's real vocabulary (qwen.tiktoken, cl100k-derived)
+has all four as single tokens (cl100k/Llama-3 ids 362, 426, 356, 423; Qwen2.5, whose ranks are Qwen-7B's: 362,
+425, 356, 422), so lm-eval reads one position per question there. `--vocab` now gives the synthetic vocabulary
+those tokens (`ANSWER_TOKENS`, the first ranks after qwen-tiny's; tiktoken merges any adjacent pair whose
+concatenation is a rank, so prompts change only where " " + "D" meet: the shots answered D, each choice, and " D"
+starting a word, which the synthetic text never has; tests/test_ceval_vocab_bench.py checks both). That halves the
+head's read positions: 1,346 in each mode instead of 2,692 (52 passes each, one per subject). 2026-12-01, full
+val, 5-shot, batch 8, `--threads 1 --repeat 2`, this code with `--model-path` to two kept checkpoints built by
+`--vocab 151936 --vocab-dir DIR --build-only` (this code, and the one before it), alternating as whole processes;
+another session's benchmarks held one core (load average at each process's start-end in the table), so naive
+runs of one process vary by up to 20%. Process cpu seconds per run; peak RSS lower than above because no process
+built its checkpoint:
+
+| answers | load | naive cpu s | prefix cpu s | cpu ratio, each pair | wall ratio, each pair | peak RSS |
+|---|---|---|---|---|---|---|
+| single-token | 0.8-1.5 | 17.19, 18.74 | 4.68, 5.30 | 3.67, 3.54 | 3.68, 3.59 | 0.39 GiB |
+| two-token " D" | 1.4-1.7 | 16.84, 18.27 | 5.70, 5.49 | 2.96, 3.33 | 2.95, 3.31 | 0.40 GiB |
+| single-token | 1.1-1.6 | 17.45, 16.34 | 5.16, 5.09 | 3.38, 3.21 | 3.35, 3.21 | 0.39 GiB |
+| two-token " D" | 1.6-1.9 | 20.87, 18.44 | 5.44, 4.86 | 3.84, 3.80 | 3.86, 3.82 | 0.39 GiB |
+| single-token | 1.9 | 16.87, 16.04 | 4.00, 4.91 | 4.22, 3.27 | 4.22, 3.22 | 0.39 GiB |
+| two-token " D" | 1.9 | 21.82, 19.13 | 5.87, 5.51 | 3.72, 3.47 | 3.99, 3.49 | 0.39 GiB |
+| single-token | 1.9-1.5 | 17.49, 14.90 | 4.71, 4.52 | 3.71, 3.30 | 3.77, 3.31 | 0.38 GiB |
+| two-token " D" | 1.5-1.4 | 19.59, 20.10 | 5.47, 5.64 | 3.58, 3.56 | 3.52, 3.57 | 0.40 GiB |
+| two-token " D" | 2.9-3.6 | 13.77, 15.85 | 4.12, 5.28 | 3.34, 3.00 | 3.31, 2.95 | 0.40 GiB |
+| single-token | 3.6-2.9 | 16.98, 20.56 | 5.39, 5.11 | 3.15, 4.02 | 3.25, 4.24 | 0.39 GiB |
+| two-token " D" | 2.9-2.8 | 17.16, 16.64 | 5.55, 4.40 | 3.09, 3.78 | 3.01, 3.90 | 0.39 GiB |
+| single-token | 2.8-2.9 | 16.51, 17.91 | 4.28, 4.90 | 3.86, 3.66 | 3.89, 3.51 | 0.39 GiB |
+| two-token " D" | 2.9 | 21.54, 19.15 | 5.74, 4.41 | 3.75, 4.35 | 3.76, 4.46 | 0.40 GiB |
+| single-token | 2.9-1.9 | 19.84, 18.55 | 5.21, 4.17 | 3.81, 4.45 | 3.93, 4.56 | 0.39 GiB |
+| single-token | 0.9-1.0 | 16.73, 18.19 | 5.26, 4.94 | 3.18, 3.68 | 3.12, 3.71 | 0.38 GiB |
+| two-token " D" | 1.0 | 17.55, 19.20 | 4.72, 5.30 | 3.72, 3.62 | 3.72, 3.75 | 0.40 GiB |
+| single-token | 1.0 | 15.37, 17.96 | 5.03, 5.14 | 3.06, 3.49 | 3.05, 3.47 | 0.39 GiB |
+| two-token " D" | 1.0 | 17.44, 19.08 | 4.86, 5.49 | 3.59, 3.47 | 3.58, 3.48 | 0.39 GiB |
+
+Identical predictions between modes in every process; max |log-prob difference| 1.9e-6 (single-token), 2.9e-6
+(two-token). Medians over the 18 runs each: prefix 4.99 cpu s single-token against 5.46 two-token (-0.47 s: 1,346
+positions at ~0.4 ms of head each), naive 17.32 against 18.76 (its head lost the same positions; the rest of its
+-1.44 s is this machine's noise); the cpu ratio per pair 3.06-4.45, median 3.60, three of 18 pairs >= 4, against
+2.96-4.35, median 3.58, one of 18. The default command (2 threads, one process, load 1.5-1.7) read 2.66 and 3.37.
+So 4x is not reached, and the ratio did not measurably move: taking ~0.5 s off both modes should raise it by ~0.25
+at these times, less than the pair-to-pair noise here (+-0.5). Profiled at 1 thread (cProfile, prefix mode, 4.3 s):
+the flash calls 1.58 s (the folded prefix call runs at ~1 ns per query-key pair at head_dim 16 whatever the shape;
+the causal call over each row's own ~100 tokens takes 0.59 s, ~4x that per pair, its 32-query blocks dominated by
+per-block cost; neither the math path nor contiguous inputs nor per-row calls were faster), the head 0.64 s (~26
+positions a pass: the fp32 matmul 10.5 ms a pass at ~48 GFLOP/s, oneDNN's prepacked fp32 no faster; the normaliser
+2-4 ms a pass, of which fewer passes over the logits saved 1-2 ms, ~0.07 s a run, not pursued), tokenization ~0.2
+s, and ~1.3 ms fixed per forward (326 forwards against naive's 191). What would reach 4x here is a cheaper
+attention kernel for the prefix mode's short causal calls, not the common costs.
 """
 from __future__ import annotations
 
@@ -122,12 +172,24 @@ def score_all(loaded, data_dir: Path, subjects, mode: str, shots: int, batch_siz
     return out, stats, time.perf_counter() - t0, time.process_time() - c0
 
 
+# The continuations of the lmeval (and atb) template as the tokens a real Qwen / cl100k vocabulary has them.
+ANSWER_TOKENS = (b" A", b" B", b" C", b" D")
+
+
 def qwen_tiny_with_vocab(vocab: int, dest: Path) -> Path:
     """qwen-tiny with a ``vocab``-entry vocabulary (e.g. Qwen-7B's 151,936) in ``dest``: its qwen.tiktoken padded
     with synthetic ranks to ``vocab`` less Qwen's special tokens (numbered after the ranks), and random rows
-    added to the embedding and the head. Every synthetic rank holds a NUL byte, which C-Eval text never does, so
-    no BPE merge reaches it and the prompts tokenize exactly as on qwen-tiny; only the head is as wide as Qwen's."""
+    added to the embedding and the head.
+
+    The first synthetic ranks are the answer continuations (" A" .. " D", ANSWER_TOKENS) that qwen-tiny lacks:
+    the real Qwen vocabulary (cl100k-derived) has each as one token, so lm-eval reads one position per question,
+    where qwen-tiny splits " D" into " " + "D" and every question then reads two (which doubled the head's work
+    on this wide vocabulary). tiktoken merges any adjacent pair whose concatenation is a rank, so these ranks
+    change the tokenization only where such a pair occurs (the answers of the shots and of each choice, and a
+    " D" starting a word). Every other synthetic rank holds a NUL byte, which C-Eval text never does, so no BPE
+    merge reaches it."""
     import base64
+    import itertools
     import shutil
 
     import torch
@@ -143,10 +205,13 @@ def qwen_tiny_with_vocab(vocab: int, dest: Path) -> Path:
     if n_ranks < len(ranks):
         raise SystemExit(f"--vocab {vocab}: below qwen-tiny's {len(ranks) + len(QWEN_SPECIAL_TOKENS)} ids")
     lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
-    filler = (b"\x00" + i.to_bytes(3, "big") for i in range(1 << 24))
+    added = [tok for tok in ANSWER_TOKENS if tok not in ranks]
+    filler = (t for t in (b"\x00" + i.to_bytes(3, "big") for i in range(1 << 24)) if t not in ranks)
+    synthetic = itertools.chain(added, filler)
+    if n_ranks < len(ranks) + len(added):
+        raise SystemExit(f"--vocab {vocab}: no room for the answer tokens {added}")
     for rank in range(len(ranks), n_ranks):
-        tok = next(t for t in filler if t not in ranks)
-        lines.append(f"{base64.b64encode(tok).decode()} {rank}")
+        lines.append(f"{base64.b64encode(next(synthetic)).decode()} {rank}")
     (dest / "qwen.tiktoken").write_text("\n".join(lines) + "\n")
     config = json.loads((src / "config.json").read_text())
     config["vocab_size"] = vocab
@@ -202,8 +267,9 @@ def main(argv=None) -> int:
     parser.add_argument("--widen", default=None, metavar="DIMxLAYERS",
                         help="replace the decoder by a random one of this size (e.g. 512x4), same tokenizer")
     parser.add_argument("--vocab", type=int, default=None, metavar="N",
-                        help="qwen-tiny with an N-entry vocabulary (synthetic ranks, random head rows), built in a "
-                             "temporary directory (or --vocab-dir): e.g. 151936, Qwen-7B's")
+                        help="qwen-tiny with an N-entry vocabulary (synthetic ranks, among them single-token "
+                             "' A'..' D' as Qwen's own; random head rows), built in a temporary directory (or "
+                             "--vocab-dir): e.g. 151936, Qwen-7B's")
     parser.add_argument("--vocab-dir", default=None, help="where --vocab builds (and keeps) its checkpoint")
     parser.add_argument("--build-only", action="store_true", help="with --vocab: build the checkpoint and exit")
     parser.add_argument("--json", default=None, help="write the figures here")
