@@ -2,7 +2,8 @@
 against dequantize-then-matmul on a small input before it is used (a kernel that is missing, refuses the
 shapes or disagrees falls through to the next, and the last is always dequantize-then-matmul).
 
-cpu:  W8A16 torch._weight_int8pack_mm, W8A8 torch._int_mm (int32 accumulation).
+cpu:  W8A16 npuinfer's own AVX-512 GEMV for 1-4 rows (kernels/csrc/w8a16_gemv.cpp; torch._weight_int8pack_mm from
+      5 rows) where it builds, else torch._weight_int8pack_mm; W8A8 torch._int_mm (int32 accumulation).
 cuda: W8A16 dequantize-then-matmul, W8A8 torch._int_mm (rows padded to 17: cuda's kernel needs M > 16).
 npu:  W8A16 torch_npu.npu_weight_quant_batchmatmul, W8A8 torch_npu.npu_quant_matmul, keyword arguments only
       (positional order changed between CANN releases). The cuda and npu entries are not run here.
@@ -15,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels import cpu_extension
 from .scheme import W8A8, W8A16, decode_deq_scale, dequantize_weight, quantize_activation
 
 Kernel = Callable[[Tensor, "torch.nn.Module"], Tensor]  # (x [M, k], layer) -> y [M, n] without the float bias
 DEQUANTIZE = "dequantize"
+CPU_GEMV = "npuinfer w8a16_gemv (AVX-512, 1-4 rows; int8pack beyond)"
 
 
 # ---------------------------------------------------------------- W8A16: y = x @ ((w - offset) * scale).T
@@ -29,14 +32,26 @@ def w8a16_dequantize(x: Tensor, layer) -> Tensor:
     return F.linear(x, w)
 
 
+def _less_offset(y: Tensor, x: Tensor, layer) -> Tensor:
+    # the int8 kernels are symmetric: x @ ((w - o) * s).T = kernel(x, w, s) - sum_k(x) * (o * s)
+    if not layer.has_offset:
+        return y
+    return y - x.sum(dim=-1, keepdim=True) * (layer.weight_offset.reshape(-1) * layer.weight_scale.reshape(-1)
+                                               ).to(x.dtype)
+
+
 def w8a16_int8pack(x: Tensor, layer) -> Tensor:
-    # the kernel is symmetric: x @ ((w - o) * s).T = int8pack(x, w, s) - sum_k(x) * (o * s)
     scale = layer.weight_scale.reshape(-1).to(x.dtype)
-    y = torch._weight_int8pack_mm(x.contiguous(), layer.weight, scale)
-    if layer.has_offset:
-        y = y - x.sum(dim=-1, keepdim=True) * (layer.weight_offset.reshape(-1) * layer.weight_scale.reshape(-1)
-                                                ).to(x.dtype)
-    return y
+    return _less_offset(torch._weight_int8pack_mm(x.contiguous(), layer.weight, scale), x, layer)
+
+
+GEMV_ROWS = 4  # the most rows npuinfer's cpu GEMV takes; decode's batches are these
+
+
+def w8a16_cpu_gemv(x: Tensor, layer) -> Tensor:
+    if x.shape[0] > GEMV_ROWS:  # prefill: a matrix product, where int8pack is not short of arithmetic
+        return w8a16_int8pack(x, layer)
+    return _less_offset(cpu_extension.load().w8a16_gemv(x, layer.weight, layer.weight_scale), x, layer)
 
 
 def w8a16_npu(x: Tensor, layer) -> Tensor:
@@ -87,7 +102,7 @@ def w8a8_npu(x: Tensor, layer) -> Tensor:
 
 
 KERNELS: dict[str, dict[str, list[tuple[str, Kernel]]]] = {
-    W8A16: {"cpu": [("torch._weight_int8pack_mm", w8a16_int8pack)],
+    W8A16: {"cpu": [(CPU_GEMV, w8a16_cpu_gemv), ("torch._weight_int8pack_mm", w8a16_int8pack)],
             "cuda": [],
             "npu": [("torch_npu.npu_weight_quant_batchmatmul", w8a16_npu)]},
     W8A8: {"cpu": [("torch._int_mm", w8a8_int_mm)],
@@ -101,21 +116,22 @@ def choose_kernel(layer, device_type: str) -> tuple[str, Kernel, list[str]]:
     """(name, kernel, reasons the earlier candidates were passed over) for ``layer`` on ``device_type``."""
     fallback = FALLBACK[layer.scheme]
     skipped = []
-    # 5 rows: past the 4-row blocks cpu kernels vectorize over, and a remainder row
+    # 1 and 4 rows (decode's GEMV paths) and 5: past the 4-row blocks cpu kernels vectorize over, and a remainder
     probe = torch.randn(5, layer.weight.shape[1], device=layer.weight.device, dtype=layer.compute_dtype)
     if layer.scheme == W8A8:  # inputs inside the calibrated range, so both paths quantize alike
         probe = (probe.float().clamp(-2, 2) * layer.input_scale.float() * 20).to(layer.compute_dtype)
+    probes = [probe[:1], probe[:4], probe]
+    tol = 1e-3 if layer.compute_dtype == torch.float32 else 3e-2
     with torch.no_grad():
-        expected = fallback(probe, layer).float()
+        expected = [fallback(p, layer).float() for p in probes]
         for name, kernel in KERNELS[layer.scheme].get(device_type, []):
             try:
-                got = kernel(probe, layer).float()
-            except Exception as exc:  # missing op, unsupported dtype or shape
+                got = [kernel(p, layer).float() for p in probes]
+            except Exception as exc:  # missing op, unsupported dtype or shape, a kernel that cannot be built
                 skipped.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
                 continue
-            tol = 1e-3 if layer.compute_dtype == torch.float32 else 3e-2
-            scale = expected.abs().max().clamp(min=1e-6)
-            if got.shape != expected.shape or ((got - expected).abs().max() / scale) > tol:
+            if any(g.shape != e.shape or (g - e).abs().max() / e.abs().max().clamp(min=1e-6) > tol
+                   for g, e in zip(got, expected)):
                 skipped.append(f"{name}: disagrees with dequantize-then-matmul")
                 continue
             return name, kernel, skipped

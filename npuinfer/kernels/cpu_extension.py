@@ -1,0 +1,77 @@
+"""npuinfer's own cpu kernels (C++ in csrc/), compiled on first use by torch's extension builder and cached.
+
+One kernel so far: the W8A16 matrix-vector product of a few rows (csrc/w8a16_gemv.cpp; why: its header). It is
+built where the processor has AVX-512F and a C++ compiler and ninja are found; the build takes about a minute
+once, then the cached library loads in a fraction of a second (torch's extensions folder, ``$TORCH_EXTENSIONS_DIR``
+or ~/.cache/torch_extensions; a changed source is rebuilt). Anywhere else, with ``$NPUINFER_CPU_KERNELS=0``, or
+when the build fails, ``load`` says why and the kernel tables run torch's own ops instead (quant/kernels.py
+records the reason among the kernel notes). Nothing is compiled at import.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+DISABLE_ENV = "NPUINFER_CPU_KERNELS"
+SOURCE = Path(__file__).with_name("csrc") / "w8a16_gemv.cpp"
+NAME = "npuinfer_w8a16_gemv"
+FLAGS = ["-O3", "-mavx512f", "-fopenmp"]  # at::parallel_for is OpenMP in torch's cpu builds
+
+
+class Unavailable(RuntimeError):
+    """npuinfer's cpu kernels cannot run here; the message says why."""
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def why_not() -> str | None:
+    """Why the kernels cannot be built here (None: they can be tried), without building anything."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return f"${DISABLE_ENV}=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"not an x86-64 processor ({platform.machine()})"
+    if "avx512f" not in _cpu_flags():
+        return "the processor has no AVX-512F (/proc/cpuinfo)"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler (c++, or $CXX) on PATH"
+    if shutil.which("ninja") is None:
+        return "ninja, which torch's extension builder runs, is not on PATH"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _build() -> ModuleType | str:
+    reason = why_not()
+    if reason is not None:
+        return reason
+    from torch.utils.cpp_extension import load as build
+
+    print(f"npuinfer: loading its cpu kernel {SOURCE.name} (built once, then cached by torch)", file=sys.stderr)
+    try:
+        return build(name=NAME, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                     verbose=False)
+    except Exception as exc:  # a compiler or linker error: torch's ops run instead, and the notes say why
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        return f"the build failed: {first[:300]}"
+
+
+def load() -> ModuleType:
+    """The compiled kernels (built on the first call in a machine's life); Unavailable says why not."""
+    built = _build()
+    if isinstance(built, str):
+        raise Unavailable(built)
+    return built
