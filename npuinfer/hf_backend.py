@@ -254,7 +254,8 @@ class HFBackend:
             dev = self.device.torch_device
             ids = input_ids.to(dev, non_blocking=True)
             out = self.model.generate(input_ids=ids, attention_mask=attention_mask.to(dev, non_blocking=True),
-                                      generation_config=config, stopping_criteria=StoppingCriteriaList([self._step_end]),
+                                      generation_config=config,
+                                      stopping_criteria=StoppingCriteriaList([self._step_end]),
                                       logits_processor=LogitsProcessorList([self._record_chosen]))
             check_finite(self._chosen)  # NonFiniteLogits, as from npuinfer's generate: a bench row "nonfinite"
         finally:

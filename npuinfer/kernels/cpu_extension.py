@@ -2,18 +2,21 @@
 
 One kernel so far: the W8A16 matrix-vector product of a few rows (csrc/w8a16_gemv.cpp; why: its header). It is
 built where the processor has AVX-512F and a C++ compiler and ninja are found; the build takes about a minute
-once, then the cached library loads in a fraction of a second (torch's extensions folder, ``$TORCH_EXTENSIONS_DIR``
-or ~/.cache/torch_extensions; a changed source is rebuilt). Anywhere else, with ``$NPUINFER_CPU_KERNELS=0``, or
-when the build fails, ``load`` says why and the kernel tables run torch's own ops instead (quant/kernels.py
-records the reason among the kernel notes). Nothing is compiled at import.
+once, then the cached library loads in a fraction of a second (``$TORCH_EXTENSIONS_DIR``, default
+~/.cache/torch_extensions: one folder per source content, flags and torch version, shared by every checkout).
+Anywhere else, with ``$NPUINFER_CPU_KERNELS=0``, or when the build fails, ``load`` says why and the kernel tables
+run torch's own ops instead (quant/kernels.py records the reason among the kernel notes). Nothing is compiled at
+import.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -53,6 +56,25 @@ def why_not() -> str | None:
     return None
 
 
+def _stable_source() -> tuple[Path, Path]:
+    """(build folder, source copy) named by the source's content, the flags and torch's version: ninja rebuilds when
+    a source's path changes, so every checkout of the same source shares one copy and one build."""
+    import torch
+
+    text = SOURCE.read_bytes()
+    digest = hashlib.sha256(text + " ".join([*FLAGS, torch.__version__]).encode()).hexdigest()[:12]
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    folder = root / f"{NAME}_{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / SOURCE.name
+    if not copy.exists() or copy.read_bytes() != text:  # a unique temporary name: processes may race here
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{SOURCE.name}.")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(text)
+        os.replace(tmp, copy)
+    return folder, copy
+
+
 @functools.lru_cache(maxsize=None)
 def _build() -> ModuleType | str:
     reason = why_not()
@@ -62,8 +84,9 @@ def _build() -> ModuleType | str:
 
     print(f"npuinfer: loading its cpu kernel {SOURCE.name} (built once, then cached by torch)", file=sys.stderr)
     try:
-        return build(name=NAME, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                     verbose=False)
+        folder, source = _stable_source()
+        return build(name=NAME, sources=[str(source)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                     build_directory=str(folder), verbose=False)
     except Exception as exc:  # a compiler or linker error: torch's ops run instead, and the notes say why
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         return f"the build failed: {first[:300]}"
