@@ -32,6 +32,23 @@ weight to fp32 and multiplies in fp32, so from 4 rows it is bound by arithmetic,
 0.50 and 0.81; 4096 x 11008 0.65 and 0.89). Before the fix of that day the W8A16 process died in its first
 prefill (SIGSEGV: the kernel's bf16 path on a weight at an 8-byte offset inside the safetensors mapping) and bf16
 peaked at 22.46 GiB.
+
+With npuinfer's own W8A16 GEMV for decode's 1-4 rows (npuinfer/kernels/csrc/w8a16_gemv.cpp; int8pack still runs
+prefill), same command, 2026-12-01 23:17-23:57, three runs of 3-4 rounds on the quiet machine (load 1.1-2.0, the run
+itself), 11 rounds in all. Per matrix at 4 rows, 2 threads, ratio to oneDNN bf16: 12288x4096 0.46-0.54 (int8pack
+0.59-0.74), 4096x4096 0.51 (0.60), 11008x4096 0.44 (0.54), 4096x11008 0.48 (0.66).
+
+| batch | bf16 next-token ms, round medians | W8A16 | W8A16/bf16 per round, medians (sorted) | median |
+|---|---|---|---|---|
+| 1 | 819-963 (one 1588) | 425-533 | 0.30-0.65, 9 of 11 within 0.49-0.57 | 0.54 |
+| 4 | 943-1358 | 541-682 | 0.43, 0.47, 0.49, 0.49, 0.57, 0.60, 0.60, 0.61, 0.65, 0.65, 0.72 | 0.60 |
+
+Batch 4 now sits at the goal line, not under it: in the six rounds where bf16 ran at its usual 943-1020 ms the ratio
+reads 0.60-0.72; the lower ones come from slow bf16 rounds (1097-1358 ms). A decode step at batch 4 (torch.profiler,
+W8A16, ~550 ms): the bf16 head through oneDNN 72 ms, attention, norms and conversions ~40 ms, the int8 GEMVs the
+rest at ~14.7 GB/s of int8 (bf16's linears stream ~14.6 GB/s of bf16). The GEMV's inner loop at 4 rows is 24 FMAs
+and 12 widening instructions per 96 weights on the two vector ports, so it is bound by arithmetic too, only less so
+than int8pack. Peak RSS unchanged, 7.64 / 14.63 GiB = 0.52.
 """
 from __future__ import annotations
 
