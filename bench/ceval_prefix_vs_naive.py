@@ -130,6 +130,18 @@ positions a pass: the fp32 matmul 10.5 ms a pass at ~48 GFLOP/s, oneDNN's prepac
 2-4 ms a pass, of which fewer passes over the logits saved 1-2 ms, ~0.07 s a run, not pursued), tokenization ~0.2
 s, and ~1.3 ms fixed per forward (326 forwards against naive's 191). What would reach 4x here is a cheaper
 attention kernel for the prefix mode's short causal calls, not the common costs.
+
+The same checkpoint on the quiet machine (2026-12-01 23:06-23:08, load 0.5-1.5, nothing else running), one process
+each, `--model-path` to the single-token build:
+
+| threads | batch | naive s (runs) | prefix s (runs) | wall ratio, each pair | cpu ratio, each pair | peak RSS |
+|---|---|---|---|---|---|---|
+| 1 | 8 | 20.30, 16.22 | 5.34, 3.69 | 3.80, 4.40 | 3.61, 4.37 | 0.39 GiB |
+| 1 | 32 | 17.75, 17.02 | 4.29, 3.95 | 4.13, 4.31 | 4.14, 4.31 | 0.51 GiB |
+| 2 (the default) | 8 | 11.76, 11.26, 10.99 | 3.69, 3.29, 2.95 | 3.19, 3.43, 3.72 | 3.23, 3.43, 3.74 | 0.38 GiB |
+
+Quiet, one thread reads about 4 (3.8-4.4 at batch 8, 4.1-4.3 at batch 32); with two threads naive's large forwards
+use the second core better than prefix mode's small ones, and the ratio is 3.2-3.7.
 """
 from __future__ import annotations
 
