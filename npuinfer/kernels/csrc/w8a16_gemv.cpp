@@ -2,9 +2,10 @@
 // int8 [N, K] row-major (as checkpoints hold it), x [M, K] (1 <= M <= 4, any float dtype), scale [N].
 //
 // Why it exists (issue #13): torch._weight_int8pack_mm also widens each int8 weight to fp32 and multiplies in
-// fp32, but from 4 rows on it is bound by arithmetic on this project's 2-core Xeon: 0.67x oneDNN's bf16 time
-// on an 11008x4096 matrix where the bytes read are 0.5x. Here each weight is widened once per call and used by
-// every x row, R weight rows at a time with M x R accumulators held in registers; 0.52x at 4 rows, 2 threads.
+// fp32, but from 4 rows on it is bound by arithmetic on this project's 2-core Xeon: 0.54-0.74x oneDNN's bf16
+// time on Qwen-7B's matrices where the bytes read are 0.5x. Here each weight is widened once per call and used by
+// every x row, R weight rows at a time with M x R accumulators held in registers: 0.44-0.54x at 4 rows, 2 threads
+// (bench/quant_vs_float.py's docstring has the figures).
 // Products of int8 and fp32 values are exact in fp32; sums accumulate in fp32 (16 lanes, then the lanes).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
