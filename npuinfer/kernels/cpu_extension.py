@@ -16,9 +16,10 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from types import ModuleType
+
+from ..atomic import write_atomic
 
 DISABLE_ENV = "NPUINFER_CPU_KERNELS"
 SOURCE = Path(__file__).with_name("csrc") / "w8a16_gemv.cpp"
@@ -67,11 +68,8 @@ def _stable_source() -> tuple[Path, Path]:
     folder = root / f"{NAME}_{digest}"
     folder.mkdir(parents=True, exist_ok=True)
     copy = folder / SOURCE.name
-    if not copy.exists() or copy.read_bytes() != text:  # a unique temporary name: processes may race here
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{SOURCE.name}.")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(text)
-        os.replace(tmp, copy)
+    if not copy.exists() or copy.read_bytes() != text:  # processes may race here: each writes whole
+        write_atomic(copy, text)
     return folder, copy
 
 
