@@ -80,9 +80,11 @@ def _build() -> ModuleType | str:
         return reason
     from torch.utils.cpp_extension import load as build
 
-    print(f"npuinfer: loading its cpu kernel {SOURCE.name} (built once, then cached by torch)", file=sys.stderr)
     try:
         folder, source = _stable_source()
+        if not (folder / f"{NAME}.so").exists():
+            print(f"npuinfer: building its cpu kernel {SOURCE.name} in {folder} (about a minute, once)",
+                  file=sys.stderr)
         return build(name=NAME, sources=[str(source)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                      build_directory=str(folder), verbose=False)
     except Exception as exc:  # a compiler or linker error: torch's ops run instead, and the notes say why
