@@ -128,9 +128,11 @@ class Device:
         return int(self._backend.get_device_properties(self.torch_device).total_memory)
 
     def free_memory_bytes(self) -> int | None:
-        """Bytes free for new tensors on an accelerator now: the device's free memory plus what torch's caching
-        allocator holds unused. None on cpu (see npuinfer.memory.available_host_memory) or where unknown."""
-        mem_get_info = getattr(self._backend, "mem_get_info", None) if self.is_accelerator else None
+        """Bytes free for new tensors now: on an accelerator the device's free memory plus what torch's caching
+        allocator holds unused, on cpu the host's MemAvailable (/proc/meminfo); None where unknown."""
+        if not self.is_accelerator:
+            return _host_available_bytes()
+        mem_get_info = getattr(self._backend, "mem_get_info", None)
         if mem_get_info is None:
             return None
         free, _ = mem_get_info(self.torch_device)
@@ -317,3 +319,15 @@ def get_device(spec: str = "auto", local_rank: int | None = None) -> Device:
     if chosen >= count:
         raise DeviceError(f"--device {spec}: {kind}:{chosen} requested but only {count} {kind} device(s) present")
     return Device(kind, chosen)
+
+
+def _host_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), None elsewhere."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -24,7 +24,7 @@ import torch
 
 from .checkpoint import args_from_config, env_max_seq_len, read_model_config
 from .device import Device, dtype_name
-from .memory import available_host_memory, estimate, format_size
+from .memory import estimate, format_size
 from .model import ModelArgs, Transformer
 from .locate import resolve_model_dir
 from .registry import ModelNotFound, ModelSpec, get_spec
@@ -47,7 +47,7 @@ def memory_available(device: Device, memory_limit: int | None) -> tuple[int | No
     if total is not None:
         candidates.append((total, f"{device} total memory {format_size(total)}"))
     if not device.is_accelerator:
-        host = available_host_memory()
+        host = device.free_memory_bytes()
         if host is not None:
             candidates.append((host, f"host memory available {format_size(host)}"))
     if not candidates:
@@ -109,8 +109,8 @@ def check_case_fits(args: ModelArgs, dtype: torch.dtype, device: Device, memory_
                     input_len: int, output_len: int, held_cache_bytes: int, what: str) -> None:
     """Refuses, before anything of it is allocated, a case (batch x input -> output) of a model already built
     whose predicted memory (npuinfer.memory: weights + KV cache for input + output + the prefill's activations)
-    exceeds ``memory_limit``, or whose KV cache and activations exceed the memory free now (on an accelerator
-    `Device.free_memory_bytes`, on cpu the host's MemAvailable), plus ``held_cache_bytes`` (the previous case's KV
+    exceeds ``memory_limit``, or whose KV cache and activations exceed the memory free now
+    (`Device.free_memory_bytes`), plus ``held_cache_bytes`` (the previous case's KV
     cache, which this one replaces)."""
     est = estimate(args, batch, input_len, output_len, dtype.itemsize)
     case = est.kv_cache + est.activations
@@ -119,7 +119,7 @@ def check_case_fits(args: ModelArgs, dtype: torch.dtype, device: Device, memory_
     if memory_limit is not None and est.total > memory_limit:
         why = f"needs about {format_size(est.total)} ({parts}), more than --memory-limit {format_size(memory_limit)}"
     else:
-        free = device.free_memory_bytes() if device.is_accelerator else available_host_memory()
+        free = device.free_memory_bytes()
         if free is None or case <= free + held_cache_bytes:
             return
         why = (f"needs about {format_size(case)} beyond the weights it holds ({parts}), more than the "

@@ -121,18 +121,6 @@ def predict_max_batch(args: ModelArgs, input_len: int, output_len: int, dtype_by
     return int(best)
 
 
-def available_host_memory() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), None elsewhere."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 # --------------------------------------------------------------------------------------------- max batch
 
 
@@ -189,7 +177,7 @@ class MaxBatchSearch:
         if not self.device.is_accelerator:
             if self.predicted(batch) > self.limit:
                 return False, None, "prediction"  # not run: the prediction already says it does not fit
-            host = available_host_memory()
+            host = self.device.free_memory_bytes()
             if host is not None and self.predicted(batch) > 0.8 * host:
                 raise Unconfirmable(f"a run at batch {batch} would need about {format_size(self.predicted(batch))}, "
                                     f"more than this machine can spare ({format_size(host)} available)")

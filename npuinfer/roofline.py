@@ -43,7 +43,6 @@ from filelock import FileLock
 
 from .atomic import write_atomic
 from .kernels import select_kernels
-from .memory import available_host_memory
 from .model import ModelArgs
 
 GB = 1e9
@@ -147,7 +146,7 @@ def probe_size(device) -> int:
     if device.is_accelerator:
         size, free = 2 * 1024**3, device.total_memory_bytes()
     else:
-        size, free = max(512 * 1024**2, 4 * (last_level_cache_bytes() or 0)), available_host_memory()
+        size, free = max(512 * 1024**2, 4 * (last_level_cache_bytes() or 0)), device.free_memory_bytes()
     if free:
         size = min(size, free // 8)
     # never small enough to live in the cache: that would measure the cache, not the memory
