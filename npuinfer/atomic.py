@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # Makes the rename itself durable; not every platform / filesystem lets a directory be opened.
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -53,7 +53,7 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def create_atomic(path: str | os.PathLike, data: str | bytes) -> bool:
@@ -67,7 +67,7 @@ def create_atomic(path: str | os.PathLike, data: str | bytes) -> bool:
         return False
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
 
 
@@ -109,14 +109,14 @@ def swap_directory(staging: Path, out: Path) -> None:
     deleted from the staging name. Elsewhere the old tree is first renamed to ``.<name>.previous``; a kill
     between the two renames is repaired by the next update (`recover_interrupted_swap`)."""
     if out.is_dir() and _exchange(staging, out):
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         shutil.rmtree(staging)
         return
     previous = sibling(out, "previous")
     if out.exists():
         os.rename(out, previous)
     os.rename(staging, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if previous.exists():
         shutil.rmtree(previous)
 

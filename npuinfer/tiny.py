@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import fsync_dir, fsync_tree
 from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, args_from_config, from_canonical
 from .families import get_family
 from .model import Transformer
@@ -42,11 +43,14 @@ def ensure_tiny(name: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         make_tiny(name, staging)
+        fsync_tree(staging)  # on disk before it is published: a crash cannot leave a torn cached checkpoint
         try:
             staging.rename(target)
         except OSError:
             if not (target / MARKER).is_file():  # not another process's finished copy: a real failure
                 raise
+        else:
+            fsync_dir(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -118,6 +118,17 @@ def test_recut_replaces_the_old_cut(tmp_path):
     assert hidden_leftovers(model_dir) == []
 
 
+def test_recut_after_a_swap_killed_between_its_renames(tmp_path):
+    # where the system cannot exchange two directories at once, the old cut is parked before the new one is
+    # renamed in; a kill between the two leaves it parked, and the next cut puts it back before replacing it
+    model_dir = copy_of("gpt-neox-tiny", tmp_path / "n")
+    cut_checkpoint(model_dir, 2)
+    (model_dir / PART_DIR).rename(model_dir / f".{PART_DIR}.previous")
+    cut_checkpoint(model_dir, 4)
+    assert sorted(p.name for p in (model_dir / PART_DIR).iterdir()) == ["0", "1", "2", "3"]
+    assert hidden_leftovers(model_dir) == []
+
+
 def test_large_ranks_are_written_as_indexed_files(tmp_path, monkeypatch):
     import npuinfer.parallel.cut as cut
 

@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..atomic import fsync_tree, recover_interrupted_swap, swap_directory
 from ..checkpoint import read_canonical as read_canonical_weights
 from ..checkpoint import (
     args_from_config,
@@ -209,6 +210,7 @@ def cut_checkpoint(model_dir: str | os.PathLike, tp: int) -> list[Path]:
                          f"rank {rank} of the cut")
         shards.append(shard)
 
+    recover_interrupted_swap(model_dir / PART_DIR)
     staging = _fresh_dir(model_dir, "tmp")
     try:
         for rank, shard in enumerate(shards):
@@ -218,7 +220,8 @@ def cut_checkpoint(model_dir: str | os.PathLike, tp: int) -> list[Path]:
             (out / "config.json").write_text(
                 json.dumps({**config, TP_KEY: meta}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             _save(shard, out, f"{rank}/{tp}")
-        _replace_dir(staging, model_dir / PART_DIR)
+        fsync_tree(staging)  # on disk before it is swapped in: a crash after the swap leaves no torn shard
+        swap_directory(staging, model_dir / PART_DIR)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [part_dir(model_dir, rank) for rank in range(tp)]
@@ -274,13 +277,3 @@ def _fresh_dir(parent: Path, kind: str) -> Path:
     path = parent / f".{PART_DIR}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     path.mkdir()
     return path
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = _fresh_dir(target.parent, "old")
-        target.rename(old / "part")
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
