@@ -22,7 +22,7 @@ def gemv():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("n, k", [(1, 16), (7, 70), (37, 64), (64, 333)])
+@pytest.mark.parametrize("n, k", [(1, 16), (7, 70), (37, 64), (64, 333), (389, 40)])  # 389: 5-7 chunks of rows
 def test_gemv_equals_a_float64_reference(gemv, rows, n, k):
     gen = torch.Generator().manual_seed(rows * 1000 + n + k)
     x = torch.randn(rows, k, generator=gen)
@@ -35,6 +35,21 @@ def test_gemv_equals_a_float64_reference(gemv, rows, n, k):
     bf16 = gemv(x.bfloat16(), w, scale)  # bf16 activations are widened exactly; the output is rounded to bf16
     want16 = (x.bfloat16().double() @ w.double().T) * scale.double().view(1, -1)
     assert bf16.dtype == torch.bfloat16 and (bf16.double() - want16).abs().max() <= 8e-3 * want16.abs().max()
+
+
+def test_rows_handed_out_dynamically_give_the_same_bits_on_any_thread_count(gemv):
+    # each output row is one thread's sequential sum, whichever thread takes its chunk
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(4, 72, generator=gen), torch.randint(-128, 128, (1001, 72), generator=gen, dtype=torch.int8)
+    scale = torch.rand(1001, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [gemv(x[:m], w, scale) for m in (1, 4)]
+        torch.set_num_threads(max(2, threads))
+        assert all(torch.equal(gemv(x[:m], w, scale), want) for m, want in zip((1, 4), one))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_bad_shapes_are_refused_naming_them(gemv):

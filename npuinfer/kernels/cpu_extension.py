@@ -24,7 +24,7 @@ from ..atomic import write_atomic
 DISABLE_ENV = "NPUINFER_CPU_KERNELS"
 SOURCE = Path(__file__).with_name("csrc") / "w8a16_gemv.cpp"
 NAME = "npuinfer_w8a16_gemv"
-FLAGS = ["-O3", "-mavx512f", "-fopenmp"]  # at::parallel_for is OpenMP in torch's cpu builds
+FLAGS = ["-O3", "-mavx512f", "-fopenmp"]  # the kernel splits its rows over OpenMP threads, as torch's cpu builds do
 
 
 class Unavailable(RuntimeError):
