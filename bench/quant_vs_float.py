@@ -58,13 +58,13 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from in_turn import report, run_turn, turns  # bench/ is the script's own folder on sys.path
 
 DIMS = {  # config.json overrides on the qwen tiny layout (Qwen's intermediate_size counts both branches)
     "widened": dict(hidden_size=1024, num_attention_heads=16, kv_channels=64, intermediate_size=5504,
@@ -224,20 +224,16 @@ def speed(args) -> None:
     if args.write_only:
         return
     runs: dict[str, list[dict]] = {"bf16": [], "W8A16": []}
-    for round_ in range(args.rounds):  # alternating processes, the order swapped each round: noise hits both
-        order = (("bf16", float_dir), ("W8A16", quant_dir))
-        for label, path in order if round_ % 2 == 0 else order[::-1]:
-            cmd = [sys.executable, __file__, "_measure", str(path), "--batches", *map(str, args.batches),
-                   "--steps", str(args.steps)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-            if proc.returncode:  # a negative code is a signal (-9: killed, e.g. out of memory)
-                raise SystemExit(f"{label}: exit code {proc.returncode}\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            runs[label].append(r)
-            steps = {b: f"{statistics.median(t) * 1e3:.0f}/{min(t) * 1e3:.0f}" for b, t in r["steps"].items()}
-            print(f"round {round_ + 1} {label}: load {r['load_s']:.0f} s, weights {r['weights_gib']:.2f} GiB, peak RSS "
-                  f"{r['peak_rss_gib']:.2f} GiB, next-token ms median/fastest by batch {steps}, load average "
-                  f"{os.getloadavg()[0]:.1f}, {r['quantization']}", flush=True)
+    paths = {"bf16": float_dir, "W8A16": quant_dir}
+    for round_, label in turns(list(paths), args.rounds):  # processes in turn, the order swapped each round
+        cmd = [sys.executable, __file__, "_measure", str(paths[label]), "--batches", *map(str, args.batches),
+               "--steps", str(args.steps)]
+        r = run_turn(cmd, f"round {round_ + 1} {label}")
+        runs[label].append(r)
+        steps = {b: f"{statistics.median(t) * 1e3:.0f}/{min(t) * 1e3:.0f}" for b, t in r["steps"].items()}
+        print(f"round {round_ + 1} {label}: load {r['load_s']:.0f} s, weights {r['weights_gib']:.2f} GiB, peak RSS "
+              f"{r['peak_rss_gib']:.2f} GiB, next-token ms median/fastest by batch {steps}, load average "
+              f"{os.getloadavg()[0]:.1f}, {r['quantization']}", flush=True)
     print("| batch | bf16 next-token ms (median; fastest) | W8A16 next-token ms (median; fastest) | W8A16/bf16 "
           "per round, medians | W8A16/bf16 per round, fastest |")
     print("|---|---|---|---|---|")
@@ -335,7 +331,7 @@ def main() -> None:
     me.add_argument("--steps", type=int)
     args = parser.parse_args()
     if args.mode == "_measure":
-        print(json.dumps(measure(args.path, args.batches, args.steps, "bf16")))
+        report(measure(args.path, args.batches, args.steps, "bf16"))
     elif args.mode == "speed":
         speed(args)
     elif args.mode == "layers":

@@ -11,9 +11,10 @@ linears for oneDNN (cpu bf16), new tensors beside the dense ones transformers ke
 linears' memory (qwen-7b bf16: ~29 GB, more than this 24 GiB VM, so run it with --layers); --kernels plain shares
 one copy (15.4 GB). npuinfer alone (--no-hf, or `npuinfer infer`) holds each weight once.
 --separate runs each backend in a process of its own, one at a time (npuinfer round 0, transformers round 0,
-npuinfer round 1, ...), so only one model is in memory (qwen-7b at 32 layers: ~15 GB, where the pair needs ~29) and
-consecutive runs of the two see the same machine; each process builds the same seeded weights, warms up once per
-batch (2 new tokens) and times one generate per batch; the ratio of each pair (a round) is printed, then the medians.
+transformers round 1, npuinfer round 1, ...: the order swapped each round, bench/in_turn.py), so only one model is
+in memory (qwen-7b at 32 layers: ~15 GB, where the pair needs ~29) and consecutive runs of the two see the same
+machine; each process builds the same seeded weights, warms up once per batch (2 new tokens) and times one generate
+per batch; the ratio of each pair (a round) is printed, then the medians.
 Shown working at 2 layers (`--separate --layers 2 --vocab 32000 --input 32 --output 6`, 2 rounds, load ~4.5,
 2026-12-01 21:03, probe 7.6 GB/s before and 28.6 after): pairs 1.20 / 0.82 (bs1) and 0.79 / 1.42 (bs4) next-token,
 0.24-0.33 first-token: swings of a busy VM, not figures; 32 layers not run here.
@@ -92,6 +93,7 @@ import time
 
 import torch
 
+from in_turn import report, run_turn, turns  # bench/ is the script's own folder on sys.path
 from npuinfer.device import get_device, parse_dtype
 from npuinfer.roofline import probe_bandwidth, probe_flops, roofline_figures
 
@@ -206,13 +208,9 @@ def shapes(opts):
     return spec, args
 
 
-RESULT = "RESULT "  # the line a --separate child reports its runs on
-
-
 def worker(opts) -> int:
     """A --separate child: builds the dummy model (seed 0), runs ``opts.worker`` on it, one warm-up (2 new tokens)
-    and one timed generate per batch with round ``opts.round``'s inputs, and prints them as one JSON line."""
-    import json
+    and one timed generate per batch with round ``opts.round``'s inputs, and reports them (in_turn.report)."""
 
     from npuinfer import dummy
     from npuinfer.runtime import LoadedModel
@@ -242,8 +240,7 @@ def worker(opts) -> int:
         backend.generate(ids, mask, 2)  # warm-up: kernel selection, first touch of the cache
         run = time_run(backend, ids, mask, opts.output, "detail")
         runs.append({"batch": batch, "first_token_ms": run.first_token_ms, "next_token_ms": run.next_token_ms})
-    print(RESULT + json.dumps({"backend": opts.worker, "round": opts.round, "built_s": built, "runs": runs}),
-          flush=True)
+    report({"backend": opts.worker, "round": opts.round, "built_s": built, "runs": runs})
     return 0
 
 
@@ -253,11 +250,8 @@ def child_argv(argv: list[str]) -> list[str]:
 
 
 def separate(opts, argv: list[str]) -> int:
-    """--separate: the two backends in processes of their own, taking turns (npuinfer, hf, npuinfer, hf, ...);
+    """--separate: the two backends in processes of their own, taking turns (npuinfer, hf, hf, npuinfer, ...);
     the probes run here, with no model in memory, before and after; a ratio per pair and the medians."""
-    import json
-    import subprocess
-
     device, dtype = get_device("cpu"), parse_dtype(opts.dtype)
     spec, args = shapes(opts)
     peaks = [probe_bandwidth(device, dtype)]
@@ -267,24 +261,19 @@ def separate(opts, argv: list[str]) -> int:
           f"each backend in its own process\n# probe before: {peaks[0].value / 1e9:.2f} GB/s ({peaks[0].source}); "
           f"{flops[0].value / 1e12:.3f} TFLOP/s ({flops[0].source})", flush=True)
     results: dict[tuple[str, int], list[dict]] = {}
-    for r in range(opts.rounds):
-        for name in ("npuinfer", "hf"):
-            cmd = [sys.executable, __file__, *child_argv(argv), "--worker", name, "--round", str(r)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
-            if proc.returncode != 0 or not lines:
-                print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"round {r}: the {name} process failed (exit {proc.returncode}): {' '.join(cmd)}")
-            report = json.loads(lines[-1][len(RESULT):])
-            for run in report["runs"]:
-                results.setdefault((name, run["batch"]), []).append(run)
-                print(f"round {r} {name:8s} bs{run['batch']}: first {run['first_token_ms']:11.3f} ms, next "
-                      f"{run['next_token_ms']:10.3f} ms (built in {report['built_s']:.1f} s)", flush=True)
-        for batch in opts.batches:
-            n, h = results["npuinfer", batch][r], results["hf", batch][r]
-            print(f"pair {r} bs{batch}: next-token npuinfer / transformers "
-                  f"{n['next_token_ms'] / h['next_token_ms']:.3f}, first-token "
-                  f"{n['first_token_ms'] / h['first_token_ms']:.3f}", flush=True)
+    for r, name in turns(("npuinfer", "hf"), opts.rounds):  # the order swapped each round
+        cmd = [sys.executable, __file__, *child_argv(argv), "--worker", name, "--round", str(r)]
+        child = run_turn(cmd, f"round {r} {name}")
+        for run in child["runs"]:
+            results.setdefault((name, run["batch"]), []).append(run)
+            print(f"round {r} {name:8s} bs{run['batch']}: first {run['first_token_ms']:11.3f} ms, next "
+                  f"{run['next_token_ms']:10.3f} ms (built in {child['built_s']:.1f} s)", flush=True)
+        if all(len(results.get((other, opts.batches[0]), [])) == r + 1 for other in ("npuinfer", "hf")):
+            for batch in opts.batches:  # the round's pair is complete
+                n, h = results["npuinfer", batch][r], results["hf", batch][r]
+                print(f"pair {r} bs{batch}: next-token npuinfer / transformers "
+                      f"{n['next_token_ms'] / h['next_token_ms']:.3f}, first-token "
+                      f"{n['first_token_ms'] / h['first_token_ms']:.3f}", flush=True)
     peaks.append(probe_bandwidth(device, dtype))
     flops.append(probe_flops(device, dtype))
     peak, flop = max(peaks, key=lambda p: p.value), max(flops, key=lambda p: p.value)

@@ -198,7 +198,7 @@ def test_realsize_separate_runs_each_backend_in_its_own_process_and_pairs_them(n
             re.findall(r"^round (\d) (\w+) +bs(\d): first +[\d.]+ ms, next +([\d.]+) ms", proc.stdout, re.M)}
     assert len(runs) == 2 * 2 * 2
     order = [(int(r), name) for r, name in re.findall(r"^round (\d) (\w+) +bs1:", proc.stdout, re.M)]
-    assert order == [(0, "npuinfer"), (0, "hf"), (1, "npuinfer"), (1, "hf")]  # taking turns
+    assert order == [(0, "npuinfer"), (0, "hf"), (1, "hf"), (1, "npuinfer")]  # taking turns, swapped each round
     pairs = re.findall(r"^pair (\d) bs(\d): next-token npuinfer / transformers ([\d.]+)", proc.stdout, re.M)
     assert len(pairs) == 4
     for r, b, ratio in pairs:
