@@ -49,6 +49,21 @@ W8A16, ~550 ms): the bf16 head through oneDNN 72 ms, attention, norms and conver
 rest at ~14.7 GB/s of int8 (bf16's linears stream ~14.6 GB/s of bf16). The GEMV's inner loop at 4 rows is 24 FMAs
 and 12 widening instructions per 96 weights on the two vector ports, so it is bound by arithmetic too, only less so
 than int8pack. Peak RSS unchanged, 7.64 / 14.63 GiB = 0.52.
+
+2026-12-02, the same command with --rounds 6, the machine's memory bandwidth lower than the day before (an fp32 GEMV
+streamed 16-20 GB/s against 27.7) and one vCPU often held up: per matrix at 4 rows the GEMV is bound by bandwidth, as
+oneDNN bf16 is (11008x4096: 17.1 GB/s of int8 against oneDNN's 16.4 of bf16, ratio 0.48; 12288x4096 0.48), and the
+GEMV then handed its rows out in chunks to whichever thread was free instead of equal halves (1.04-1.15x the bytes/s
+over a sequence of Qwen-7B's matrices). `layers --layers 4` (interleaved steps, one process): W8A16/bf16 0.53-0.56 at
+batch 1, 0.53-0.54 at batch 4. Full size, two runs of 6 rounds after that change (12 rounds, load 1.5-2.1):
+
+| batch | W8A16/bf16 per round, medians (sorted) | median | ratio of the pooled medians (run 1; run 2) |
+|---|---|---|---|
+| 1 | 0.49, 0.49, 0.52, 0.55, 0.56, 0.57, 0.59, 0.62, 0.64, 0.66, 0.67, 0.73 | 0.58 | 481/869 = 0.55; 536/933 = 0.57 |
+| 4 | 0.48, 0.50, 0.52, 0.52, 0.53, 0.56, 0.57, 0.58, 0.62, 0.62, 0.65, 0.73 | 0.57 | 597/1014 = 0.59; 604/1046 = 0.58 |
+
+One step's time in one process swings 505-652 ms at batch 4 on this machine (30 steps of W8A16 in a row), so a
+round's ratio carries +-0.1 of noise; the medians are at or under 0.6 in every summary, the per-layer ratio 0.53.
 """
 from __future__ import annotations
 
