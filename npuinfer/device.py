@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import psutil
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -129,9 +130,10 @@ class Device:
 
     def free_memory_bytes(self) -> int | None:
         """Bytes free for new tensors now: on an accelerator the device's free memory plus what torch's caching
-        allocator holds unused, on cpu the host's MemAvailable (/proc/meminfo); None where unknown."""
+        allocator holds unused, on cpu the host's available memory (psutil: MemAvailable on Linux); None where
+        unknown."""
         if not self.is_accelerator:
-            return _host_available_bytes()
+            return int(psutil.virtual_memory().available)
         mem_get_info = getattr(self._backend, "mem_get_info", None)
         if mem_get_info is None:
             return None
@@ -272,18 +274,25 @@ def _npu_activity(device: torch.device) -> dict[str, float | int]:
 
 
 @cache
+def cpuinfo_field(name: str) -> str | None:
+    """The first value of ``name`` in /proc/cpuinfo ("model name", "flags"); None where there is none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == name:
+                return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+@cache
 def cpu_model_name() -> str:
     """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) Processor"), not just "x86_64": cpu baselines keep
     rows per CPU model, because the calibration workload and a model's forward scale differently across them."""
     import platform
 
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def get_device(spec: str = "auto", local_rank: int | None = None) -> Device:
@@ -319,15 +328,3 @@ def get_device(spec: str = "auto", local_rank: int | None = None) -> Device:
     if chosen >= count:
         raise DeviceError(f"--device {spec}: {kind}:{chosen} requested but only {count} {kind} device(s) present")
     return Device(kind, chosen)
-
-
-def _host_available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), None elsewhere."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..atomic import write_atomic
+from ..device import cpuinfo_field
 
 DISABLE_ENV = "NPUINFER_CPU_KERNELS"
 SOURCE = Path(__file__).with_name("csrc") / "w8a16_gemv.cpp"
@@ -31,24 +32,13 @@ class Unavailable(RuntimeError):
     """npuinfer's cpu kernels cannot run here; the message says why."""
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def why_not() -> str | None:
     """Why the kernels cannot be built here (None: they can be tried), without building anything."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return f"${DISABLE_ENV}=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"not an x86-64 processor ({platform.machine()})"
-    if "avx512f" not in _cpu_flags():
+    if "avx512f" not in (cpuinfo_field("flags") or "").split():
         return "the processor has no AVX-512F (/proc/cpuinfo)"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler (c++, or $CXX) on PATH"

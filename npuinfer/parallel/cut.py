@@ -211,7 +211,7 @@ def cut_checkpoint(model_dir: str | os.PathLike, tp: int) -> list[Path]:
         shards.append(shard)
 
     recover_interrupted_swap(model_dir / PART_DIR)
-    staging = _fresh_dir(model_dir, "tmp")
+    staging = _staging_dir(model_dir)
     try:
         for rank, shard in enumerate(shards):
             out = staging / str(rank)
@@ -272,8 +272,8 @@ def _owned(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: t.contiguous().clone() for name, t in state.items()}
 
 
-def _fresh_dir(parent: Path, kind: str) -> Path:
+def _staging_dir(parent: Path) -> Path:
     """A new hidden directory next to part_model (mkdir, so the umask applies as to any folder)."""
-    path = parent / f".{PART_DIR}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path = parent / f".{PART_DIR}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     path.mkdir()
     return path
