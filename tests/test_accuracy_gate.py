@@ -105,7 +105,7 @@ def test_a_baseline_with_other_shots_is_not_gated_with_a_warning(baseline, tmp_p
     assert "3 passed" in proc.stdout
     differ = "shots 0 (baseline) vs 5 (this run)"
     assert f"WARNING: categories not gated: the baseline was scored with other settings: {differ}" in proc.stdout
-    assert f"qwen-tiny-law: NOT GATED: the baseline" in proc.stdout and differ in proc.stdout
+    assert "qwen-tiny-law: NOT GATED: the baseline" in proc.stdout and differ in proc.stdout
     assert ": passed" not in proc.stdout  # no category compared
     table = proc.stdout[proc.stdout.index("| subject"):proc.stdout.index("Every question")]
     assert table.count("not gated") == 3  # every case's baseline column

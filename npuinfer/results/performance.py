@@ -169,8 +169,8 @@ def performance_markdown(csv_path: Path) -> str:
     if notes:
         lines += ["Rows not measured:", *notes, ""]
     if busy:
-        lines += [f"**Rows measured on a busy machine** (quiet = False: their times include other processes' work; "
-                  f"measure again on a quiet machine, or run with --require-quiet):",
+        lines += ["**Rows measured on a busy machine** (quiet = False: their times include other processes' work; "
+                  "measure again on a quiet machine, or run with --require-quiet):",
                   *[f"- {r.get('case_id') or _case_label(r)}: {r.get(QUIET_REASONS)}" for r in busy], ""]
     lines.append(f"Source: {csv_path.name} (raw rounds: {raw_rounds_path(csv_path).name})")
     return "\n".join(lines) + "\n"
