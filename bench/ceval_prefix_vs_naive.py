@@ -142,6 +142,23 @@ each, `--model-path` to the single-token build:
 
 Quiet, one thread reads about 4 (3.8-4.4 at batch 8, 4.1-4.3 at batch 32); with two threads naive's large forwards
 use the second core better than prefix mode's small ones, and the ratio is 3.2-3.7.
+
+Which machine: the first table (qwen-tiny 4.4-4.9, the figures #16's 4x was set from) was measured on 2026-11-30,
+most likely on the AMD EPYC VM this project's sessions ran on that day (the cpu baselines' rows of that day are AMD
+EPYC ones); every later figure is from the Intel Xeon VM (model 207). The same 1,200-entry qwen-tiny reads lower
+there. 2026-12-02 02:58-03:01, 2 threads, batch 8, `--repeat 2`, the two builds alternating as whole processes (load
+0.6-1.7):
+
+| build | wall ratio, each pair | median |
+|---|---|---|
+| qwen-tiny (1,200 entries) | 3.55, 3.70, 2.92, 3.14, 4.47, 3.77 | 3.6 |
+| `--vocab 151936` (single-token answers) | 2.66, 2.97, 2.49, 3.69, 2.96, 3.30 | 3.0 |
+
+At one thread (03:11-03:15, three processes, `--repeat 3`, load 0.7-1.0) the 151,936-entry build read 3.15, 3.26,
+3.77, 2.90, 4.01, 3.47, 3.49, 3.58, 3.89 (median 3.5). Timed apart under cProfile in one process (2 threads, three
+rounds), the head took 0.55-0.61 s a run in either mode and the rest outside the forwards 0.47-0.56 s; the
+forwards alone (question batches, and prefix mode's 52 prefix runs at 0.47-0.69 s) read 3.56, 3.13, 3.22 naive over
+prefix. So on this CPU even a head and a tokenizer that cost nothing would leave the ratio under 4 at two threads.
 """
 from __future__ import annotations
 
