@@ -82,6 +82,14 @@ npuinfer next token 834 ms (bs1) and 1189 ms (bs4; 1465 in round 0, 912 in round
 first token 3.9 s / 11.2 s (bs1) and 11.9 s / 38.2 s (bs4). Each process peaked near 15 GB, where the pair in
 one process needs ~29. MBU stays short of 0.85: oneDNN's bf16 GEMV on the prepacked weights streams 17-19 GB/s
 over the large matrices (11008 x 4096, 12288 x 4096) against the fp32 GEMV probe's 23.8.
+
+The same command on 2026-12-02 03:19-03:27 (load ~1; probe 20.3 GB/s before, 22.6 after), medians of 2 rounds:
+next token n / hf 0.65 (bs1; pairs 0.73, 0.58) and 0.57 (bs4; 0.68, 0.46), first token 0.32 and 0.30, MBU 0.66 /
+0.43 (bs1) and 0.60 / 0.34 (bs4) against 22.6 GB/s; npuinfer's next token 834-1068 ms (bs1), 962-1129 ms (bs4).
+No bf16 GEMV measured here streams as fast as the fp32 GEMV the probe reads, least of all at 4 rows: side by side on
+11008 x 4096 (10 matrices in turn, 2 threads, medians of 5), at 4 rows oneDNN's prepacked bf16 streamed 14.3-15.0
+GB/s, a hand-written fp32-FMA GEMV on plain bf16 rows (an experiment, not in the package) 16.6-17.7, the fp32 GEMV
+19.8-20.0; at one row 15.9-16.6, 17.6-19.6 and 19.8-20.1.
 """
 from __future__ import annotations
 
