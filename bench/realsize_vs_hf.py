@@ -269,15 +269,15 @@ def separate(opts, argv: list[str]) -> int:
           f"each backend in its own process\n# probe before: {peaks[0].value / 1e9:.2f} GB/s ({peaks[0].source}); "
           f"{flops[0].value / 1e12:.3f} TFLOP/s ({flops[0].source})", flush=True)
     results: dict[tuple[str, int], list[dict]] = {}
-    for r, name in turns(("npuinfer", "hf"), opts.rounds):  # the order swapped each round
+    for turn, (r, name) in enumerate(turns(("npuinfer", "hf"), opts.rounds)):  # the order swapped each round
         cmd = [sys.executable, __file__, *child_argv(argv), "--worker", name, "--round", str(r)]
         child = run_turn(cmd, f"round {r} {name}")
         for run in child["runs"]:
             results.setdefault((name, run["batch"]), []).append(run)
             print(f"round {r} {name:8s} bs{run['batch']}: first {run['first_token_ms']:11.3f} ms, next "
                   f"{run['next_token_ms']:10.3f} ms (built in {child['built_s']:.1f} s)", flush=True)
-        if all(len(results.get((other, opts.batches[0]), [])) == r + 1 for other in ("npuinfer", "hf")):
-            for batch in opts.batches:  # the round's pair is complete
+        if turn % 2:  # the round's second process: its pair is complete
+            for batch in opts.batches:
                 n, h = results["npuinfer", batch][r], results["hf", batch][r]
                 print(f"pair {r} bs{batch}: next-token npuinfer / transformers "
                       f"{n['next_token_ms'] / h['next_token_ms']:.3f}, first-token "
