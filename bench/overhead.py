@@ -38,7 +38,8 @@ def timer_overhead(model: str, input_len: int, output_len: int, repeats: int, th
 
     from npuinfer.generate import _NoObserver
     from npuinfer.runtime import load_model
-    from npuinfer.timing import NpuinferBackend, Timer, make_inputs, time_run
+    from npuinfer.backends.npuinfer import NpuinferBackend
+    from npuinfer.timing import Timer, make_inputs, time_run
 
     torch.set_num_threads(threads)
     loaded = load_model(model, device="cpu", dtype="fp32")

@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     from npuinfer import dummy
     from npuinfer.runtime import LoadedModel
     from npuinfer.tiny import ensure_tiny
-    from npuinfer.timing import BenchCase, NpuinferBackend, make_inputs, time_run
+    from npuinfer.backends.npuinfer import NpuinferBackend
+    from npuinfer.timing import BenchCase, make_inputs, time_run
     from npuinfer.tokenizer import load_tokenizer
 
     device, dtype = get_device("cpu"), parse_dtype(opts.dtype)
@@ -223,7 +224,8 @@ def worker(opts) -> int:
     from npuinfer import dummy
     from npuinfer.runtime import LoadedModel
     from npuinfer.tiny import ensure_tiny
-    from npuinfer.timing import NpuinferBackend, make_inputs, time_run
+    from npuinfer.backends.npuinfer import NpuinferBackend
+    from npuinfer.timing import make_inputs, time_run
     from npuinfer.tokenizer import load_tokenizer
 
     device, dtype = get_device("cpu"), parse_dtype(opts.dtype)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .backends.base import BackendUnsupported
 from .checkpoint import (
     args_from_config,
     checkpoint_identity,
@@ -42,7 +43,7 @@ from .model import ModelArgs
 from .quant import plan_from_state
 
 
-class HFUnsupported(ValueError):
+class HFUnsupported(BackendUnsupported):
     """A checkpoint transformers has no native model for."""
 
 

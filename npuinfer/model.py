@@ -527,7 +527,8 @@ class Transformer(nn.Module):
         hidden = self.norm(_at_positions(x, logits_at))
         return self.output(hidden) if head else hidden
 
-    def head_logprobs(self, hidden: Tensor, rows: Tensor, tokens: Tensor, chunk: int = HEAD_CHUNK) -> Tensor:
+    def head_logprobs(self, hidden: Tensor, rows: Tensor, tokens: Tensor, chunk: int = HEAD_CHUNK,
+                      greedy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """fp32 log_softmax(head(hidden))[rows, tokens]: for ``hidden`` [N, dim] (positions of
         ``forward(..., head=False)``) and ``rows``, ``tokens`` [M], the log-probability of each token at its row.
 
@@ -535,21 +536,29 @@ class Transformer(nn.Module):
         and a sum of exponentials while they are still in cache: no [N, vocab] tensor is built, and the weight
         is read once for all N rows (callers gather as many rows as they can). A token's own logit is its row's
         dot product with the token's head row, in the head's dtype as the whole head computes it.
+        ``greedy``: also whether each token is its row's argmax (lm-eval's is_greedy), as (logprobs, flags).
         """
         if self.output.packed:  # a oneDNN-prepacked head has no rows to split: one pass, [N, vocab] logits
-            return self.output(hidden).float().log_softmax(-1)[rows, tokens]
+            logits = self.output(hidden).float()
+            picked = logits.log_softmax(-1)[rows, tokens]
+            return (picked, logits.argmax(-1)[rows] == tokens) if greedy else picked
         weight = self.output.weight
-        maxes, sums = [], []
-        for part in weight.split(chunk):
+        maxes, sums, best = [], [], []
+        for offset, part in zip(range(0, weight.shape[0], chunk), weight.split(chunk)):
             logits = F.linear(hidden, part).float()  # [N, chunk]
-            top = logits.amax(-1, keepdim=True)
+            top, where = logits.max(-1, keepdim=True)
             maxes.append(top)
+            if greedy:
+                best.append(where + offset)
             sums.append(logits.sub_(top).exp_().sum(-1, keepdim=True))
         top, total = torch.cat(maxes, -1), torch.cat(sums, -1)  # [N, chunks]
-        peak = top.amax(-1, keepdim=True)
+        peak, chunk_of_peak = top.max(-1, keepdim=True)
         log_norm = (peak + (total * (top - peak).exp()).sum(-1, keepdim=True).log()).squeeze(-1)  # [N]
         picked = torch.bmm(hidden[rows].unsqueeze(1), weight[tokens].unsqueeze(-1)).view(-1).float()
-        return picked - log_norm[rows]
+        if not greedy:
+            return picked - log_norm[rows]
+        argmax = torch.cat(best, -1).gather(-1, chunk_of_peak).squeeze(-1)  # [N]: first maximum, as argmax
+        return picked - log_norm[rows], argmax[rows] == tokens
 
     def prefix_kv(self, tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Run ``tokens`` [1, P] from slot 0 and return a copy of every layer's K/V of slots [0, P): the shared

@@ -113,6 +113,13 @@ def add_runtime_options(addoption: AddOption) -> None:
                    "torchrun with N processes, rows from rank 0, timings the max over ranks")
 
 
+def add_backend_option(addoption: AddOption) -> None:
+    """--backend: the engine both suites measure (npuinfer.backends; names are checked against its table)."""
+    addoption("--backend", default="npuinfer", dest="npuinfer_backend", metavar="NAME",
+              help="npuinfer (npuinfer's runtime, default), hf (transformers on the same checkpoint), or a "
+                   "backend a plugin registers under the npuinfer.backends entry-point group")
+
+
 def add_baseline_option(addoption: AddOption) -> None:
     """--baseline, shared by the bench and accuracy suites."""
     addoption("--baseline", default=None, dest="npuinfer_baseline", metavar="DIR",
@@ -139,6 +146,7 @@ class RunConfig:
     dummy_weights: bool = False
     memory_limit: int | None = None
     tp: int = 1
+    backend: str = "npuinfer"
 
     @classmethod
     def from_options(cls, get: Callable[[str], Any], model: str | None = None) -> "RunConfig":
@@ -147,7 +155,8 @@ class RunConfig:
                    dtype=get("npuinfer_dtype"), max_seq_len=get("npuinfer_max_seq_len"),
                    attention=get("npuinfer_attention"), compile=bool(get("npuinfer_compile")),
                    kernels=get("npuinfer_kernels"), dummy_weights=bool(get("npuinfer_dummy_weights")),
-                   memory_limit=get("npuinfer_memory_limit"), tp=get("npuinfer_tp"))
+                   memory_limit=get("npuinfer_memory_limit"), tp=get("npuinfer_tp"),
+                   backend=get("npuinfer_backend") or "npuinfer")
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "RunConfig":
@@ -155,7 +164,7 @@ class RunConfig:
         name = getattr(args, MODEL_DEST, None)
         if name is None and args.npuinfer_model_path is None:
             name = DEFAULT_MODEL
-        return cls.from_options(lambda dest: getattr(args, dest), model=name)
+        return cls.from_options(lambda dest: getattr(args, dest, None), model=name)  # a command may lack some
 
     @classmethod
     def from_pytest(cls, config: Any, model: str | None) -> "RunConfig":

@@ -25,7 +25,6 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from .generate import generate
 
 MODES = ("detail", "normal")
 NS_PER_MS = 1_000_000
@@ -336,27 +335,6 @@ class Backend(Protocol):
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
                  observer: object | None = None) -> Tensor: ...
-
-
-class NpuinferBackend:
-    """npuinfer's own runtime: generate() with a static KV cache, EOS ignored."""
-
-    name = "npuinfer"
-
-    def __init__(self, loaded):  # npuinfer.runtime.LoadedModel
-        self.loaded = loaded
-        self.device = loaded.device
-        self.dtype = loaded.dtype
-        self.checkpoint = loaded.checkpoint_id
-        self.quantization = loaded.quantization  # {"quantization": ..., "quant_kernel": ...} (npuinfer.quant)
-        self.weights = loaded.weights
-        self.max_seq_len = loaded.args.max_seq_len
-        self.vocab_size = loaded.args.vocab_size
-
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
-                 observer: object | None = None) -> Tensor:
-        return generate(self.loaded.model, input_ids, max_new_tokens, attention_mask, stop_at_eos=False,
-                        observer=observer)
 
 
 # --------------------------------------------------------------------------------------------- measuring

@@ -214,13 +214,13 @@ def test_a_killed_sweep_keeps_its_rows_and_a_rerun_does_not_duplicate(tmp_path, 
 
 OOM_PLUGIN = """
 import torch
-from npuinfer import timing
-_generate = timing.NpuinferBackend.generate
+from npuinfer.backends import npuinfer as local
+_generate = local.NpuinferBackend.generate
 def generate(self, input_ids, attention_mask, max_new_tokens, observer=None):
     if input_ids.shape[0] >= 8:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
     return _generate(self, input_ids, attention_mask, max_new_tokens, observer)
-timing.NpuinferBackend.generate = generate
+local.NpuinferBackend.generate = generate
 """
 
 
@@ -340,7 +340,8 @@ def test_max_batch_search_finds_the_real_capacity_from_any_prediction(capacity, 
 @pytest.mark.parametrize("name", ["qwen-tiny", "baichuan2-7b-tiny", "internlm-tiny", "gpt-neox-tiny"])
 def test_hf_backend_runs_the_same_function_and_is_timed_per_step(name, load_tiny):
     from npuinfer.hf_backend import HFBackend
-    from npuinfer.timing import NpuinferBackend, make_inputs, time_run
+    from npuinfer.backends.npuinfer import NpuinferBackend
+    from npuinfer.timing import make_inputs, time_run
 
     loaded = load_tiny(name)
     hf = HFBackend.load(loaded.model_dir, loaded.device, torch.float32)

@@ -12,7 +12,10 @@ import torch
 from npuinfer.ceval import build_prompt, first_choice_letter, load_split, sample_dir
 from npuinfer.ceval.prompts import LMEVAL, build_prefix, get_template
 from npuinfer.ceval.encoding import PromptEncoder, lmeval_split, newline_cut
-from npuinfer.ceval.scoring import BOUNDARY_SLACK, PromptFit, ScoringStats, _tail_rows, score_subject
+from npuinfer.backends.base import LoglikelihoodRequest, WorkCounters
+from npuinfer.backends.npuinfer import NpuinferBackend
+from npuinfer.backends.prefix_reuse import tail_rows
+from npuinfer.ceval.scoring import PromptFit, ScoringStats, score_subject
 from npuinfer.ceval.synth import write_synthetic_ceval
 
 TINY = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny"]
@@ -32,7 +35,7 @@ def score(loaded, data_dir, subject, template="lmeval", mode="prefix", batch_siz
     stats = ScoringStats()
     dev = load_split(data_dir, subject, "dev")
     val = load_split(data_dir, subject, "val")
-    out = {s.row.question_id: s for s in score_subject(loaded, subject, dev, val, template, shots, mode,
+    out = {s.row.question_id: s for s in score_subject(NpuinferBackend(loaded), subject, dev, val, template, shots, mode,
                                                         batch_size, stats=stats, **kw)}
     assert sorted(out, key=int) == [q.question_id for q in val]  # every question exactly once
     return out, stats
@@ -102,8 +105,7 @@ def test_prefix_cached_equals_naive(name, load_tiny, data):
                                       get_template(template).continuations)
             ref = full_logits_loglikelihood(loaded.model, ctx, conts, loaded.args.max_seq_len)
             assert max(abs(a - b) for a, b in zip(prefix[q.question_id].logprobs, ref)) < ATOL
-        assert all(s.cached_prefix for s in prefix.values()) and ps.fallbacks == 0
-        assert not any(s.cached_prefix for s in naive.values())
+        assert ps.fallbacks == 0 and ps.prefix_tokens > 0 and ns.prefix_tokens == 0
         assert ps.prompt_tokens < ns.prompt_tokens / 2
         if template != ODD:  # one row per question: the prefix, then 7 questions in batches of 3
             assert ps.forwards == 1 + 3 and ns.forwards == 7
@@ -116,7 +118,7 @@ def test_several_rows_per_question(load_tiny, data):
     dev, val = load_split(data, "law", "dev"), load_split(data, "law", "val")
     context = build_prompt(ODD, "law", dev, val[0]).context
     _, conts = lmeval_split(loaded.tokenizer.encode, context, ODD.continuations)
-    tails, _ = _tail_rows(conts)
+    tails, _ = tail_rows(conts)
     assert len(tails) > 1, conts
     one, _ = score(loaded, data, "law", ODD, batch_size=1)  # a question's rows stay together
     many, _ = score(loaded, data, "law", ODD, batch_size=64)
@@ -214,12 +216,12 @@ def test_prompt_encoder_checks_the_reuse_and_stops_when_it_differs(load_tiny, da
     assert encoder.encoded_chars == cut + (len(contexts[0]) - cut) + sum(len(c) for c in contexts)
 
 
-def test_tail_rows():
+def testtail_rows():
     # tails: (), (7, 8), (7,), (6,): () and (7,) are read from the rows of longer tails that start with them
-    tails, row_of = _tail_rows([[5], [7, 8, 9], [7, 8], [6, 1]])
+    tails, row_of = tail_rows([[5], [7, 8, 9], [7, 8], [6, 1]])
     assert tails == [(6,), (7, 8)]
     assert [tails[i] for i in row_of] == [(6,), (7, 8), (7, 8), (6,)]
-    assert _tail_rows([[1], [2], [3], [4]]) == ([()], [0, 0, 0, 0])
+    assert tail_rows([[1], [2], [3], [4]]) == ([()], [0, 0, 0, 0])
 
 
 def lmeval_reference(model, encode, context: str, continuations) -> list[float]:
@@ -304,28 +306,51 @@ class MergingTokenizer:
         return changed
 
 
-def test_boundary_merge_costs_a_token_not_the_cache(load_tiny, data):
-    loaded = load_tiny("internlm-tiny")
-    dev, val = load_split(data, "logic", "dev"), load_split(data, "logic", "val")
-    prefix = build_prompt("lmeval", "logic", dev, val[0]).prefix
-    merging = replace_tokenizer(loaded, MergingTokenizer(loaded.tokenizer, prefix))
-    got, stats = score(merging, data, "logic")
-    naive, _ = score(loaded, data, "logic", mode="naive")
-    assert stats.fallbacks == 0 and stats.prefix_tokens == len(loaded.tokenizer.encode(prefix))
-    assert all(s.cached_prefix for s in got.values())
-    assert_same(got, naive)
+def _requests(contexts, conts=((7,), (8,), (9, 10), (11,))):
+    return [LoglikelihoodRequest(tuple(c), tuple(k)) for c in contexts for k in conts]
 
 
-def test_a_difference_deep_in_the_prefix_falls_back_and_is_counted(load_tiny, data):
-    loaded = load_tiny("internlm-tiny")
-    dev, val = load_split(data, "logic", "dev"), load_split(data, "logic", "val")
-    prefix = build_prompt("lmeval", "logic", dev, val[0]).prefix
-    deep = replace_tokenizer(loaded, MergingTokenizer(loaded.tokenizer, prefix, depth=BOUNDARY_SLACK + 3))
-    got, stats = score(deep, data, "logic")
-    naive, _ = score(loaded, data, "logic", mode="naive")
-    assert stats.fallbacks == len(val) and stats.prefix_tokens == 0
-    assert not any(s.cached_prefix for s in got.values())
-    assert_same(got, naive)
+def _loglikelihoods(backend, requests, **kw):
+    counters = WorkCounters()
+    got = dict(backend.loglikelihood(requests, batch_size=3, counters=counters, **kw))
+    assert sorted(got) == list(range(len(requests)))  # every request answered exactly once
+    return [got[i] for i in range(len(requests))], counters
+
+
+def test_the_shared_prefix_is_found_in_the_requests_and_a_diverging_context_falls_back(load_tiny):
+    """The backend finds what the contexts share (no prefix given to it): every context sharing the long run
+    attends to one copy of it; one diverging early (a tokenizer merging across the boundary) runs in full and
+    is counted; the results equal the naive computation."""
+    backend = NpuinferBackend(load_tiny("internlm-tiny"))
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randint(20, 200, (60,), generator=g).tolist()
+    contexts = [shared + [200 + i, 30 + i, 40] for i in range(6)]  # distinct from the first own token on
+    contexts.append(shared[:9] + [201, 202] + shared[11:] + [60])  # diverges at token 9
+    requests = _requests(contexts)
+    got, counters = _loglikelihoods(backend, requests)
+    naive, naive_counters = _loglikelihoods(backend, requests, share_prefix=False)
+    assert counters.prefix_tokens == len(shared) and counters.fallbacks == 4  # the diverging context's 4 choices
+    assert naive_counters.prefix_tokens == 0 and naive_counters.prompt_tokens > counters.prompt_tokens
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(got, naive)) < ATOL
+    assert [a.is_greedy for a in got] == [b.is_greedy for b in naive]
+
+
+def test_is_greedy_is_the_argmax_of_every_continuation_token(load_tiny):
+    loaded = load_tiny("qwen-tiny")
+    backend = NpuinferBackend(loaded)
+    context = list(range(40, 90))
+    with torch.inference_mode():
+        loaded.model.setup_caches(1, len(context) + 1)
+        first = int(loaded.model(torch.tensor([context]), 0)[0, -1].argmax())
+        loaded.model.setup_caches(1, len(context) + 2)
+        second = int(loaded.model(torch.tensor([context + [first]]), 0)[0, -1].argmax())
+    other = (first + 1) % loaded.args.vocab_size
+    requests = [LoglikelihoodRequest(tuple(context), (first,)), LoglikelihoodRequest(tuple(context), (other,)),
+                LoglikelihoodRequest(tuple(context), (first, second)),
+                LoglikelihoodRequest(tuple(context), (first, (second + 1) % loaded.args.vocab_size))]
+    got, _ = _loglikelihoods(backend, requests)
+    assert [r.is_greedy for r in got] == [True, False, True, False]
+    assert got[0].logprob > got[1].logprob
 
 
 def replace_tokenizer(loaded, tok):
@@ -370,10 +395,9 @@ def test_question_too_long_alone_is_cut_and_others_keep_shots(load_tiny, tmp_pat
     loaded = load_tiny("qwen-tiny")
     for fit in ("shots", "truncate"):
         got, stats = score(loaded, tmp_path, "law", max_length=600, fit=fit)
-        cut = {qid for qid, s in got.items() if not s.cached_prefix}
-        assert "0" in cut and stats.truncated == stats.prompt_fit["law"].truncated == len(cut) < 3
+        assert 1 <= stats.truncated == stats.prompt_fit["law"].truncated < 3
         if fit == "shots":  # shots dropped until the others fit: only the one too long alone is cut
-            assert cut == {"0"} and 0 < stats.shots["law"] < 5
+            assert stats.truncated == 1 and 0 < stats.shots["law"] < 5
         else:  # every prompt keeps the 5 shots, the over-long ones are cut
             assert stats.shots["law"] == 5 and stats.prompt_fit["law"].dropped_shots == 0
         naive, _ = score(loaded, tmp_path, "law", mode="naive", max_length=600, fit=fit)
@@ -416,7 +440,7 @@ def test_an_over_long_question_is_fed_exactly_lmeval_ids(name, template, load_ti
     # input that starts another is read from the longer row), unpadded.
     longest = [i for i in inputs if not any(j != i and j[:len(i)] == i for j in inputs)]
     assert sorted(r for r in fed if len(r) == max_length) == sorted(map(list, {tuple(i) for i in longest}))
-    assert not got["0"].cached_prefix and stats.truncated == stats.prompt_fit["law"].truncated >= 1
+    assert stats.truncated == stats.prompt_fit["law"].truncated >= 1
     ref = full_logits_loglikelihood(model, ctx, conts, max_length)
     assert max(abs(a - b) for a, b in zip(got["0"].logprobs, ref)) < ATOL
 
@@ -426,7 +450,8 @@ def test_resume_skip_uses_the_same_shots(load_tiny, data):
     full, _ = score(loaded, data, "law")
     dev, val = load_split(data, "law", "dev"), load_split(data, "law", "val")
     done = {q.question_id for q in val[:4]}
-    rest = {s.row.question_id: s for s in score_subject(loaded, "law", dev, val, skip=done, batch_size=3)}
+    rest = {s.row.question_id: s for s in score_subject(NpuinferBackend(loaded), "law", dev, val, skip=done,
+                                                                  batch_size=3)}
     assert set(rest) == {q.question_id for q in val[4:]}
     assert_same(rest, {k: full[k] for k in rest})
 
@@ -435,7 +460,7 @@ def test_test_split_rows_have_no_answer(load_tiny):
     loaded = load_tiny("qwen-tiny")
     data = sample_dir()
     dev, test = load_split(data, "law", "dev"), load_split(data, "law", "test")
-    rows = [s.row for s in score_subject(loaded, "law", dev, test)]
+    rows = [s.row for s in score_subject(NpuinferBackend(loaded), "law", dev, test)]
     assert len(rows) == len(test) and all(r.answer is None and r.correct is None for r in rows)
     assert {r.prediction for r in rows} <= set("ABCD")
 
@@ -448,9 +473,9 @@ def test_generate_with_cached_prefix_equals_full_prompt_generation(name, load_ti
     tok = loaded.tokenizer
     dev, val = load_split(data, "logic", "dev"), load_split(data, "logic", "val")
     stats = ScoringStats()
-    got = {s.row.question_id: s for s in score_subject(loaded, "logic", dev, val, "atb", 5, "generate", 3,
+    got = {s.row.question_id: s for s in score_subject(NpuinferBackend(loaded), "logic", dev, val, "atb", 5, "generate", 3,
                                                         max_new_tokens=6, stats=stats)}
-    assert stats.fallbacks == 0 and all(s.cached_prefix for s in got.values())
+    assert stats.fallbacks == 0 and stats.prefix_tokens > 0
     for q in val:
         ids = torch.tensor([tok.encode(build_prompt("atb", "logic", dev, q).context)])
         ref = generate(loaded.model, ids, 6, eos_id=tok.eos_id, stop_at_eos=True)[0].tolist()
@@ -478,8 +503,8 @@ def test_generate_parses_the_first_letter(load_tiny, data):
 
     says = replace_tokenizer(loaded, Says(loaded.tokenizer, ""))
     dev, val = load_split(data, "logic", "dev"), load_split(data, "logic", "val")
-    rows = [s.row for s in score_subject(says, "logic", dev, val, "atb", 5, "generate", 4, max_new_tokens=4)]
+    rows = [s.row for s in score_subject(NpuinferBackend(says), "logic", dev, val, "atb", 5, "generate", 4, max_new_tokens=4)]
     assert {r.prediction for r in rows} == {"C"}
-    rows = [s.row for s in score_subject(says, "logic", dev, val, "atb", 5, "generate", 4, max_new_tokens=1)]
+    rows = [s.row for s in score_subject(NpuinferBackend(says), "logic", dev, val, "atb", 5, "generate", 4, max_new_tokens=1)]
     assert {r.prediction for r in rows} == {""}  # no letter within the budget: no prediction, never correct
     assert not any(r.correct for r in rows)

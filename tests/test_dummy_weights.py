@@ -87,7 +87,7 @@ def test_infer_and_bench_say_the_weights_were_dummy(tmp_path, npuinfer_cache):
 
 def test_backend_hf_runs_on_the_same_dummy_tensors(npuinfer_cache):
     from npuinfer.hf_backend import HFBackend
-    from npuinfer.timing import NpuinferBackend
+    from npuinfer.backends.npuinfer import NpuinferBackend
 
     loaded = load_model("internlm-tiny", device="cpu", dtype="fp32", dummy_weights=True, seed=1)
     hf = HFBackend.sharing(loaded)

@@ -8,7 +8,9 @@ import torch
 from npuinfer.ceval import build_prompt, load_split
 from npuinfer.ceval.encoding import lmeval_split
 from npuinfer.ceval.prompts import get_template
-from npuinfer.ceval.scoring import HEAD_POSITIONS, ScoringStats, score_subject
+from npuinfer.backends.npuinfer import NpuinferBackend
+from npuinfer.backends.prefix_reuse import HEAD_POSITIONS
+from npuinfer.ceval.scoring import ScoringStats, score_subject
 from npuinfer.ceval.synth import write_synthetic_ceval
 from npuinfer.model import HEAD_CHUNK
 
@@ -53,7 +55,7 @@ def test_the_head_runs_once_over_the_read_positions_of_several_batches(load_tiny
     hook = model.output.register_forward_hook(lambda mod, args, out: logits.append(tuple(out.shape)))
     stats = ScoringStats()
     try:
-        scores = list(score_subject(loaded, "law", dev, val, "lmeval", 5, "prefix", 2, stats=stats))
+        scores = list(score_subject(NpuinferBackend(loaded), "law", dev, val, "lmeval", 5, "prefix", 2, stats=stats))
     finally:
         hook.remove()
         del model.head_logprobs

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from npuinfer.latency import LatencyBatchSearch, parse_duration_ms
-from npuinfer.timing import NpuinferBackend
+from npuinfer.backends.npuinfer import NpuinferBackend
 
 REPO = Path(__file__).resolve().parents[1]
 

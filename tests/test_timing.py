@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from npuinfer.backends.npuinfer import NpuinferBackend
 from npuinfer.generate import generate
 from npuinfer.timing import (
     BenchCase,
     CaseTiming,
     DetailRun,
     NormalRun,
-    NpuinferBackend,
     Timer,
     make_inputs,
     measure_case,

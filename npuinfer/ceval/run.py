@@ -1,8 +1,8 @@
-"""A C-Eval run: a loaded model, data, settings and a resumable result cache, scored one subject at a time.
+"""A C-Eval run: a backend, data, settings and a resumable result cache, scored one subject at a time.
 
 Used by the pytest plugin (one test case per subject) and usable as is from a script or a command:
 
-    run = CevalRun(loaded, RunSettings(data_dir), results_root / "ceval_qwen-7b_npu0")
+    run = CevalRun(NpuinferBackend(loaded), RunSettings(data_dir), results_root / "ceval_qwen-7b_npu0")
     for subject in available_subjects(data_dir, "val"):
         print(run.run_subject(subject).accuracy)
     run.close(); rebuild_report(run.out_dir)
@@ -57,22 +57,22 @@ class RunSettings:
             raise ValueError(f"shots: expected >= 0, got {self.shots}")
         object.__setattr__(self, "fit", resolve_fit(self.fit, self.template))
 
-    def cache_settings(self, loaded) -> CacheSettings:
-        """Everything that changes a prediction: model, weights, prompt, dtype, data, scoring mode."""
+    def cache_settings(self, backend) -> CacheSettings:
+        """Everything that changes a prediction: backend, model, weights, prompt, dtype, data, scoring mode."""
+        ident = backend.identity()
         extra: dict[str, object] = {"scoring": self.scoring, **data_identity(self.data_dir, self.split),
-                                    "max_seq_len": loaded.args.max_seq_len, "fit": self.fit}
-        kernels = getattr(loaded, "kernels", None)
-        if kernels is not None and kernels.label != "fused":  # fused (the default) adds nothing: older caches
-            extra["kernels"] = kernels.label  # stay valid; a plain run never mixes rows with a fused one
+                                    "max_seq_len": ident.max_length, "fit": self.fit}
+        if ident.backend != "npuinfer":  # npuinfer's (the first backend) adds nothing: older caches stay valid
+            extra["backend"] = ident.backend
+        if ident.kernels and ident.kernels != "fused":  # likewise fused, the default; a plain run never mixes
+            extra["kernels"] = ident.kernels  # its rows with a fused one
         if self.scoring == "generate":
             extra["max_new_tokens"] = self.max_new_tokens
-        if loaded.quantization.get("quantization", "none") != "none":  # W8 checkpoints (npuinfer.quant)
-            extra.update({k: loaded.quantization[k] for k in ("quantization", "quant_kernel")})
-        provenance = {} if kernels is None else {"kernels": kernels.describe(),
-                                                 "kernel_check": kernels.check_summary()}
-        return CacheSettings(model=loaded.name, checkpoint=loaded.checkpoint_id, template=self.template,
-                             shots=self.shots, dtype=loaded.dtype_name, split=self.split, extra=extra,
-                             provenance=provenance)
+        if ident.quantization.get("quantization", "none") != "none":  # W8 checkpoints (npuinfer.quant)
+            extra.update({k: ident.quantization[k] for k in ("quantization", "quant_kernel")})
+        return CacheSettings(model=ident.model, checkpoint=ident.checkpoint, template=self.template,
+                             shots=self.shots, dtype=ident.dtype, split=self.split, extra=extra,
+                             provenance=dict(ident.provenance))
 
 
 def results_dir(root: str | os.PathLike, model: str, device_label: str) -> Path:
@@ -112,11 +112,11 @@ class SubjectResult:
 class CevalRun:
     """Scores subjects into ``out_dir``; questions already in its cache (same settings) are skipped."""
 
-    def __init__(self, loaded, settings: RunSettings, out_dir: str | os.PathLike):
-        self.loaded = loaded
+    def __init__(self, backend, settings: RunSettings, out_dir: str | os.PathLike):
+        self.backend = backend  # npuinfer.backends.base.Backend
         self.settings = settings
         self.out_dir = Path(out_dir)
-        self.cache: QuestionCache | _RankView = _open_cache(self.out_dir, settings.cache_settings(loaded))
+        self.cache: QuestionCache | _RankView = _open_cache(self.out_dir, settings.cache_settings(backend))
 
     def run_subject(self, subject: str) -> SubjectResult:
         s = self.settings
@@ -125,7 +125,7 @@ class CevalRun:
         done = {qid: row for (_, qid), row in self.cache.scored_rows(subject).items()}
         stats = ScoringStats()
         new: list[ScoredRow] = []
-        for scored in score_subject(self.loaded, subject, dev, questions, s.template, s.shots, s.scoring,
+        for scored in score_subject(self.backend, subject, dev, questions, s.template, s.shots, s.scoring,
                                     s.batch_size, max_new_tokens=s.max_new_tokens, stats=stats,
                                     skip=set(done), fit=s.fit):
             self.cache.add(scored.row)

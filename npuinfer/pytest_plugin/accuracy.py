@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from ..backends import BackendUnsupported
 from ..ceval.aggregate import aggregate
 from ..ceval.cache import PROMPT_FIT, CacheError, read_cache, read_meta
 from ..ceval.dataset import SPLITS, CevalDataError, available_subjects, sample_dir
@@ -43,7 +44,7 @@ from ..device import get_device
 from ..options import non_negative_int, positive_int
 from ..registry import DEFAULT_MODEL
 from ..results.naming import ResultName
-from .common import GROUP, ModelCache, selected_models, xdist_worker_id
+from .common import GROUP, BackendCache, selected_models, xdist_worker_id
 
 # user_properties keys: how a case's results reach the controller under xdist.
 P_DIR, P_MODEL, P_SUBJECT = "ceval_results_dir", "ceval_model", "ceval_subject"
@@ -127,9 +128,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 class CevalSuite:
     """One per session (per xdist worker): a CevalRun per model, the baseline, the gate."""
 
-    def __init__(self, config: pytest.Config, model_cache: ModelCache, results_root: Path):
+    def __init__(self, config: pytest.Config, backend_cache: BackendCache, results_root: Path):
         self.config = config
-        self.model_cache = model_cache
+        self.backend_cache = backend_cache
         self.results_root = results_root
         self.settings = _settings(config)
         # The run's device as asked for (xdist workers on npu:N/cuda:N add their index): one directory per run.
@@ -145,7 +146,9 @@ class CevalSuite:
     def _run(self, model: str) -> CevalRun:
         if model not in self._runs:
             try:
-                self._runs[model] = CevalRun(self.model_cache.get(model), self.settings, self.out_dir(model))
+                self._runs[model] = CevalRun(self.backend_cache.get(model), self.settings, self.out_dir(model))
+            except BackendUnsupported as exc:  # e.g. hf on an ALiBi model: every case says why
+                self._runs[model] = exc
             except CacheError as exc:
                 self._runs[model] = exc
                 raise
@@ -192,7 +195,7 @@ class CevalSuite:
         differ = []
         if meta is not None:
             run = self._runs[model]
-            differ = settings_differences(meta, run.settings.cache_settings(run.loaded).to_meta(),
+            differ = settings_differences(meta, run.settings.cache_settings(run.backend).to_meta(),
                                           prompts_fitted=any_prompt_fitted([result.fit]))
         where = path or f"{self.baseline} (no subject_acc.json for {model})"
         if differ:
@@ -225,8 +228,8 @@ class CevalSuite:
 
 
 @pytest.fixture(scope="session")
-def ceval_suite(pytestconfig: pytest.Config, model_cache: ModelCache, results_dir: Path):
-    suite = CevalSuite(pytestconfig, model_cache, results_dir)
+def ceval_suite(pytestconfig: pytest.Config, backend_cache: BackendCache, results_dir: Path):
+    suite = CevalSuite(pytestconfig, backend_cache, results_dir)
     yield suite
     suite.close()
 

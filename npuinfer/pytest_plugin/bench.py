@@ -22,14 +22,12 @@ from typing import Callable
 import pytest
 import torch
 
-from ..device import Device, dtype_name, parse_dtype
+from ..device import Device, dtype_name
 from ..dummy import DoesNotFit, check_case_fits
-from ..hf_backend import HFBackend, HFUnsupported
+from ..backends import BackendUnsupported
 from ..latency import LatencyBatchSearch
 from ..memory import MaxBatchSearch, format_size
 from ..parallel import dist as tp_dist
-from ..locate import resolve_model_dir
-from ..runtime import default_dtype
 from ..results.performance import (
     INPUT,
     LATENCY_MAX_BATCH,
@@ -65,7 +63,7 @@ from ..results.calibration import CALIBRATION, CALIBRATION_FIGURES, CALIBRATION_
     calibration_table
 from ..results.table import append_jsonl
 from ..roofline import roofline_figures, session_peaks
-from ..timing import BenchCase, NpuinferBackend, measure_case, plain_repeat
+from ..timing import BenchCase, measure_case, plain_repeat
 from .bench_options import bench_options
 from .common import DEFAULT_TINY_MODELS, run_config, selected_models, xdist_worker_id
 from .noise import make_guard, record_verdict
@@ -181,11 +179,11 @@ def pytest_runtest_makereport(item: pytest.Item, call):
 class BenchSession:
     """Per pytest session: loaded backends, the results files, the time accounting."""
 
-    def __init__(self, config: pytest.Config, model_cache, results_dir: Path):
+    def __init__(self, config: pytest.Config, backend_cache, results_dir: Path):
         self.config = config
         self.options = bench_options(config)
-        self.model_cache = model_cache
-        self.device: Device = model_cache.device
+        self.backend_cache = backend_cache  # common.BackendCache: --backend's backend per model
+        self.device: Device = backend_cache.device
         self.results_dir = Path(results_dir)
         self._backends: dict[str, object] = {}
         self._failed: dict[str, BaseException] = {}
@@ -219,22 +217,13 @@ class BenchSession:
         if model in self._failed:
             exc = self._failed[model]
             # A sweep over every model skips the one this backend cannot run; naming it with --model is an error.
-            if isinstance(exc, HFUnsupported) and model not in (self.config.getoption("npuinfer_models") or ()):
+            if isinstance(exc, BackendUnsupported) and model not in (self.config.getoption("npuinfer_models") or ()):
                 pytest.skip(str(exc))
             pytest.fail(f"{model}: {exc}", pytrace=False)
         return self._backends[model]
 
     def _load(self, model: str):
-        if self.options.backend == "npuinfer":
-            return NpuinferBackend(self.model_cache.get(model))
-        config = run_config(self.config, model)
-        if config.dummy_weights:  # transformers over the same dummy weights
-            return HFBackend.sharing(self.model_cache.get(model), attention=config.attention)
-        model_dir = resolve_model_dir(config.model, config.model_path) if config.model else Path(config.model_path)
-        dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(self.device)
-        self.device.check_dtype(dtype)
-        return HFBackend.load(model_dir, self.device, dtype, max_seq_len=config.max_seq_len,
-                              attention=config.attention)
+        return self.backend_cache.get(model)
 
     # -- tensor parallelism: every rank measures; rank 0 writes rows holding the max over ranks
     @staticmethod
@@ -537,9 +526,9 @@ def _repeat_with(benchmark, before_each: Callable[[], None] | None = None):
 
 
 @pytest.fixture(scope="session")
-def bench(pytestconfig: pytest.Config, model_cache, results_dir: Path) -> BenchSession:
+def bench(pytestconfig: pytest.Config, backend_cache, results_dir: Path) -> BenchSession:
     """The bench session: backends loaded once, results recorder, time accounting."""
-    session = BenchSession(pytestconfig, model_cache, results_dir)
+    session = BenchSession(pytestconfig, backend_cache, results_dir)
     pytestconfig.stash[_SESSION] = session
     return session
 

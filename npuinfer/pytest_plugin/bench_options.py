@@ -20,7 +20,6 @@ DEFAULT_PAIRS = ((256, 256), (512, 512))
 # The published grid: batch 1, 2, 4, 8 x input = output 256, 512, 1024, 2048.
 SEED_BATCHES = (1, 2, 4, 8)
 SEED_PAIRS = tuple((n, n) for n in (256, 512, 1024, 2048))
-BACKENDS = ("npuinfer", "hf")
 
 
 # --------------------------------------------------------------------------------------------- options
@@ -58,8 +57,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="warm-up runs per case at the case's own shape (default 1)")
     group.addoption("--timing", default="detail", choices=list(MODES), dest="bench_timing",
                     help="detail: synchronized timestamps around every forward; normal: the two-run estimate")
-    group.addoption("--backend", default="npuinfer", choices=list(BACKENDS), dest="bench_backend",
-                    help="npuinfer's runtime, or transformers' generate on the same checkpoint (hf)")
     group.addoption("--max-tpot", type=_duration("--max-tpot"), default=None, dest="bench_max_tpot", metavar="50ms",
                     help="bench/test_max_batch.py: also the largest batch whose measured time per output token "
                          "stays within this limit (searched up to the memory-bound batch)")
@@ -132,12 +129,12 @@ class BenchOptions:
     def from_config(cls, config: pytest.Config) -> "BenchOptions":
         opt = config.getoption
         grid = opt("bench_grid")
-        if opt("npuinfer_compile") and opt("bench_backend") != "npuinfer":
+        if opt("npuinfer_compile") and opt("npuinfer_backend") != "npuinfer":
             raise pytest.UsageError("--compile captures npuinfer's decode step; it does not apply to --backend "
-                                    f"{opt('bench_backend')}")
-        if opt("npuinfer_kernels") != "fused" and opt("bench_backend") != "npuinfer":
+                                    f"{opt('npuinfer_backend')}")
+        if opt("npuinfer_kernels") != "fused" and opt("npuinfer_backend") != "npuinfer":
             raise pytest.UsageError("--kernels chooses npuinfer's own kernels; it does not apply to --backend "
-                                    f"{opt('bench_backend')}")
+                                    f"{opt('npuinfer_backend')}")
         if opt("bench_pairs") and opt("bench_seq_lens"):
             raise pytest.UsageError("--case-pairs and --seq-lens both given: --seq-lens 256,1024 means the pairs "
                                     "256x256,1024x1024, so give one of them")
@@ -149,7 +146,7 @@ class BenchOptions:
             pairs = SEED_PAIRS if grid == "seed" else DEFAULT_PAIRS
         batches = opt("bench_batches") or (SEED_BATCHES if grid == "seed" else DEFAULT_BATCHES)
         return cls(batches=tuple(batches), pairs=tuple(pairs), rounds=opt("bench_rounds"), warmup=opt("bench_warmup"),
-                   timing=opt("bench_timing"), backend=opt("bench_backend"), compile=opt("npuinfer_compile"),
+                   timing=opt("bench_timing"), backend=opt("npuinfer_backend"), compile=opt("npuinfer_compile"),
                    kernels=opt("npuinfer_kernels"),
                    memory_limit=opt("npuinfer_memory_limit"),
                    skip_measured=opt("bench_skip_measured"), seed=opt("bench_seed"),

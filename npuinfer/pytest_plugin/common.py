@@ -12,6 +12,7 @@ from ..parallel.launch import run_under_torchrun
 from ..options import (
     MODELS_DEST,
     RunConfig,
+    add_backend_option,
     add_baseline_option,
     add_device_options,
     add_model_options,
@@ -20,6 +21,7 @@ from ..options import (
 from ..locate import ModelUnavailable, locate_config
 from ..registry import DEFAULT_MODEL, MODELS, discover_models, get_spec
 from ..runtime import LoadedModel, load_model_from
+from ..backends import Backend, BackendSource, backend_names, make_backend
 
 GROUP = "npuinfer"
 
@@ -29,6 +31,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add_model_options(group.addoption, several=True)  # the same definitions as `npuinfer infer` (npuinfer.options)
     add_device_options(group.addoption)
     add_runtime_options(group.addoption)
+    add_backend_option(group.addoption)  # the engine both suites measure (npuinfer.backends)
     add_baseline_option(group.addoption)  # read by the bench and the accuracy suites
     group.addoption("--results-dir", default="results", dest="npuinfer_results_dir",
                     help="where CSV, markdown and plots are written (default results/)")
@@ -50,6 +53,9 @@ def pytest_configure(config: pytest.Config) -> None:
         if problem:
             raise pytest.UsageError(f"--results-dir {results}: {problem}")
     if not config.getoption("help", False):
+        backend = config.getoption("npuinfer_backend", "npuinfer")
+        if backend not in backend_names():
+            raise pytest.UsageError(f"--backend {backend}: unknown backend; known: {', '.join(backend_names())}")
         check_models(config)
 
 
@@ -140,6 +146,28 @@ class ModelCache:
         return self._loaded[name]
 
 
+class BackendCache:
+    """Each model's backend (--backend), made once per session over the ModelCache: npuinfer's own model is
+    loaded once and shared by every backend that runs on its weights."""
+
+    def __init__(self, config: pytest.Config, models: ModelCache):
+        self.config = config
+        self.models = models
+        self.name: str = config.getoption("npuinfer_backend")
+        self._made: dict[str, Backend] = {}
+
+    @property
+    def device(self) -> Device:
+        return self.models.device
+
+    def get(self, model: str) -> Backend:
+        if model not in self._made:
+            source = BackendSource(run_config(self.config, model), self.models.device,
+                                   lambda: self.models.get(model))
+            self._made[model] = make_backend(self.name, source)
+        return self._made[model]
+
+
 def config_device_is_generic(spec: str) -> bool:
     return spec in ("auto", "cpu")
 
@@ -147,6 +175,11 @@ def config_device_is_generic(spec: str) -> bool:
 @pytest.fixture(scope="session")
 def model_cache(pytestconfig: pytest.Config) -> ModelCache:
     return ModelCache(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def backend_cache(pytestconfig: pytest.Config, model_cache: ModelCache) -> BackendCache:
+    return BackendCache(pytestconfig, model_cache)
 
 
 @pytest.fixture(scope="session")
