@@ -274,21 +274,23 @@ def test_report_command_rebuilds_from_cache_alone(reference, tmp_path):
 
 def test_rows_from_other_data_are_never_reused(data, tmp_path):
     from npuinfer.ceval.cache import CacheError
+    from npuinfer.backends.npuinfer import NpuinferBackend
     from npuinfer.ceval.run import CevalRun, RunSettings
     from npuinfer.runtime import load_model
 
     loaded = load_model("qwen-tiny", device="cpu", dtype="fp32")
     copy = shutil.copytree(data, tmp_path / "data")
     out = tmp_path / RUN
-    run = CevalRun(loaded, RunSettings(copy, batch_size=16), out)
+    run = CevalRun(NpuinferBackend(loaded), RunSettings(copy, batch_size=16), out)
     first = run.run_subject("law")
     run.close()
     assert first.scored_now == PER_SUBJECT and first.accuracy == first.correct / PER_SUBJECT
-    run = CevalRun(loaded, RunSettings(copy, batch_size=5), out)  # batch size is not a setting: rows reused
+    # batch size is not a setting: rows reused
+    run = CevalRun(NpuinferBackend(loaded), RunSettings(copy, batch_size=5), out)
     again = run.run_subject("law")
     run.close()
     assert again.scored_now == 0 and again.rows == first.rows
     path = copy / "val" / "logic_val.csv"
     path.write_text(path.read_text(encoding="utf-8") + "99,新的题目,a,b,c,d,A\n", encoding="utf-8")
     with pytest.raises(CacheError, match=r"extra\.data_sha256: '[0-9a-f]+' in the cache, '[0-9a-f]+' now"):
-        CevalRun(loaded, RunSettings(copy), out)
+        CevalRun(NpuinferBackend(loaded), RunSettings(copy), out)

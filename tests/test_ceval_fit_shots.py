@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from npuinfer.ceval import available_subjects, merge_parts, sample_dir
+from npuinfer.backends.npuinfer import NpuinferBackend
 from npuinfer.ceval.run import CevalRun, RunSettings
 
 FIXTURES = Path(__file__).parent / "data" / "ceval_fit_shots"
@@ -22,7 +23,7 @@ def test_fit_shots_writes_the_cache_of_before(name, npuinfer_cache, tmp_path):
     from npuinfer.runtime import load_model
 
     loaded = load_model(name, device="cpu", dtype="fp32", max_seq_len=377)
-    run = CevalRun(loaded, RunSettings(sample_dir(), fit="shots"), tmp_path)
+    run = CevalRun(NpuinferBackend(loaded), RunSettings(sample_dir(), fit="shots"), tmp_path)
     try:
         fits = [run.run_subject(s).fit for s in available_subjects(sample_dir(), "val")]
     finally:

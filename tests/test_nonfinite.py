@@ -61,11 +61,12 @@ def test_fp16_overflow_is_caught_where_fp32_is_fine(tmp_path, tiny_dir, capsys):
 @pytest.mark.parametrize("scoring", ["prefix", "generate"])
 def test_ceval_question_with_nan_logits_is_an_error_never_scored(nan_model, data, tmp_path, scoring):
     from npuinfer.ceval.cache import read_cache
+    from npuinfer.backends.npuinfer import NpuinferBackend
     from npuinfer.ceval.run import CevalRun, NonFiniteScores, RunSettings
     from npuinfer.runtime import load_model
 
     loaded = load_model(model_path=nan_model, device="cpu", dtype="fp32")
-    run = CevalRun(loaded, RunSettings(data, scoring=scoring, max_new_tokens=2), tmp_path)
+    run = CevalRun(NpuinferBackend(loaded), RunSettings(data, scoring=scoring, max_new_tokens=2), tmp_path)
     with pytest.raises(NonFiniteScores, match=r"law: non-finite logits \(NaN or inf\) for 3 question\(s\)"):
         run.run_subject("law")
     run.close()

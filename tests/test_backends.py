@@ -1,0 +1,87 @@
+"""The backend interface: both suites run through it, and the backends agree.
+
+`pytest accuracy/ --backend hf` (transformers' model classes on the same weights, scored the plain lm-eval way)
+predicts what `--backend npuinfer` (prefix reuse, gathered head) predicts on every question, in real suite runs;
+unknown backends and backend plugins go through the one table.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from npuinfer.backends import BUILTIN, BackendSource, backend_names, make_backend
+from npuinfer.backends.base import Backend, BackendUnsupported, LoglikelihoodRequest
+from npuinfer.ceval.synth import write_synthetic_ceval
+from npuinfer.device import get_device
+from npuinfer.options import RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SUBJECTS = ["law", "logic", "college_physics", "high_school_chemistry", "computer_network"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_synthetic_ceval(tmp_path_factory.mktemp("ceval"), subjects=SUBJECTS, val_per_subject=9, seed=11)
+
+
+def run_accuracy(results: Path, data: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pytest", "accuracy", "-p", "no:cacheprovider", "-q", "--device", "cpu",
+           "--results-dir", str(results), "--ceval-dir", str(data), *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def predictions(results: Path) -> dict[tuple[str, str], str]:
+    (run,) = [p for p in results.iterdir() if p.name.startswith("ceval_")]
+    with open(run / "cache.csv", encoding="utf-8", newline="") as f:
+        return {(r["subject"], r["question_id"]): r["prediction"] for r in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("model", ["qwen-tiny", "gpt-neox-tiny"])
+def test_accuracy_suite_through_hf_predicts_what_npuinfer_predicts(model, data, tmp_path, npuinfer_cache):
+    runs = {}
+    for backend in ("npuinfer", "hf"):
+        results = tmp_path / backend
+        proc = run_accuracy(results, data, "--model", model, "--backend", backend)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert f"{len(SUBJECTS)} passed" in proc.stdout
+        runs[backend] = predictions(results)
+    assert len(runs["npuinfer"]) == 9 * len(SUBJECTS)
+    assert runs["hf"] == runs["npuinfer"]
+    meta = json.loads((next((tmp_path / "hf").glob("ceval_*")) / "cache_meta.json").read_text(encoding="utf-8"))
+    assert meta["extra"]["backend"] == "hf"  # an hf cache is never mixed with npuinfer's rows
+
+
+def test_loglikelihoods_of_hf_and_npuinfer_agree_on_the_same_weights(load_tiny):
+    """The two implementations of lm-eval's computation, truncation included, on one set of requests."""
+    loaded = load_tiny("internlm-tiny")
+    source = BackendSource(RunConfig(model="internlm-tiny", device="cpu", dtype="fp32"), get_device("cpu"),
+                           lambda: loaded)
+    npu, hf = make_backend("npuinfer", source), make_backend("hf", source)
+    assert isinstance(npu, Backend) and isinstance(hf, Backend)
+    shared = list(range(30, 90))
+    requests = [LoglikelihoodRequest(tuple(shared + [100 + i, 7]), (5 + i % 3, 9)) for i in range(6)]
+    requests.append(LoglikelihoodRequest(tuple(range(20, 220)), (3,)))  # cut to max_length below
+    got = {name: dict(b.loglikelihood(requests, max_length=120, batch_size=4)) for name, b in
+           (("npuinfer", npu), ("hf", hf))}
+    for i in range(len(requests)):
+        assert abs(got["npuinfer"][i].logprob - got["hf"][i].logprob) < 1e-4, i
+        assert got["npuinfer"][i].is_greedy == got["hf"][i].is_greedy
+    assert npu.identity().backend == "npuinfer" and hf.identity().backend == "hf"
+    assert npu.identity().model == hf.identity().model == "internlm-tiny"
+
+
+def test_unknown_backend_is_a_usage_error_naming_the_known_ones(tmp_path, data):
+    proc = run_accuracy(tmp_path, data, "--model", "qwen-tiny", "--backend", "nosuch")
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "--backend nosuch: unknown backend; known: npuinfer, hf" in proc.stderr
+    with pytest.raises(BackendUnsupported, match="unknown backend"):
+        make_backend("nosuch", BackendSource(RunConfig(), get_device("cpu"), lambda: None))
+
+
+def test_the_table_holds_the_builtins_first():
+    assert list(BUILTIN) == ["npuinfer", "hf"] and backend_names()[:2] == ["npuinfer", "hf"]
