@@ -173,7 +173,7 @@ def _family_names(convert, canonical: dict, args) -> dict:
 
 
 def logit_error(models: list[tuple[str, Path]], workdir: Path) -> None:
-    from npuinfer.quant.calibrate import DEFAULT_CALIBRATION, quantize_checkpoint
+    from npuinfer.quantize import DEFAULT_CALIBRATION, quantize_checkpoint
     from npuinfer.runtime import load_model
 
     variants = [("W8A16", "W8A16", {}), ("W8A8", "W8A8", {}), ("W8A8+smooth0.5", "W8A8", {"smooth_alpha": 0.5})]
@@ -273,7 +273,7 @@ def layers(args) -> None:
     from npuinfer.kernels import kernels_for
     from npuinfer.model import LAST_POSITION, Transformer
     from npuinfer.quant import plan_from_state, prepare, swap_linears
-    from npuinfer.quant.calibrate import target_linears
+    from npuinfer.quantize import target_linears
     from npuinfer.quant.scheme import quantize_weight
     from npuinfer.tiny import ensure_tiny
 

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# built in {time.perf_counter() - start:.1f} s", flush=True)
     backends = {"npuinfer": NpuinferBackend(loaded)}
     if not opts.no_hf:
-        from npuinfer.hf_backend import HFBackend
+        from npuinfer.backends.hf_model import HFBackend
 
         backends["hf"] = HFBackend.sharing(loaded)
     start = time.perf_counter()  # checked and (linears) prepacked now, not inside the first timed run
@@ -240,7 +240,7 @@ def worker(opts) -> int:
         model.resolve_kernels(opts.kernels)  # checked and (linears) prepacked now, not inside a timed run
         backend = NpuinferBackend(loaded)
     else:
-        from npuinfer.hf_backend import HFBackend
+        from npuinfer.backends.hf_model import HFBackend
 
         backend = HFBackend.sharing(loaded)
     built = time.perf_counter() - start

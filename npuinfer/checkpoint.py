@@ -20,7 +20,7 @@ from .canonical import from_canonical, source_name, to_canonical
 from .families import family_of_config, read_model_args
 from .hf_config import CheckpointError, read_config
 from .model import ModelArgs
-from .quant.files import npy_files
+from .quant_files import npy_files
 from .quant.layout import read_canonical_quantized
 from .quant.linear import wrong_dtypes
 from .registry import ModelSpec

@@ -8,10 +8,7 @@ import pkgutil
 import sys
 
 from . import commands
-
-
-class UsageError(ValueError):
-    """Bad command-line input; printed as a usage error (exit code 2)."""
+from .options import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, checkpoint_files, read_model_config
 from .options import RunConfig
-from .parallel.cut import PART_DIR
+from .parallel.layout import PART_DIR
 from .registry import DEFAULT_MODEL, ModelNotFound, ModelSpec, get_spec, models_dir
 from .tiny import ensure_tiny
 

@@ -3,7 +3,7 @@
 Each ``add_*_options(addoption)`` takes ``argparse.ArgumentParser.add_argument`` or a pytest option group's
 ``addoption`` (same signature): the option names, dests, defaults and parsers are the same in both. The values
 come back as one ``RunConfig`` built from either an argparse Namespace or a pytest Config, which the loader takes
-(``runtime.load_model_from``, ``locate.locate_config``).
+(``runtime.load``, ``locate.locate_config``).
 """
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ from .memory import parse_size
 from .registry import DEFAULT_MODEL
 
 AddOption = Callable[..., Any]  # ArgumentParser.add_argument or pytest's OptionGroup.addoption
+
+
+class UsageError(ValueError):
+    """Bad command-line input; printed as a usage error (exit code 2)."""
 
 
 # --------------------------------------------------------------------------------------------- value parsers
@@ -103,6 +107,8 @@ def add_runtime_options(addoption: AddOption) -> None:
               help="the model's real shapes with seeded random weights made on the device, no checkpoint "
                    "(refused before allocating when the weights cannot fit --memory-limit / the device; a real "
                    "name without a download uses its tiny stand-in's tokenizer)")
+    addoption("--dummy-seed", type=non_negative_int, default=0, dest="npuinfer_dummy_seed", metavar="N",
+              help="seed of --dummy-weights (default 0): rows and caches record it, so runs with other seeds never mix")
     addoption("--memory-limit", type=memory_limit, default=None, dest="npuinfer_memory_limit", metavar="16GiB",
               help="memory the model may use: --dummy-weights refuses, before allocating, what cannot fit (the model; "
                    "in bench/ each case, at its batch and lengths); the "
@@ -144,6 +150,7 @@ class RunConfig:
     compile: bool = False
     kernels: str = "fused"
     dummy_weights: bool = False
+    dummy_seed: int = 0
     memory_limit: int | None = None
     tp: int = 1
     backend: str = "npuinfer"
@@ -155,6 +162,7 @@ class RunConfig:
                    dtype=get("npuinfer_dtype"), max_seq_len=get("npuinfer_max_seq_len"),
                    attention=get("npuinfer_attention"), compile=bool(get("npuinfer_compile")),
                    kernels=get("npuinfer_kernels"), dummy_weights=bool(get("npuinfer_dummy_weights")),
+                   dummy_seed=get("npuinfer_dummy_seed") or 0,
                    memory_limit=get("npuinfer_memory_limit"), tp=get("npuinfer_tp"),
                    backend=get("npuinfer_backend") or "npuinfer")
 

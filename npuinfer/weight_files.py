@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .hf_config import CheckpointError
-from .quant.files import quant_weight_files
+from .quant_files import quant_weight_files
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

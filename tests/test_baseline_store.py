@@ -18,8 +18,8 @@ import pytest
 
 from npuinfer.cli import main
 from npuinfer import atomic
-from npuinfer.results import baseline_store as store
-from npuinfer.results.baseline_store import update_baseline, verify_baseline
+from npuinfer.gates import baseline_store as store
+from npuinfer.gates.baseline_store import update_baseline, verify_baseline
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "results" / "baselines" / "cpu-tiny"
@@ -117,7 +117,7 @@ def test_an_update_that_fails_midway_leaves_the_old_baseline_whole(baseline, run
 
 KILL_AFTER_FIRST_FILE = """
 import os, shutil, signal, sys
-from npuinfer.results import baseline_store as baseline
+from npuinfer.gates import baseline_store as baseline
 copy = shutil.copyfile
 def copy_then_die(*args, **kwargs):
     copy(*args, **kwargs)

@@ -339,7 +339,7 @@ def test_max_batch_search_finds_the_real_capacity_from_any_prediction(capacity, 
 
 @pytest.mark.parametrize("name", ["qwen-tiny", "baichuan2-7b-tiny", "internlm-tiny", "gpt-neox-tiny"])
 def test_hf_backend_runs_the_same_function_and_is_timed_per_step(name, load_tiny):
-    from npuinfer.hf_backend import HFBackend
+    from npuinfer.backends.hf_model import HFBackend
     from npuinfer.backends.npuinfer import NpuinferBackend
     from npuinfer.timing import make_inputs, time_run
 
@@ -359,7 +359,7 @@ def test_hf_backend_runs_the_same_function_and_is_timed_per_step(name, load_tiny
 
 def test_hf_backend_refuses_alibi_clearly(tiny_dir):
     from npuinfer.device import Device
-    from npuinfer.hf_backend import HFBackend, HFUnsupported
+    from npuinfer.backends.hf_model import HFBackend, HFUnsupported
 
     with pytest.raises(HFUnsupported, match="ALiBi attention .* has no native transformers model"):
         HFBackend.load(tiny_dir("baichuan2-13b-tiny"), Device("cpu"), torch.float32)

@@ -518,7 +518,7 @@ def test_config_number_given_as_text_names_the_field(copy_tiny, tiny, field):
 
 def test_config_errors_stop_the_cut_and_the_hf_backend_too(copy_tiny):
     from npuinfer.device import get_device
-    from npuinfer.hf_backend import load_hf_model
+    from npuinfer.backends.hf_model import load_hf_model
     from npuinfer.parallel.cut import cut_checkpoint
 
     d = _config_with(copy_tiny, "internlm-tiny", intermediate_size="160")

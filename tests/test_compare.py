@@ -12,7 +12,7 @@ import pytest
 
 from npuinfer.ceval.report import write_report
 from npuinfer.ceval.scored import ScoredRow
-from npuinfer.results.compare import compare_runs, parse_labels, read_run
+from npuinfer.reports.compare import compare_runs, parse_labels, read_run
 from npuinfer.results.performance import performance_path, performance_row, performance_table
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ import torch
 
 from npuinfer.checkpoint import CheckpointError, read_weights
 from npuinfer.cli import main
-from npuinfer.parallel.cut import PART_DIR, TP_KEY, CutError, cut_checkpoint, read_canonical, read_checkpoint_args
+from npuinfer.parallel.cut import CutError, cut_checkpoint, read_canonical, read_checkpoint_args
+from npuinfer.parallel.layout import PART_DIR, TP_KEY
 from npuinfer.parallel.dist import ParallelError, init_tensor_parallel
 from npuinfer.parallel.shard import check_part
 from npuinfer.tiny import MARKER, ensure_tiny, make_tiny

@@ -45,8 +45,8 @@ def test_every_real_model_is_refused_by_the_prediction_before_allocating(name, n
 
 
 def test_a_tiny_model_with_dummy_weights_runs_seeded_on_its_own_shapes(npuinfer_cache):
-    a = load_model("qwen-tiny", device="cpu", dtype="fp32", dummy_weights=True, seed=3)
-    b = load_model("qwen-tiny", device="cpu", dtype="fp32", dummy_weights=True, seed=3)
+    a = load_model("qwen-tiny", device="cpu", dtype="fp32", dummy_weights=True, dummy_seed=3)
+    b = load_model("qwen-tiny", device="cpu", dtype="fp32", dummy_weights=True, dummy_seed=3)
     real = load_model("qwen-tiny", device="cpu", dtype="fp32")
     assert a.weights == "dummy(seed 3)" and real.weights == "checkpoint"
     assert a.args == real.args and a.checkpoint_id != real.checkpoint_id and a.checkpoint_id.startswith("dummy-s3-")
@@ -86,10 +86,10 @@ def test_infer_and_bench_say_the_weights_were_dummy(tmp_path, npuinfer_cache):
 
 
 def test_backend_hf_runs_on_the_same_dummy_tensors(npuinfer_cache):
-    from npuinfer.hf_backend import HFBackend
+    from npuinfer.backends.hf_model import HFBackend
     from npuinfer.backends.npuinfer import NpuinferBackend
 
-    loaded = load_model("internlm-tiny", device="cpu", dtype="fp32", dummy_weights=True, seed=1)
+    loaded = load_model("internlm-tiny", device="cpu", dtype="fp32", dummy_weights=True, dummy_seed=1)
     hf = HFBackend.sharing(loaded)
     ours = {t.untyped_storage().data_ptr() for t in loaded.model.state_dict().values()}
     # views of npuinfer's tensors (q, k, v are row blocks of the fused wqkv), no copy

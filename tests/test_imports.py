@@ -99,3 +99,44 @@ def test_in_package_imports_are_at_module_top():
     lazy = [f"{name}:{line} imports {target}" for name, path in mods.items() if name not in LAZY_ALLOWED
             for target, line, at_top in imports(name, path, set(mods)) if not at_top]
     assert not lazy, "in-package imports inside functions (import at module top): " + "; ".join(lazy)
+
+
+ARCHITECTURE = PACKAGE.parent / "docs" / "ARCHITECTURE.md"
+
+
+def unit(module: str) -> str:
+    """The layer unit a module belongs to: its top folder (``ceval/``) or itself (``runtime``)."""
+    parts = module.split(".")[1:] or ["__init__"]
+    is_folder = len(parts) > 1 or (PACKAGE / parts[0] / "__init__.py").is_file()
+    return parts[0] + "/" if is_folder else parts[0]
+
+
+def layer_lines(text: str) -> list[list[str]]:
+    """The units on each line of the fenced block under '## Layers' in docs/ARCHITECTURE.md."""
+    block = text.split("## Layers", 1)[1].split("```", 2)[1]
+    return [line.split() for line in block.splitlines() if line.strip()]
+
+
+def test_folders_are_layers_in_the_order_docs_architecture_md_draws():
+    """Every import goes from a unit (a folder, or a module at the top) to one on a line above it in
+    docs/ARCHITECTURE.md's layer list; every unit is listed once; so the picture cannot drift from the code."""
+    lines = layer_lines(ARCHITECTURE.read_text(encoding="utf-8"))
+    line_of = {u: i for i, units in enumerate(lines) for u in units}
+    listed = [u for units in lines for u in units]
+    assert len(listed) == len(set(listed)), "a unit is listed twice in docs/ARCHITECTURE.md's layers"
+    mods = modules()
+    units = {unit(m) for m in mods}
+    assert units <= set(line_of), f"not in docs/ARCHITECTURE.md's layers: {sorted(units - set(line_of))}"
+    assert set(line_of) <= units, f"listed but not in the package: {sorted(set(line_of) - units)}"
+    wrong = [f"{name} ({unit(name)}, line {line_of[unit(name)] + 1}) imports {target} ({unit(target)}, line "
+             f"{line_of[unit(target)] + 1}) at line {line}"
+             for name, path in mods.items() for target, line, _ in imports(name, path, set(mods))
+             if unit(target) != unit(name) and line_of[unit(target)] >= line_of[unit(name)]]
+    assert not wrong, "imports against the layer order:\n" + "\n".join(wrong)
+
+
+def test_the_layer_check_catches_a_wrong_order():
+    text = "## Layers\n```\natomic\nruntime  ceval/\n```\n"
+    assert layer_lines(text) == [["atomic"], ["runtime", "ceval/"]]
+    assert unit("npuinfer.ceval.scoring") == "ceval/" and unit("npuinfer.runtime") == "runtime"
+    assert unit("npuinfer") == "__init__"

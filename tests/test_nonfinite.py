@@ -93,7 +93,7 @@ def test_hf_backend_with_nan_weights_raises_like_npuinfer(nan_model, tiny_dir):
     NaN tokens); on the finite checkpoint it generates as before."""
     from npuinfer.device import Device
     from npuinfer.generate import NonFiniteLogits
-    from npuinfer.hf_backend import HFBackend
+    from npuinfer.backends.hf_model import HFBackend
 
     ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
     with pytest.raises(NonFiniteLogits, match=r"step 0, prefill\), batch row\(s\) 0"):

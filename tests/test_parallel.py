@@ -19,7 +19,8 @@ import torch.multiprocessing as mp
 
 from npuinfer.generate import generate, seq_state
 from npuinfer.kernels import select_kernels
-from npuinfer.parallel.cut import PART_DIR, TP_KEY, cut_checkpoint
+from npuinfer.parallel.cut import cut_checkpoint
+from npuinfer.parallel.layout import PART_DIR, TP_KEY
 from npuinfer.parallel.launch import free_port, run_under_torchrun
 from npuinfer.tiny import MARKER, ensure_tiny
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from npuinfer.generate import seq_state
-from npuinfer.hf_backend import HFBackend
+from npuinfer.backends.hf_model import HFBackend
 from npuinfer.kernels import kernels_for, select_kernels
 from npuinfer.model import Linear
 from npuinfer.runtime import load_model

@@ -37,7 +37,7 @@ def kernel(scheme: str) -> str:
 @pytest.fixture(scope="session")
 def quantized(tiny_dir, tmp_path_factory):
     """quantized(name, scheme) -> directory written by npuinfer quantize (once per session)."""
-    from npuinfer.quant.calibrate import quantize_checkpoint
+    from npuinfer.quantize import quantize_checkpoint
 
     made = {}
 
@@ -236,7 +236,7 @@ def test_infer_cli_runs_a_quantized_directory(quantized, capsys):
 
 
 def test_compare_pairs_a_float_run_with_its_quantized_copy(tmp_path):
-    from npuinfer.results.compare import Labels, compare_runs, to_markdown
+    from npuinfer.reports.compare import Labels, compare_runs, to_markdown
     from npuinfer.results.performance import BATCH, INPUT, NEXT, OUTPUT
 
     for run, model, next_ms, quant in (("float", "qwen-7b", 100.0, "none"), ("w8a16", "qwen-7b-w8a16", 60.0, "W8A16")):
@@ -373,7 +373,7 @@ def test_quantize_command(tmp_path, capsys):
 def test_hf_backend_refuses_a_quantized_checkpoint(quantized):
     """Loaded into transformers' float layers, int8 weights would run as their integer values."""
     from npuinfer.device import get_device
-    from npuinfer.hf_backend import HFUnsupported, load_hf_model
+    from npuinfer.backends.hf_model import HFUnsupported, load_hf_model
 
     with pytest.raises(HFUnsupported, match="W8 quantized checkpoint.*--backend npuinfer"):
         load_hf_model(quantized("qwen-tiny", "W8A16"), get_device("cpu"), torch.float32)

@@ -45,7 +45,7 @@ def _rank_main(rank: int, port: int, jobs: list[tuple[str, str]], out: str) -> N
 
 @pytest.fixture(scope="module")
 def runs(tiny_dir, tmp_path_factory):
-    from npuinfer.quant.calibrate import quantize_checkpoint
+    from npuinfer.quantize import quantize_checkpoint
     from npuinfer.runtime import load_model
 
     base = tmp_path_factory.mktemp("quant_tp")

@@ -1,6 +1,6 @@
-"""``--backend hf``: transformers' model class on the same checkpoint (npuinfer.hf_backend maps the weights).
+"""``--backend hf``: transformers' model class on the same checkpoint (npuinfer.backends.hf_model maps the weights).
 
-Timed generation is transformers' own ``generate`` (hf_backend.HFBackend). Log-likelihood is computed here the
+Timed generation is transformers' own ``generate`` (hf_model.HFBackend). Log-likelihood is computed here the
 plain way lm-evaluation-harness's HF model does it, independently of npuinfer's prefix reuse: each request fed
 whole as ``(context + continuation)[-(L + 1):][:-1]``, right-padded in batches, the continuation's tokens read
 at their positions (the head applied to those positions only). So ``pytest accuracy/ --backend hf`` is an
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..device import dtype_name, parse_dtype
-from ..hf_backend import HFBackend
+from .hf_model import HFBackend
 from ..locate import resolve_model_dir
 from ..runtime import default_dtype
 from ..tokenizer import load_tokenizer

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..results.baseline_store import update_baseline, verify_baseline
+from ..gates.baseline_store import update_baseline, verify_baseline
 
 
 def add_parser(sub) -> None:

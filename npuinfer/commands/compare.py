@@ -5,7 +5,7 @@
 
 Performance rows are matched on (model, batch, input, output), accuracy on subject and category
 (and Avg); ratio columns are A/B (对比), difference columns A-B. Rows found in one run only are
-listed with a note. See npuinfer/results/compare.py.
+listed with a note. See npuinfer/reports/compare.py.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import argparse
 import re
 from pathlib import Path
 
-from ..results.compare import compare_runs, parse_labels, to_markdown, write_comparison
+from ..reports.compare import compare_runs, parse_labels, to_markdown, write_comparison
 
 
 def add_parser(sub) -> None:

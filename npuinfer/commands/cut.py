@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import UsageError
+from ..options import UsageError
 from ..options import add_model_options, positive_int
 from ..parallel.cut import cut_checkpoint
 from ..locate import resolve_model_dir

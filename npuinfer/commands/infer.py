@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import UsageError
+from ..options import UsageError
 from ..generate import generate
 from ..options import RunConfig, add_device_options, add_model_options, add_runtime_options, positive_int
 from ..parallel.dist import init_tensor_parallel, is_rank0
 from ..roofline import probe_bandwidth, roofline_figures, shared_peak
 from ..locate import locate_config
-from ..runtime import load_model_from
+from ..runtime import load
 from ..timing import Timer
 
 DEFAULT_PROMPT = "苹果公司的CEO是"
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     # A missing or unusable checkpoint is one message (cli.main prints it) before any device or rank starts.
     locate_config(config)
     device = init_tensor_parallel(config.tp, config.device)
-    loaded = load_model_from(config, device)
+    loaded = load(config, device)
     tok = loaded.tokenizer
     input_ids, mask = tok.encode_batch(list(args.prompts))
     no_tokens = [n for n, length in enumerate(mask.sum(dim=1).tolist(), 1) if length == 0]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli import UsageError
-from ..quant.calibrate import quantize_checkpoint, read_calibration
+from ..options import UsageError
+from ..quantize import quantize_checkpoint, read_calibration
 from ..options import add_model_options
 from ..locate import resolve_model_dir
 

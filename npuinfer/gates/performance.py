@@ -3,7 +3,7 @@ directory (committed ones under results/baselines/<name>/). No pytest here.
 
 A baseline directory holds what a results directory holds (``performance_<model>_<device>.csv``,
 ``calibration_<model>_<device>.csv``, ``ceval_<model>_<device>/subject_acc.json`` ...), copied there by
-`npuinfer baseline update` (npuinfer.results.baseline_store), so a results directory is a baseline too.
+`npuinfer baseline update` (npuinfer.gates.baseline_store), so a results directory is a baseline too.
 
 Performance gate: first-token time, next-token time and E2E throughput of a case against the baseline
 row of the same (model, batch, input, output) measured with the same dtype, backend, timing mode and

@@ -42,7 +42,6 @@ tp=2 instead of 7.7 GB; gpt-neox-20b's are 1.2 GB. That fits the 32-64 GB device
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -57,17 +56,14 @@ from ..checkpoint import read_canonical as read_canonical_weights
 from ..checkpoint import (
     args_from_config,
     check_state_dict,
-    checkpoint_files,
     checkpoint_identity,
     detect_family,
     read_config,
 )
 from ..model import ModelArgs, Transformer
 from ..quant.linear import QUANT_PARAMS, TENSOR_PARAMS, plan_from_state, swap_linears
+from .layout import FORMAT, PART_DIR, TP_KEY, content_digest, part_dir
 
-PART_DIR = "part_model"
-TP_KEY = "npuinfer_tp"
-FORMAT = 1
 MAX_FILE_BYTES = 4 << 30  # split a rank's weights into files of at most this size, with an index
 
 COLUMN_BY_HEADS = ("attention.wqkv.weight", "attention.wqkv.bias")
@@ -78,10 +74,6 @@ ROW_BIAS = ("attention.wo.bias", "feed_forward.w2.bias")
 
 class CutError(ValueError):
     """A checkpoint cannot be cut for the asked tensor parallel size."""
-
-
-def part_dir(model_dir: str | os.PathLike, rank: int) -> Path:
-    return Path(model_dir) / PART_DIR / str(rank)
 
 
 def check_tp(args: ModelArgs, tp: int, where: str) -> None:
@@ -225,19 +217,6 @@ def cut_checkpoint(model_dir: str | os.PathLike, tp: int) -> list[Path]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [part_dir(model_dir, rank) for rank in range(tp)]
-
-
-def content_digest(model_dir: Path, sample: int = 1 << 16) -> str:
-    """sha256 over the start, middle and end of every weight file: tells apart checkpoints that have the
-    same config and file sizes (a base and a chat model) without reading gigabytes."""
-    digest = hashlib.sha256()
-    for path in checkpoint_files(model_dir):
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            for offset in sorted({0, max(0, size // 2 - sample // 2), max(0, size - sample)}):
-                f.seek(offset)
-                digest.update(f.read(sample))
-    return digest.hexdigest()[:16]
 
 
 def _save(state: dict[str, Tensor], out: Path, label: str) -> None:

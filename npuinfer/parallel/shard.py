@@ -15,9 +15,8 @@ from torch import Tensor
 
 from ..checkpoint import CheckpointError, checkpoint_identity, read_config, read_weights
 from ..model import ModelArgs
-from ..tiny import MARKER
-from .cut import FORMAT, PART_DIR, TP_KEY, content_digest, cut_checkpoint, part_dir
-from .dist import ParallelError, barrier, local_rank, rank as global_rank
+from .layout import FORMAT, PART_DIR, TP_KEY, content_digest, part_dir
+from .dist import ParallelError
 
 
 def _recut(model_dir: Path, tp: int) -> str:
@@ -78,25 +77,10 @@ def load_shard(model_dir: str | Path, config: dict, args: ModelArgs) -> tuple[di
     model_dir = Path(model_dir)
     tp, rank = args.tp_size, args.tp_rank
     reject_part_dir(config, model_dir)
-    _ensure_tiny_parts(model_dir, config, tp)
     folder = check_part(model_dir, config, tp, rank)
     state = read_weights(folder)
     origin = {name: f"{PART_DIR}/{rank}/{name}" for name in state}
     return state, origin
-
-
-def _ensure_tiny_parts(model_dir: Path, config: dict, tp: int) -> None:
-    """npuinfer's tiny checkpoints are cut on first use (local rank 0 cuts, every rank waits)."""
-    if not (model_dir / MARKER).is_file():
-        return
-    first_on_node = local_rank() == 0 if local_rank() is not None else global_rank() == 0
-    if first_on_node:
-        try:
-            for rank in range(tp):
-                check_part(model_dir, config, tp, rank)
-        except ParallelError:
-            cut_checkpoint(model_dir, tp)
-    barrier()
 
 
 def reject_part_dir(config: dict, model_dir: str | Path) -> None:

@@ -20,7 +20,7 @@ from ..options import (
 )
 from ..locate import ModelUnavailable, locate_config
 from ..registry import DEFAULT_MODEL, MODELS, discover_models, get_spec
-from ..runtime import LoadedModel, load_model_from
+from ..runtime import LoadedModel, load
 from ..backends import Backend, BackendSource, backend_names, make_backend
 
 GROUP = "npuinfer"
@@ -142,7 +142,7 @@ class ModelCache:
 
     def get(self, name: str) -> LoadedModel:
         if name not in self._loaded:
-            self._loaded[name] = load_model_from(run_config(self.config, name), self.device)
+            self._loaded[name] = load(run_config(self.config, name), self.device)
         return self._loaded[name]
 
 

@@ -3,10 +3,10 @@
 - scheme.py: the arithmetic (msModelSlim's formulas), used by writer, layers and reference alike
 - kernels.py: which matmul each device runs, checked once against dequantize-then-matmul
 - linear.py: QuantLinear, swapped in for nn.Linear after the model is built; the plan comes from the tensors
-- files.py: which files make a directory quantized (the loader asks it; it imports nothing of the loader)
+- ../quant_files.py (below the weight-file reader, which asks it): which files make a directory quantized
 - layout.py: MindIE safetensors + description <-> canonical names; ``read_canonical_quantized`` is the loader hook
 - npy_dict.py: the older ModelSlim .npy dicts, read with an allow-list unpickler
-- calibrate.py: ``npuinfer quantize`` (round-to-nearest weights, calibrated activation ranges, optional smoothing);
+- ../quantize.py (beside the commands): ``npuinfer quantize`` (round-to-nearest weights, calibrated activation ranges, optional smoothing);
   it loads models through npuinfer.runtime, which imports this package, so it is not imported here
 """
 from .linear import QuantLinear, describe, load_dtype, plan_from_state, prepare, swap_linears

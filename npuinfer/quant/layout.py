@@ -20,7 +20,7 @@ from ..canonical import blocks_to_per_head, from_canonical, per_head_to_blocks, 
 from ..families import QKV_PER_HEAD, QKV_SEPARATE, get_family
 from ..hf_config import CheckpointError, read_json_object
 from ..model import ModelArgs
-from .files import QuantFiles, find_quant_files, has_npy_layout
+from ..quant_files import QuantFiles, find_quant_files, has_npy_layout
 from .linear import QUANT_PARAMS, ROW_PARAMS, TENSOR_PARAMS, plan_from_state, split_param
 from .npy_dict import read_npy_layout
 from .scheme import SCHEMES

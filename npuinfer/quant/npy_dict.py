@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..hf_config import CheckpointError
 from ..weight_files import read_weights
-from .files import NPY_FILES
+from ..quant_files import NPY_FILES
 
 _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),

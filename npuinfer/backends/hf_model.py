@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .backends.base import BackendUnsupported
-from .checkpoint import (
+from ..checkpoint import (
     args_from_config,
     checkpoint_identity,
     detect_family,
@@ -36,11 +35,12 @@ from .checkpoint import (
     read_canonical,
     read_config,
 )
-from .device import Device
-from .families import gpt_neox
-from .generate import check_finite
-from .model import ModelArgs
-from .quant import plan_from_state
+from ..device import Device
+from ..families import gpt_neox
+from ..generate import check_finite
+from ..model import ModelArgs
+from ..quant import plan_from_state
+from .base import BackendUnsupported
 
 
 class HFUnsupported(BackendUnsupported):

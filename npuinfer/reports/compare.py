@@ -23,10 +23,10 @@ from typing import Mapping, Sequence
 from ..ceval.aggregate import AVG, AVG_HARD, CLASS_KEYS
 from ..ceval.report import CLASSES_ACC, SUBJECT_ACC
 from ..ceval.subjects import HARD_SUBJECTS, SUBJECT_NAMES, get_subject
-from .performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, POST, PRE, RESPONSE, THROUGHPUT
-from .naming import model_of
+from ..results.performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, POST, PRE, RESPONSE, THROUGHPUT
+from ..results.naming import model_of
 from ..atomic import write_atomic
-from .table import markdown_table, parse_float, read_csv
+from ..results.table import markdown_table, parse_float, read_csv
 
 PERFORMANCE_METRICS = (FIRST, NEXT, RESPONSE, THROUGHPUT, PRE, POST)
 

@@ -17,11 +17,11 @@ from typing import Sequence
 
 from ..atomic import fsync_tree, recover_interrupted_swap, sibling, swap_directory
 from ..device import cpu_model_name
-from ..gates.performance import paired_calibration
-from .calibration import calibration_table
-from .naming import CALIBRATION, PERFORMANCE, calibration_of, kind_of, model_of
-from .performance import BATCH
-from .table import read_csv, write_csv
+from ..results.calibration import calibration_table
+from ..results.naming import CALIBRATION, PERFORMANCE, calibration_of, kind_of, model_of
+from ..results.performance import BATCH
+from ..results.table import read_csv, write_csv
+from .performance import paired_calibration
 
 # --------------------------------------------------------------------------------------------- storing a baseline
 

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..hf_config import CheckpointError
+from .hf_config import CheckpointError
 
 WEIGHT_GLOB = "quant_model_weight*.safetensors"
 INDEX_GLOB = "quant_model_weight*.safetensors.index.json"

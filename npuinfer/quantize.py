@@ -17,13 +17,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..atomic import swap_directory
-from ..checkpoint import CheckpointError, args_from_config, detect_family, read_canonical, read_config
-from ..runtime import load_model
-from .files import description_file_name, find_quant_files, has_npy_layout, weight_file_name
-from .layout import describe_tensors, quant_from_canonical
-from .linear import LINEARS
-from .scheme import W8A8, W8A16, activation_params, quantize_weight, w8a8_params
+from .atomic import swap_directory
+from .checkpoint import CheckpointError, args_from_config, detect_family, read_canonical, read_config
+from .runtime import load_model
+from .quant_files import description_file_name, find_quant_files, has_npy_layout, weight_file_name
+from .quant.layout import describe_tensors, quant_from_canonical
+from .quant.linear import LINEARS
+from .quant.scheme import W8A8, W8A16, activation_params, quantize_weight, w8a8_params
 
 # The Baichuan2 guide's calibration prompts.
 DEFAULT_CALIBRATION = ["中国的首都在哪里？", "请做一首诗歌：", "我想要学习python，该怎么学习？",
