@@ -102,10 +102,38 @@ def test_quantized_forward_equals_fake_quant_reference(quantized, name, scheme):
     assert loaded.quantization["quantization"] == scheme
     assert loaded.quantization["quant_kernel"] == f"{scheme}: {kernel(scheme)}"  # the int8 kernel ran, no fallback
     tokens = torch.randint(0, loaded.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    reference = fake_quant_reference(directory)
+    if scheme == "W8A8":
+        # Layer by layer on the same inputs: an activation a float rounding step away from an int8 boundary rounds
+        # to either neighbour in the two models (seen on an AMD EPYC), so whole-model logits may differ by that.
+        inputs = layer_inputs(loaded.model, tokens)
+        for prefix, x in inputs.items():
+            with torch.no_grad():
+                got_layer = loaded.model.get_submodule(prefix)(x)
+                want_layer = reference.get_submodule(prefix)(x)
+            err = (got_layer - want_layer).abs().max() / want_layer.abs().max()
+            assert err < 5e-4, f"{name} {scheme} {prefix}: relative error {err:.2e} vs the fake-quant reference"
+        assert len(inputs) == len(plan_from_state(canonical_quantized(directory)[1]))
     got = logits(loaded.model, tokens)
-    want = logits(fake_quant_reference(directory), tokens)
+    want = logits(reference, tokens)
     err = (got - want).abs().max() / want.abs().max()
-    assert err < 5e-4, f"{name} {scheme}: relative logit error {err:.2e} vs the fake-quant reference"
+    limit = 5e-4 if scheme == "W8A16" else 3e-2  # W8A8: boundary roundings, at most a few int8 steps of a logit
+    assert err < limit, f"{name} {scheme}: relative logit error {err:.2e} vs the fake-quant reference"
+
+
+def layer_inputs(model, tokens) -> dict[str, torch.Tensor]:
+    """Each quantized linear's input in a forward of ``model``."""
+    from npuinfer.quant.linear import QuantLinear
+
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, args[0].clone()))
+             for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    try:
+        logits(model, tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
 
 
 BF16_FROM_MAPPED_FILE = """
