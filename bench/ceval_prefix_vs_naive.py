@@ -183,6 +183,7 @@ def peak_rss_bytes() -> int:
 
 
 def score_all(loaded, data_dir: Path, subjects, mode: str, shots: int, batch_size: int):
+    from npuinfer.backends.npuinfer import NpuinferBackend
     from npuinfer.ceval import load_split
     from npuinfer.ceval.scoring import ScoringStats, score_subject
 
@@ -193,7 +194,8 @@ def score_all(loaded, data_dir: Path, subjects, mode: str, shots: int, batch_siz
     for subject in subjects:
         dev = load_split(data_dir, subject, "dev")
         val = load_split(data_dir, subject, "val")
-        for s in score_subject(loaded, subject, dev, val, "lmeval", shots, mode, batch_size, stats=stats):
+        for s in score_subject(NpuinferBackend(loaded), subject, dev, val, "lmeval", shots, mode, batch_size,
+                               stats=stats):
             out[s.row.key] = s
     loaded.device.synchronize()
     # cpu time of the process (all its threads) besides wall time: on a shared machine it leaves out the time
