@@ -44,6 +44,16 @@ positive_int = at_least(1)
 non_negative_int = at_least(0)
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def positive_ints(text: str) -> tuple[int, ...]:
     """``1,4,8`` -> (1, 4, 8), duplicates dropped."""
     try:
@@ -126,6 +136,23 @@ def add_backend_option(addoption: AddOption) -> None:
                    "backend a plugin registers under the npuinfer.backends entry-point group")
 
 
+def add_endpoint_options(addoption: AddOption) -> None:
+    """Where a served deployment is (--backend openai)."""
+    addoption("--base-url", default=None, dest="npuinfer_base_url", metavar="URL",
+              help="--backend openai: the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1")
+    addoption("--served-model", default=None, dest="npuinfer_served_model", metavar="NAME",
+              help="--backend openai: the model name the server lists in /v1/models")
+    addoption("--tokenizer", default=None, dest="npuinfer_tokenizer", metavar="DIR",
+              help="--backend openai: the served model's directory (config.json + tokenizer files): prompts are "
+                   "sent as token ids made with it")
+    addoption("--api-key-env", default=None, dest="npuinfer_api_key_env", metavar="NAME",
+              help="--backend openai: the environment variable holding the API key (never written anywhere)")
+    addoption("--request-timeout", type=positive_float, default=600.0, dest="npuinfer_request_timeout",
+              metavar="S", help="--backend openai: seconds to wait for an answer before retrying (default 600)")
+    addoption("--num-concurrent", type=positive_int, default=1, dest="npuinfer_num_concurrent", metavar="N",
+              help="--backend openai: requests in flight at once (default 1)")
+
+
 def add_baseline_option(addoption: AddOption) -> None:
     """--baseline, shared by the bench and accuracy suites."""
     addoption("--baseline", default=None, dest="npuinfer_baseline", metavar="DIR",
@@ -154,6 +181,12 @@ class RunConfig:
     memory_limit: int | None = None
     tp: int = 1
     backend: str = "npuinfer"
+    base_url: str | None = None  # --backend openai: where the server is, which model, its tokenizer
+    served_model: str | None = None
+    tokenizer: str | None = None
+    api_key_env: str | None = None
+    request_timeout: float = 600.0
+    num_concurrent: int = 1
 
     @classmethod
     def from_options(cls, get: Callable[[str], Any], model: str | None = None) -> "RunConfig":
@@ -164,7 +197,11 @@ class RunConfig:
                    kernels=get("npuinfer_kernels"), dummy_weights=bool(get("npuinfer_dummy_weights")),
                    dummy_seed=get("npuinfer_dummy_seed") or 0,
                    memory_limit=get("npuinfer_memory_limit"), tp=get("npuinfer_tp"),
-                   backend=get("npuinfer_backend") or "npuinfer")
+                   backend=get("npuinfer_backend") or "npuinfer", base_url=get("npuinfer_base_url"),
+                   served_model=get("npuinfer_served_model"), tokenizer=get("npuinfer_tokenizer"),
+                   api_key_env=get("npuinfer_api_key_env"),
+                   request_timeout=get("npuinfer_request_timeout") or 600.0,
+                   num_concurrent=get("npuinfer_num_concurrent") or 1)
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "RunConfig":

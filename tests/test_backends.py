@@ -16,6 +16,7 @@ import pytest
 
 from npuinfer.backends import BUILTIN, BackendSource, backend_names, make_backend
 from npuinfer.backends.base import Backend, BackendUnsupported, LoglikelihoodRequest
+from npuinfer.backends.openai import api_fit
 from npuinfer.ceval.synth import write_synthetic_ceval
 from npuinfer.device import get_device
 from npuinfer.options import RunConfig
@@ -78,10 +79,22 @@ def test_loglikelihoods_of_hf_and_npuinfer_agree_on_the_same_weights(load_tiny):
 def test_unknown_backend_is_a_usage_error_naming_the_known_ones(tmp_path, data):
     proc = run_accuracy(tmp_path, data, "--model", "qwen-tiny", "--backend", "nosuch")
     assert proc.returncode == 4, proc.stdout + proc.stderr
-    assert "--backend nosuch: unknown backend; known: npuinfer, hf" in proc.stderr
+    assert "--backend nosuch: unknown backend; known: npuinfer, hf, openai" in proc.stderr
     with pytest.raises(BackendUnsupported, match="unknown backend"):
         make_backend("nosuch", BackendSource(RunConfig(), get_device("cpu"), lambda: None))
 
 
 def test_the_table_holds_the_builtins_first():
-    assert list(BUILTIN) == ["npuinfer", "hf"] and backend_names()[:2] == ["npuinfer", "hf"]
+    assert list(BUILTIN) == ["npuinfer", "hf", "openai"] and backend_names()[:3] == ["npuinfer", "hf", "openai"]
+
+
+def test_api_fit_is_lm_evals_left_truncation():
+    assert api_fit([1, 2, 3], [4, 5], 10) == ([1, 2, 3, 4, 5], 3)
+    assert api_fit(list(range(10)), [20, 21], 8) == ([5, 6, 7, 8, 9, 20, 21], 5)  # L - 1 = 7 tokens kept
+
+
+def test_an_unreachable_server_is_one_usage_error(data, tmp_path, tiny_dir):
+    proc = run_accuracy(tmp_path, data, "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1",
+                        "--served-model", "x", "--tokenizer", str(tiny_dir("gpt-neox-tiny")))
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "--base-url http://127.0.0.1:9/v1: no server answers there" in proc.stderr

@@ -1,6 +1,7 @@
 """The backend table: every engine both suites can measure, chosen by ``--backend NAME``.
 
-Built in: ``npuinfer`` (npuinfer's runtime) and ``hf`` (transformers on the same checkpoint). A plugin adds one
+Built in: ``npuinfer`` (npuinfer's runtime), ``hf`` (transformers on the same checkpoint) and ``openai`` (a
+served deployment's OpenAI-compatible endpoint). A plugin adds one
 under the ``npuinfer.backends`` entry-point group: the entry point names a factory taking a ``BackendSource``
 and returning an object with the ``base.Backend`` interface. The suites reach a model only through that
 interface (npuinfer.backends.base).
@@ -17,6 +18,7 @@ from ..runtime import LoadedModel
 from .base import Backend, BackendUnsupported
 from .hf import make_hf_backend
 from .npuinfer import NpuinferBackend
+from .openai import make_openai_backend
 
 ENTRY_POINT_GROUP = "npuinfer.backends"
 DEFAULT_BACKEND = "npuinfer"
@@ -37,6 +39,7 @@ BackendFactory = Callable[[BackendSource], Backend]
 BUILTIN: dict[str, BackendFactory] = {
     "npuinfer": lambda source: NpuinferBackend(source.local()),
     "hf": make_hf_backend,
+    "openai": make_openai_backend,
 }
 
 

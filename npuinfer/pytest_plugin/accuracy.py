@@ -44,7 +44,7 @@ from ..device import get_device
 from ..options import non_negative_int, positive_int
 from ..registry import DEFAULT_MODEL
 from ..results.naming import ResultName
-from .common import GROUP, BackendCache, selected_models, xdist_worker_id
+from .common import GROUP, SERVED_BACKENDS, BackendCache, selected_models, xdist_worker_id
 
 # user_properties keys: how a case's results reach the controller under xdist.
 P_DIR, P_MODEL, P_SUBJECT = "ceval_results_dir", "ceval_model", "ceval_subject"
@@ -135,6 +135,8 @@ class CevalSuite:
         self.settings = _settings(config)
         # The run's device as asked for (xdist workers on npu:N/cuda:N add their index): one directory per run.
         self.device_label = get_device(config.getoption("npuinfer_device")).label
+        if config.getoption("npuinfer_backend") in SERVED_BACKENDS:  # the run is of the endpoint, not this machine
+            self.device_label = config.getoption("npuinfer_backend")
         self.max_drop = config.getoption("ceval_max_acc_drop")
         self.baseline = config.getoption("npuinfer_baseline")
         self._runs: dict[str, CevalRun | Exception] = {}

@@ -65,7 +65,7 @@ from ..results.table import append_jsonl
 from ..roofline import roofline_figures, session_peaks
 from ..timing import BenchCase, measure_case, plain_repeat
 from .bench_options import bench_options
-from .common import DEFAULT_TINY_MODELS, run_config, selected_models, xdist_worker_id
+from .common import DEFAULT_TINY_MODELS, run_config, selected_models, served_backend, xdist_worker_id
 from .noise import make_guard, record_verdict
 
 STATS_ENV = "NPUINFER_BENCH_STATS"  # a path: the session's time accounting is written there as JSON
@@ -131,10 +131,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("max_batch_case", mcases, ids=[c.id for c in mcases])
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if {"perf_case", "max_batch_case"} & set(getattr(item, "fixturenames", ())):
-            item.add_marker(MARKER)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    bench_items = [item for item in items if {"perf_case", "max_batch_case"} & set(getattr(item, "fixturenames", ()))]
+    for item in bench_items:
+        item.add_marker(MARKER)
+    served = served_backend(config)
+    why = served.unsupported("bench") if served is not None and bench_items else None
+    if why:  # said once, before any case runs
+        raise pytest.UsageError(f"--backend {served.name}: {why}")
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -15,15 +15,27 @@ from ..options import (
     add_backend_option,
     add_baseline_option,
     add_device_options,
+    add_endpoint_options,
     add_model_options,
     add_runtime_options,
 )
 from ..locate import ModelUnavailable, locate_config
 from ..registry import DEFAULT_MODEL, MODELS, discover_models, get_spec
 from ..runtime import LoadedModel, load
-from ..backends import Backend, BackendSource, backend_names, make_backend
+from ..backends import Backend, BackendSource, BackendUnsupported, backend_names, make_backend
 
 GROUP = "npuinfer"
+SERVED_BACKENDS = ("openai",)  # backends that measure a server: no local model, the case model is the served one
+_SERVED = pytest.StashKey[Backend]()
+
+
+def served_backend(config: pytest.Config) -> Backend | None:
+    """The session's served backend (made and checked at configure time), None for in-process backends."""
+    return config.stash.get(_SERVED, None)
+
+
+def _no_local_model():
+    raise BackendUnsupported("a served backend has no local model")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -32,6 +44,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add_device_options(group.addoption)
     add_runtime_options(group.addoption)
     add_backend_option(group.addoption)  # the engine both suites measure (npuinfer.backends)
+    add_endpoint_options(group.addoption)
     add_baseline_option(group.addoption)  # read by the bench and the accuracy suites
     group.addoption("--results-dir", default="results", dest="npuinfer_results_dir",
                     help="where CSV, markdown and plots are written (default results/)")
@@ -56,7 +69,14 @@ def pytest_configure(config: pytest.Config) -> None:
         backend = config.getoption("npuinfer_backend", "npuinfer")
         if backend not in backend_names():
             raise pytest.UsageError(f"--backend {backend}: unknown backend; known: {', '.join(backend_names())}")
-        check_models(config)
+        if backend in SERVED_BACKENDS:  # the server is checked once here: unreachable or wrong model, exit 4
+            try:
+                config.stash[_SERVED] = make_backend(backend, BackendSource(RunConfig.from_pytest(config, None),
+                                                                            get_device("cpu"), _no_local_model))
+            except BackendUnsupported as exc:
+                raise pytest.UsageError(str(exc)) from None
+        else:
+            check_models(config)
 
 
 def results_dir_problem(path: Path) -> str | None:
@@ -100,7 +120,10 @@ def check_models(config: pytest.Config) -> None:
 
 
 def selected_models(config: pytest.Config, default: list[str]) -> list[str]:
-    """--model values, else models found under $NPUINFER_MODELS_DIR, else ``default``."""
+    """--model values, else models found under $NPUINFER_MODELS_DIR, else ``default``; a served backend's is the
+    served model."""
+    if config.getoption("npuinfer_backend", "npuinfer") in SERVED_BACKENDS:
+        return [config.getoption("npuinfer_served_model")]
     names = config.getoption("npuinfer_models")
     if names:
         for name in names:
@@ -161,6 +184,8 @@ class BackendCache:
         return self.models.device
 
     def get(self, model: str) -> Backend:
+        if _SERVED in self.config.stash:  # made (and the server checked) at configure time
+            return self.config.stash[_SERVED]
         if model not in self._made:
             source = BackendSource(run_config(self.config, model), self.models.device,
                                    lambda: self.models.get(model))

