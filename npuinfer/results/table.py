@@ -183,6 +183,15 @@ def short_number(text: object) -> str:
     return f"{value:.3e}"
 
 
+def significant(value: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` significant figures, written without an exponent (274.7 -> '275', 0.04213 ->
+    '0.0421', 50030.1 -> '50030'): times, bandwidths and rates for people."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    return f"{round(value, decimals):.{decimals}f}"
+
+
 def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str], numeric: Collection[str] = ()) -> str:
     """A GitHub markdown table (tabulate) of ``columns``; the ``numeric`` ones shortened for reading with
     `short_number` (the CSV keeps full precision); empty cells stay empty."""
