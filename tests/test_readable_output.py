@@ -1,0 +1,70 @@
+"""Output a person reads at a glance (issue 32): rounded accuracies and settings as `key: value` lines, the
+C-Eval chart that names its run with the chance line, `report ceval` on a folder of runs, compare's busy rows
+and baseline machine, the bench plot's axes, and the gate's re-measure lines."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from npuinfer.ceval.aggregate import aggregate
+from npuinfer.ceval.cache import CacheSettings
+from npuinfer.ceval.report import CHANCE, scored_chart, write_report
+from npuinfer.ceval.scored import ScoredRow
+from npuinfer.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SETTINGS = CacheSettings(model="qwen-7b", checkpoint="sha256:abc", template="atb", shots=5, dtype="float16",
+                         split="val", extra={"provenance": {"kernels": {"rms_norm": "F.rms_norm"},
+                                                            "kernel_check": "ok: 8 cases"}})
+# STEM pooled 7/30 = 0.2333..., the figure the issue saw printed in full
+ROWS = ([ScoredRow.make("advanced_mathematics", str(i), "A", "A" if i < 7 else "B") for i in range(30)]
+        + [ScoredRow.make("logic", "0", "B", "B")])
+
+
+def test_summary_rounds_accuracies_and_lists_settings_as_key_value_lines(tmp_path):
+    write_report(tmp_path, ROWS, settings=SETTINGS)
+    summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "0.23333" not in summary and "| 0.2333 " in summary
+    lines = summary.splitlines()
+    assert "- template: atb" in lines and "- provenance:" in lines
+    assert "    - rms_norm: F.rms_norm" in lines and "  - kernel_check: ok: 8 cases" in lines
+    assert "{'" not in summary  # no Python dict
+    assert json.loads((tmp_path / "classes_acc.json").read_text())["STEM"] == 7 / 30  # JSON: full precision
+
+
+def test_ceval_chart_names_the_run_and_draws_the_chance_line():
+    fig = scored_chart(aggregate(ROWS), SETTINGS)
+    title = fig._suptitle.get_text()
+    assert "qwen-7b" in title and "sha256:abc" in title and "template atb" in title and "5-shot" in title
+    top, bottom = fig.axes
+    horizontal = [line for line in top.get_lines() if set(line.get_ydata()) == {CHANCE}]
+    vertical = [line for line in bottom.get_lines() if set(line.get_xdata()) == {CHANCE}]
+    assert CHANCE == 0.25 and horizontal and vertical
+    assert top.get_ylim() == (0, 1) and bottom.get_xlim() == (0, 1)
+    assert "chance (0.25)" in [t.get_text() for t in top.get_legend().get_texts()]
+
+
+def test_terminal_category_table_of_the_suite_is_rounded(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "accuracy/", "-k", "logic or law",
+                           "--results-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    table = proc.stdout[proc.stdout.index("pooled per category"):]
+    rows = [line for line in table.splitlines() if line.startswith("| Humanities")]
+    accuracy, macro = [cell.strip() for cell in rows[0].split("|")[4:6]]
+    assert len(accuracy.split(".")[1]) == 4 and len(macro.split(".")[1]) == 4
+
+
+def test_report_ceval_on_a_folder_of_runs_names_them(tmp_path, capsys):
+    run = tmp_path / "ceval_qwen-tiny_cpu"
+    write_report(run, ROWS, settings=SETTINGS)
+    (run / "cache_meta.json").write_text(json.dumps(SETTINGS.to_meta()))
+    with pytest.raises(SystemExit) as info:
+        main(["report", "ceval", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds C-Eval runs" in err and str(run) in err and "not found" not in err
