@@ -68,3 +68,68 @@ def test_report_ceval_on_a_folder_of_runs_names_them(tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "holds C-Eval runs" in err and str(run) in err and "not found" not in err
+
+
+# ------------------------------------------------------------------------------------------------ 6: compare
+
+
+def _write_rows(path: Path, header: list[str], rows: list[dict]) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, header)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _baseline_rows() -> tuple[list[str], list[dict]]:
+    from npuinfer.results.table import read_csv
+
+    return read_csv(ROOT / "results" / "baselines" / "cpu-tiny" / "performance_qwen-tiny_cpu.csv")
+
+
+def test_compare_marks_busy_rows_and_warns(tmp_path, capsys):
+    header, rows = _baseline_rows()
+    machine = rows[0]["device_name"]
+    mine = [dict(r, quiet="True") for r in rows if r["device_name"] == machine]
+    mine[0]["quiet"], mine[0]["quiet_reasons"] = "False", "other processes used 40% of cpus 0-1"
+    _write_rows(tmp_path / "a" / "performance_qwen-tiny_cpu.csv", header, mine)
+    _write_rows(tmp_path / "b" / "performance_qwen-tiny_cpu.csv", header, [dict(r, quiet="True") for r in mine])
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert "WARNING: 1 of" in err and "busy machine" in err
+    assert "**WARNING: 1 of" in out
+    busy_lines = [line for line in out.splitlines() if "BUSY in a (other processes used 40%" in line]
+    case = f"| {mine[0]['batch_size']} "
+    assert busy_lines and all(line.startswith(case) for line in busy_lines)
+    assert len(busy_lines) == 6  # every metric of that case, no other case
+
+
+def test_compare_against_a_baseline_of_several_machines_uses_the_matching_one(tmp_path, capsys):
+    from npuinfer.device import cpu_model_name
+    from npuinfer.results.compare import compare_runs, parse_labels
+
+    header, rows = _baseline_rows()
+    template = [r for r in rows if r["device_name"] == rows[0]["device_name"]]
+    here = cpu_model_name()
+    # the baseline: this machine's rows, and newer ones of another CPU model whose times are 10x
+    ours = [dict(r, device_name=here, measured_at="2026-01-01T00:00:00") for r in template]
+    newer = [dict(r, device_name="Another CPU", measured_at="2026-12-01T00:00:00",
+                  **{"forward_next_token_time(ms)": str(10 * float(r["forward_next_token_time(ms)"]))})
+             for r in template]
+    _write_rows(tmp_path / "base" / "performance_qwen-tiny_cpu.csv", header, ours + newer)
+    # a run of a third machine: the baseline's rows of this machine's CPU model are compared, as the gate does
+    _write_rows(tmp_path / "run" / "performance_qwen-tiny_cpu.csv", header,
+                [dict(r, device_name="Third CPU") for r in template])
+    c = compare_runs(tmp_path / "run", tmp_path / "base", parse_labels("run,base", tmp_path, tmp_path))
+    ratios = {r["model"]: r["run/base (对比)"] for r in c.performance if r["metric"] == "forward_next_token_time(ms)"}
+    assert ratios and all(abs(v - 1) < 1e-9 for v in ratios.values())
+    assert any(f"compared those of {here} (this machine's CPU model), as the gate does" in n for n in c.notes)
+    # a run of the other machine: its own rows are compared
+    _write_rows(tmp_path / "run2" / "performance_qwen-tiny_cpu.csv", header,
+                [dict(r, device_name="Another CPU") for r in newer])
+    c = compare_runs(tmp_path / "run2", tmp_path / "base", parse_labels("run,base", tmp_path, tmp_path))
+    assert all(abs(r["run/base (对比)"] - 1) < 1e-9 for r in c.performance
+               if r["metric"] == "forward_next_token_time(ms)")
+    assert any("compared those of Another CPU (the other run's machine)" in n for n in c.notes)
