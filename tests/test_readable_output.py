@@ -133,3 +133,54 @@ def test_compare_against_a_baseline_of_several_machines_uses_the_matching_one(tm
     assert all(abs(r["run/base (对比)"] - 1) < 1e-9 for r in c.performance
                if r["metric"] == "forward_next_token_time(ms)")
     assert any("compared those of Another CPU (the other run's machine)" in n for n in c.notes)
+
+
+# -------------------------------------------------------------------------------------------- 7: bench plot
+
+
+def _plot_rows(batches: set[str], busy_index: int = 0) -> list[dict]:
+    _, rows = _baseline_rows()
+    machine = rows[0]["device_name"]
+    chosen = [dict(r, quiet="True") for r in rows if r["device_name"] == machine and r["batch_size"] in batches]
+    chosen[busy_index]["quiet"] = "False"
+    return chosen
+
+
+def _panel_values(ax) -> list[float]:
+    values = [p.get_height() for c in ax.containers for p in c.patches]
+    values += [y for line in ax.get_lines() if line.get_marker() == "o" for y in line.get_ydata()]
+    return values
+
+
+def test_bench_plot_of_one_batch_draws_bars_from_zero_with_the_busy_row_marked():
+    from npuinfer.results.performance import BUSY_LABEL, performance_figure
+
+    rows = _plot_rows({"1"})
+    fig = performance_figure(rows)
+    by_title = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    for title in ("E2E throughput vs batch", next(t for t in by_title if t.startswith("decode MBU"))):
+        ax = by_title[title]
+        bars = [p for c in ax.containers for p in c.patches]
+        assert len(bars) == 2 and not [line for line in ax.get_lines() if line.get_marker() == "o"]  # no lone points
+        bottom, top = ax.get_ylim()
+        assert bottom == 0 and top > max(p.get_height() for p in bars)  # from zero, nothing clipped
+        hatched = [p for p in bars if p.get_hatch()]
+        assert len(hatched) == 1 and hatched[0].get_edgecolor()[:3] == (1.0, 0.0, 0.0)
+        assert BUSY_LABEL in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert [t.get_text() for t in by_title["E2E throughput vs batch"].get_xticklabels()] == ["1"]
+
+
+def test_bench_plot_of_several_batches_draws_lines_from_zero_with_busy_points_ringed():
+    from npuinfer.results.performance import BUSY_LABEL, performance_figure
+
+    fig = performance_figure(_plot_rows({"1", "8"}))
+    for ax in (a for a in fig.axes if a.get_visible()):
+        values = _panel_values(ax)
+        bottom, top = ax.get_ylim()
+        assert bottom == 0 and top >= 1.1 * max(values), ax.get_title()
+        left, right = ax.get_xlim()
+        xs = [x for line in ax.get_lines() if line.get_marker() == "o" for x in line.get_xdata()]
+        assert left < min(xs) and right > max(xs)
+        rings = [c for c in ax.collections if len(c.get_offsets())]
+        assert len(rings) == 1 and tuple(rings[0].get_edgecolor()[0][:3]) == (1.0, 0.0, 0.0)
+        assert BUSY_LABEL in [t.get_text() for t in ax.get_legend().get_texts()]
