@@ -184,3 +184,27 @@ def test_bench_plot_of_several_batches_draws_lines_from_zero_with_busy_points_ri
         rings = [c for c in ax.collections if len(c.get_offsets())]
         assert len(rings) == 1 and tuple(rings[0].get_edgecolor()[0][:3]) == (1.0, 0.0, 0.0)
         assert BUSY_LABEL in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+# --------------------------------------------------------------------------------- 8: the gate's re-measures
+
+
+def test_gate_lines_compare_calibrated_with_calibrated_and_label_the_raw_pair():
+    from npuinfer.gates.performance import NEXT, compare_row, describe_attempt
+
+    # the figures: raw next-token gaps ~10% apart, 32.9% apart once each is divided by its calibration
+    row = {"case_id": "bs1-in32-out32", "batch_size": "1", "output_seq_len(Decoding)": "32", "timing": "normal",
+           NEXT: "1.89144", "rounds": "10"}
+    base = dict(row, **{NEXT: "1.71653"})
+    outcome = compare_row(row, base, calibration=1.0, baseline_calibration=1.21, estimator="typical")
+    check = next(c for c in outcome.checks if c.metric == NEXT)
+    assert check.slowdown == pytest.approx(1.89144 / (1.71653 / 1.21))
+    text = check.describe()
+    assert text.startswith(f"{NEXT} (the row's value): calibrated (time / calibration) 1.8914 now vs 1.4186 in the "
+                           "baseline: 33.3% slower; raw (uncalibrated) 1.89144 now vs 1.71653 in the baseline"), text
+    line = describe_attempt(outcome.figures())
+    assert f"{NEXT} calibrated 1.891 vs 1.419 (33.3% slower; raw 1.89144 vs 1.71653)" in line, line
+    raw = compare_row(row, base, estimator="typical")
+    assert next(c for c in raw.checks if c.metric == NEXT).describe().endswith(
+        "raw 1.89144 now vs 1.71653 in the baseline: 10.2% slower")
+    assert f"{NEXT} raw 1.89144 vs 1.71653 (10.2% slower)" in describe_attempt(raw.figures())
