@@ -191,3 +191,89 @@ def test_cut_and_quantize_show_progress_on_a_terminal(tiny_dir, tmp_path):
         cli("quantize", "--model-path", str(model), "--w8a8", "--out", str(tmp_path / "w8a8")), own_env())
     assert rc == 0, terminal
     assert "quantizing W8A8" in terminal and "calibrating activations" in terminal
+
+
+# --------------------------------------------------------------------------- 1 and 9: set-up, CI, README
+
+
+def readme_setup_lines() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Set up"):]
+    start = section.index("```bash\n") + len("```bash\n")
+    return section[start:section.index("```", start)].splitlines()
+
+
+def test_readme_setup_is_two_python3_commands_that_ci_runs_verbatim():
+    lines = readme_setup_lines()
+    assert len(lines) == 2 and all(line.startswith("python3 ") for line in lines)
+    assert "2>/dev/null" not in lines[0]  # nothing it says is hidden
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert all(line in ci for line in lines)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "python3 -m venv .venv" in readme and "externally-managed-environment" in readme
+
+
+def _bash_line(line: str, path: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["/bin/bash", "-c", line], capture_output=True, text=True, timeout=60,
+                          env={"PATH": path, "HOME": os.environ.get("HOME", "/tmp")}, cwd=ROOT)
+
+
+def test_first_setup_line_works_with_only_python3_and_fails_loudly_without_it(tmp_path):
+    first = readme_setup_lines()[0]
+    only_python3 = tmp_path / "bin"
+    only_python3.mkdir()
+    (only_python3 / "python3").symlink_to(sys.executable)  # no `python` on PATH, torch installed
+    proc = _bash_line(first, str(only_python3))
+    assert proc.returncode == 0 and not proc.stdout and not proc.stderr, proc.stderr  # torch kept, nothing installed
+
+    nothing = tmp_path / "empty"
+    nothing.mkdir()
+    proc = _bash_line(first, str(nothing))
+    assert proc.returncode == 127 and "python3: command not found" in proc.stderr
+
+    # a python3 without torch and without pip: the install half says why it cannot work
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    proc = _bash_line(first, str(venv / "bin"))
+    assert proc.returncode == 1 and "No module named pip" in proc.stderr
+
+
+def test_ci_removes_the_folders_it_makes(tmp_path):
+    """.ci/run with a stand-in python3 that records each command and writes into its --results-dir (the real
+    commands take the whole CI's time): afterwards nothing is left in TMPDIR, even though results were written."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    log = tmp_path / "commands.log"
+    (fake / "python3").write_text(
+        "#!/bin/bash\n"
+        f'echo "$*" >> {log}\n'
+        'want=""\n'
+        'for arg in "$@"; do\n'
+        '  if [ -n "$want" ]; then echo row > "$arg/performance.csv"; want=""; fi\n'
+        '  [ "$arg" = "--results-dir" ] && want=1\n'
+        "done\n"
+        "exit 0\n")
+    (fake / "python3").chmod(0o755)
+    outer = tmp_path / "tmp"
+    outer.mkdir()
+    proc = subprocess.run(["/bin/bash", str(ROOT / ".ci" / "run")], capture_output=True, text=True, timeout=60,
+                          env={"PATH": f"{fake}:/usr/bin:/bin", "TMPDIR": str(outer), "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    commands = log.read_text().splitlines()
+    assert len(commands) == 7  # the two set-up lines, then the five test lines
+    results = [c.split("--results-dir ")[1] for c in commands if "--results-dir" in c]
+    assert len(results) == 2 and all(r.startswith(str(outer)) for r in results)
+    assert list(outer.iterdir()) == []
+
+
+def test_readme_and_bench_scripts_name_no_development_machine_paths():
+    texts = {p: p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *sorted((ROOT / "bench").glob("*.py"))]}
+    for path, text in texts.items():
+        for needle in ("flock ", "/work/", "realsize.lock", "/tmp/"):
+            assert needle not in text, f"{path.name}: {needle}"
+
+
+def test_a_missing_checkpoint_names_dummy_weights(capsys):
+    assert main(["infer", "--model", "qwen-7b", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "--model-path DIR" in err and "--dummy-weights" in err and "--model qwen-tiny" in err

@@ -516,8 +516,8 @@ def ci_test_lines() -> list[str]:
 def test_ci_runs_readme_test_lines_verbatim():
     readme = (REPO / "README.md").read_text().splitlines()
     ci = ci_test_lines()
-    assert ci[0] == "python -m npuinfer baseline verify results/baselines/cpu-tiny" and len(ci) == 5
-    assert ci[1:3] == ["python -m pytest", "python -m pytest -m e2e"]  # every test: the quick ones, then the e2e ones
+    assert ci[0] == "python3 -m npuinfer baseline verify results/baselines/cpu-tiny" and len(ci) == 5
+    assert ci[1:3] == ["python3 -m pytest", "python3 -m pytest -m e2e"]  # every test: the quick ones, then the e2e ones
     for line in ci:
         assert line in readme, line
     assert f"--max-regression {CI_TOLERANCE}" in ci[3] and "--baseline results/baselines/cpu-tiny" in ci[4]
