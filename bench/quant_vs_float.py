@@ -3,10 +3,10 @@ real size. Figures are printed, never asserted (a shared machine is noisy).
 
     python bench/quant_vs_float.py error                      # tiny models + a widened qwen: logit error
     python bench/quant_vs_float.py layers --layers 4          # real Qwen-7B layers, small vocab, < 3 GiB, interleaved
-    python bench/quant_vs_float.py speed --dims qwen-7b --dir /tmp/q7b --write-only   # < 3 GiB: 14.4 GiB bf16
-                                                              # + 8 GiB W8A16 random weights written to --dir
-    flock /work/realsize.lock python bench/quant_vs_float.py speed --dims qwen-7b --dir /tmp/q7b   # measure;
-                                                              # delete --dir afterwards
+    python bench/quant_vs_float.py speed --dims qwen-7b --dir DIR --write-only   # < 3 GiB of memory; writes
+                                                              # 14.4 GiB bf16 + 8 GiB W8A16 random weights to
+                                                              # DIR (a new folder on a disk with ~23 GiB free)
+    python bench/quant_vs_float.py speed --dims qwen-7b --dir DIR   # measure; delete DIR afterwards
 
 error: each model is quantized by `npuinfer quantize` (W8A16; W8A8 calibrated on the guide's five prompts;
 W8A8 with SmoothQuant alpha 0.5) and its logits over the five prompts compared with the float model's:

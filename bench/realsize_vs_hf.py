@@ -1,9 +1,11 @@
 """A real-size model with dummy weights: npuinfer vs transformers' generate on the same tensors, with MBU / MFU.
 
-    flock /work/realsize.lock python bench/realsize_vs_hf.py                      # qwen-7b, bf16, batch 1 and 4
+    python bench/realsize_vs_hf.py                                                # qwen-7b, bf16, batch 1 and 4
     python bench/realsize_vs_hf.py --model qwen-7b --layers 2 --vocab 32000       # the same layer shapes, 1.1 GB
     python bench/realsize_vs_hf.py --profile                                      # + where a decode step goes
-    flock /work/realsize.lock python bench/realsize_vs_hf.py --separate           # each backend in its own process
+    python bench/realsize_vs_hf.py --separate                                     # each backend in its own process
+
+A full-size run takes most of a machine's memory and all its cores: run one at a time.
 
 One set of dummy weights (npuinfer.dummy, made in memory, no checkpoint) is run by both: transformers' model is
 built over npuinfer's tensors (HFBackend.sharing). With --kernels fused (the default) npuinfer then prepacks its
@@ -54,10 +56,10 @@ prepacked GEMV/GEMM, the 4-layer run's only aten's):
 | --layers 4, 3 rounds | 2 | 0.9-1.1 | 1 | 0.65 | 0.15 | 0.26 / 0.17 | 30.0 GB/s |
 | --layers 4, 3 rounds | 2 | 0.9-1.1 | 4 | 0.78 | 0.12 | 0.19 / 0.14 | 30.0 GB/s |
 
-    OMP_NUM_THREADS=1 flock /work/realsize.lock python bench/realsize_vs_hf.py --layers 4 --input 32 --output 6
-    flock /work/realsize.lock python bench/realsize_vs_hf.py --layers 8 --input 32 --output 6
+    OMP_NUM_THREADS=1 python bench/realsize_vs_hf.py --layers 4 --input 32 --output 6
+    python bench/realsize_vs_hf.py --layers 8 --input 32 --output 6
 
-npuinfer alone at the full 32 layers (`flock /work/realsize.lock python bench/realsize_vs_hf.py --no-hf --input 32
+npuinfer alone at the full 32 layers (`python bench/realsize_vs_hf.py --no-hf --input 32
 --output 6`, 2 threads, load 3.5-5, 18:44-18:49): 161 linears prepacked in 31.9 s, ~15 GB used (weights held once);
 next token 2809 ms (bs1) / 4104 ms (bs4), MBU 0.63 / 0.43 against the 8.0 GB/s probe; MFU 1.04 at bs4 (the 1024^3
 FLOP/s probe, read under load, was beaten: not fixed). No transformers run at 32 layers (memory, see above).

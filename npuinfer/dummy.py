@@ -26,6 +26,7 @@ from .checkpoint import args_from_config, env_max_seq_len, read_model_config
 from .device import Device, dtype_name
 from .memory import estimate, format_size
 from .model import ModelArgs, Transformer
+from .progress import progress
 from .locate import resolve_model_dir
 from .registry import ModelNotFound, ModelSpec, get_spec
 from .tiny import _config
@@ -149,7 +150,9 @@ def build_dummy_model(args: ModelArgs, device: Device, dtype: torch.dtype, seed:
     block = torch.empty(BLOCK, dtype=dtype, device=device.torch_device).normal_(0.0, DUMMY_STD, generator=gen)
     ring = torch.cat([block, block])
     offsets = torch.randint(0, BLOCK, (sum(1 for _ in model.parameters()),), generator=torch.Generator().manual_seed(seed))
-    for (name, param), offset in zip(model.named_parameters(), offsets.tolist()):
+    tensors = progress(zip(model.named_parameters(), offsets.tolist()), total=len(offsets), unit="tensor",
+                       desc=f"dummy {dtype_name(dtype)} weights on {device} ({format_size(args.num_parameters() * dtype.itemsize)})")
+    for (name, param), offset in tensors:
         flat = param.view(-1)
         for start in range(0, flat.numel(), BLOCK):
             chunk = flat[start:start + BLOCK]

@@ -25,7 +25,8 @@ def resolve_model_dir(name: str, model_path: str | os.PathLike | None = None) ->
     where = f"$NPUINFER_MODELS_DIR/{name} ({base / name} does not exist)" if base else "$NPUINFER_MODELS_DIR/<name>"
     raise ModelNotFound(
         f"model {name!r} needs its checkpoint directory: pass --model-path DIR, or put the download at {where}. "
-        f"To try the harness without weights use the tiny stand-in --model {spec.stand_in}"
+        f"Without the weights: --dummy-weights runs {name} at its real size on seeded random weights (for timing; "
+        f"its text is noise), or try the harness on the tiny stand-in --model {spec.stand_in}"
     )
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .atomic import swap_directory
 from .checkpoint import CheckpointError, args_from_config, detect_family, read_canonical, read_config
+from .progress import progress
 from .runtime import load_model
 from .quant_files import description_file_name, find_quant_files, has_npy_layout, weight_file_name
 from .quant.layout import describe_tensors, quant_from_canonical
@@ -71,7 +72,7 @@ def activation_stats(model_dir: Path, prompts: list[str], targets: list[str]) ->
 
     handles = [model.get_submodule(t).register_forward_pre_hook(hook(t)) for t in targets]
     try:
-        for prompt in prompts:
+        for prompt in progress(prompts, desc="calibrating activations", unit="prompt"):
             ids = loaded.tokenizer.encode(prompt)[: model.args.max_seq_len]
             model.setup_caches(1, len(ids))
             model(torch.tensor([ids]), 0)
@@ -135,7 +136,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, scheme: str,
         stats = activation_stats(model_dir, prompts or DEFAULT_CALIBRATION, targets)
         if smooth_alpha is not None:
             smooth(state, stats, targets, args.n_layers, smooth_alpha)
-    for name in targets:
+    for name in progress(targets, desc=f"quantizing {scheme}", unit="linear"):
         weight, bias = state.pop(f"{name}.weight"), state.get(f"{name}.bias")
         if scheme == W8A16:
             q, scale = quantize_weight(weight)

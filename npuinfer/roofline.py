@@ -44,6 +44,7 @@ from filelock import FileLock
 from .atomic import write_atomic
 from .kernels import select_kernels
 from .model import ModelArgs
+from .progress import progress
 
 GB = 1e9
 TFLOP = 1e12
@@ -162,6 +163,7 @@ def probe_bandwidth(device, dtype: torch.dtype = torch.float32, size: int | None
     oneDNN's prepacked bf16 on cpu, which streams faster than aten's: a decode through it must not beat the
     probe) over a buffer of ``size`` bytes (`probe_size`), each the best of ``repeats``."""
     size = size or probe_size(device)
+    desc = f"bandwidth probe on {device} ({size / 2**30:.3g} GiB)"
     cols = 4096
     linear = select_kernels(device.type).kernels["linear"]
     results = []
@@ -174,12 +176,12 @@ def probe_bandwidth(device, dtype: torch.dtype = torch.float32, size: int | None
         ops = [TimedOp(f"{name} matrix-vector", nbytes, lambda: torch.nn.functional.linear(vector, matrix))]
         if kind == torch.float32:
             ops.append(TimedOp(f"{name} sum", nbytes, matrix.sum))
-        results += [(rate, how) for how, rate in best_rates(device, ops, repeats).items()]
+        results += [(rate, how) for how, rate in best_rates(device, ops, repeats, desc=desc).items()]
         prepared = linear.prepared(matrix)
         if prepared is not matrix:
             del matrix, ops  # the prepared copy replaces it, as in a model: one buffer's memory at a time
             op = TimedOp(f"{name} matrix-vector ({linear.name})", nbytes, lambda: linear.fn(vector, prepared, None))
-            results += [(rate, how) for how, rate in best_rates(device, [op], repeats).items()]
+            results += [(rate, how) for how, rate in best_rates(device, [op], repeats, desc=desc).items()]
         del prepared
         matrix = None
         device.empty_cache()
@@ -197,31 +199,36 @@ class TimedOp:
 
 
 def rate_readings(device, ops: list[TimedOp], repeats: int, min_seconds: float = 0.0,
-                  max_repeats: int = 20) -> dict[str, list[float]]:
+                  max_repeats: int = 20, desc: str = "probing") -> dict[str, list[float]]:
     """Each op's rates (work per second), one per timed call, the ops taken in turn (op 1, op 2, ..., op 1, op 2,
     ...) after one untimed call each, so every op is sampled across the same stretch of time: a slow spell of a
     shared machine hits them all. At least ``repeats`` rounds; more, up to ``max_repeats``, until ``min_seconds``
-    have passed (more chances to catch a quiet moment on a busy machine, where one reading can be 3x another)."""
-    for op in ops:
-        op.fn()  # first touch / kernel selection / oneDNN primitive cache
-    readings: dict[str, list[float]] = {op.label: [] for op in ops}
-    began, rounds = time.perf_counter(), 0
-    while rounds < repeats or (rounds < max_repeats and time.perf_counter() - began < min_seconds):
+    have passed (more chances to catch a quiet moment on a busy machine, where one reading can be 3x another).
+    ``desc`` heads the progress bar (one step a round)."""
+    with progress(desc=desc, total=repeats, unit="round") as bar:
+        bar.set_postfix_str("first touch")
         for op in ops:
-            device.synchronize()
-            start = time.perf_counter()
-            op.fn()
-            device.synchronize()
-            readings[op.label].append(op.work / (time.perf_counter() - start))
-        rounds += 1
+            op.fn()  # first touch / kernel selection / oneDNN primitive cache
+        bar.set_postfix_str(", ".join(op.label for op in ops))
+        readings: dict[str, list[float]] = {op.label: [] for op in ops}
+        began, rounds = time.perf_counter(), 0
+        while rounds < repeats or (rounds < max_repeats and time.perf_counter() - began < min_seconds):
+            for op in ops:
+                device.synchronize()
+                start = time.perf_counter()
+                op.fn()
+                device.synchronize()
+                readings[op.label].append(op.work / (time.perf_counter() - start))
+            rounds += 1
+            bar.update()
     return readings
 
 
 def best_rates(device, ops: list[TimedOp], repeats: int, min_seconds: float = 0.0,
-               max_repeats: int = 20) -> dict[str, float]:
+               max_repeats: int = 20, desc: str = "probing") -> dict[str, float]:
     """Each op's best rate of `rate_readings`: the reading of its quietest moment."""
     return {label: max(rates) for label, rates in rate_readings(device, ops, repeats, min_seconds,
-                                                                 max_repeats).items()}
+                                                                 max_repeats, desc).items()}
 
 
 def flops_probe_size(device) -> int:
@@ -262,7 +269,8 @@ def probe_flops(device, dtype: torch.dtype, n: int | None = None, repeats: int =
     at least ``min_seconds`` (`best_rates`). A prefill runs the same kernels on fewer rows, with other work between
     them, and is timed whole, so it cannot run faster than their best single reading: MFU <= 1."""
     n = n or flops_probe_size(device)
-    rates = best_rates(device, flops_probe_ops(device, dtype, n), repeats, min_seconds)
+    rates = best_rates(device, flops_probe_ops(device, dtype, n), repeats, min_seconds,
+                       desc=f"FLOP/s probe on {device} ({n}^3 products)")
     how, value = max(rates.items(), key=lambda kv: kv[1])
     return Peak(value, f"probe: {how}, best of >= {repeats} over >= {min_seconds:g} s, {torch.get_num_threads()} "
                        "threads")

@@ -18,6 +18,7 @@ from .atomic import fsync_dir, fsync_tree
 from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, args_from_config, from_canonical
 from .families import get_family
 from .model import Transformer
+from .progress import progress
 from .registry import MODELS, ModelSpec, get_spec
 from .tokenizer_training import write_tiny_tokenizer
 
@@ -42,7 +43,7 @@ def ensure_tiny(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        make_tiny(name, staging)
+        make_tiny(name, staging, desc=f"building the tiny checkpoint {name} (first use)")
         fsync_tree(staging)  # on disk before it is published: a crash cannot leave a torn cached checkpoint
         try:
             staging.rename(target)
@@ -115,8 +116,8 @@ def _write_weights(file_format: str, state: dict[str, torch.Tensor], n_layers: i
     (out / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def make_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write the tiny checkpoint ``name`` into ``out_dir`` (created if needed)."""
+def make_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0, desc: str | None = None) -> Path:
+    """Write the tiny checkpoint ``name`` into ``out_dir`` (created if needed); ``desc`` heads its progress bar."""
     spec = get_spec(name)
     if not spec.tiny:
         raise ValueError(f"make-tiny: {name!r} is a real model; tiny ones are: "
@@ -124,7 +125,19 @@ def make_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     family = get_family(spec.family)
-    tok = write_tiny_tokenizer(spec.family, out, family.tiny.tokenizer.vocab_size, seed=seed)
+    with progress(desc=desc or f"building {name}", total=2) as bar:
+        bar.set_postfix_str("training its tokenizer")
+        tok = write_tiny_tokenizer(spec.family, out, family.tiny.tokenizer.vocab_size, seed=seed)
+        bar.update()
+        bar.set_postfix_str("random weights")
+        _write_checkpoint(name, spec, family, tok, out, seed)
+        bar.update()
+    (out / MARKER).write_text(json.dumps({"name": name, "seed": seed, "format": TINY_FORMAT}) + "\n")
+    return out
+
+
+def _write_checkpoint(name: str, spec: ModelSpec, family, tok: dict, out: Path, seed: int) -> None:
+    """config.json, generation_config.json, the poisoned modeling files and the weights of a tiny checkpoint."""
     if tok["vocab_size"] > spec.vocab_size:
         raise RuntimeError(f"tiny tokenizer has {tok['vocab_size']} ids, more than {name}'s vocab_size "
                            f"{spec.vocab_size}")
@@ -139,6 +152,4 @@ def make_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
         model = Transformer(args)
     state = from_canonical(spec.family, random_canonical_state(model, seed), args)
     _write_weights(family.tiny.weights, state, args.n_layers, out)
-    (out / MARKER).write_text(json.dumps({"name": name, "seed": seed, "format": TINY_FORMAT}) + "\n")
-    return out
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .hf_config import CheckpointError
+from .progress import progress
 from .quant_files import quant_weight_files
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -111,6 +112,6 @@ def _reason(exc: BaseException) -> str:
 
 def read_weights(model_dir: Path) -> dict[str, Tensor]:
     state: dict[str, Tensor] = {}
-    for path in checkpoint_files(model_dir):
+    for path in progress(checkpoint_files(model_dir), desc=f"reading {model_dir.name}", unit="file"):
         state.update(read_weight_file(path))
     return state

@@ -27,10 +27,11 @@ def test_infer_qwen_tiny_prints_a_continuation():
     lines = res.stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith(PROMPT) and len(lines[0]) > len(PROMPT)
     assert "Traceback" not in res.stderr
-    # after the continuations, on stderr: the timing line (npuinfer/commands/infer.py timing_line)
-    timing = res.stderr.strip().splitlines()[-1]
-    assert timing.startswith("timing: first token ") and " ms, next token " in timing and " tokens/s " in timing
-    assert "MBU 0." in timing and "GB/s (probe: " in timing and timing.endswith("weights: checkpoint")
+    # after the continuations, on stderr: the timing block (npuinfer/commands/infer.py timing_block)
+    timing = res.stderr.strip().splitlines()[-5:]
+    assert timing[0].startswith("  first token: ") and timing[1].startswith("  next token:  ")
+    assert " tokens/s " in timing[2] and "MBU:         0." in timing[3] and "GB/s measured (probe: " in timing[3]
+    assert timing[4].startswith("  weights:     tiny random (qwen-tiny")
 
 
 def test_infer_with_no_options_runs_the_default():

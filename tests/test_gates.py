@@ -331,7 +331,8 @@ def test_pytest_bench_fails_a_case_slower_than_the_baseline_naming_metric_case_a
                 (TPUT, "batch x output", 8 / 0.0300, 8 / 0.024)]
     for metric, how, now, base in expected:
         line = next(x for x in proc.stdout.splitlines() if x.strip().startswith(f"{metric} ({how}"))
-        assert f": {now:.6g} now vs {base:.6g} in the baseline" in line and line.endswith(": 25.0% slower"), line
+        assert line.endswith(f"25.0% slower; raw (uncalibrated) {now:.6g} now vs {base:.6g} in the baseline"), line
+        assert ": calibrated (" in line
     assert "npuinfer performance gate" in proc.stdout
     assert "1 case(s) within the limit, 1 regressed, 0 NOT GATED" in proc.stdout
     assert f"REGRESSED {CASES[0]}" in proc.stdout and f"REGRESSED {CASES[1]}" not in proc.stdout
@@ -391,12 +392,13 @@ def test_a_case_beyond_the_limit_is_measured_again_and_fails_only_if_a_metric_al
     out = proc.stdout
     assert f"{CASES[1]}: slower than 10% of the baseline" in out and "4 attempts, 4 beyond the limit; " in out
     assert f"{FIRST} beyond it in every attempt (best 50.0% slower)" in out
-    attempt_line = f"beyond the limit: {FIRST} 15 vs 10 (50.0% slower), {NEXT} 3 vs 2 (50.0% slower)"
+    attempt_line = (f"beyond the limit: {FIRST} calibrated 15 vs 10 (50.0% slower; raw 15 vs 10), "
+                    f"{NEXT} calibrated 3 vs 2 (50.0% slower; raw 3 vs 2)")
     assert all(f"  attempt {i}: {attempt_line}" in out for i in (1, 2, 3, 4)), out[-4000:]
     assert f"REGRESSED {CASES[1]}" in out
     assert f"RE-MEASURED {CASES[0]}: within 10% of the baseline" in out
     assert "2 attempts, 1 beyond the limit; no metric beyond it in every attempt" in out
-    assert f"  attempt 2: within the limit: {FIRST} 10 vs 10 (0.0% slower)" in out
+    assert f"  attempt 2: within the limit: {FIRST} calibrated 10 vs 10 (0.0% slower; raw 10 vs 10)" in out
     assert "1 case(s) within the limit, 1 regressed, 0 NOT GATED" in out
     assert "1 within the limit only when re-measured" in out
 
@@ -478,8 +480,10 @@ def test_a_real_sweep_passes_against_itself_and_fails_a_baseline_100x_faster(mea
     now = {r["case_id"]: gate_values(r, "fastest") for r in now}
     base = {r["case_id"]: gate_values(r, "fastest") for r in base}
     for metric in (FIRST, NEXT, TPUT):
-        assert f"{metric} ({now[CASES[1]][metric].how}): {now[CASES[1]][metric].value:.6g} now vs " \
-               f"{base[CASES[1]][metric].value:.6g} in the baseline" in proc.stdout
+        line = next(x.strip() for x in proc.stdout.splitlines()
+                    if x.strip().startswith(f"{metric} ({now[CASES[1]][metric].how}): "))
+        assert line.endswith(f"{now[CASES[1]][metric].value:.6g} now vs {base[CASES[1]][metric].value:.6g} in the "
+                             "baseline"), line
     assert "1 case(s) within the limit, 1 regressed, 0 NOT GATED" in proc.stdout
 
 
@@ -512,8 +516,8 @@ def ci_test_lines() -> list[str]:
 def test_ci_runs_readme_test_lines_verbatim():
     readme = (REPO / "README.md").read_text().splitlines()
     ci = ci_test_lines()
-    assert ci[0] == "python -m npuinfer baseline verify results/baselines/cpu-tiny" and len(ci) == 5
-    assert ci[1:3] == ["python -m pytest", "python -m pytest -m e2e"]  # every test: the quick ones, then the e2e ones
+    assert ci[0] == "python3 -m npuinfer baseline verify results/baselines/cpu-tiny" and len(ci) == 5
+    assert ci[1:3] == ["python3 -m pytest", "python3 -m pytest -m e2e"]  # every test: the quick ones, then the e2e ones
     for line in ci:
         assert line in readme, line
     assert f"--max-regression {CI_TOLERANCE}" in ci[3] and "--baseline results/baselines/cpu-tiny" in ci[4]

@@ -135,7 +135,7 @@ def test_doctor_passes_and_fails_on_a_wrong_registered_kernel(plugin_dir, tiny_d
     tiny_dir("baichuan2-13b-tiny")  # ALiBi: the bias cases are checked too
     proc = npuinfer_cli("doctor", "--device", "cpu", "--model", "baichuan2-13b-tiny", "--repeats", "2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "collective backend   gloo" in proc.stdout
+    assert "  collective backend: gloo" in proc.stdout
     for line in ("rms_norm           F.rms_norm", "decode_attention   sdpa", "ok abs", "rope  "):
         assert line in proc.stdout, line
     assert "(5 cases)" not in proc.stdout and "(3 cases)" in proc.stdout  # causal, left-padded, alibi

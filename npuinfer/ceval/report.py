@@ -17,6 +17,7 @@ from typing import Any
 from tabulate import tabulate
 
 from npuinfer.atomic import write_atomic
+from npuinfer.results.table import accuracy_text, key_value_lines
 from npuinfer.ceval.aggregate import AVG_HARD, Aggregate, aggregate, macro_key
 from npuinfer.ceval.cache import (
     PROMPT_FIT,
@@ -54,10 +55,7 @@ def _settings_lines(settings: Mapping[str, Any] | CacheSettings | None) -> list[
     extra = meta.pop("extra", None) or {}
     for key in RUN_RECORDS:
         meta.pop(key, None)
-    pairs = [(k, str(v)) for k, v in meta.items()]
-    pairs += [(f"extra.{k}", str(v)) for k, v in extra.items()]
-    table = tabulate(pairs, headers=["setting", "value"], tablefmt="github", disable_numparse=True)
-    return ["## Settings", "", table, ""]
+    return ["## Settings", "", *key_value_lines({**meta, **extra}, bullet="- "), ""]
 
 
 def _check_rows(rows: list[ScoredRow]) -> bool:
@@ -99,10 +97,10 @@ def _fit_lines(fits: Mapping[str, Any], subjects: Iterable[str]) -> list[str]:
 def _scored_summary(agg: Aggregate, settings_lines: list[str], fits: Mapping[str, Any]) -> str:
     subject_rows = [
         (name, get_subject(name).name_zh, get_subject(name).category, t.total, t.correct,
-         repr(t.accuracy), *_fit_columns(fits, name))
+         accuracy_text(t.accuracy), *_fit_columns(fits, name))
         for name, t in agg.subjects.items()
     ]
-    class_rows = [(key, t.total, t.correct, repr(t.accuracy), repr(agg.macro[key]))
+    class_rows = [(key, t.total, t.correct, accuracy_text(t.accuracy), accuracy_text(agg.macro[key]))
                   for key, t in agg.classes.items()]
     lines = [
         "# C-Eval results",
@@ -167,30 +165,49 @@ def _save(fig: Any, path: Path) -> None:
     write_atomic(path, buf.getvalue())
 
 
-def _scored_chart(agg: Aggregate, path: Path) -> None:
+CHANCE = 1 / len(CHOICES)  # four choices: a model that guesses scores 0.25
+
+
+def chart_title(settings: Mapping[str, Any] | CacheSettings | None) -> str:
+    """What the chart is of: model, checkpoint, template, shots and split (from cache_meta.json)."""
+    if settings is None:
+        return "C-Eval accuracy"
+    meta = settings.to_meta() if isinstance(settings, CacheSettings) else dict(settings)
+    return (f"C-Eval: {meta.get('model', '?')} (checkpoint {meta.get('checkpoint', '?')}, {meta.get('dtype', '?')})\n"
+            f"template {meta.get('template', '?')}, {meta.get('shots', '?')}-shot, {meta.get('split', '?')} split")
+
+
+def scored_chart(agg: Aggregate, settings: Mapping[str, Any] | CacheSettings | None = None):
+    """The accuracy chart (a matplotlib Figure): categories on top, subjects below, the chance line on both."""
     # Figure.savefig uses the Agg canvas; no pyplot, so no global backend change for the caller.
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     fig = Figure(figsize=(9, 16), layout="constrained")
+    fig.suptitle(chart_title(settings))
     top, bottom = fig.subplots(2, 1, height_ratios=[1, 5])
     keys = list(agg.classes)
     top.bar(keys, [agg.classes[k].accuracy for k in keys], color="tab:blue")
+    top.axhline(CHANCE, color="black", linestyle="--", linewidth=1, label=f"chance ({CHANCE:g})")
+    top.legend(loc="upper right")
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
-    top.set_title("C-Eval accuracy per category (pooled over questions)")
+    top.set_title("per category (pooled over questions)")
     names = list(agg.subjects)[::-1]
     colors = {c: f"C{i}" for i, c in enumerate(CATEGORIES)}
     bottom.barh(names, [agg.subjects[n].accuracy for n in names],
                 color=[colors[get_subject(n).category] for n in names])
+    bottom.axvline(CHANCE, color="black", linestyle="--", linewidth=1)
     bottom.set_xlim(0, 1)
     bottom.margins(y=0.005)
     bottom.set_xlabel("accuracy")
     bottom.set_title("per subject")
     present = [c for c in CATEGORIES if c in agg.classes]
-    bottom.legend(handles=[Patch(color=colors[c], label=c) for c in present], loc="lower right")
+    bottom.legend(handles=[Patch(color=colors[c], label=c) for c in present]
+                  + [Line2D([], [], color="black", linestyle="--", label=f"chance ({CHANCE:g})")], loc="lower right")
     bottom.tick_params(axis="y", labelsize=7)
-    _save(fig, path)
+    return fig
 
 
 def _prediction_chart(rows: list[ScoredRow], path: Path) -> None:
@@ -238,7 +255,7 @@ def write_report(
         _write_json(paths[1], {**{k: t.accuracy for k, t in agg.classes.items()},
                                **{macro_key(k): v for k, v in agg.macro.items()}})
         write_atomic(paths[2], _scored_summary(agg, settings_lines, _prompt_fits(settings)))
-        _scored_chart(agg, paths[3])
+        _save(scored_chart(agg, settings), paths[3])
         return paths
     counts = Counter(r.subject for r in rows)
     subjects = sorted(counts, key=official_order)

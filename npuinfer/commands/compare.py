@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 from ..reports.compare import compare_runs, parse_labels, to_markdown, write_comparison
@@ -39,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("results") / f"compare_{_safe(labels.a)}_vs_{_safe(labels.b)}"
     paths = write_comparison(comparison, out)
     print(to_markdown(comparison))
+    busy = comparison.busy_warning()
+    if busy:
+        print(busy, file=sys.stderr)
     for path in paths:
         print(f"wrote {path}")
     return 0

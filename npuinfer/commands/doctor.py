@@ -1,12 +1,11 @@
 """`npuinfer doctor`: the first command on a new machine. Device facts, then every fused kernel checked
 against plain torch on this device at a model's head size and dtype, with its speed against plain.
 
-Facts are a list of (label, function of the device): add one with ``@device_fact("label")``. Facts from
-modules other helpers own are looked up by name and shown when present (``OPTIONAL_FACTS``)."""
+Facts are a list of (label, function of the device) printed as ``label: value`` lines: add one with
+``@device_fact("label")``."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import platform
 import sys
 from pathlib import Path
@@ -20,14 +19,13 @@ from ..kernels import PLAIN, KernelShapes, check_kernels, select_kernels
 from ..kernels.check import cases, time_call
 from ..options import add_device_options, add_model_options
 from ..locate import resolve_model_dir
+from ..noise import system_facts
+from ..progress import progress
+from ..results.table import significant
+from ..roofline import probe_bandwidth
 
-FactFn = Callable[[Device], object]
+FactFn = Callable[[Device], "str | list[str]"]  # one line, or several (printed indented under the label)
 DEVICE_FACTS: list[tuple[str, FactFn]] = []
-# (label, module, function): called with the device when the module has the function
-OPTIONAL_FACTS: list[tuple[str, str, str]] = [
-    ("memory bandwidth", "npuinfer.roofline", "probe_bandwidth"),
-    ("system", "npuinfer.noise", "system_facts"),
-]
 
 
 def device_fact(label: str) -> Callable[[FactFn], FactFn]:
@@ -85,6 +83,42 @@ def _collective(device: Device) -> str:
     return f"{backend} ({'available' if available else 'NOT available in this torch build'})"
 
 
+@device_fact("memory bandwidth")
+def _bandwidth(device: Device) -> str:
+    peak = probe_bandwidth(device)
+    return f"{significant(peak.value / 1e9)} GB/s ({peak.source})"
+
+
+@device_fact("system")
+def _system(device: Device) -> list[str]:
+    return system_lines(system_facts(device))
+
+
+def system_lines(facts: dict) -> list[str]:
+    """``noise.system_facts()`` as ``key: value`` lines."""
+    cpus = facts["allowed_cpus"]
+    busiest = ", ".join(f"{p['name']} (pid {p['pid']}, {p['cpu']:.0%})" for p in facts["busiest_other_processes"])
+    clock = f"{facts['cpu_mhz']:.0f} MHz" if facts.get("cpu_mhz") else "not exposed"
+    if facts.get("cpu_mhz_max"):
+        clock += f" (max {facts['cpu_mhz_max']:.0f} MHz)"
+    lines = [
+        f"cpu model: {facts['cpu_model']}",
+        f"cpus: {facts['logical_cpus']} logical, this process on {cpus}",
+        f"memory available: {facts['memory_available_gib']} GiB",
+        f"load average: {' '.join(f'{x:.2f}' for x in facts.get('load_average') or []) or 'not exposed'}",
+        f"other processes: {facts['other_cpu']:.0%} of cpus {cpus} over {facts['sample_s']:g} s"
+        + (f" (busiest: {busiest})" if busiest else ""),
+        f"cpu governor: {facts['governor'] or 'not exposed'}",
+        f"cpu clock: {clock}",
+        "hottest sensor: " + (f"{facts['temperature_c']:.0f} C" if facts.get("temperature_c") else "not exposed"),
+    ]
+    device = facts.get("device")
+    if device:
+        known = ", ".join(f"{k} {v:g}" for k, v in device.items() if k != "name")
+        lines.append(f"{device['name']}: {known or 'the driver reports no utilisation, temperature or clock'}")
+    return lines + [f"advice: {line}" for line in facts.get("advice", [])]
+
+
 def add_parser(sub) -> None:
     parser = sub.add_parser("doctor", help="device facts and every fused kernel checked against plain torch")
     add_device_options(parser.add_argument)
@@ -108,23 +142,19 @@ def _shapes(args: argparse.Namespace):
     return f"{name or model_dir.name} ({config_path})", KernelShapes.from_args(model_args)
 
 
-def _facts(device: Device) -> list[tuple[str, str]]:
-    rows = []
-    for label, fn in DEVICE_FACTS:
+def _facts(device: Device) -> list[str]:
+    """``label: value`` lines; a fact of several lines is indented under its label."""
+    lines = []
+    for label, fn in progress(DEVICE_FACTS, desc="doctor: device facts", unit="fact"):
         try:
-            rows.append((label, str(fn(device))))
+            value = fn(device)
         except Exception as exc:
-            rows.append((label, f"unavailable: {type(exc).__name__}: {exc}"))
-    for label, module_name, fn_name in OPTIONAL_FACTS:
-        try:
-            fn = getattr(importlib.import_module(module_name), fn_name)
-        except (ImportError, AttributeError):
-            continue
-        try:
-            rows.append((label, str(fn(device))))
-        except Exception as exc:
-            rows.append((label, f"unavailable: {type(exc).__name__}: {exc}"))
-    return rows
+            value = f"unavailable: {type(exc).__name__}: {exc}"
+        if isinstance(value, list):
+            lines += [f"{label}:"] + [f"  {line}" for line in value]
+        else:
+            lines.append(f"{label}: {value}")
+    return lines
 
 
 def _speed(op: str, kernel, shapes, device: Device, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
@@ -144,23 +174,26 @@ def run(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.npuinfer_dtype) if args.npuinfer_dtype else (torch.float16 if device.is_accelerator else torch.float32)
     device.check_dtype(dtype)
     where, shapes = _shapes(args)
+    facts = _facts(device)
     print("npuinfer doctor")
-    for label, value in _facts(device):
-        print(f"  {label:<20} {value}")
-    kernels = check_kernels(select_kernels(device.type, "fused"), shapes, device.torch_device, dtype,
-                            raise_on_failure=False)
+    for line in facts:
+        print(f"  {line}")
+    with progress(desc=f"doctor: checking the fused kernels on {device}", total=1):
+        kernels = check_kernels(select_kernels(device.type, "fused"), shapes, device.torch_device, dtype,
+                                raise_on_failure=False)
     print(f"\nkernels on {device}, {dtype_name(dtype)}, shapes of {where}: dim {shapes.dim}, "
           f"{shapes.heads} heads x {shapes.head_dim}, rotary {shapes.rot_dim}, mlp {shapes.intermediate}")
     header = f"  {'op':<18} {'implementation':<42} {'check vs plain':<36} {'fused ms':>9} {'plain ms':>9} {'speed-up':>8}"
     print(header)
     failed = []
-    for op, kernel in kernels.kernels.items():
+    rows = []
+    for op, kernel in progress(kernels.kernels.items(), desc="doctor: timing fused vs plain", unit="op"):
         results = [c for c in kernels.checks if c.op == op]
         if not shapes.uses(op):
-            print(f"  {op:<18} {kernel.label:<42} {'not used by this model':<36}")
+            rows.append(f"  {op:<18} {kernel.label:<42} not used by this model")
             continue
         if not kernel.fused:
-            print(f"  {op:<18} {'plain torch (no fused op on ' + device.type + ')':<42} {'-':<36}")
+            rows.append(f"  {op:<18} {'plain torch (no fused op on ' + device.type + ')':<42} -")
             continue
         bad = [c for c in results if not c.ok]
         failed += bad
@@ -171,8 +204,9 @@ def run(args: argparse.Namespace) -> int:
             speed = ""
         else:
             fused_ms, plain_ms = _speed(op, kernel, shapes, device, dtype, args.repeats)
-            speed = f"{fused_ms:9.3f} {plain_ms:9.3f} {plain_ms / fused_ms:7.2f}x"
-        print(f"  {op:<18} {kernel.label:<42} {verdict:<36} {speed}")
+            speed = f"{significant(fused_ms):>9} {significant(plain_ms):>9} {plain_ms / fused_ms:7.2f}x"
+        rows.append(f"  {op:<18} {kernel.label:<42} {verdict:<36} {speed}".rstrip())
+    print("\n".join(rows))
     if failed:
         print("\nfused kernel check FAILED:", file=sys.stderr)
         for c in failed:

@@ -11,6 +11,8 @@ from ..parallel.dist import init_tensor_parallel, is_rank0
 from ..roofline import probe_bandwidth, roofline_figures, shared_peak
 from ..locate import locate_config
 from ..runtime import load
+from ..results.table import significant
+from ..tiny import MARKER as TINY_MARKER
 from ..timing import Timer
 
 DEFAULT_PROMPT = "苹果公司的CEO是"
@@ -27,19 +29,46 @@ def add_parser(sub) -> None:
     parser.set_defaults(run=run)
 
 
-def timing_line(loaded, run) -> str:
-    """One line: first-token and next-token time, tokens/s, and MBU against the bandwidth probed now."""
+def weights_label(loaded) -> str:
+    """Where the weights came from, for people: tiny random, the checkpoint directory, or dummy at real size."""
+    if loaded.dummy_seed is not None:
+        return f"dummy at real size (seeded random, seed {loaded.dummy_seed}; no checkpoint read)"
+    if (loaded.model_dir / TINY_MARKER).is_file():
+        return f"tiny random ({loaded.name}, a stand-in built by npuinfer: {loaded.model_dir})"
+    return f"checkpoint {loaded.model_dir}"
+
+
+def random_weights_note(loaded) -> str | None:
+    """Said before the text when the weights are random, so that noise is not taken for a broken run."""
+    if loaded.dummy_seed is not None:
+        return (f"note: {loaded.name} runs with --dummy-weights (seeded random weights at the real size): the text "
+                "below is noise; the timing after it is the point.")
+    if (loaded.model_dir / TINY_MARKER).is_file():
+        return (f"note: {loaded.name} is the tiny stand-in with random weights (no download needed): the text below "
+                "is noise; the timing after it is the point. For real text give a checkpoint: --model NAME "
+                "--model-path DIR (or $NPUINFER_MODELS_DIR/NAME).")
+    return None
+
+
+def timing_block(loaded, run) -> str:
+    """First-token and next-token time, tokens/s, and MBU against the bandwidth probed now, one per line."""
     device, dtype = loaded.device, loaded.dtype
     bandwidth = shared_peak("bandwidth", device, dtype, lambda: probe_bandwidth(device, dtype))
     fig = roofline_figures(loaded.args, run.batch, run.input_len, run.output_len, loaded.dtype, run.first_token_ms,
                            run.next_token_ms, bandwidth, bandwidth)  # the FLOP/s peak is not shown here
     nxt = run.next_token_ms
-    decode = (f"next token {nxt:.2f} ms (mean of {run.output_len - 1} steps)" if nxt is not None
-              else "next token n/a (one token)")
-    mbu = f"MBU {fig['MBU']:.3f}" if fig["MBU"] is not None else "MBU n/a"
-    return (f"timing: first token {run.first_token_ms:.2f} ms, {decode}, {run.throughput:.1f} tokens/s "
-            f"({run.batch} x {run.output_len} tokens in {run.response_s:.3f} s), {mbu} of "
-            f"{bandwidth.value / 1e9:.1f} GB/s ({bandwidth.source}); weights: {loaded.weights}")
+    rows = [
+        ("first token", f"{significant(run.first_token_ms)} ms (prefill of {run.input_len} tokens x batch {run.batch})"),
+        ("next token", f"{significant(nxt)} ms (mean of {run.output_len - 1} steps)" if nxt is not None
+         else "n/a (one token)"),
+        ("throughput", f"{significant(run.throughput)} tokens/s ({run.batch} x {run.output_len} tokens in "
+                       f"{significant(run.response_s)} s)"),
+        ("MBU", (significant(fig['MBU']) if fig["MBU"] is not None else "n/a")
+         + f" of {significant(bandwidth.value / 1e9)} GB/s measured ({bandwidth.source})"),
+        ("weights", weights_label(loaded)),
+    ]
+    head = f"timing ({loaded.name} on {device}, {loaded.dtype_name}):"
+    return "\n".join([head] + [f"  {label + ':':<12} {value}" for label, value in rows])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,10 +93,13 @@ def run(args: argparse.Namespace) -> int:
     timer.stop()
     if not is_rank0():  # every rank computed the same tokens; one prints them
         return 0
+    note = random_weights_note(loaded)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     for prompt, ids in zip(args.prompts, out.tolist()):
         if not args.no_stop and tok.eos_id in ids:
             ids = ids[: ids.index(tok.eos_id)]
-        print(f"{prompt}{tok.decode(ids)}")
+        print(f"{prompt}{tok.decode(ids)}", flush=True)
     # on stderr: stdout stays the continuations alone, for pipes and for comparing runs
-    print(timing_line(loaded, timer.result(*input_ids.shape)), file=sys.stderr)
+    print(timing_block(loaded, timer.result(*input_ids.shape)), file=sys.stderr)
     return 0

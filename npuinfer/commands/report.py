@@ -5,10 +5,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..ceval.aggregate import aggregate
-from ..ceval.cache import read_cache
+from ..ceval.cache import META_FILE, read_cache
 from ..ceval.report import rebuild_report
+from ..options import UsageError
+from ..results.table import accuracy_text
 
 
 def add_parser(sub) -> None:
@@ -23,11 +26,12 @@ def add_parser(sub) -> None:
 def run_ceval(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
+    check_ceval_dir(Path(args.dir))
     paths = rebuild_report(args.dir)
     rows = read_cache(args.dir)
     if all(r.answer is not None for r in rows):
         classes = aggregate(rows).classes
-        table = [(k, t.total, t.correct, repr(t.accuracy)) for k, t in classes.items()]
+        table = [(k, t.total, t.correct, accuracy_text(t.accuracy)) for k, t in classes.items()]
         print(tabulate(table, headers=["category", "n", "correct", "accuracy"], tablefmt="github",
                        disable_numparse=True))
     else:
@@ -35,3 +39,13 @@ def run_ceval(args: argparse.Namespace) -> int:
     for path in paths:
         print(f"wrote {path}")
     return 0
+
+
+def check_ceval_dir(path: Path) -> None:
+    """A results folder that holds C-Eval runs (``ceval_*/``) rather than being one is named with them."""
+    if (path / META_FILE).exists() or not path.is_dir():
+        return
+    runs = sorted(p for p in path.glob("ceval_*") if (p / META_FILE).is_file())
+    if runs:
+        raise UsageError(f"{path}: holds C-Eval runs rather than being one (no {META_FILE} in it); give one of: "
+                         + ", ".join(str(p) for p in runs))

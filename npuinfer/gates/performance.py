@@ -107,16 +107,21 @@ class MetricCheck:
     baseline: float
     slowdown: float  # > 1: slower than the baseline (calibrated when ``calibrated`` says how)
     how: str = ""  # how the compared value was read from the rows (see gate_values)
-    calibrated: str = ""  # the calibrated comparison, in words; empty when raw values were compared
+    calibrated: str = ""  # the calibrated pair the slowdown is of, in words; empty when raw values were compared
 
     def describe(self) -> str:
-        change = self.slowdown - 1
-        words = f"{100 * change:.1f}% slower" if change >= 0 else f"{100 * -change:.1f}% faster"
+        """The compared pair and the change, then, when the comparison was calibrated, the raw pair labelled as
+        such (the change is of the calibrated pair; the raw one may differ by the machine's speed)."""
         how = f" ({self.how})" if self.how else ""
-        text = f"{self.metric}{how}: {self.current:.6g} now vs {self.baseline:.6g} in the baseline"
+        raw = f"{self.current:.6g} now vs {self.baseline:.6g} in the baseline"
         if self.calibrated:
-            text += f"; {self.calibrated}"
-        return f"{text}: {words}"
+            return f"{self.metric}{how}: {self.calibrated}: {_change_words(self.slowdown)}; raw (uncalibrated) {raw}"
+        return f"{self.metric}{how}: raw {raw}: {_change_words(self.slowdown)}"
+
+
+def _change_words(slowdown: float) -> str:
+    change = slowdown - 1
+    return f"{100 * change:.1f}% slower" if change >= 0 else f"{100 * -change:.1f}% faster"
 
 
 @dataclass
@@ -194,11 +199,15 @@ def persistent_regressions(attempts: Sequence[Mapping[str, object]], max_regress
 def describe_attempt(figures: Mapping[str, object]) -> str:
     """One line for one attempt's figures (GateOutcome.figures): verdict, each metric's change, calibration."""
     verdict = "beyond the limit" if figures.get("verdict") == "failed" else "within the limit"
+    cal_now, cal_base = figures.get("calibration_ms"), figures.get("baseline_calibration_ms")
     parts = []
     for metric, m in dict(figures.get("metrics") or {}).items():
-        change = 100 * (m["slowdown"] - 1)
-        parts.append(f"{metric} {m['now']:.6g} vs {m['baseline']:.6g} "
-                     f"({abs(change):.1f}% {'slower' if change >= 0 else 'faster'})")
+        raw = f"{m['now']:.6g} vs {m['baseline']:.6g}"
+        if cal_now and cal_base and metric in GATED_METRICS:
+            a, b = _calibrated_pair(metric, m["now"], m["baseline"], cal_now, cal_base)
+            parts.append(f"{metric} calibrated {a:.4g} vs {b:.4g} ({_change_words(m['slowdown'])}; raw {raw})")
+        else:
+            parts.append(f"{metric} raw {raw} ({_change_words(m['slowdown'])})")
     text = f"{verdict}: " + ", ".join(parts)
     if figures.get("calibration_ms"):
         text += f"; calibration {figures['calibration_ms']:.4g} ms (baseline {figures['baseline_calibration_ms']:.4g})"
@@ -271,13 +280,18 @@ def gate_values(row: Mapping[str, object], estimator: str = "typical") -> dict[s
     return out
 
 
+def _calibrated_pair(metric: str, now: float, base: float, cal_now: float, cal_base: float) -> tuple[float, float]:
+    """(now, baseline) of a metric in calibration units: time / calibration, throughput x calibration."""
+    if GATED_METRICS[metric]:
+        return now * cal_now, base * cal_base
+    return now / cal_now, base / cal_base
+
+
 def _calibrated(metric: str, now: GateValue, base: GateValue, cal_now: float, cal_base: float) -> tuple[float, str]:
     """(slowdown, words) of a metric in calibration units: time / calibration, throughput x calibration."""
-    if GATED_METRICS[metric]:
-        a, b = now.value * cal_now, base.value * cal_base
-        return b / a, f"x calibration: {a:.5g} vs {b:.5g}"
-    a, b = now.value / cal_now, base.value / cal_base
-    return a / b, f"/ calibration: {a:.5g} vs {b:.5g}"
+    a, b = _calibrated_pair(metric, now.value, base.value, cal_now, cal_base)
+    rule = "throughput x calibration" if GATED_METRICS[metric] else "time / calibration"
+    return (b / a if GATED_METRICS[metric] else a / b), f"calibrated ({rule}) {a:.5g} now vs {b:.5g} in the baseline"
 
 
 def default_estimator(row: Mapping[str, object], baseline_row: Mapping[str, object]) -> str:

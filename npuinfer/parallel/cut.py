@@ -61,6 +61,7 @@ from ..checkpoint import (
     read_config,
 )
 from ..model import ModelArgs, Transformer
+from ..progress import progress
 from ..quant.linear import QUANT_PARAMS, TENSOR_PARAMS, plan_from_state, swap_linears
 from .layout import FORMAT, PART_DIR, TP_KEY, content_digest, part_dir
 
@@ -205,7 +206,7 @@ def cut_checkpoint(model_dir: str | os.PathLike, tp: int) -> list[Path]:
     recover_interrupted_swap(model_dir / PART_DIR)
     staging = _staging_dir(model_dir)
     try:
-        for rank, shard in enumerate(shards):
+        for rank, shard in enumerate(progress(shards, desc=f"writing part_model/ for tp {tp}", unit="rank")):
             out = staging / str(rank)
             out.mkdir()
             meta = {"format": FORMAT, "tp_size": tp, "rank": rank, "family": family, **source, "layout": "canonical"}

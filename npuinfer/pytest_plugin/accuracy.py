@@ -336,7 +336,7 @@ class CevalSessionReport:
             if agg is not None:
                 tr.write_line("")
                 tr.write_line("Every question in cache.csv, pooled per category (macro: the mean of its subjects):")
-                classes = [(k, t.total, t.correct, repr(t.accuracy), repr(agg.macro[k]))
+                classes = [(k, t.total, t.correct, _fmt(t.accuracy), _fmt(agg.macro[k]))
                            for k, t in agg.classes.items()]
                 tr.write_line(tabulate(classes, headers=["category", "n", "correct", "accuracy", "macro average"],
                                        tablefmt="github", disable_numparse=True))

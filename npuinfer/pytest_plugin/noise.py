@@ -39,7 +39,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     metavar="10%",
                     help="bench: a row is quiet when other processes used at most this share of the cpus the run "
                          f"may use (and of its accelerator, where the driver tells) while it was measured "
-                         f"(default {DEFAULT_THRESHOLD:.0%})")
+                         f"(default {DEFAULT_THRESHOLD:.0%})".replace("%", "%%"))  # argparse formats help with %
     group.addoption("--require-quiet", action="store_true", default=False, dest="noise_require_quiet",
                     help="bench: fail a case measured on a busy machine (its row is written, quiet=False)")
 

@@ -23,9 +23,11 @@ from typing import Mapping, Sequence
 from ..ceval.aggregate import AVG, AVG_HARD, CLASS_KEYS
 from ..ceval.report import CLASSES_ACC, SUBJECT_ACC
 from ..ceval.subjects import HARD_SUBJECTS, SUBJECT_NAMES, get_subject
-from ..results.performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, POST, PRE, RESPONSE, THROUGHPUT
+from ..results.performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, POST, PRE, QUIET, QUIET_REASONS, RESPONSE, \
+    THROUGHPUT
 from ..results.naming import model_of
 from ..atomic import write_atomic
+from ..device import cpu_model_name
 from ..results.table import markdown_table, parse_float, read_csv
 
 PERFORMANCE_METRICS = (FIRST, NEXT, RESPONSE, THROUGHPUT, PRE, POST)
@@ -149,14 +151,45 @@ def _latest_per_case(rows: Sequence[Mapping[str, str]]) -> tuple[dict[tuple, Map
     return best, older
 
 
+def is_busy(row: Mapping[str, str]) -> bool:
+    """Measured while other processes used the machine (the noise guard's ``quiet`` column is False)."""
+    return str(row.get(QUIET, "")).strip().lower() == "false"
+
+
+def _machines(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    return sorted({r.get("device_name") or "" for r in rows} - {""})
+
+
+def one_machine(rows: Sequence[Mapping[str, str]], other: Sequence[Mapping[str, str]], label: str,
+                model: str) -> tuple[list[Mapping[str, str]], str | None]:
+    """The rows of one machine (``device_name``) where a run holds several (a baseline directory keeps rows per
+    CPU model), chosen as the gate chooses: the other run's machine when it has one, else this machine's CPU
+    model; with a note saying which. Rows of a single machine come back as they are, with no note."""
+    machines = _machines(rows)
+    if len(machines) < 2:
+        return list(rows), None
+    theirs = _machines(other)
+    for wanted, why in ((theirs[0] if len(theirs) == 1 else None, "the other run's machine"),
+                        (cpu_model_name(), "this machine's CPU model")):
+        if wanted in machines:
+            return ([r for r in rows if r.get("device_name") == wanted],
+                    f"{label} {model}: rows of {len(machines)} machines ({'; '.join(machines)}); compared those of "
+                    f"{wanted} ({why}), as the gate does")
+    return list(rows), (f"{label} {model}: rows of {len(machines)} machines ({'; '.join(machines)}), none of them the "
+                        "other run's or this machine's; the newest row of each case is compared")
+
+
 def performance_rows(a: Run, b: Run, labels: Labels) -> tuple[list[dict[str, object]], list[str]]:
     """Long rows: one per (model, case, metric) with both values, ratio and difference; and notes."""
     out: list[dict[str, object]] = []
     notes: list[str] = []
     for model in sorted(set(a.performance) | set(b.performance)):
         cases = {}
-        for label, run in ((labels.a, a), (labels.b, b)):
-            best, older = _latest_per_case(run.performance.get(model, []))
+        for label, run, other in ((labels.a, a, b), (labels.b, b, a)):
+            rows, why = one_machine(run.performance.get(model, []), other.performance.get(model, []), label, model)
+            if why:
+                notes.append(why)
+            best, older = _latest_per_case(rows)
             cases[label] = best
             for row in older:
                 notes.append(f"{label} {model} bs{row[BATCH]}-in{row[INPUT]}-out{row[OUTPUT]}: an older row "
@@ -173,6 +206,8 @@ def performance_rows(a: Run, b: Run, labels: Labels) -> tuple[list[dict[str, obj
             for label, row in ((labels.a, ra), (labels.b, rb)):
                 if row is not None and row.get("status", "ok") != "ok":
                     note.append(f"{row.get('status')} in {label}")
+                if row is not None and is_busy(row):
+                    note.append(f"BUSY in {label} ({row.get(QUIET_REASONS) or 'not quiet'})")
             for metric in PERFORMANCE_METRICS:
                 va = _num(ra.get(metric)) if ra is not None and ra.get("status", "ok") == "ok" else None
                 vb = _num(rb.get(metric)) if rb is not None and rb.get("status", "ok") == "ok" else None
@@ -273,6 +308,20 @@ class Comparison:
     accuracy: list[dict[str, object]]
     notes: list[str]
 
+    def busy_warning(self) -> str | None:
+        """Said when either run has a row measured on a busy machine: its ratios may show the other processes."""
+        busy = {}
+        for label, run in ((self.labels.a, self.run_a), (self.labels.b, self.run_b)):
+            rows = [r for rows in run.performance.values() for r in rows]
+            count = sum(is_busy(r) for r in rows)
+            if count:
+                busy[label] = f"{count} of {len(rows)} rows of {label}"
+        if not busy:
+            return None
+        return (f"WARNING: {' and '.join(busy.values())} were measured on a busy machine (quiet = False: their times "
+                "include other processes' work); the ratios of the rows marked BUSY are not the devices' own. "
+                "Measure again on a quiet machine (pytest bench/ --require-quiet).")
+
     def performance_columns(self) -> list[str]:
         la = self.labels
         return ["model", BATCH, INPUT, OUTPUT, "metric", la.a, la.b, la.ratio, la.diff, "note"]
@@ -330,6 +379,9 @@ def to_markdown(c: Comparison) -> str:
              f"- `{la.ratio}` is {la.a}'s value divided by {la.b}'s: for times below 1 means {la.a} is faster, "
              f"for throughput and accuracy above 1 means {la.a} is higher. `{la.diff}` is {la.a}'s value minus {la.b}'s.",
              ""]
+    busy = c.busy_warning()
+    if busy:
+        lines += [f"**{busy}**", ""]
     if c.performance:
         lines += ["## Performance", ""]
         for model in dict.fromkeys(r["model"] for r in c.performance):

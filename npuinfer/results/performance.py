@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -182,11 +182,13 @@ def _case_label(row: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True)
 class Panel:
-    """One panel of the performance plot: a line per ``series`` label, each a list of (x, y) sorted by x."""
+    """One panel of the performance plot: a line per ``series`` label, each a list of (x, y) sorted by x;
+    ``busy`` holds the points of rows measured on a busy machine (quiet = False), by the same labels."""
     title: str
     xlabel: str
     ylabel: str
     series: dict[str, list[tuple[float, float]]]
+    busy: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
 
 def plot_rows(csv_path: Path) -> list[Mapping[str, str]]:
@@ -205,27 +207,29 @@ def performance_panels(rows: Sequence[Mapping[str, str]]) -> list[Panel]:
     def label(row: Mapping[str, str], tail: str) -> str:
         return " ".join([*(f"{row[c]}" for c in varying), tail]).strip()
 
-    def series(column: str, x: str, key: Callable[[Mapping[str, str]], str]) -> dict[str, list]:
+    def series(column: str, x: str, key: Callable[[Mapping[str, str]], str], busy_only: bool = False) -> dict[str, list]:
         lines: dict[str, list] = {}
         for r in rows:
             y = parse_float(r.get(column))
-            if y is not None:
+            if y is not None and (not busy_only or r.get(QUIET) == "False"):
                 lines.setdefault(key(r), []).append((int(r[x]), y))
         return {k: sorted(v) for k, v in sorted(lines.items(), key=lambda kv: _series_order(kv[0]))}
+
+    def panel(title: str, xlabel: str, column: str, x: str, key: Callable[[Mapping[str, str]], str]) -> Panel:
+        return Panel(title, xlabel, column, series(column, x, key), series(column, x, key, busy_only=True))
 
     def per_seq(r: Mapping[str, str]) -> str:
         return label(r, f"in{r[INPUT]}/out{r[OUTPUT]}")
 
-    panels = [Panel("E2E throughput vs batch", "batch size", THROUGHPUT, series(THROUGHPUT, BATCH, per_seq)),
-              Panel("next-token latency vs sequence length", "input length (tokens)", NEXT,
-                    series(NEXT, INPUT, lambda r: label(r, f"bs{r[BATCH]}")))]
+    panels = [panel("E2E throughput vs batch", "batch size", THROUGHPUT, BATCH, per_seq),
+              panel("next-token latency vs sequence length", "input length (tokens)", NEXT, INPUT,
+                    lambda r: label(r, f"bs{r[BATCH]}"))]
     for column, peak, unit, what in (("MBU", "peak_bandwidth(GB/s)", "GB/s", "decode"),
                                      ("MFU", "peak_TFLOP/s", "TFLOP/s", "prefill")):
-        lines = series(column, BATCH, per_seq)
-        if lines:
+        if series(column, BATCH, per_seq):
             peaks = sorted({f"{float(r[peak]):.3g}" for r in rows if parse_float(r.get(peak)) is not None})
-            panels.append(Panel(f"{what} {column} vs batch (peak {', '.join(peaks)} {unit})", "batch size",
-                                column, lines))
+            panels.append(panel(f"{what} {column} vs batch (peak {', '.join(peaks)} {unit})", "batch size",
+                                column, BATCH, per_seq))
     return panels
 
 
@@ -234,43 +238,78 @@ def _series_order(label: str) -> tuple:
     return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", label))
 
 
-def performance_plot(csv_path: Path, png_path: Path) -> bool:
-    """Draws `performance_panels` of the CSV's measured rows into a PNG. False when there is nothing measured."""
-    rows = plot_rows(csv_path)
-    if not rows:
-        return False
-    import matplotlib
+BUSY_LABEL = "busy machine (quiet = False)"
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+
+def draw_panel(ax, panel: Panel) -> None:
+    """One panel on ``ax``: lines over the x values, or grouped bars where there is a single x value (one batch
+    size, one length), so no lone points; the y axis from zero with room above the highest value (and above the
+    peak line of MBU / MFU when drawn); the points of busy rows ringed in red (bars hatched and edged in red)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    xs = sorted({x for points in panel.series.values() for x, _ in points})
+    top = max(y for points in panel.series.values() for _, y in points)
+    busy_handle = None
+    if len(xs) == 1:
+        width = 0.8 / len(panel.series)
+        for i, (name, points) in enumerate(panel.series.items()):
+            busy = name in panel.busy
+            ax.bar(-0.4 + width * (i + 0.5), points[0][1], width * 0.9, label=name, color=f"C{i}",
+                   hatch="//" if busy else None, edgecolor="red" if busy else None, linewidth=1.5 if busy else 0)
+            busy_handle = busy_handle or (Patch(facecolor="white", hatch="//", edgecolor="red", label=BUSY_LABEL)
+                                          if busy else None)
+        ax.set_xlim(-0.6, 0.6)
+        ax.set_xticks([0], [str(xs[0])])
+    else:
+        for name, points in panel.series.items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        for points in panel.busy.values():
+            ax.scatter([p[0] for p in points], [p[1] for p in points], s=160, facecolors="none", edgecolors="red",
+                       linewidths=1.5, zorder=3)
+            busy_handle = Line2D([], [], marker="o", linestyle="none", markersize=11, markerfacecolor="none",
+                                 markeredgecolor="red", label=BUSY_LABEL)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(t) for t in xs])
+        ax.minorticks_off()
+        ax.margins(x=0.08)  # the end points' markers and busy rings inside the panel
+    if panel.ylabel in ("MBU", "MFU") and top > 0.5:
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")  # the probe's peak
+        top = max(top, 1.0)
+    ax.set_ylim(0, top * 1.15)  # from zero; the highest point and its marker inside the panel
+    ax.grid(True, alpha=0.3)
+    handles, _ = ax.get_legend_handles_labels()
+    ax.legend(handles=handles + ([busy_handle] if busy_handle else []), fontsize=7)
+    ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel)
+    ax.set_title(panel.title, fontsize=9)
+
+
+def performance_figure(rows: Sequence[Mapping[str, str]]):
+    """The performance plot of measured rows (a matplotlib Figure): `performance_panels`, two to a row."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     panels = performance_panels(rows)
     ncols = 2
     nrows = (len(panels) + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(11, 4.2 * nrows), squeeze=False)
+    fig = Figure(figsize=(11, 4.2 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, panel in zip(axes.flat, panels):
-        for name, points in panel.series.items():
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-        ticks = sorted({p[0] for points in panel.series.values() for p in points})
-        if len(ticks) > 1:
-            ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        if panel.ylabel in ("MBU", "MFU"):
-            if max(p[1] for points in panel.series.values() for p in points) > 0.5:
-                ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")  # the probe's peak
-            ax.set_ylim(bottom=0)  # tiny models sit far below 1: scaled to their values, not hidden at 0
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel)
-        ax.set_title(panel.title, fontsize=9)
+        draw_panel(ax, panel)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(f"{rows[0].get('model')} on {rows[0].get('device_name') or rows[0].get('device')} "
                  f"({rows[0].get('dtype')}, {rows[0].get('backend')}, {rows[0].get('timing')} timing)", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def performance_plot(csv_path: Path, png_path: Path) -> bool:
+    """Draws `performance_figure` of the CSV's measured rows into a PNG. False when there is nothing measured."""
+    rows = plot_rows(csv_path)
+    if not rows:
+        return False
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    performance_figure(rows).savefig(buf, format="png", dpi=110)
     write_atomic(png_path, buf.getvalue())
     return True
 

@@ -183,6 +183,33 @@ def short_number(text: object) -> str:
     return f"{value:.3e}"
 
 
+def significant(value: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` significant figures, written without an exponent (274.7 -> '275', 0.04213 ->
+    '0.0421', 50030.1 -> '50030'): times, bandwidths and rates for people."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    return f"{round(value, decimals):.{decimals}f}"
+
+
+def accuracy_text(value: float | None) -> str:
+    """An accuracy for people: 4 decimals ('-' when there is none); the JSON files keep full precision."""
+    return "-" if value is None else f"{value:.4f}"
+
+
+def key_value_lines(mapping: Mapping[str, object], indent: str = "", bullet: str = "") -> list[str]:
+    """``key: value`` lines (each after ``bullet``, e.g. "- " for a markdown list); a mapping value becomes
+    ``key:`` with its own lines indented under it."""
+    lines = []
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            lines.append(f"{indent}{bullet}{key}:")
+            lines += key_value_lines(value, indent + "  ", bullet)
+        else:
+            lines.append(f"{indent}{bullet}{key}: {value}")
+    return lines
+
+
 def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str], numeric: Collection[str] = ()) -> str:
     """A GitHub markdown table (tabulate) of ``columns``; the ``numeric`` ones shortened for reading with
     `short_number` (the CSV keeps full precision); empty cells stay empty."""
