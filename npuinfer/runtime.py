@@ -99,9 +99,7 @@ def load_model(
     config, family, args = read_model_config(model_dir, spec, cap)
 
     parallel = tp_dist.tp_world()  # (world size, rank) under torch.distributed, else None
-    if compile and parallel is not None:
-        raise ValueError("--compile is not supported with tensor parallelism (--tp > 1) yet: the all-reduce "
-                         "after each row-parallel layer is outside the captured graph; drop one of the two")
+    _refuse_compile_with_tp(compile, parallel)
     if parallel is not None:  # tensor parallel: this rank reads only part_model/{rank}
         args = args.with_(tp_size=parallel[0], tp_rank=parallel[1])
         state, origin = load_shard(model_dir, config, args)
@@ -141,6 +139,12 @@ def load_model_from(config: RunConfig, device: str | Device | None = None, seed:
                       memory_limit=config.memory_limit)
 
 
+def _refuse_compile_with_tp(compile: bool, parallel: tuple[int, int] | None) -> None:
+    if compile and parallel is not None:
+        raise ValueError("--compile is not supported with tensor parallelism (--tp > 1) yet: the all-reduce "
+                         "after each row-parallel layer is outside the captured graph; drop one of the two")
+
+
 def _load_dummy(name, model_path, device, dtype, max_seq_len, attention, compile, seed, memory_limit,
                 kernels) -> LoadedModel:
     dev = device if isinstance(device, Device) else get_device(device, tp_dist.local_rank())
@@ -148,6 +152,7 @@ def _load_dummy(name, model_path, device, dtype, max_seq_len, attention, compile
     dev.check_dtype(torch_dtype)
     args, tok_dir, origin = dummy.dummy_source(name, model_path, max_seq_len)
     parallel = tp_dist.tp_world()
+    _refuse_compile_with_tp(compile, parallel)
     if parallel is not None:
         args = args.with_(tp_size=parallel[0], tp_rank=parallel[1])
     label = name or Path(model_path).name
