@@ -8,7 +8,6 @@ import types
 import weakref
 from pathlib import Path
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 

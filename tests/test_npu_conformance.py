@@ -63,6 +63,7 @@ def test_the_schema_file_covers_every_op_npuinfer_calls():
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("release", RELEASES)
 def test_npu_kernel_table_binds_to_each_release_and_matches_plain(release, dtype):
+    npu_stand_in.CALLS.clear()
     with npu_stand_in.use(release, A2):
         kernels = check_kernels(select_kernels("npu"), SHAPES, "cpu", dtype)
     assert kernels.checks and all(c.ok for c in kernels.checks), [c.describe() for c in kernels.checks]
@@ -72,6 +73,8 @@ def test_npu_kernel_table_binds_to_each_release_and_matches_plain(release, dtype
     if _has(release, "npu_fused_infer_attention_score"):  # the cheaper forms passed their self-check
         assert "sparse_mode 3" in names["prefill_attention"] and "whole cache" in names["decode_attention"]
         assert kernels.fallbacks == ()
+        assert npu_stand_in.CALLS["attention sparse_mode=3"] and npu_stand_in.CALLS[
+            "attention sparse_mode=0, actual_seq_lengths_kv"]
     else:
         assert names["prefill_attention"] == names["decode_attention"] == "plain torch"
         assert "this torch_npu has no npu_fused_infer_attention_score" in kernels.check_summary()
@@ -94,6 +97,25 @@ def test_what_an_op_cannot_serve_runs_plain_and_the_kernel_column_says_so(releas
     assert fp32.describe()["prefill_attention"] == fp32.describe()["decode_attention"] == "plain torch"
     assert "fp16 / bf16 only, the model runs float32" in fp32.check_summary()
     assert fp32.describe()["rms_norm"] == "torch_npu.npu_rms_norm"
+
+
+def test_a_cheaper_attention_form_that_fails_its_check_gives_way_to_the_full_mask(monkeypatch):
+    full = npu_stand_in.BODIES["npu_fused_infer_attention_score"]
+
+    def without_sparse_mode_3(a, product):  # a build of the op that mishandles the compressed causal mask
+        out, lse = full(a, product)
+        return (out * 0 if a["sparse_mode"] == 3 else out), lse
+
+    monkeypatch.setitem(npu_stand_in.BODIES, "npu_fused_infer_attention_score", without_sparse_mode_3)
+    with npu_stand_in.use("26.0.0", A2):
+        kernels = check_kernels(select_kernels("npu"), SHAPES, "cpu", torch.float16)
+    assert all(c.ok for c in kernels.checks)
+    assert kernels.describe()["prefill_attention"] == "torch_npu.npu_fused_infer_attention_score (full mask)"
+    assert "whole cache" in kernels.describe()["decode_attention"]
+    summary = kernels.check_summary()
+    assert ("prefill_attention: torch_npu.npu_fused_infer_attention_score (full mask), as "
+            "torch_npu.npu_fused_infer_attention_score (causal: sparse_mode 3) failed its self-check (causal: max abs "
+            in summary), summary
 
 
 def _quant_layer(scheme: str, dtype: torch.dtype, k: int = 64, n: int = 48) -> QuantLinear:
@@ -144,7 +166,7 @@ def _decode(model: Transformer, step, steps: int = 3) -> list[torch.Tensor]:
     ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])  # row 0 left-padded
     mask = (ids != 0).long()
     total = ids.shape[1] + steps
-    model.setup_caches(2, total)
+    model.setup_caches(2, total + 3)  # a cache longer than the run, as one kept from a longer run
     state = seq_state(mask, total)
     logits = [model(ids, 0, state)[:, -1]]
     slots = torch.arange(total)
@@ -154,8 +176,12 @@ def _decode(model: Transformer, step, steps: int = 3) -> list[torch.Tensor]:
     return logits
 
 
-@pytest.mark.parametrize("position", ["rope", "alibi"])
-@pytest.mark.parametrize("release", [r for r in RELEASES if _has(r, "npu_fused_infer_attention_score")])
+WITH_ATTENTION = [r for r in RELEASES if _has(r, "npu_fused_infer_attention_score")]
+
+
+# ALiBi (pse_shift) on the first and the last schema of the attention op; RoPE on every release
+@pytest.mark.parametrize("release, position", [(r, "rope") for r in WITH_ATTENTION]
+                         + [(WITH_ATTENTION[0], "alibi"), (WITH_ATTENTION[-1], "alibi")])
 def test_decode_graph_runs_through_each_release_also_compiled(release, position):
     dtype = torch.bfloat16
     plain = _tiny(position, dtype)
@@ -180,6 +206,7 @@ def test_decode_graph_runs_through_each_release_also_compiled(release, position)
     ops = {"npu_rms_norm", "npu_add_rms_norm", "npu_swiglu", "npu_fused_infer_attention_score"}
     ops |= {"npu_rotary_mul"} if position == "rope" else set()
     assert ops <= set(in_graph), in_graph  # the compiled step ran torch_npu's ops
+    assert in_graph["attention sparse_mode=0, actual_seq_lengths_kv"] > 0, in_graph  # over the whole cache
     for got in (eager, cached, traced):
         for step, (a, b) in enumerate(zip(expected, got)):
             assert (a.float() - b.float()).abs().max() < 0.1, (step, (a.float() - b.float()).abs().max())

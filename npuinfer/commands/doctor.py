@@ -65,7 +65,8 @@ def _npu_versions(device: Device) -> str:
         return "not used"
     import torch_npu  # type: ignore[import-not-found]
 
-    return f"torch_npu {getattr(torch_npu, '__version__', '?')}, CANN {cann_version() or 'unknown (torch.version.cann)'}"
+    cann = cann_version() or "unknown (torch.version.cann)"
+    return f"torch_npu {getattr(torch_npu, '__version__', '?')}, CANN {cann}"
 
 
 def cann_version() -> str | None:

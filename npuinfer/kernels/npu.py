@@ -116,6 +116,13 @@ def rotary_head_dims(product: str, has_rotary_mode: bool) -> tuple[str, Callable
     return f"{ROTARY_JIT_HEAD_DIM} only", lambda d: d == ROTARY_JIT_HEAD_DIM
 
 
+@torch.compiler.assume_constant_result
+def _takes_b1sd(device: torch.device) -> bool:
+    """rotary_takes_b1sd for this device and release; a constant to torch.compile (the device name is read
+    from the driver)."""
+    return rotary_takes_b1sd(_product(device), "rotary_mode" in _arg_names("npu_rotary_mul"))
+
+
 def _missing(op: str) -> list[Fallback]:
     return [] if _arg_names(op) else [Fallback(f"this torch_npu has no {op}")]
 
@@ -135,8 +142,7 @@ ROTARY_JIT_HEAD_DIM = 128  # the only D the jit_compile=True npu_rotary_mul kern
 def rope(x: Tensor, cos: Tensor, sin: Tensor, rot_dim: int) -> Tensor:
     """x [..., B, H, T, D] folded to the op's 4-D BNSD; partial rotary: only the rotary slice goes in. Per-row
     positions (B1SD cos/sin) run the plain reference on products whose op takes 11SD only."""
-    names = _arg_names("npu_rotary_mul")
-    if cos.shape[0] > 1 and not rotary_takes_b1sd(_product(x.device), "rotary_mode" in names):
+    if cos.shape[0] > 1 and not _takes_b1sd(x.device):
         return reference.rope(x, cos, sin, rot_dim)
     *lead, heads, t, d = x.shape
     flat = x.reshape(-1, heads, t, d)
@@ -144,7 +150,7 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, rot_dim: int) -> Tensor:
     if cos.shape[0] > 1 and repeat > 1:  # per-row positions (B1SD), q and k stacked in front of the batch
         cos, sin = cos.repeat(repeat, 1, 1, 1), sin.repeat(repeat, 1, 1, 1)
     x_rot = flat[..., :rot_dim].contiguous()
-    mode = "half" if "rotary_mode" in names else None
+    mode = "half" if "rotary_mode" in _arg_names("npu_rotary_mul") else None
     out = _call("npu_rotary_mul", x_rot, r1=cos.contiguous(), r2=sin.contiguous(), rotary_mode=mode)
     if rot_dim < d:
         out = torch.cat((out, flat[..., rot_dim:]), dim=-1)
