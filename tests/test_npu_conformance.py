@@ -89,6 +89,10 @@ def test_what_an_op_cannot_serve_runs_plain_and_the_kernel_column_says_so(releas
         partial = check_kernels(select_kernels("npu"), KernelShapes(64, 2, 128, 32, 96), "cpu", torch.float16)
     with npu_stand_in.use(release, A2):
         fp32 = check_kernels(select_kernels("npu"), SHAPES, "cpu", torch.float32)
+        a2_partial = check_kernels(select_kernels("npu"), KernelShapes(64, 2, 128, 32, 96), "cpu", torch.float16)
+    # Atlas A2 takes the rotary slice (D 32) and per-row positions: fused, checked, no fallback
+    assert a2_partial.describe()["rope"] == "torch_npu.npu_rotary_mul" and a2_partial.fallbacks == ()
+    assert all(c.ok for c in a2_partial.checks)
     # D = 128, whole rotary: the op serves shared positions; padded rows' per-row positions run plain
     assert full.describe()["rope"] == "torch_npu.npu_rotary_mul" and all(c.ok for c in full.checks)
     assert "rope: plain torch for per-row positions (padded rows)" in full.check_summary()
