@@ -71,8 +71,9 @@ def register(op: str, device_type: str, name: str, fn: Callable, prepare: Callab
         raise ValueError(f"kernel op: expected one of {', '.join(OPS)}, got {op!r}")
     if device_type not in DEVICE_TYPES:
         raise ValueError(f"kernel device type: expected one of {', '.join(DEVICE_TYPES)}, got {device_type!r}")
-    def origin(f: Callable) -> str:
-        return getattr(f, "__module__", "?") or "?"
+    plainer = None if safer is None else Kernel(op, safer[0], safer[1], True, _origin(safer[1]), prepare, fallbacks)
+    _FUSED[(op, device_type)] = Kernel(op, name, fn, True, _origin(fn), prepare, fallbacks, plainer)
 
-    plainer = None if safer is None else Kernel(op, safer[0], safer[1], True, origin(safer[1]), prepare, fallbacks)
-    _FUSED[(op, device_type)] = Kernel(op, name, fn, True, origin(fn), prepare, fallbacks, plainer)
+
+def _origin(fn: Callable) -> str:
+    return getattr(fn, "__module__", "?") or "?"
