@@ -123,6 +123,13 @@ class Device:
             return None
         return int(self._backend.max_memory_allocated(self.torch_device))
 
+    def peak_reserved_bytes(self) -> int | None:
+        """Peak bytes torch's caching allocator held on the device since the last reset (the allocated peak plus
+        its cache and fragmentation: what the process took from the device); None on cpu."""
+        if not self.is_accelerator:
+            return None
+        return int(self._backend.max_memory_reserved(self.torch_device))
+
     def total_memory_bytes(self) -> int | None:
         if not self.is_accelerator:
             return None
@@ -207,7 +214,8 @@ class Device:
 
     def supports_dtype(self, dtype: torch.dtype) -> bool:
         if self.type == "cuda" and dtype == torch.bfloat16:
-            return torch.cuda.is_bf16_supported()
+            # torch.cuda.is_bf16_supported() answers for the *current* device and counts pre-Ampere emulation
+            return bool(torch.version.hip) or native_bf16(torch.cuda.get_device_capability(self.torch_device))
         return True
 
     def check_dtype(self, dtype: torch.dtype) -> None:
@@ -253,16 +261,35 @@ def _cuda_activity(device: torch.device, since: float | None) -> dict[str, float
     own = os.getpid()
     out["other_processes"] = len(pids - {own}) if own in pids or not pids else len(pids) - 1
     if own in pids and since is not None:
-        try:
-            samples = pynvml.nvmlDeviceGetProcessUtilization(handle, int(since * 1e6))
-        except Exception:  # NVML_ERROR_NOT_FOUND: no samples in the interval
-            samples = []
-        per_pid: dict[int, list[int]] = {}
-        for sample in samples:
-            if sample.pid != own:
-                per_pid.setdefault(sample.pid, []).append(sample.smUtil)
-        out["other_util_pct"] = float(sum(sum(v) / len(v) for v in per_pid.values()))
+        other = other_processes_util(pynvml, handle, own, since)
+        if other is not None:
+            out["other_util_pct"] = other
     return out
+
+
+def other_processes_util(pynvml, handle, own: int, since: float) -> float | None:
+    """Other processes' SM utilisation (%) from NVML's per-process samples since ``since`` (time.time()).
+    Only NVML_ERROR_NOT_FOUND means "no samples in the interval" (0%); anything else, NOT_SUPPORTED (MIG,
+    vGPU) or NO_PERMISSION included, means NVML gives no figure: None, never a quiet 0%."""
+    try:
+        samples = pynvml.nvmlDeviceGetProcessUtilization(handle, int(since * 1e6))
+    except Exception as exc:
+        if getattr(exc, "value", None) != getattr(pynvml, "NVML_ERROR_NOT_FOUND", NVML_ERROR_NOT_FOUND):
+            return None
+        samples = []
+    per_pid: dict[int, list[int]] = {}
+    for sample in samples:
+        if sample.pid != own:
+            per_pid.setdefault(sample.pid, []).append(sample.smUtil)
+    return float(sum(sum(v) / len(v) for v in per_pid.values()))
+
+
+NVML_ERROR_NOT_FOUND = 6  # nvml.h: the query found nothing (no samples in the interval)
+
+
+def native_bf16(capability: tuple[int, int]) -> bool:
+    """bf16 in hardware: compute capability 8.0 (Ampere) and later; older cards only emulate it, slowly."""
+    return tuple(capability) >= (8, 0)
 
 
 def _npu_activity(device: torch.device) -> dict[str, float | int]:

@@ -133,7 +133,7 @@ class MaxBatchResult:
     max_batch: int
     predicted: int  # the prediction the search started from
     predicted_peak: int | None  # bytes, at max_batch
-    measured_peak: int | None  # bytes, at max_batch (accelerators)
+    measured_peak: int | None  # bytes reserved at max_batch (accelerators)
     confirmed_by: str
     trials: list  # [batch, fits, peak MiB or None, "run" | "oom" | "prediction"] in the order tried
     status: str  # ok | none fits | unconfirmed
@@ -145,9 +145,10 @@ class MaxBatchSearch:
 
     A trial allocates the static KV cache for input + output at batch b, runs the prefill over the
     full input and two decode steps (the prefill is the activation peak; later steps add only one
-    token's activations), and on an accelerator reads the device's peak allocation: b fits when it
-    ran without running out of memory and the peak is within the limit. The search starts at the
-    prediction, steps up while that fits (doubling), down while it does not (halving), then bisects.
+    token's activations), and on an accelerator reads the device's peak reserved memory (the caching
+    allocator's, fragmentation included): b fits when it ran without running out of memory and that peak is
+    within the limit. The search starts at the prediction, steps up while that fits (doubling), down while it
+    does not (halving), then bisects.
     A cpu has no peak to read (torch's host allocations are not tracked), so there b fits when its
     *predicted* peak is within the limit and a real run at b succeeds; the result says which.
     """
@@ -184,6 +185,7 @@ class MaxBatchSearch:
         self._release()
         self.device.reset_peak_memory()
         ids, mask = make_inputs(self.device, self.loaded.args.vocab_size, batch, self.input_len, self.seed)
+        out_of_memory = False
         try:
             self.loaded.model.setup_caches(batch, self.input_len + self.output_len)
             generate(self.loaded.model, ids, min(2, self.output_len), mask)
@@ -191,9 +193,12 @@ class MaxBatchSearch:
         except Exception as exc:
             if not self.device.is_out_of_memory(exc):
                 raise
+            out_of_memory = True
+        if out_of_memory:  # freed here, not in the handler, where the traceback keeps the failed frames' tensors
             self._release()
             return False, None, "oom"
-        peak = self.device.peak_memory_bytes()
+        # what the process held, cache and fragmentation included, not only the tensors allocated
+        peak = self.device.peak_reserved_bytes()
         return (peak is None or peak <= self.limit), peak, "run"
 
     def _try(self, batch: int) -> bool:

@@ -213,14 +213,26 @@ def test_a_killed_sweep_keeps_its_rows_and_a_rerun_does_not_duplicate(tmp_path, 
 
 
 OOM_PLUGIN = """
+import os, weakref
 import torch
 from npuinfer.backends import npuinfer as local
+from npuinfer.device import Device
 _generate = local.NpuinferBackend.generate
+_failed = []  # the failed call's tensor: gone by the time memory is released, if released outside the handler
 def generate(self, input_ids, attention_mask, max_new_tokens, observer=None):
     if input_ids.shape[0] >= 8:
+        activations = torch.empty(1 << 20)
+        _failed.append(weakref.ref(activations))
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
     return _generate(self, input_ids, attention_mask, max_new_tokens, observer)
 local.NpuinferBackend.generate = generate
+_empty_cache = Device.empty_cache
+def empty_cache(self):
+    if _failed:
+        with open(os.environ["OOM_FREED_LOG"], "a") as log:
+            log.write(f"{_failed.pop()() is None}\\n")
+    _empty_cache(self)
+Device.empty_cache = empty_cache
 """
 
 
@@ -229,10 +241,13 @@ def test_oom_rows_too_long_skips_and_max_batch(tmp_path, npuinfer_cache):
     plugins.mkdir()
     (plugins / "oom_inject.py").write_text(OOM_PLUGIN)
     results = tmp_path / "results"
+    freed_log = tmp_path / "oom_freed.log"
     proc = run_bench("bench/", "-p", "oom_inject", "--model", "qwen-tiny", "--batch-sizes", "1,8", "--case-pairs",
                      "16x8,2040x16", "--memory-limit", "64MiB", results=results,
-                     env={"PYTHONPATH": os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")])})
+                     env={"PYTHONPATH": os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")]),
+                          "OOM_FREED_LOG": str(freed_log)})
     assert proc.returncode == 0, proc.stdout[-3000:]
+    assert freed_log.read_text().split() == ["True"]  # memory released after the failed call's tensors went
     assert "2 passed, 4 skipped" in proc.stdout  # perf bs1 16x8 and max-batch 16x8 pass
     assert "2056 tokens exceeds the 2048 the model allows" in proc.stdout  # 2 perf cases + 1 max-batch case
     _, rows = rows_of(results / "performance_qwen-tiny_cpu.csv")

@@ -138,7 +138,10 @@ def test_doctor_passes_and_fails_on_a_wrong_registered_kernel(plugin_dir, tiny_d
     assert "  collective backend: gloo" in proc.stdout
     for line in ("rms_norm           F.rms_norm", "decode_attention   sdpa", "ok abs", "rope  "):
         assert line in proc.stdout, line
-    assert "(5 cases)" not in proc.stdout and "(3 cases)" in proc.stdout  # causal, left-padded, alibi
+    # prefill: causal, left-padded, alibi; decode: unmasked, left-padded, alibi, and both over a cache slice
+    prefill = next(line for line in proc.stdout.splitlines() if line.strip().startswith("prefill_attention"))
+    decode = next(line for line in proc.stdout.splitlines() if line.strip().startswith("decode_attention"))
+    assert "(3 cases)" in prefill and "(5 cases)" in decode
     proc = npuinfer_cli("doctor", "--device", "cpu", "--model", "baichuan2-13b-tiny", "--repeats", "2",
                         plugin_dir=plugin_dir)
     assert proc.returncode == 1, proc.stdout + proc.stderr

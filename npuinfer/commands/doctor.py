@@ -63,8 +63,14 @@ def _npu_versions(device: Device) -> str:
         return "not used"
     import torch_npu  # type: ignore[import-not-found]
 
-    cann = getattr(getattr(torch_npu, "version", None), "cann", None) or "unknown (torch_npu.version.cann)"
+    cann = cann_version() or "unknown (torch.version.cann)"
     return f"torch_npu {getattr(torch_npu, '__version__', '?')}, CANN {cann}"
+
+
+def cann_version() -> str | None:
+    """The CANN version torch_npu found: importing torch_npu sets ``torch.version.cann`` (torch_npu.version has
+    no such field)."""
+    return getattr(torch.version, "cann", None)
 
 
 @device_fact("CUDA")

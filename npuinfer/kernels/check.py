@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from .registration import Kernel
 from .table import PLAIN, KernelSet, select_kernels
 
 # |fused - plain| <= atol + rtol * |plain| elementwise, per dtype
@@ -133,6 +134,12 @@ def cases(op: str, shapes: KernelShapes, device, dtype: torch.dtype, seed: int =
         yield "left-padded", (q, k, v, padded, False)
         if shapes.alibi:
             yield "alibi, left-padded", (q, k, v, _alibi_bias(h, padded, dtype), False)
+        if op == "decode_attention":  # K/V as the model passes them: the first s slots of a longer cache
+            k_cache, v_cache = rand(b, h, s + 4, d), rand(b, h, s + 4, d)
+            sliced = (q, k_cache[:, :, :s], v_cache[:, :, :s])
+            yield "left-padded, cache slice", (*sliced, padded, False)
+            if shapes.alibi:
+                yield "alibi, cache slice", (*sliced, _alibi_bias(h, padded, dtype), False)
     elif op == "gated_mlp":
         yield "tokens", (rand(b, t, shapes.intermediate), rand(b, t, shapes.intermediate))
     elif op == "linear":  # an MLP up projection's shape; decode's one row per sequence and prefill's b x t rows
@@ -176,22 +183,51 @@ def compare(op: str, fused: Callable, kernel_name: str, case: str, args: tuple, 
     return CheckResult(op, kernel_name, case, shape_text, dtype_text, max_abs, max_rel, ok)
 
 
+def _check_one(kernel: Kernel, op: str, shapes: KernelShapes, device: torch.device,
+               dtype: torch.dtype) -> list[CheckResult]:
+    results = []
+    for case, args in cases(op, shapes, device, dtype):
+        key = (str(device), dtype, op, kernel.name, kernel.origin, id(kernel.fn), id(kernel.prepare), case,
+               _shape_text(args))
+        if key not in _CHECKED:
+            with torch.inference_mode():
+                _CHECKED[key] = compare(op, kernel.fn, kernel.label, case, args, dtype, kernel.prepare)
+        results.append(_CHECKED[key])
+    return results
+
+
 def check_kernels(kernels: KernelSet, shapes: KernelShapes, device: torch.device | str, dtype: torch.dtype,
                   raise_on_failure: bool = True) -> KernelSet:
     """``kernels`` with the results of checking each fused kernel the model uses; a failure raises
-    KernelCheckError naming kernel, shapes, dtype and differences (unless ``raise_on_failure`` is False)."""
+    KernelCheckError naming kernel, shapes, dtype and differences (unless ``raise_on_failure`` is False).
+
+    Where a kernel says it cannot serve the model (``Kernel.fallbacks``) the plain reference runs that op, and
+    where a kernel fails but its plainer form (``Kernel.safer``) passes, the plainer form runs; both are
+    recorded in ``KernelSet.fallbacks`` (the kernel column says so) and the run goes on."""
     device = torch.device(device)
     results: list[CheckResult] = []
+    chosen = dict(kernels.kernels)
+    notes: list[str] = []
     for op, kernel in kernels.kernels.items():
         if not kernel.fused or not shapes.uses(op):
             continue
-        for case, args in cases(op, shapes, device, dtype):
-            key = (str(device), dtype, op, kernel.name, kernel.origin, id(kernel.fn), id(kernel.prepare), case,
-                   _shape_text(args))
-            if key not in _CHECKED:
-                with torch.inference_mode():
-                    _CHECKED[key] = compare(op, kernel.fn, kernel.label, case, args, dtype, kernel.prepare)
-            results.append(_CHECKED[key])
+        limits = kernel.fallbacks(shapes, dtype, device) if kernel.fallbacks is not None else []
+        whole = [f.reason for f in limits if f.whole_op]
+        if whole:
+            chosen[op] = PLAIN[op]
+            notes.append(f"{op}: plain torch ({'; '.join(whole)})")
+            continue
+        notes += [f"{op}: plain torch for {f.reason}" for f in limits]
+        checked = _check_one(kernel, op, shapes, device, dtype)
+        failed = [r for r in checked if not r.ok]
+        if failed and kernel.safer is not None:
+            plainer = _check_one(kernel.safer, op, shapes, device, dtype)
+            if all(r.ok for r in plainer):
+                chosen[op] = kernel.safer
+                notes.append(f"{op}: {kernel.safer.name}, as {kernel.name} failed its self-check "
+                             f"({failed[0].case}: {failed[0].error or f'max abs diff {failed[0].max_abs:.3g}'})")
+                checked = plainer
+        results += checked
     failed = [r for r in results if not r.ok]
     if failed and raise_on_failure:
         atol, rtol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
@@ -200,7 +236,7 @@ def check_kernels(kernels: KernelSet, shapes: KernelShapes, device: torch.device
             f"fused kernel check failed on {device} ({str(dtype).replace('torch.', '')}): the fused kernel differs "
             f"from the plain torch reference beyond the tolerance (atol {atol:g}, rtol {rtol:g}):\n{lines}\n"
             "Run with --kernels plain to use the plain torch ops instead.")
-    return replace(kernels, checks=tuple(results))
+    return replace(kernels, kernels=chosen, checks=tuple(results), fallbacks=tuple(notes))
 
 
 def kernels_for(args, device: torch.device | str, dtype: torch.dtype, mode: str = "fused") -> KernelSet:

@@ -19,6 +19,15 @@ ENTRY_POINT_GROUP = "npuinfer.kernels"
 
 
 @dataclass(frozen=True)
+class Fallback:
+    """Where a fused kernel cannot serve a model (a dtype or layout its op does not take, an op this release
+    lacks): the plain reference runs instead, for the whole op or, ``whole_op=False``, for some of its calls."""
+
+    reason: str
+    whole_op: bool = True
+
+
+@dataclass(frozen=True)
 class Kernel:
     op: str
     name: str  # what runs, e.g. "sdpa", "torch_npu.npu_rms_norm", "plain torch"
@@ -29,6 +38,12 @@ class Kernel:
     # (model.Transformer.use_kernels), never per call; it may return the weight unchanged (a dtype it does not
     # pack). Only the "linear" op has one; ``fn`` must take both the prepared and the plain weight.
     prepare: Callable | None = None
+    # (KernelShapes, dtype, torch.device) -> [Fallback]: what of the model this kernel cannot serve (check.py
+    # runs the plain reference there and says so in the kernel column instead of stopping the run)
+    fallbacks: Callable | None = None
+    # a plainer form of the same op, used when this one fails its self-check (e.g. a full mask instead of
+    # the op's compressed causal one)
+    safer: "Kernel | None" = None
 
     def prepared(self, weight):
         """``weight`` in the form ``fn`` takes it (``prepare``'s result; unchanged where there is none)."""
@@ -48,11 +63,17 @@ PLAIN: dict[str, Kernel] = {
 _FUSED: dict[tuple[str, str], Kernel] = {}
 
 
-def register(op: str, device_type: str, name: str, fn: Callable, prepare: Callable | None = None) -> None:
-    """Make ``fn`` the fused ``op`` on ``device_type`` (replacing an earlier registration); ``prepare``: see
-    ``Kernel.prepare``."""
+def register(op: str, device_type: str, name: str, fn: Callable, prepare: Callable | None = None,
+             fallbacks: Callable | None = None, safer: tuple[str, Callable] | None = None) -> None:
+    """Make ``fn`` the fused ``op`` on ``device_type`` (replacing an earlier registration); ``prepare``,
+    ``fallbacks``: see ``Kernel``; ``safer``: (name, fn) of the form used when ``fn`` fails its self-check."""
     if op not in OPS:
         raise ValueError(f"kernel op: expected one of {', '.join(OPS)}, got {op!r}")
     if device_type not in DEVICE_TYPES:
         raise ValueError(f"kernel device type: expected one of {', '.join(DEVICE_TYPES)}, got {device_type!r}")
-    _FUSED[(op, device_type)] = Kernel(op, name, fn, True, getattr(fn, "__module__", "?") or "?", prepare)
+    plainer = None if safer is None else Kernel(op, safer[0], safer[1], True, _origin(safer[1]), prepare, fallbacks)
+    _FUSED[(op, device_type)] = Kernel(op, name, fn, True, _origin(fn), prepare, fallbacks, plainer)
+
+
+def _origin(fn: Callable) -> str:
+    return getattr(fn, "__module__", "?") or "?"

@@ -45,6 +45,7 @@ class KernelSet:
     device_type: str
     kernels: Mapping[str, Kernel]
     checks: tuple = field(default=())  # check.CheckResult
+    fallbacks: tuple[str, ...] = field(default=())  # where the check put a plain or plainer kernel, and why
 
     @property
     def rms_norm(self) -> Callable:
@@ -101,11 +102,12 @@ class KernelSet:
         """One line for metadata: the self-check's outcome and largest differences."""
         if self.mode == "plain":
             return "not needed (plain)"
+        fallbacks = "".join(f"; {note}" for note in self.fallbacks)
         if not self.checks:
-            return "no fused kernel on this device"
+            return f"no fused kernel on this device{fallbacks}"
         worst_abs = max(c.max_abs for c in self.checks)
         worst_rel = max(c.max_rel for c in self.checks)
-        return f"ok: {len(self.checks)} cases, max abs {worst_abs:.2g}, max rel {worst_rel:.2g}"
+        return f"ok: {len(self.checks)} cases, max abs {worst_abs:.2g}, max rel {worst_rel:.2g}{fallbacks}"
 
 
 def select_kernels(device_type: str, mode: str = "fused") -> KernelSet:

@@ -116,7 +116,15 @@ def is_rank0() -> bool:
 
 def barrier() -> None:
     if tp_world() is not None:
-        dist.barrier()
+        dist.barrier(**barrier_options(_device, dist.get_backend()))
+
+
+def barrier_options(device: Device | None, backend: str) -> dict:
+    """nccl's barrier without ``device_ids`` runs on GPU (global rank % local GPU count), which for
+    ``--device cuda:N`` with N > 0 is another card than the rank's: a context and communicator made there."""
+    if backend == "nccl" and device is not None and device.torch_device.index is not None:
+        return {"device_ids": [device.torch_device.index]}
+    return {}
 
 
 def _backend_device() -> Device:

@@ -337,6 +337,7 @@ class BenchSession:
             if self.calibrating else None
         self.device.reset_peak_memory()
         guard_start = self.noise_guard.start()
+        oom = None
         try:
             timing = measure_case(backend, case, rounds=opts.rounds, warmup=opts.warmup, mode=opts.timing,
                                   seed=opts.seed, repeat=_repeat_with(benchmark, interleave))
@@ -350,7 +351,9 @@ class BenchSession:
         except Exception as exc:
             if not self.device.is_out_of_memory(exc):
                 raise
-            reason = f"out of memory: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__}"
+            oom = f"out of memory: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__}"
+        if oom is not None:  # handled here, not in the handler, where the traceback keeps the failed frames' tensors
+            reason = oom
             self.device.empty_cache()
             if self._writes_rows():
                 table.upsert(performance_row(case.batch, case.input_len, case.output_len, settings, status="OOM",

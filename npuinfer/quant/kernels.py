@@ -6,7 +6,9 @@ cpu:  W8A16 npuinfer's own AVX-512 GEMV for 1-4 rows (kernels/csrc/w8a16_gemv.cp
       5 rows) where it builds, else torch._weight_int8pack_mm; W8A8 torch._int_mm (int32 accumulation).
 cuda: W8A16 dequantize-then-matmul, W8A8 torch._int_mm (rows padded to 17: cuda's kernel needs M > 16).
 npu:  W8A16 torch_npu.npu_weight_quant_batchmatmul, W8A8 torch_npu.npu_quant_matmul, keyword arguments only
-      (positional order changed between CANN releases). The cuda and npu entries are not run here.
+      (positional order changed between CANN releases), looked up as kernels/npu.py does. The cuda and npu
+      entries are not run here; the npu calls are checked on cpu against torch_npu's schemas
+      (tests/test_npu_conformance.py).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels import cpu_extension
+from ..kernels import npu as npu_ops
 from .scheme import W8A8, W8A16, decode_deq_scale, dequantize_weight, quantize_activation
 
 Kernel = Callable[[Tensor, "torch.nn.Module"], Tensor]  # (x [M, k], layer) -> y [M, n] without the float bias
@@ -55,13 +58,11 @@ def w8a16_cpu_gemv(x: Tensor, layer) -> Tensor:
 
 
 def w8a16_npu(x: Tensor, layer) -> Tensor:
-    import torch_npu  # type: ignore[import-not-found]
-
     n = layer.weight.shape[0]
     offset = (-layer.weight_offset).reshape(1, n).to(x.dtype) if layer.has_offset else None
-    return torch_npu.npu_weight_quant_batchmatmul(x=x, weight=layer.weight.t(),
-                                                  antiquant_scale=layer.weight_scale.reshape(1, n).to(x.dtype),
-                                                  antiquant_offset=offset)
+    return npu_ops.op("npu_weight_quant_batchmatmul")(
+        x=x, weight=layer.weight.t(), antiquant_scale=layer.weight_scale.reshape(1, n).to(x.dtype),
+        antiquant_offset=offset)
 
 
 # ---------------------------------------------------------------- W8A8: y = (xq @ w.T + quant_bias) * deq_scale
@@ -91,14 +92,12 @@ def w8a8_int_mm_padded(x: Tensor, layer) -> Tensor:
 
 
 def w8a8_npu(x: Tensor, layer) -> Tensor:
-    import torch_npu  # type: ignore[import-not-found]
-
     xq = quantize_activation(x, layer.input_scale, layer.input_offset)
     scale = decode_deq_scale(layer.deq_scale)
     if x.dtype == torch.float16:  # fp16 output takes the int64-packed scale
-        scale = torch_npu.npu_trans_quant_param(scale=scale)
-    return torch_npu.npu_quant_matmul(x1=xq, x2=layer.weight.t(), scale=scale, bias=layer.quant_bias,
-                                      output_dtype=x.dtype)
+        scale = npu_ops.op("npu_trans_quant_param")(scale=scale)
+    return npu_ops.op("npu_quant_matmul")(x1=xq, x2=layer.weight.t(), scale=scale, bias=layer.quant_bias,
+                                           output_dtype=x.dtype)
 
 
 KERNELS: dict[str, dict[str, list[tuple[str, Kernel]]]] = {
@@ -112,18 +111,24 @@ KERNELS: dict[str, dict[str, list[tuple[str, Kernel]]]] = {
 FALLBACK: dict[str, Kernel] = {W8A16: w8a16_dequantize, W8A8: w8a8_dequantize}
 
 
+PROBE_ROWS = (1, 4, 5, 17, 33)
+
+
 def choose_kernel(layer, device_type: str) -> tuple[str, Kernel, list[str]]:
     """(name, kernel, reasons the earlier candidates were passed over) for ``layer`` on ``device_type``."""
     fallback = FALLBACK[layer.scheme]
     skipped = []
-    # 1 and 4 rows (decode's GEMV paths) and 5: past the 4-row blocks cpu kernels vectorize over, and a remainder
-    probe = torch.randn(5, layer.weight.shape[1], device=layer.weight.device, dtype=layer.compute_dtype)
+    # 1 and 4 rows (decode's GEMV paths) and 5: past the 4-row blocks cpu kernels vectorize over, and a
+    # remainder; 17 and 33: prefill's rows, which cuda's _int_mm takes unpadded (M > 16)
+    probe = torch.randn(max(PROBE_ROWS), layer.weight.shape[1], device=layer.weight.device,
+                        dtype=layer.compute_dtype)
     if layer.scheme == W8A8:  # inputs inside the calibrated range, so both paths quantize alike
         probe = (probe.float().clamp(-2, 2) * layer.input_scale.float() * 20).to(layer.compute_dtype)
-    probes = [probe[:1], probe[:4], probe]
+    probes = [probe[:rows] for rows in PROBE_ROWS]
     tol = 1e-3 if layer.compute_dtype == torch.float32 else 3e-2
     with torch.no_grad():
-        expected = [fallback(p, layer).float() for p in probes]
+        whole = fallback(probe, layer).float()  # row by row the same: computed once, sliced per probe
+        expected = [whole[:rows] for rows in PROBE_ROWS]
         for name, kernel in KERNELS[layer.scheme].get(device_type, []):
             try:
                 got = [kernel(p, layer).float() for p in probes]
