@@ -113,7 +113,7 @@ def load(config: RunConfig, device: str | Device | None = None) -> LoadedModel:
     model.eval().requires_grad_(False)
     model.set_attention(config.attention)
     model.use_kernels(kernels_for(source.args, dev.torch_device, dtype, config.kernels))  # the self-check runs here
-    quantization = quant.prepare(model, dev.type, dtype)
+    quantization = quant.prepare(model, dev.type, dtype, config.kernels)  # --kernels plain: dequantize
     if config.compile:
         compile_decode(model, dev)
     if parallel is not None:

@@ -16,6 +16,7 @@ from npuinfer.device import Device, native_bf16, other_processes_util
 from npuinfer.memory import MaxBatchSearch
 from npuinfer.parallel.dist import barrier_options
 from npuinfer.parallel.launch import free_port
+from npuinfer.kernels import registration
 from npuinfer.quant import kernels as quant_kernels
 from npuinfer.quant.linear import QuantLinear
 from npuinfer.quant.scheme import W8A8
@@ -138,7 +139,9 @@ def test_the_w8a8_probe_checks_prefill_rows_beyond_16(monkeypatch):
         y = quant_kernels.w8a8_dequantize(x, layer)
         return y if x.shape[0] <= 16 else y * 2
 
-    monkeypatch.setitem(quant_kernels.KERNELS[W8A8], "cpu", [("wrong beyond 16 rows", wrong_beyond_16)])
+    monkeypatch.setitem(registration._FUSED, (quant_kernels.OP[W8A8], "cpu"),
+                        registration.Kernel(quant_kernels.OP[W8A8], "wrong beyond 16 rows", wrong_beyond_16, True,
+                                            __name__))
     layer.prepare("cpu", torch.float32)
     assert {1, 17, 33} <= set(seen)
     assert layer.kernel_name == quant_kernels.DEQUANTIZE

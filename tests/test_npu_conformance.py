@@ -20,6 +20,7 @@ from npuinfer.generate import seq_state
 from npuinfer.kernels import KernelShapes, check_kernels, select_kernels
 from npuinfer.kernels import check as kernel_check
 from npuinfer.model import DecodeSlot, ModelArgs, Transformer
+from npuinfer.kernels import matmul_candidates
 from npuinfer.quant import kernels as quant_kernels
 from npuinfer.quant.linear import QuantLinear
 from npuinfer.quant.scheme import W8A8, W8A16
@@ -147,7 +148,7 @@ def test_quantized_matmuls_bind_to_each_release(release, dtype, scheme):
     with npu_stand_in.use(release, A2):
         skipped = layer.prepare("npu", dtype)  # probes at 1, 4, 5, 17 and 33 rows against dequantize-then-matmul
         assert skipped == [] and layer.kernel_name.startswith("torch_npu."), skipped
-        kernel = quant_kernels.KERNELS[scheme]["npu"][0][1]
+        kernel = matmul_candidates(quant_kernels.OP[scheme], "npu")[0][0].fn
         compiled = torch.compile(lambda x: kernel(x, layer), fullgraph=True, backend="aot_eager")
         for rows in (1, 17, 33):
             x = torch.randn(rows, 64, dtype=dtype) * (0.02 * 20 if scheme == W8A8 else 1)

@@ -24,10 +24,34 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir, tmp_path_factory):
+def checkpoint(tiny_dir, tmp_path_factory) -> Path:
+    """A GPT-NeoX checkpoint saved by transformers' own save_pretrained, with gpt-neox-tiny's tokenizer: heads of
+    64 (vLLM's cpu attention refuses the tiny model's 16)."""
+    import shutil
+
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    src = tiny_dir("gpt-neox-tiny")
+    fields = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    fields.update(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=512,
+                  torch_dtype="float32")
+    for key in ("architectures", "model_type", "transformers_version"):
+        fields.pop(key)
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**fields)).eval()
+    out = tmp_path_factory.mktemp("served") / "neox-64"
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
     from vllm_server import VllmServer
 
-    srv = VllmServer(tiny_dir("gpt-neox-tiny"), SERVED, tmp_path_factory.mktemp("vllm") / "server.log")
+    srv = VllmServer(checkpoint, SERVED, tmp_path_factory.mktemp("vllm") / "server.log")
     try:
         srv.wait_healthy()
         yield srv
@@ -52,12 +76,11 @@ def predictions(results: Path) -> dict[tuple[str, str], str]:
         return {(r["subject"], r["question_id"]): r["prediction"] for r in csv.DictReader(f)}
 
 
-def test_served_ceval_predicts_what_npuinfer_predicts_in_process(server, data, tmp_path, tiny_dir):
+def test_served_ceval_predicts_what_npuinfer_predicts_in_process(server, checkpoint, data, tmp_path):
     served = run_accuracy(tmp_path / "served", data, "--backend", "openai", "--base-url", server.base_url,
-                          "--served-model", SERVED, "--tokenizer", str(tiny_dir("gpt-neox-tiny")),
-                          "--num-concurrent", "2")
+                          "--served-model", SERVED, "--tokenizer", str(checkpoint), "--num-concurrent", "2")
     assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-3000:] + server.log_tail()
-    local = run_accuracy(tmp_path / "local", data, "--model", "gpt-neox-tiny")
+    local = run_accuracy(tmp_path / "local", data, "--model-path", str(checkpoint))
     assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
     got, want = predictions(tmp_path / "served"), predictions(tmp_path / "local")
     assert len(want) == 8 * len(SUBJECTS) and got == want
@@ -67,11 +90,12 @@ def test_served_ceval_predicts_what_npuinfer_predicts_in_process(server, data, t
     assert meta["extra"]["backend"] == "openai" and server.base_url.split("//")[1] in meta["checkpoint"]
 
 
-def test_loglikelihoods_through_the_server_equal_npuinfer_in_process(server, tiny_dir, load_tiny):
+def test_loglikelihoods_through_the_server_equal_npuinfer_in_process(server, checkpoint):
     from npuinfer.backends.npuinfer import NpuinferBackend
+    from npuinfer.runtime import load_model
 
-    loaded = load_tiny("gpt-neox-tiny")
-    remote = OpenAIBackend(Endpoint(server.base_url, SERVED, concurrent=2), loaded.tokenizer, "gpt-neox-tiny", 2048)
+    loaded = load_model(model_path=checkpoint, device="cpu", dtype="fp32")
+    remote = OpenAIBackend(Endpoint(server.base_url, SERVED, concurrent=2), loaded.tokenizer, str(checkpoint), 2048)
     requests = [LoglikelihoodRequest(tuple(range(40 + i, 90 + i)), (7 + i, 300 + i)) for i in range(5)]
     got = dict(remote.loglikelihood(requests, batch_size=2))
     want = dict(NpuinferBackend(loaded).loglikelihood(requests))
@@ -79,8 +103,8 @@ def test_loglikelihoods_through_the_server_equal_npuinfer_in_process(server, tin
     assert max(abs(got[i].logprob - want[i].logprob) for i in got) < 1e-3
 
 
-def test_a_model_the_server_does_not_serve_is_named_with_the_served_ones(server, data, tmp_path, tiny_dir):
+def test_a_model_the_server_does_not_serve_is_named_with_the_served_ones(server, checkpoint, data, tmp_path):
     proc = run_accuracy(tmp_path, data, "--backend", "openai", "--base-url", server.base_url,
-                        "--served-model", "nosuch", "--tokenizer", str(tiny_dir("gpt-neox-tiny")))
+                        "--served-model", "nosuch", "--tokenizer", str(checkpoint))
     assert proc.returncode == 4, proc.stdout + proc.stderr
     assert f"--served-model nosuch: not served at {server.base_url}; it serves {SERVED}" in proc.stderr

@@ -405,3 +405,29 @@ def test_hf_backend_refuses_a_quantized_checkpoint(quantized):
 
     with pytest.raises(HFUnsupported, match="W8 quantized checkpoint.*--backend npuinfer"):
         load_hf_model(quantized("qwen-tiny", "W8A16"), get_device("cpu"), torch.float32)
+
+
+def test_quantized_matmuls_are_ops_of_the_one_kernel_table(quantized, tmp_path):
+    """--kernels plain reaches the quantized linears (dequantize-then-matmul), and a plugin's registration for a
+    quantized matmul replaces npuinfer's, checked like it (a wrong one is passed over, named in the notes)."""
+    from npuinfer.kernels import matmul_candidates, registration
+    from npuinfer.quant import kernels as quant_kernels
+    from npuinfer.runtime import load_model
+
+    directory = quantized("qwen-tiny", "W8A8")
+    plain = load_model(model_path=directory, device="cpu", dtype="fp32", kernels="plain")
+    assert plain.quantization["quant_kernel"] == "W8A8: dequantize"
+    fused = load_model(model_path=directory, device="cpu", dtype="fp32")
+    assert fused.quantization["quant_kernel"] == "W8A8: torch._int_mm"
+    tokens = torch.randint(0, plain.args.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+    assert (logits(plain.model, tokens) - logits(fused.model, tokens)).abs().max() < 1e-3
+    op = quant_kernels.OP["W8A8"]
+    saved = registration._FUSED[(op, "cpu")]
+    try:
+        registration.register(op, "cpu", "a plugin's wrong matmul", lambda x, layer: quant_kernels.w8a8_int_mm(x, layer) * 3)
+        assert matmul_candidates(op, "cpu")[0][0].name == "a plugin's wrong matmul"
+        again = load_model(model_path=directory, device="cpu", dtype="fp32")
+        assert again.quantization["quant_kernel"] == "W8A8: dequantize"
+        assert "a plugin's wrong matmul" in str(again.quantization)
+    finally:
+        registration._FUSED[(op, "cpu")] = saved

@@ -12,6 +12,9 @@ from . import reference
 
 OPS: tuple[str, ...] = ("rms_norm", "add_rms_norm", "rope", "prefill_attention", "decode_attention", "gated_mlp",
                          "linear")
+# The quantized linears' matmuls: (x [M, k], QuantLinear) -> y [M, n] before the float bias. npuinfer.quant
+# registers their plain references (dequantize-then-matmul) and its own kernels; a plugin replaces one like any op.
+QUANT_OPS: tuple[str, ...] = ("w8a16_matmul", "w8a8_matmul")
 MODES: tuple[str, ...] = ("fused", "plain")
 DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "npu")
 PLUGIN_ENV = "NPUINFER_KERNEL_PLUGINS"
@@ -67,12 +70,26 @@ def register(op: str, device_type: str, name: str, fn: Callable, prepare: Callab
              fallbacks: Callable | None = None, safer: tuple[str, Callable] | None = None) -> None:
     """Make ``fn`` the fused ``op`` on ``device_type`` (replacing an earlier registration); ``prepare``,
     ``fallbacks``: see ``Kernel``; ``safer``: (name, fn) of the form used when ``fn`` fails its self-check."""
-    if op not in OPS:
-        raise ValueError(f"kernel op: expected one of {', '.join(OPS)}, got {op!r}")
+    if op not in OPS + QUANT_OPS:
+        raise ValueError(f"kernel op: expected one of {', '.join(OPS + QUANT_OPS)}, got {op!r}")
     if device_type not in DEVICE_TYPES:
         raise ValueError(f"kernel device type: expected one of {', '.join(DEVICE_TYPES)}, got {device_type!r}")
     plainer = None if safer is None else Kernel(op, safer[0], safer[1], True, _origin(safer[1]), prepare, fallbacks)
     _FUSED[(op, device_type)] = Kernel(op, name, fn, True, _origin(fn), prepare, fallbacks, plainer)
+
+
+def register_default(op: str, device_type: str, name: str, fn: Callable,
+                     safer: tuple[str, Callable] | None = None) -> None:
+    """npuinfer's own kernel for a quantized matmul: registered unless a plugin already registered one."""
+    if (op, device_type) not in _FUSED:
+        register(op, device_type, name, fn, safer=safer)
+
+
+def register_plain(op: str, name: str, fn: Callable) -> None:
+    """The plain reference of a quantized matmul (the other ops' are kernels/reference.py's)."""
+    if op not in QUANT_OPS:
+        raise ValueError(f"plain references are registered for {', '.join(QUANT_OPS)} only, got {op!r}")
+    PLAIN[op] = Kernel(op, name, fn, False, _origin(fn))
 
 
 def _origin(fn: Callable) -> str:

@@ -15,7 +15,7 @@ from importlib import metadata
 from typing import Callable, Mapping
 
 from . import npu, torch_fused  # noqa: F401  (they register on import; npu imports torch_npu only when run)
-from .registration import DEVICE_TYPES, ENTRY_POINT_GROUP, MODES, OPS, PLAIN, PLUGIN_ENV, _FUSED, Kernel
+from .registration import DEVICE_TYPES, ENTRY_POINT_GROUP, MODES, OPS, PLAIN, PLUGIN_ENV, QUANT_OPS, _FUSED, Kernel
 
 _loaded = False
 
@@ -119,3 +119,17 @@ def select_kernels(device_type: str, mode: str = "fused") -> KernelSet:
     _load()
     chosen = {op: (_FUSED.get((op, device_type), PLAIN[op]) if mode == "fused" else PLAIN[op]) for op in OPS}
     return KernelSet(mode, device_type, chosen)
+
+
+def matmul_candidates(op: str, device_type: str, mode: str = "fused") -> tuple[list[Kernel], Kernel]:
+    """A quantized matmul's kernels to try on ``device_type``, best first (the registered one, then its plainer
+    form), none for --kernels plain; and the plain reference every candidate is checked against and that runs
+    where none passes."""
+    if op not in QUANT_OPS:
+        raise ValueError(f"quantized matmul op: expected one of {', '.join(QUANT_OPS)}, got {op!r}")
+    if mode not in MODES:
+        raise ValueError(f"--kernels: expected one of {', '.join(MODES)}, got {mode!r}")
+    _load()
+    fused = _FUSED.get((op, device_type)) if mode == "fused" else None
+    candidates = [] if fused is None else [fused] + ([fused.safer] if fused.safer is not None else [])
+    return candidates, PLAIN[op]

@@ -1,9 +1,11 @@
-"""Which matmul a quantized linear runs, per device type: a table tried in order, each entry checked once
-against dequantize-then-matmul on a small input before it is used (a kernel that is missing, refuses the
-shapes or disagrees falls through to the next, and the last is always dequantize-then-matmul).
+"""The quantized linears' matmuls, registered in the one kernel table (npuinfer.kernels) as the ops
+``w8a16_matmul`` and ``w8a8_matmul``: the plain reference is dequantize-then-matmul, and each device's kernel is
+checked against it once per layer shape before it is used (``choose_kernel``); a kernel that is missing, refuses
+the shapes or disagrees gives way to its plainer form, then to the reference. ``--kernels plain`` runs the
+reference; a plugin registers its own with ``npuinfer.kernels.register(op, device_type, name, fn)``.
 
 cpu:  W8A16 npuinfer's own AVX-512 GEMV for 1-4 rows (kernels/csrc/w8a16_gemv.cpp; torch._weight_int8pack_mm from
-      5 rows) where it builds, else torch._weight_int8pack_mm; W8A8 torch._int_mm (int32 accumulation).
+      5 rows) where it builds, plainer form torch._weight_int8pack_mm; W8A8 torch._int_mm (int32 accumulation).
 cuda: W8A16 dequantize-then-matmul, W8A8 torch._int_mm (rows padded to 17: cuda's kernel needs M > 16).
 npu:  W8A16 torch_npu.npu_weight_quant_batchmatmul, W8A8 torch_npu.npu_quant_matmul, keyword arguments only
       (positional order changed between CANN releases), looked up as kernels/npu.py does. The cuda and npu
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels import cpu_extension
+from ..kernels import cpu_extension, matmul_candidates, register_default, register_plain
 from ..kernels import npu as npu_ops
 from .scheme import W8A8, W8A16, decode_deq_scale, dequantize_weight, quantize_activation
 
@@ -100,23 +102,26 @@ def w8a8_npu(x: Tensor, layer) -> Tensor:
                                            output_dtype=x.dtype)
 
 
-KERNELS: dict[str, dict[str, list[tuple[str, Kernel]]]] = {
-    W8A16: {"cpu": [(CPU_GEMV, w8a16_cpu_gemv), ("torch._weight_int8pack_mm", w8a16_int8pack)],
-            "cuda": [],
-            "npu": [("torch_npu.npu_weight_quant_batchmatmul", w8a16_npu)]},
-    W8A8: {"cpu": [("torch._int_mm", w8a8_int_mm)],
-           "cuda": [("torch._int_mm", w8a8_int_mm_padded)],
-           "npu": [("torch_npu.npu_quant_matmul", w8a8_npu)]},
-}
+OP = {W8A16: "w8a16_matmul", W8A8: "w8a8_matmul"}  # a scheme's op in the kernel table
+
+register_plain(OP[W8A16], DEQUANTIZE, w8a16_dequantize)
+register_plain(OP[W8A8], DEQUANTIZE, w8a8_dequantize)
+register_default(OP[W8A16], "cpu", CPU_GEMV, w8a16_cpu_gemv, safer=("torch._weight_int8pack_mm", w8a16_int8pack))
+register_default(OP[W8A16], "npu", "torch_npu.npu_weight_quant_batchmatmul", w8a16_npu)
+register_default(OP[W8A8], "cpu", "torch._int_mm", w8a8_int_mm)
+register_default(OP[W8A8], "cuda", "torch._int_mm", w8a8_int_mm_padded)
+register_default(OP[W8A8], "npu", "torch_npu.npu_quant_matmul", w8a8_npu)
 FALLBACK: dict[str, Kernel] = {W8A16: w8a16_dequantize, W8A8: w8a8_dequantize}
 
 
 PROBE_ROWS = (1, 4, 5, 17, 33)
 
 
-def choose_kernel(layer, device_type: str) -> tuple[str, Kernel, list[str]]:
-    """(name, kernel, reasons the earlier candidates were passed over) for ``layer`` on ``device_type``."""
-    fallback = FALLBACK[layer.scheme]
+def choose_kernel(layer, device_type: str, mode: str = "fused") -> tuple[str, Kernel, list[str]]:
+    """(name, kernel, reasons the earlier candidates were passed over) for ``layer`` on ``device_type``;
+    ``mode`` "plain" (--kernels plain) runs the plain reference."""
+    candidates, plain = matmul_candidates(OP[layer.scheme], device_type, mode)
+    fallback = plain.fn
     skipped = []
     # 1 and 4 rows (decode's GEMV paths) and 5: past the 4-row blocks cpu kernels vectorize over, and a
     # remainder; 17 and 33: prefill's rows, which cuda's _int_mm takes unpadded (M > 16)
@@ -129,7 +134,8 @@ def choose_kernel(layer, device_type: str) -> tuple[str, Kernel, list[str]]:
     with torch.no_grad():
         whole = fallback(probe, layer).float()  # row by row the same: computed once, sliced per probe
         expected = [whole[:rows] for rows in PROBE_ROWS]
-        for name, kernel in KERNELS[layer.scheme].get(device_type, []):
+        for candidate in candidates:
+            name, kernel = candidate.label, candidate.fn
             try:
                 got = [kernel(p, layer).float() for p in probes]
             except Exception as exc:  # missing op, unsupported dtype or shape, a kernel that cannot be built
@@ -140,4 +146,4 @@ def choose_kernel(layer, device_type: str) -> tuple[str, Kernel, list[str]]:
                 skipped.append(f"{name}: disagrees with dequantize-then-matmul")
                 continue
             return name, kernel, skipped
-    return DEQUANTIZE, fallback, skipped
+    return plain.name, fallback, skipped

@@ -114,12 +114,13 @@ class QuantLinear(nn.Module):
         if w.device.type == "cpu" and (w.data_ptr() % 64 or is_file_memory(w)):
             self.weight = w.clone(memory_format=torch.contiguous_format)
 
-    def prepare(self, device_type: str, dtype: torch.dtype) -> list[str]:
-        """Pick the kernel for this device and dtype; returns why faster candidates were passed over."""
+    def prepare(self, device_type: str, dtype: torch.dtype, mode: str = "fused") -> list[str]:
+        """Pick the kernel for this device and dtype (``mode`` plain: the reference); returns why faster
+        candidates were passed over."""
         self._dtype = dtype
         if self.scheme == W8A16:
             self.has_offset = bool(self.weight_offset.any())
-        self.kernel_name, self._kernel, skipped = choose_kernel(self, device_type)
+        self.kernel_name, self._kernel, skipped = choose_kernel(self, device_type, mode)
         return skipped
 
     def forward(self, x: Tensor) -> Tensor:
@@ -147,8 +148,9 @@ def swap_linears(model: nn.Module, plan: dict[str, LinearPlan]) -> None:
                                            device=old.weight.device))
 
 
-def prepare(model: nn.Module, device_type: str, dtype: torch.dtype) -> dict[str, str]:
-    """Choose every QuantLinear's kernel once (checked against dequantize-then-matmul); returns the summary."""
+def prepare(model: nn.Module, device_type: str, dtype: torch.dtype, mode: str = "fused") -> dict[str, str]:
+    """Choose every QuantLinear's kernel once (checked against dequantize-then-matmul; ``mode`` plain: that
+    reference); returns the summary."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     kernels: dict[str, set[str]] = {}
     notes: list[str] = []
@@ -157,7 +159,7 @@ def prepare(model: nn.Module, device_type: str, dtype: torch.dtype) -> dict[str,
         layer.own_weight()
         key = (layer.scheme, layer.in_features, layer.out_features, layer.bias is not None)
         if key not in chosen:
-            notes += layer.prepare(device_type, dtype)
+            notes += layer.prepare(device_type, dtype, mode)
             chosen[key] = (layer.kernel_name, layer._kernel)
         else:
             layer._dtype = dtype
