@@ -1,8 +1,8 @@
 """C-Eval scoring, prefix-cached vs naive full prompts: wall time and prompt tokens on the whole val split.
 
-    python bench/ceval_prefix_vs_naive.py                       # qwen-tiny, synthetic val (1346 q), 5-shot
-    python bench/ceval_prefix_vs_naive.py --model internlm-tiny --batch-size 16 --json out.json
-    python bench/ceval_prefix_vs_naive.py --ceval-dir /data/ceval --model qwen-7b --device npu:0
+    python comparisons/ceval_prefix_vs_naive.py                       # qwen-tiny, synthetic val (1346 q), 5-shot
+    python comparisons/ceval_prefix_vs_naive.py --model internlm-tiny --batch-size 16 --json out.json
+    python comparisons/ceval_prefix_vs_naive.py --ceval-dir /data/ceval --model qwen-7b --device npu:0
 
 Without --ceval-dir the data is written by npuinfer.ceval.synth with the official question counts (52 subjects,
 1346 val questions, 5 dev rows each). Both modes score the same questions at the same batch size; the script

@@ -15,8 +15,8 @@
    generate and model loading; the rest (collection, fixtures, inputs, pytest-benchmark, CSV writes,
    markdown and PNG) is the harness.
 
-    python bench/overhead.py                    # all figures, about two minutes on 2 cores
-    python bench/overhead.py --no-sweep         # figures 1 and 2 only
+    python comparisons/overhead.py                    # all figures, about two minutes on 2 cores
+    python comparisons/overhead.py --no-sweep         # figures 1 and 2 only
 """
 from __future__ import annotations
 

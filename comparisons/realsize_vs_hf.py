@@ -1,9 +1,9 @@
 """A real-size model with dummy weights: npuinfer vs transformers' generate on the same tensors, with MBU / MFU.
 
-    flock /work/realsize.lock python bench/realsize_vs_hf.py                      # qwen-7b, bf16, batch 1 and 4
-    python bench/realsize_vs_hf.py --model qwen-7b --layers 2 --vocab 32000       # the same layer shapes, 1.1 GB
-    python bench/realsize_vs_hf.py --profile                                      # + where a decode step goes
-    flock /work/realsize.lock python bench/realsize_vs_hf.py --separate           # each backend in its own process
+    flock /work/realsize.lock python comparisons/realsize_vs_hf.py                      # qwen-7b, bf16, batch 1 and 4
+    python comparisons/realsize_vs_hf.py --model qwen-7b --layers 2 --vocab 32000       # the same layer shapes, 1.1 GB
+    python comparisons/realsize_vs_hf.py --profile                                      # + where a decode step goes
+    flock /work/realsize.lock python comparisons/realsize_vs_hf.py --separate           # each backend in its own process
 
 One set of dummy weights (npuinfer.dummy, made in memory, no checkpoint) is run by both: transformers' model is
 built over npuinfer's tensors (HFBackend.sharing). With --kernels fused (the default) npuinfer then prepacks its
@@ -11,7 +11,7 @@ linears for oneDNN (cpu bf16), new tensors beside the dense ones transformers ke
 linears' memory (qwen-7b bf16: ~29 GB, more than this 24 GiB VM, so run it with --layers); --kernels plain shares
 one copy (15.4 GB). npuinfer alone (--no-hf, or `npuinfer infer`) holds each weight once.
 --separate runs each backend in a process of its own, one at a time (npuinfer round 0, transformers round 0,
-transformers round 1, npuinfer round 1, ...: the order swapped each round, bench/in_turn.py), so only one model is
+transformers round 1, npuinfer round 1, ...: the order swapped each round, comparisons/in_turn.py), so only one model is
 in memory (qwen-7b at 32 layers: ~15 GB, where the pair needs ~29) and consecutive runs of the two see the same
 machine; each process builds the same seeded weights, warms up once per batch (2 new tokens) and times one generate
 per batch; the ratio of each pair (a round) is printed, then the medians.
@@ -54,10 +54,10 @@ prepacked GEMV/GEMM, the 4-layer run's only aten's):
 | --layers 4, 3 rounds | 2 | 0.9-1.1 | 1 | 0.65 | 0.15 | 0.26 / 0.17 | 30.0 GB/s |
 | --layers 4, 3 rounds | 2 | 0.9-1.1 | 4 | 0.78 | 0.12 | 0.19 / 0.14 | 30.0 GB/s |
 
-    OMP_NUM_THREADS=1 flock /work/realsize.lock python bench/realsize_vs_hf.py --layers 4 --input 32 --output 6
-    flock /work/realsize.lock python bench/realsize_vs_hf.py --layers 8 --input 32 --output 6
+    OMP_NUM_THREADS=1 flock /work/realsize.lock python comparisons/realsize_vs_hf.py --layers 4 --input 32 --output 6
+    flock /work/realsize.lock python comparisons/realsize_vs_hf.py --layers 8 --input 32 --output 6
 
-npuinfer alone at the full 32 layers (`flock /work/realsize.lock python bench/realsize_vs_hf.py --no-hf --input 32
+npuinfer alone at the full 32 layers (`flock /work/realsize.lock python comparisons/realsize_vs_hf.py --no-hf --input 32
 --output 6`, 2 threads, load 3.5-5, 18:44-18:49): 161 linears prepacked in 31.9 s, ~15 GB used (weights held once);
 next token 2809 ms (bs1) / 4104 ms (bs4), MBU 0.63 / 0.43 against the 8.0 GB/s probe; MFU 1.04 at bs4 (the 1024^3
 FLOP/s probe, read under load, was beaten: not fixed). No transformers run at 32 layers (memory, see above).
@@ -101,7 +101,7 @@ import time
 
 import torch
 
-from in_turn import report, run_turn, turns  # bench/ is the script's own folder on sys.path
+from in_turn import report, run_turn, turns  # comparisons/ is the script's own folder on sys.path
 from npuinfer.device import get_device, parse_dtype
 from npuinfer.roofline import probe_bandwidth, probe_flops, roofline_figures
 

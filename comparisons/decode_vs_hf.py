@@ -1,9 +1,9 @@
 """Decode step time: npuinfer vs transformers `generate`, and vs the step's matrix multiplications alone.
 
-    python bench/decode_vs_hf.py                          # tiny + ~130M configs, gpt-neox and internlm families
-    python bench/decode_vs_hf.py --sizes 130m --family gpt-neox --batches 1 8 --device cuda --dtype fp16
-    python bench/decode_vs_hf.py --profile                # also where npuinfer's decode step spends its time
-    python bench/decode_vs_hf.py --no-compile             # only the eager decode step
+    python comparisons/decode_vs_hf.py                          # tiny + ~130M configs, gpt-neox and internlm families
+    python comparisons/decode_vs_hf.py --sizes 130m --family gpt-neox --batches 1 8 --device cuda --dtype fp16
+    python comparisons/decode_vs_hf.py --profile                # also where npuinfer's decode step spends its time
+    python comparisons/decode_vs_hf.py --no-compile             # only the eager decode step
 
 npuinfer is measured twice: the eager step, and the step run as one graph (`--compile` of the runtime: on cpu a
 library built ahead of time by AOTInductor, on cuda CUDA graphs), which builds once per shape in the warm-up.

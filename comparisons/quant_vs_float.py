@@ -1,11 +1,11 @@
 """W8 quantization against floating point: logit error on small models, next-token time and peak memory at
 real size. Figures are printed, never asserted (a shared machine is noisy).
 
-    python bench/quant_vs_float.py error                      # tiny models + a widened qwen: logit error
-    python bench/quant_vs_float.py layers --layers 4          # real Qwen-7B layers, small vocab, < 3 GiB, interleaved
-    python bench/quant_vs_float.py speed --dims qwen-7b --dir /tmp/q7b --write-only   # < 3 GiB: 14.4 GiB bf16
+    python comparisons/quant_vs_float.py error                      # tiny models + a widened qwen: logit error
+    python comparisons/quant_vs_float.py layers --layers 4          # real Qwen-7B layers, small vocab, < 3 GiB, interleaved
+    python comparisons/quant_vs_float.py speed --dims qwen-7b --dir /tmp/q7b --write-only   # < 3 GiB: 14.4 GiB bf16
                                                               # + 8 GiB W8A16 random weights written to --dir
-    flock /work/realsize.lock python bench/quant_vs_float.py speed --dims qwen-7b --dir /tmp/q7b   # measure;
+    flock /work/realsize.lock python comparisons/quant_vs_float.py speed --dims qwen-7b --dir /tmp/q7b   # measure;
                                                               # delete --dir afterwards
 
 error: each model is quantized by `npuinfer quantize` (W8A16; W8A8 calibrated on the guide's five prompts;
@@ -79,7 +79,7 @@ import time
 from pathlib import Path
 
 import torch
-from in_turn import report, run_turn, turns  # bench/ is the script's own folder on sys.path
+from in_turn import report, run_turn, turns  # comparisons/ is the script's own folder on sys.path
 
 DIMS = {  # config.json overrides on the qwen tiny layout (Qwen's intermediate_size counts both branches)
     "widened": dict(hidden_size=1024, num_attention_heads=16, kv_channels=64, intermediate_size=5504,
