@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 def timer_overhead(model: str, input_len: int, output_len: int, repeats: int, threads: int) -> dict:
     import torch
 
-    from npuinfer.generate import _NoObserver
+    from npuinfer.generate import NoObserver
     from npuinfer.runtime import load_model
     from npuinfer.backends.npuinfer import NpuinferBackend
     from npuinfer.timing import Timer, make_inputs, time_run
@@ -70,7 +70,7 @@ def timer_overhead(model: str, input_len: int, output_len: int, repeats: int, th
     # The Timer's own cost per step: its four callbacks against generate's no-op observer's.
     steps = 200_000
     cost = {}
-    for name, obs in (("timer", Timer(device)), ("noop", _NoObserver())):
+    for name, obs in (("timer", Timer(device)), ("noop", NoObserver())):
         if isinstance(obs, Timer):
             obs.start()
         t0 = time.perf_counter_ns()
@@ -92,7 +92,7 @@ def timer_overhead(model: str, input_len: int, output_len: int, repeats: int, th
 def nonfinite_check_overhead(model: str, input_len: int, output_len: int, repeats: int, threads: int) -> dict:
     import torch
 
-    from npuinfer.generate import _choose, check_finite, generate
+    from npuinfer.generate import check_finite, choose_greedy, generate
     from npuinfer.runtime import load_model
 
     torch.set_num_threads(threads)
@@ -124,7 +124,7 @@ def nonfinite_check_overhead(model: str, input_len: int, output_len: int, repeat
     for name, chosen in (("checked", []), ("plain", None)):
         t0 = time.perf_counter_ns()
         for _ in range(steps):
-            _choose(logits, chosen)
+            choose_greedy(logits, chosen)
         per_step[name] = (time.perf_counter_ns() - t0) / steps / 1e6
     values = [torch.randn(1) for _ in range(output_len)]
     t0 = time.perf_counter_ns()
