@@ -1,164 +1,18 @@
 """C-Eval scoring, prefix-cached vs naive full prompts: wall time and prompt tokens on the whole val split.
 
-    python comparisons/ceval_prefix_vs_naive.py                       # qwen-tiny, synthetic val (1346 q), 5-shot
+    python comparisons/ceval_prefix_vs_naive.py                 # qwen-tiny, synthetic val (1346 q), 5-shot
     python comparisons/ceval_prefix_vs_naive.py --model internlm-tiny --batch-size 16 --json out.json
-    python comparisons/ceval_prefix_vs_naive.py --ceval-dir /data/ceval --model qwen-7b --device npu:0
+    python comparisons/ceval_prefix_vs_naive.py --ceval-dir CEVAL_DIR --model qwen-7b --device npu:0
+    python comparisons/ceval_prefix_vs_naive.py --vocab 151936 --threads 1 --repeat 2   # Qwen-7B's vocabulary size
 
 Without --ceval-dir the data is written by npuinfer.ceval.synth with the official question counts (52 subjects,
 1346 val questions, 5 dev rows each). Both modes score the same questions at the same batch size; the script
 checks that they predict the same letters and reports the largest log-probability difference.
 
-Measured on a shared 2-core cpu VM (2026-11-30, after the shared head was tokenized once per subject; full val,
-5-shot, fp32, 5 alternating runs per mode, median; "pairs" is the range of naive/prefix over the 5 runs in order):
+--repeat N alternates naive and prefix runs N times and prints each pair's ratio (a shared machine's drift cancels
+within a pair) besides the medians, in wall and process cpu time.
 
-| model | threads | batch | naive s | prefix s | time ratio | pairs | tokens ratio |
-|---|---|---|---|---|---|---|---|
-| qwen-tiny | 2 | 8 | 9.06 | 1.99 | 4.55 | 4.33-4.85 | 5.29 |
-| qwen-tiny | 1 | 8 | 10.30 | 2.36 | 4.36 | 4.19-4.54 | 5.29 |
-| qwen-tiny | 2 | 32 | 6.97 | 1.43 | 4.86 | 3.57-5.07 | 5.29 |
-| gpt-neox-tiny | 2 | 8 | 8.85 | 2.17 | 4.08 | 4.01-4.23 | 5.30 |
-| baichuan2-13b-tiny (ALiBi) | 2 | 8 | 7.23 | 1.76 | 4.12 | 4.04-5.00 | 5.30 |
-| internlm-tiny | 2 | 8 | 8.05 | 2.17 | 3.71 | 3.64-3.77 | 5.32 |
-| baichuan2-7b-tiny | 2 | 8 | 7.61 | 2.09 | 3.65 | 3.43-3.84 | 5.30 |
-| qwen-tiny widened to 512x4 (`--widen 512x4`) | 2 | 8 | 145.13 | 28.30 | 5.13 | 1 run | 5.29 |
-
-Identical predictions in every run; log-probabilities within 3e-6. The same configuration reads 3.4x-4.7x from one
-quarter of an hour to the next on this machine, so compare modes only within one run. On a model this small the
-attention over the ~530-token prefix (every question reads all of it) is over half of the prefix mode's time, so the
-time ratio stays below the token ratio; once the model's matmuls dominate (the widened row) it approaches it. The
-sentencepiece models (internlm, baichuan2-7b) also pay five whole encodings per question in both modes (the shortcuts
-in npuinfer/ceval/encoding.py need a tokenizer that splits after newlines).
-
-A Qwen-sized vocabulary (`--vocab 151936`: qwen-tiny's ranks padded with synthetic ones, 151,936 head rows), 2026-12-01,
-full val, 5-shot, batch 8, 1 thread, before (main, `--model-path` to the same checkpoint) and after the head was given
-only the positions a continuation reads; both processes ran side by side on the shared 2-core VM at load 4-12, so
-absolute times are several times a quiet machine's and only same-run figures compare:
-
-| code | naive s | prefix s | time ratio | peak RSS of the process |
-|---|---|---|---|---|
-| before (the quietest pair, load ~4) | 77.7 | 21.9 | 3.56 | 0.82 GiB |
-| after (same pair) | 50.3 | 18.6 | 2.71 | 0.46 GiB |
-| before | 130.7 | 31.5 | 4.15 | 0.75 GiB |
-| after | 72.6 | 32.5 | 2.24 | 0.45 GiB |
-| before (an earlier pair, load ~12) | 237.1 | 65.1 | 3.64 | 0.76 GiB |
-| after (same pair) | 128.8 | 65.3 | 1.97 | 0.46 GiB |
-
-Positions through the head on 6 subjects (152 questions): before 2,124 (prefix) and 3,418 (naive), after 304 in both
-(two per question: the tiny tokenizer splits " D" in two). Naive scoring got 1.5-1.8x faster; prefix scoring
-1.0-1.2x: its remaining vocabulary cost is per forward (reading the 39 MB head and a log-softmax over
-151,936 entries for each read position, 326 forwards against naive's 191), so the ratio fell. Identical predictions.
-
-Then the head was applied once to the read positions of several batches (every ~128 positions and at the end of
-a subject: 52 passes in prefix mode instead of 274), as each token's logit less a log-sum-exp reduced over
-the vocabulary in 4,096-row chunks while they are in cache (`Transformer.head_logprobs`; no [rows, reads, vocab]
-tensor, no log_softmax over it). 2026-12-01, same settings (`--vocab 151936 --threads 1`, batch 8), `--repeat 2`
-(naive and prefix alternating within the process), after (this code) and before (7fbc8f7) alternating as whole
-processes, load average 5-6 on the 2-core VM for the first four (other sessions' jobs), 1-3 for the last four, so
-again only same-process figures compare:
-
-| code | naive s (runs) | prefix s (runs) | naive/prefix, each pair | median ratio | peak RSS |
-|---|---|---|---|---|---|
-| after | 36.05, 34.29 | 9.53, 8.89 | 3.78, 3.86 | 3.78 | 0.47 GiB |
-| before | 35.26, 31.42 | 13.42, 13.42 | 2.63, 2.34 | 2.63 | 0.47 GiB |
-| after | 30.54, 30.91 | 8.07, 8.42 | 3.79, 3.67 | 3.67 | 0.46 GiB |
-| before | 27.02, 30.43 | 7.67, 12.25 | 3.52, 2.48 | 2.48 | 0.46 GiB |
-| after (`--repeat 3`, load 4.3 falling to 3.5) | 23.29, 18.25, 14.91 | 5.66, 5.45, 5.84 | 4.12, 3.35, 2.56 | 3.22 | 0.47 GiB |
-| before (1 run, load 2.4) | 20.95 | 7.67 | 2.73 | 2.73 | 0.46 GiB |
-| after (load 0.8-1.1) | 14.83, 14.34 | 3.82, 3.77 | 3.88, 3.80 | 3.88 | 0.47 GiB |
-| before (load 1.1-2.2) | 16.32, 16.52 | 6.69, 5.82 | 2.44, 2.84 | 2.47 | 0.46 GiB |
-| after (load 2.1-2.6) | 13.24, 13.52 | 5.02, 3.84 | 2.64, 3.52 | 2.69 | 0.46 GiB |
-| before (load 2.6-2.8) | 13.88, 13.07 | 5.81, 5.44 | 2.39, 2.40 | 2.39 | 0.47 GiB |
-
-Prefix scoring got ~1.5x faster (at load 5-6 12.8 s -> 8.7 s by the medians, at load 1-3 5.4-6.7 s -> 3.8-5.0 s;
-single runs of either code catch lulls and spikes), naive about the same (its head ran on 16 positions a batch
-already): the ratio per pair is 2.6-4.1 (7 of 11 pairs 3.5-3.9, one 4.12) against 2.3-3.5 before, not the 4x asked
-for. Identical predictions, log-probabilities within 3e-6. Profiled (cProfile, 1 thread): the head now takes 2,692
-positions x (0.22 ms matmul + 0.13 ms normaliser) on a quiet core, ~0.95 s (1.9-2.8 s at load 4-5), in both modes
-alike, as does tokenization (~0.3 s); the rest of prefix scoring is its forwards (attention of every question token
-over the ~530-token prefix is half of them, the 52 prefix runs ~10%, ~1.2 ms fixed cost a forward). With the
-tiny-vocabulary figures above (naive 10.3 s, prefix 2.36 s), a cost S added to both modes gives (10.3 + S) / (2.36 +
-S), >= 4 only for S <= 0.3 s; the exact fp32 head alone (151,936 x 64 x 2,692 = 26 G multiply-adds) is over that on
-one core, so 4x on this configuration needs the prefix mode's own forwards cheaper still. Peak RSS is unchanged
-(0.46-0.47 GiB; the head's chunks are at most [~130, 4096] fp32).
-
-Those 2,692 read positions were two per question only because qwen-tiny's tiny BPE splits the continuation " D"
-into " " + "D" (" A", " B", " C" are single tokens there). Qwen's real vocabulary (qwen.tiktoken, cl100k-derived)
-has all four as single tokens (cl100k/Llama-3 ids 362, 426, 356, 423; Qwen2.5, whose ranks are Qwen-7B's: 362,
-425, 356, 422), so lm-eval reads one position per question there. `--vocab` now gives the synthetic vocabulary
-those tokens (`ANSWER_TOKENS`, the first ranks after qwen-tiny's; tiktoken merges any adjacent pair whose
-concatenation is a rank, so prompts change only where " " + "D" meet: the shots answered D, each choice, and " D"
-starting a word, which the synthetic text never has; tests/test_ceval_vocab_bench.py checks both). That halves the
-head's read positions: 1,346 in each mode instead of 2,692 (52 passes each, one per subject). 2026-12-01, full
-val, 5-shot, batch 8, `--threads 1 --repeat 2`, this code with `--model-path` to two kept checkpoints built by
-`--vocab 151936 --vocab-dir DIR --build-only` (this code, and the one before it), alternating as whole processes;
-another session's benchmarks held one core (load average at each process's start-end in the table), so naive
-runs of one process vary by up to 20%. Process cpu seconds per run; peak RSS lower than above because no process
-built its checkpoint:
-
-| answers | load | naive cpu s | prefix cpu s | cpu ratio, each pair | wall ratio, each pair | peak RSS |
-|---|---|---|---|---|---|---|
-| single-token | 0.8-1.5 | 17.19, 18.74 | 4.68, 5.30 | 3.67, 3.54 | 3.68, 3.59 | 0.39 GiB |
-| two-token " D" | 1.4-1.7 | 16.84, 18.27 | 5.70, 5.49 | 2.96, 3.33 | 2.95, 3.31 | 0.40 GiB |
-| single-token | 1.1-1.6 | 17.45, 16.34 | 5.16, 5.09 | 3.38, 3.21 | 3.35, 3.21 | 0.39 GiB |
-| two-token " D" | 1.6-1.9 | 20.87, 18.44 | 5.44, 4.86 | 3.84, 3.80 | 3.86, 3.82 | 0.39 GiB |
-| single-token | 1.9 | 16.87, 16.04 | 4.00, 4.91 | 4.22, 3.27 | 4.22, 3.22 | 0.39 GiB |
-| two-token " D" | 1.9 | 21.82, 19.13 | 5.87, 5.51 | 3.72, 3.47 | 3.99, 3.49 | 0.39 GiB |
-| single-token | 1.9-1.5 | 17.49, 14.90 | 4.71, 4.52 | 3.71, 3.30 | 3.77, 3.31 | 0.38 GiB |
-| two-token " D" | 1.5-1.4 | 19.59, 20.10 | 5.47, 5.64 | 3.58, 3.56 | 3.52, 3.57 | 0.40 GiB |
-| two-token " D" | 2.9-3.6 | 13.77, 15.85 | 4.12, 5.28 | 3.34, 3.00 | 3.31, 2.95 | 0.40 GiB |
-| single-token | 3.6-2.9 | 16.98, 20.56 | 5.39, 5.11 | 3.15, 4.02 | 3.25, 4.24 | 0.39 GiB |
-| two-token " D" | 2.9-2.8 | 17.16, 16.64 | 5.55, 4.40 | 3.09, 3.78 | 3.01, 3.90 | 0.39 GiB |
-| single-token | 2.8-2.9 | 16.51, 17.91 | 4.28, 4.90 | 3.86, 3.66 | 3.89, 3.51 | 0.39 GiB |
-| two-token " D" | 2.9 | 21.54, 19.15 | 5.74, 4.41 | 3.75, 4.35 | 3.76, 4.46 | 0.40 GiB |
-| single-token | 2.9-1.9 | 19.84, 18.55 | 5.21, 4.17 | 3.81, 4.45 | 3.93, 4.56 | 0.39 GiB |
-| single-token | 0.9-1.0 | 16.73, 18.19 | 5.26, 4.94 | 3.18, 3.68 | 3.12, 3.71 | 0.38 GiB |
-| two-token " D" | 1.0 | 17.55, 19.20 | 4.72, 5.30 | 3.72, 3.62 | 3.72, 3.75 | 0.40 GiB |
-| single-token | 1.0 | 15.37, 17.96 | 5.03, 5.14 | 3.06, 3.49 | 3.05, 3.47 | 0.39 GiB |
-| two-token " D" | 1.0 | 17.44, 19.08 | 4.86, 5.49 | 3.59, 3.47 | 3.58, 3.48 | 0.39 GiB |
-
-Identical predictions between modes in every process; max |log-prob difference| 1.9e-6 (single-token), 2.9e-6
-(two-token). Medians over the 18 runs each: prefix 4.99 cpu s single-token against 5.46 two-token (-0.47 s: 1,346
-positions at ~0.4 ms of head each), naive 17.32 against 18.76 (its head lost the same positions; the rest of its
--1.44 s is this machine's noise); the cpu ratio per pair 3.06-4.45, median 3.60, three of 18 pairs >= 4, against
-2.96-4.35, median 3.58, one of 18. The default command (2 threads, one process, load 1.5-1.7) read 2.66 and 3.37.
-So 4x is not reached, and the ratio did not measurably move: taking ~0.5 s off both modes should raise it by ~0.25
-at these times, less than the pair-to-pair noise here (+-0.5). Profiled at 1 thread (cProfile, prefix mode, 4.3 s):
-the flash calls 1.58 s (the folded prefix call runs at ~1 ns per query-key pair at head_dim 16 whatever the shape;
-the causal call over each row's own ~100 tokens takes 0.59 s, ~4x that per pair, its 32-query blocks dominated by
-per-block cost; neither the math path nor contiguous inputs nor per-row calls were faster), the head 0.64 s (~26
-positions a pass: the fp32 matmul 10.5 ms a pass at ~48 GFLOP/s, oneDNN's prepacked fp32 no faster; the normaliser
-2-4 ms a pass, of which fewer passes over the logits saved 1-2 ms, ~0.07 s a run, not pursued), tokenization ~0.2
-s, and ~1.3 ms fixed per forward (326 forwards against naive's 191). What would reach 4x here is a cheaper
-attention kernel for the prefix mode's short causal calls, not the common costs.
-
-The same checkpoint on the quiet machine (2026-12-01 23:06-23:08, load 0.5-1.5, nothing else running), one process
-each, `--model-path` to the single-token build:
-
-| threads | batch | naive s (runs) | prefix s (runs) | wall ratio, each pair | cpu ratio, each pair | peak RSS |
-|---|---|---|---|---|---|---|
-| 1 | 8 | 20.30, 16.22 | 5.34, 3.69 | 3.80, 4.40 | 3.61, 4.37 | 0.39 GiB |
-| 1 | 32 | 17.75, 17.02 | 4.29, 3.95 | 4.13, 4.31 | 4.14, 4.31 | 0.51 GiB |
-| 2 (the default) | 8 | 11.76, 11.26, 10.99 | 3.69, 3.29, 2.95 | 3.19, 3.43, 3.72 | 3.23, 3.43, 3.74 | 0.38 GiB |
-
-Quiet, one thread reads about 4 (3.8-4.4 at batch 8, 4.1-4.3 at batch 32); with two threads naive's large forwards
-use the second core better than prefix mode's small ones, and the ratio is 3.2-3.7.
-
-Which machine: the first table (qwen-tiny 4.4-4.9, the figures #16's 4x was set from) was measured on 2026-11-30,
-most likely on the AMD EPYC VM this project's sessions ran on that day (the cpu baselines' rows of that day are AMD
-EPYC ones); every later figure is from the Intel Xeon VM (model 207). The same 1,200-entry qwen-tiny reads lower
-there. 2026-12-02 02:58-03:01, 2 threads, batch 8, `--repeat 2`, the two builds alternating as whole processes (load
-0.6-1.7):
-
-| build | wall ratio, each pair | median |
-|---|---|---|
-| qwen-tiny (1,200 entries) | 3.55, 3.70, 2.92, 3.14, 4.47, 3.77 | 3.6 |
-| `--vocab 151936` (single-token answers) | 2.66, 2.97, 2.49, 3.69, 2.96, 3.30 | 3.0 |
-
-At one thread (03:11-03:15, three processes, `--repeat 3`, load 0.7-1.0) the 151,936-entry build read 3.15, 3.26,
-3.77, 2.90, 4.01, 3.47, 3.49, 3.58, 3.89 (median 3.5). Timed apart under cProfile in one process (2 threads, three
-rounds), the head took 0.55-0.61 s a run in either mode and the rest outside the forwards 0.47-0.56 s; the
-forwards alone (question batches, and prefix mode's 52 prefix runs at 0.47-0.69 s) read 3.56, 3.13, 3.22 naive over
-prefix. So on this CPU even a head and a tokenizer that cost nothing would leave the ratio under 4 at two threads.
+Figures, by machine and day: docs/MEASUREMENTS.md#c-eval-scoring-prefix-cached-vs-naive
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""How much the measuring costs: two figures for the bench/ suite.
+"""How much the measuring costs: three figures for the bench/ suite.
 
 1. Detail-timing overhead: generate under the Timer (a synchronize and a clock read at four points
    of every step) against an untimed generate, batch 1 on a tiny model. Measured two ways: the
@@ -15,8 +15,10 @@
    generate and model loading; the rest (collection, fixtures, inputs, pytest-benchmark, CSV writes,
    markdown and PNG) is the harness.
 
-    python comparisons/overhead.py                    # all figures, about two minutes on 2 cores
-    python comparisons/overhead.py --no-sweep         # figures 1 and 2 only
+    python comparisons/overhead.py                # all figures, about two minutes on 2 cores
+    python comparisons/overhead.py --no-sweep     # figures 1 and 2 only
+
+Figures: docs/MEASUREMENTS.md#measuring-overhead
 """
 from __future__ import annotations
 
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for figure 1 (1: least noise)")
-    parser.add_argument("--no-sweep", action="store_true", help="skip figure 2")
+    parser.add_argument("--no-sweep", action="store_true", help="skip figure 3 (the sweep)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args, extra = parser.parse_known_args(argv)
 
