@@ -1,6 +1,6 @@
 """C-Eval scoring, prefix-cached vs naive full prompts: wall time and prompt tokens on the whole val split.
 
-    python comparisons/ceval_prefix_vs_naive.py                 # qwen-tiny, synthetic val (1346 q), 5-shot
+    python comparisons/ceval_prefix_vs_naive.py                       # qwen-tiny, synthetic val (1346 q), 5-shot
     python comparisons/ceval_prefix_vs_naive.py --model internlm-tiny --batch-size 16 --json out.json
     python comparisons/ceval_prefix_vs_naive.py --ceval-dir CEVAL_DIR --model qwen-7b --device npu:0
     python comparisons/ceval_prefix_vs_naive.py --vocab 151936 --threads 1 --repeat 2   # Qwen-7B's vocabulary size
@@ -8,9 +8,6 @@
 Without --ceval-dir the data is written by npuinfer.ceval.synth with the official question counts (52 subjects,
 1346 val questions, 5 dev rows each). Both modes score the same questions at the same batch size; the script
 checks that they predict the same letters and reports the largest log-probability difference.
-
---repeat N alternates naive and prefix runs N times and prints each pair's ratio (a shared machine's drift cancels
-within a pair) besides the medians, in wall and process cpu time.
 
 Figures, by machine and day: docs/MEASUREMENTS.md#c-eval-scoring-prefix-cached-vs-naive
 """
