@@ -4,7 +4,8 @@ real size. Figures are printed, never asserted (a shared machine is noisy).
     python comparisons/quant_vs_float.py error                  # tiny models + a widened qwen: logit error
     python comparisons/quant_vs_float.py layers --layers 4      # real Qwen-7B layers, small vocab, < 3 GiB, interleaved
     python comparisons/quant_vs_float.py speed --dims qwen-7b --dir DIR --write-only   # < 3 GiB of memory: writes
-                                                                # 14.4 GiB bf16 + 8 GiB W8A16 random weights to DIR
+                                                                # 14.4 GiB bf16 + 8 GiB W8A16 random weights to
+                                                                # DIR (a new folder on a disk with ~23 GiB free)
     python comparisons/quant_vs_float.py speed --dims qwen-7b --dir DIR    # measure (~15 GB of memory); delete DIR
                                                                 # afterwards
 

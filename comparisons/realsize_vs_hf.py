@@ -5,6 +5,8 @@
     python comparisons/realsize_vs_hf.py --profile                        # + where a decode step goes
     python comparisons/realsize_vs_hf.py --separate                       # each backend in its own process (~15 GB)
 
+A full-size run takes most of a machine's memory and all its cores: run one at a time.
+
 One set of dummy weights (npuinfer.dummy, made in memory, no checkpoint) is run by both: transformers' model is
 built over npuinfer's tensors (HFBackend.sharing). With --kernels fused (the default) npuinfer then prepacks its
 linears for oneDNN (cpu bf16), new tensors beside the dense ones transformers keeps: the pair needs about twice the
