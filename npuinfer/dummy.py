@@ -29,7 +29,7 @@ from .model import ModelArgs, Transformer
 from .progress import progress
 from .locate import resolve_model_dir
 from .registry import ModelNotFound, ModelSpec, get_spec
-from .tiny import _config
+from .tiny import config_for
 
 DUMMY_STD = 0.02  # the usual initializer_range: activations stay finite through every layer
 
@@ -80,7 +80,7 @@ def registry_args(spec: ModelSpec, max_seq_len: int | None = None) -> ModelArgs:
     """ModelArgs of a registry model, through the config.json its family writes (so the same reader, with
     the same family rules, turns it into ModelArgs as a downloaded checkpoint's)."""
     special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-    config = _config(spec, special)
+    config = config_for(spec, special)
     return args_from_config(config, spec.family, position=spec.position, path=f"registry:{spec.name}",
                             max_seq_len=max_seq_len)
 

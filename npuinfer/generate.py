@@ -27,7 +27,9 @@ class StepObserver(Protocol):
     def step_end(self, step: int) -> None: ...
 
 
-class _NoObserver:
+class NoObserver:
+    """A StepObserver that does nothing: what `generate` runs with when given none."""
+
     def step_start(self, step: int) -> None:
         pass
 
@@ -66,7 +68,7 @@ class NonFiniteLogits(RuntimeError):
             "or fp32)")
 
 
-def _choose(logits: Tensor, chosen: list[Tensor] | None) -> Tensor:
+def choose_greedy(logits: Tensor, chosen: list[Tensor] | None) -> Tensor:
     """The greedy token; with ``chosen``, its logit is appended there (max: value and index in one reduction,
     the index the same as argmax's, the first maximum)."""
     if chosen is None:
@@ -105,7 +107,7 @@ def generate(
     measuring what the check costs)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    obs = observer or _NoObserver()
+    obs = observer or NoObserver()
     batch, prompt_len = input_ids.shape
     total = prompt_len + max_new_tokens
     model.setup_caches(batch, total)
@@ -119,7 +121,7 @@ def generate(
     logits = prefill(model, input_ids, state)
     obs.forward_end(0)
     chosen: list[Tensor] = []  # the chosen token's logit per step, checked after the last step
-    token = _choose(logits, chosen if check_logits else None)
+    token = choose_greedy(logits, chosen if check_logits else None)
     out[:, 0] = token
     done = (token == eos_id) if stop_at_eos and eos_id is not None else None
     obs.step_end(0)
@@ -144,7 +146,7 @@ def generate(
         else:
             logits = decode_one_token(model, current, pos, state)
             obs.forward_end(step)
-            token = _choose(logits, chosen if check_logits else None)
+            token = choose_greedy(logits, chosen if check_logits else None)
         if done is not None:
             token = torch.where(done, torch.full_like(token, eos_id), token)
             done |= token == eos_id

@@ -57,7 +57,7 @@ def ensure_tiny(name: str) -> Path:
     return target
 
 
-def _config(spec: ModelSpec, tok: dict) -> dict:
+def config_for(spec: ModelSpec, tok: dict) -> dict:
     """config.json as the family's real download writes it (the family's template around these common fields)."""
     ids = {k: tok[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if tok.get(k) is not None}
     base = {"hidden_size": spec.hidden_size, "num_hidden_layers": spec.num_layers,
@@ -141,7 +141,7 @@ def _write_checkpoint(name: str, spec: ModelSpec, family, tok: dict, out: Path, 
     if tok["vocab_size"] > spec.vocab_size:
         raise RuntimeError(f"tiny tokenizer has {tok['vocab_size']} ids, more than {name}'s vocab_size "
                            f"{spec.vocab_size}")
-    config = _config(spec, tok)
+    config = config_for(spec, tok)
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (out / "generation_config.json").write_text(json.dumps(
         {k: v for k, v in tok.items() if k.endswith("_token_id") and v is not None}, indent=2) + "\n")

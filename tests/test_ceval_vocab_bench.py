@@ -1,4 +1,4 @@
-"""bench/ceval_prefix_vs_naive.py --vocab: qwen-tiny widened to a Qwen-sized vocabulary keeps what C-Eval scoring
+"""comparisons/ceval_prefix_vs_naive.py --vocab: qwen-tiny widened to a Qwen-sized vocabulary keeps what C-Eval scoring
 reads as a real Qwen vocabulary has it: each answer continuation " A" .. " D" one token (one head position per
 question), and every prompt tokenized as on qwen-tiny except where " " + "D" now merge."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from npuinfer.ceval.synth import write_synthetic_ceval
 from npuinfer.tiny import ensure_tiny
 from npuinfer.tokenizer import QWEN_SPECIAL_TOKENS, load_tokenizer, read_tiktoken_ranks
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "ceval_prefix_vs_naive.py"
+BENCH = Path(__file__).resolve().parents[1] / "comparisons" / "ceval_prefix_vs_naive.py"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""bench/in_turn.py, the helper of the benchmarks that compare configurations in processes of their own."""
+"""comparisons/in_turn.py, the helper of the benchmarks that compare configurations in processes of their own."""
 from __future__ import annotations
 
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "comparisons"))
 from in_turn import run_turn, turns  # noqa: E402
 
 
@@ -16,7 +16,7 @@ def test_the_order_is_swapped_every_other_round():
 
 def test_a_child_report_comes_back_and_other_output_is_left_alone():
     code = "print('warming up'); from in_turn import report; report({'ms': [1.5, 2]}); print('bye')"
-    cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1] / 'bench')!r}); {code}"]
+    cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1] / 'comparisons')!r}); {code}"]
     assert run_turn(cmd, "round 1 x") == {"ms": [1.5, 2]}
 
 

@@ -188,9 +188,9 @@ def test_a_row_beyond_the_peaks_is_warned_about_and_never_clipped(tmp_path, npui
 
 @pytest.mark.e2e
 def test_realsize_separate_runs_each_backend_in_its_own_process_and_pairs_them(npuinfer_cache):
-    """bench/realsize_vs_hf.py --separate (qwen-tiny's shapes here): npuinfer and transformers take turns in
+    """comparisons/realsize_vs_hf.py --separate (qwen-tiny's shapes here): npuinfer and transformers take turns in
     processes of their own, and each pair's ratio is the two runs of that round."""
-    proc = subprocess.run([sys.executable, "bench/realsize_vs_hf.py", "--model", "qwen-tiny", "--dtype", "fp32",
+    proc = subprocess.run([sys.executable, "comparisons/realsize_vs_hf.py", "--model", "qwen-tiny", "--dtype", "fp32",
                            "--separate", "--rounds", "2", "--batches", "1", "2", "--input", "8", "--output", "3"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

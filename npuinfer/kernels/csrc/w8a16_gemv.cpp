@@ -5,7 +5,7 @@
 // fp32, but from 4 rows on it is bound by arithmetic on this project's 2-core Xeon: 0.54-0.74x oneDNN's bf16
 // time on Qwen-7B's matrices where the bytes read are 0.5x. Here each weight is widened once per call and used by
 // every x row, R weight rows at a time with M x R accumulators held in registers: 0.44-0.54x at 4 rows, 2 threads
-// (bench/quant_vs_float.py's docstring has the figures).
+// (figures: docs/MEASUREMENTS.md, "W8 quantization vs float").
 // Products of int8 and fp32 values are exact in fp32; sums accumulate in fp32 (16 lanes, then the lanes).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>  // at::get_num_threads: the threads torch itself uses

@@ -1,9 +1,9 @@
 """Decode step time: npuinfer vs transformers `generate`, and vs the step's matrix multiplications alone.
 
-    python bench/decode_vs_hf.py                          # tiny + ~130M configs, gpt-neox and internlm families
-    python bench/decode_vs_hf.py --sizes 130m --family gpt-neox --batches 1 8 --device cuda --dtype fp16
-    python bench/decode_vs_hf.py --profile                # also where npuinfer's decode step spends its time
-    python bench/decode_vs_hf.py --no-compile             # only the eager decode step
+    python comparisons/decode_vs_hf.py                    # tiny + ~130M configs, gpt-neox and internlm families
+    python comparisons/decode_vs_hf.py --sizes 130m --family gpt-neox --batches 1 8 --device cuda --dtype fp16
+    python comparisons/decode_vs_hf.py --profile          # also where npuinfer's decode step spends its time
+    python comparisons/decode_vs_hf.py --no-compile       # only the eager decode step
 
 npuinfer is measured twice: the eager step, and the step run as one graph (`--compile` of the runtime: on cpu a
 library built ahead of time by AOTInductor, on cuda CUDA graphs), which builds once per shape in the warm-up.
@@ -26,25 +26,7 @@ weights (~1.2 MB at the median window against ~1 MB), so no step can come near i
 Targets (printed, never asserted): npuinfer / transformers <= 1.0 at batch 1 and <= 0.9 at batch 8;
 npuinfer / floor <= 1.15.
 
-Measured on a shared 2-core cpu VM (AMD EPYC), 1 thread, fp32 (2026-11-30), ratios npuinfer / transformers,
-npuinfer / floor, npuinfer / linear floor:
-
-| config | batch | eager step | compiled step |
-|---|---|---|---|
-| gpt-neox ~130M (162M with the untied head) | 1 | 0.93, 1.08, 1.10 | 0.41, 0.47, 0.48 |
-| gpt-neox ~130M | 8 | 0.92, 1.10, 1.15 | 0.35, 0.42, 0.44 |
-| internlm ~130M | 1 | 0.92, 1.05, 1.08 | 0.41, 0.47, 0.48 |
-| internlm ~130M | 8 | 0.85, 1.00, 1.07 | 0.38, 0.45, 0.48 |
-| gpt-neox tiny | 1 | 0.43, 4.37, 6.81 | 0.04, 0.40, 0.63 |
-| gpt-neox tiny | 8 | 0.48, 2.99, 5.09 | 0.11, 0.68, 1.15 |
-| internlm tiny | 1 | 0.46, 4.84, 7.49 | 0.04, 0.42, 0.65 |
-| internlm tiny | 8 | 0.50, 3.23, 5.52 | 0.11, 0.69, 1.18 |
-
-Over 6 runs of the tiny configs the compiled step read 0.61-0.68 of the linear floor at batch 1 and 1.13-1.22 at
-batch 8. The compiled step beats the floor at 130M because inductor, with the weights frozen, runs its own GEMM
-kernels on prepacked weights, faster than the aten matmuls the floor calls. On the tiny models a step is one call
-into the library (~2 us of call overhead, no guards) against the floor's 19-22 aten calls; at batch 8 attention
-is ~10 us a layer, a third of the step, reading the KV cache.
+Figures, by machine and day: docs/MEASUREMENTS.md#decode-step-npuinfer-vs-transformers
 """
 from __future__ import annotations
 

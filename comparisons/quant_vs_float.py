@@ -1,12 +1,13 @@
 """W8 quantization against floating point: logit error on small models, next-token time and peak memory at
 real size. Figures are printed, never asserted (a shared machine is noisy).
 
-    python bench/quant_vs_float.py error                      # tiny models + a widened qwen: logit error
-    python bench/quant_vs_float.py layers --layers 4          # real Qwen-7B layers, small vocab, < 3 GiB, interleaved
-    python bench/quant_vs_float.py speed --dims qwen-7b --dir DIR --write-only   # < 3 GiB of memory; writes
-                                                              # 14.4 GiB bf16 + 8 GiB W8A16 random weights to
-                                                              # DIR (a new folder on a disk with ~23 GiB free)
-    python bench/quant_vs_float.py speed --dims qwen-7b --dir DIR   # measure; delete DIR afterwards
+    python comparisons/quant_vs_float.py error                  # tiny models + a widened qwen: logit error
+    python comparisons/quant_vs_float.py layers --layers 4      # real Qwen-7B layers, small vocab, < 3 GiB, interleaved
+    python comparisons/quant_vs_float.py speed --dims qwen-7b --dir DIR --write-only   # < 3 GiB of memory: writes
+                                                                # 14.4 GiB bf16 + 8 GiB W8A16 random weights to
+                                                                # DIR (a new folder on a disk with ~23 GiB free)
+    python comparisons/quant_vs_float.py speed --dims qwen-7b --dir DIR    # measure (~15 GB of memory); delete DIR
+                                                                # afterwards
 
 error: each model is quantized by `npuinfer quantize` (W8A16; W8A8 calibrated on the guide's five prompts;
 W8A8 with SmoothQuant alpha 0.5) and its logits over the five prompts compared with the float model's:
@@ -18,52 +19,7 @@ each is then run in its own process (so its peak RSS is its own), the two altern
 16 tokens, a warm-up step, then --steps timed decode steps at batch 1 and 4. Each round gives the ratio of the
 median steps and of the fastest steps. Goals (issue 13): W8A16 / bf16 <= 0.6 for both.
 
-Measured 2026-12-01 21:39-21:46 (`speed --dims qwen-7b --steps 8 --rounds 3`, 2 threads, load 1.4-2.0, nothing else
-running): bf16 14.38 GiB of weights, W8A16 8.36 GiB (the embedding and the head stay bf16).
-
-| batch | bf16 next-token ms (median; fastest) | W8A16 | W8A16/bf16 per round, medians | fastest |
-|---|---|---|---|---|
-| 1 | 885; 772 | 473; 434 | 0.65, 0.41, 0.53 | 0.65, 0.52, 0.53 |
-| 4 | 969; 888 | 680; 639 | 0.71, 0.70, 0.70 | 0.74, 0.74, 0.69 |
-
-Peak RSS 7.64 / 14.63 GiB = 0.52. Batch 4 misses 0.6 in the kernel: torch._weight_int8pack_mm converts the int8
-weight to fp32 and multiplies in fp32, so from 4 rows it is bound by arithmetic, not memory (2 threads, quiet:
-12288 x 4096 at 1 row 2.28 ms against oneDNN bf16's 5.21, ratio 0.44; at 4 rows 3.94 against 6.34, 0.62; 11008 x 4096
-0.50 and 0.81; 4096 x 11008 0.65 and 0.89). Before the fix of that day the W8A16 process died in its first
-prefill (SIGSEGV: the kernel's bf16 path on a weight at an 8-byte offset inside the safetensors mapping) and bf16
-peaked at 22.46 GiB.
-
-With npuinfer's own W8A16 GEMV for decode's 1-4 rows (npuinfer/kernels/csrc/w8a16_gemv.cpp; int8pack still runs
-prefill), same command, 2026-12-01 23:17-23:57, three runs of 3-4 rounds on the quiet machine (load 1.1-2.0, the run
-itself), 11 rounds in all. Per matrix at 4 rows, 2 threads, ratio to oneDNN bf16: 12288x4096 0.46-0.54 (int8pack
-0.59-0.74), 4096x4096 0.51 (0.60), 11008x4096 0.44 (0.54), 4096x11008 0.48 (0.66).
-
-| batch | bf16 next-token ms, round medians | W8A16 | W8A16/bf16 per round, medians (sorted) | median |
-|---|---|---|---|---|
-| 1 | 819-963 (one 1588) | 425-533 | 0.30-0.65, 9 of 11 within 0.49-0.57 | 0.54 |
-| 4 | 943-1358 | 541-682 | 0.43, 0.47, 0.49, 0.49, 0.57, 0.60, 0.60, 0.61, 0.65, 0.65, 0.72 | 0.60 |
-
-Batch 4 now sits at the goal line, not under it: in the six rounds where bf16 ran at its usual 943-1020 ms the ratio
-reads 0.60-0.72; the lower ones come from slow bf16 rounds (1097-1358 ms). A decode step at batch 4 (torch.profiler,
-W8A16, ~550 ms): the bf16 head through oneDNN 72 ms, attention, norms and conversions ~40 ms, the int8 GEMVs the
-rest at ~14.7 GB/s of int8 (bf16's linears stream ~14.6 GB/s of bf16). The GEMV's inner loop at 4 rows is 24 FMAs
-and 12 widening instructions per 96 weights on the two vector ports, so it is bound by arithmetic too, only less so
-than int8pack. Peak RSS unchanged, 7.64 / 14.63 GiB = 0.52.
-
-2026-12-02, the same command with --rounds 6, the machine's memory bandwidth lower than the day before (an fp32 GEMV
-streamed 16-20 GB/s against 27.7) and one vCPU often held up: per matrix at 4 rows the GEMV is bound by bandwidth, as
-oneDNN bf16 is (11008x4096: 17.1 GB/s of int8 against oneDNN's 16.4 of bf16, ratio 0.48; 12288x4096 0.48), and the
-GEMV then handed its rows out in chunks to whichever thread was free instead of equal halves (1.04-1.15x the bytes/s
-over a sequence of Qwen-7B's matrices). `layers --layers 4` (interleaved steps, one process): W8A16/bf16 0.53-0.56 at
-batch 1, 0.53-0.54 at batch 4. Full size, two runs of 6 rounds after that change (12 rounds, load 1.5-2.1):
-
-| batch | W8A16/bf16 per round, medians (sorted) | median | ratio of the pooled medians (run 1; run 2) |
-|---|---|---|---|
-| 1 | 0.49, 0.49, 0.52, 0.55, 0.56, 0.57, 0.59, 0.62, 0.64, 0.66, 0.67, 0.73 | 0.58 | 481/869 = 0.55; 536/933 = 0.57 |
-| 4 | 0.48, 0.50, 0.52, 0.52, 0.53, 0.56, 0.57, 0.58, 0.62, 0.62, 0.65, 0.73 | 0.57 | 597/1014 = 0.59; 604/1046 = 0.58 |
-
-One step's time in one process swings 505-652 ms at batch 4 on this machine (30 steps of W8A16 in a row), so a
-round's ratio carries +-0.1 of noise; the medians are at or under 0.6 in every summary, the per-layer ratio 0.53.
+Figures, by machine and day: docs/MEASUREMENTS.md#w8-quantization-vs-float
 """
 from __future__ import annotations
 
@@ -79,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from in_turn import report, run_turn, turns  # bench/ is the script's own folder on sys.path
+from in_turn import report, run_turn, turns  # comparisons/ is the script's own folder on sys.path
 
 DIMS = {  # config.json overrides on the qwen tiny layout (Qwen's intermediate_size counts both branches)
     "widened": dict(hidden_size=1024, num_attention_heads=16, kv_channels=64, intermediate_size=5504,
@@ -335,7 +291,7 @@ def main() -> None:
     sp.add_argument("--steps", type=int, default=6)
     sp.add_argument("--rounds", type=int, default=2, help="bf16 and W8A16 processes alternate this many times")
     sp.add_argument("--write-only", action="store_true",
-                    help="write the checkpoints and stop (the writer stays under 3 GiB: no lock needed)")
+                    help="write the checkpoints and stop (the writer stays under 3 GiB of memory)")
     ly = sub.add_parser("layers", help="real-size layers, small vocabulary, both models in one process (< 3 GiB)")
     ly.add_argument("--layers", type=int, default=4)
     ly.add_argument("--batches", type=int, nargs="*", default=[1, 4])

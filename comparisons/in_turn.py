@@ -1,5 +1,5 @@
-"""Configurations measured in processes of their own, taking turns: what bench/quant_vs_float.py speed and
-bench/realsize_vs_hf.py --separate share.
+"""Configurations measured in processes of their own, taking turns: what comparisons/quant_vs_float.py speed and
+comparisons/realsize_vs_hf.py --separate share.
 
 A process per run keeps each configuration's peak memory its own and lets two models that do not fit in memory
 together be compared at all. The machine's speed drifts over minutes on a shared VM, so the order is reversed every

@@ -1,25 +1,22 @@
 """A real-size model with dummy weights: npuinfer vs transformers' generate on the same tensors, with MBU / MFU.
 
-    python bench/realsize_vs_hf.py                                                # qwen-7b, bf16, batch 1 and 4
-    python bench/realsize_vs_hf.py --model qwen-7b --layers 2 --vocab 32000       # the same layer shapes, 1.1 GB
-    python bench/realsize_vs_hf.py --profile                                      # + where a decode step goes
-    python bench/realsize_vs_hf.py --separate                                     # each backend in its own process
+    python comparisons/realsize_vs_hf.py                                  # qwen-7b, bf16, batch 1 and 4 (~29 GB)
+    python comparisons/realsize_vs_hf.py --model qwen-7b --layers 2 --vocab 32000   # the same layer shapes, 1.1 GB
+    python comparisons/realsize_vs_hf.py --profile                        # + where a decode step goes
+    python comparisons/realsize_vs_hf.py --separate                       # each backend in its own process (~15 GB)
 
 A full-size run takes most of a machine's memory and all its cores: run one at a time.
 
 One set of dummy weights (npuinfer.dummy, made in memory, no checkpoint) is run by both: transformers' model is
 built over npuinfer's tensors (HFBackend.sharing). With --kernels fused (the default) npuinfer then prepacks its
 linears for oneDNN (cpu bf16), new tensors beside the dense ones transformers keeps: the pair needs about twice the
-linears' memory (qwen-7b bf16: ~29 GB, more than this 24 GiB VM, so run it with --layers); --kernels plain shares
+linears' memory (qwen-7b bf16: ~29 GB; on a machine with less, run it with --layers); --kernels plain shares
 one copy (15.4 GB). npuinfer alone (--no-hf, or `npuinfer infer`) holds each weight once.
 --separate runs each backend in a process of its own, one at a time (npuinfer round 0, transformers round 0,
-transformers round 1, npuinfer round 1, ...: the order swapped each round, bench/in_turn.py), so only one model is
-in memory (qwen-7b at 32 layers: ~15 GB, where the pair needs ~29) and consecutive runs of the two see the same
-machine; each process builds the same seeded weights, warms up once per batch (2 new tokens) and times one generate
+transformers round 1, npuinfer round 1, ...: the order swapped each round, comparisons/in_turn.py), so only one
+model is in memory (qwen-7b at 32 layers: ~15 GB, where the pair needs ~29) and consecutive runs of the two see the
+same machine; each process builds the same seeded weights, warms up once per batch (2 new tokens) and times one generate
 per batch; the ratio of each pair (a round) is printed, then the medians.
-Shown working at 2 layers (`--separate --layers 2 --vocab 32000 --input 32 --output 6`, 2 rounds, load ~4.5,
-2026-12-01 21:03, probe 7.6 GB/s before and 28.6 after): pairs 1.20 / 0.82 (bs1) and 0.79 / 1.42 (bs4) next-token,
-0.24-0.33 first-token: swings of a busy VM, not figures; 32 layers not run here.
 Each round times one generate per backend and batch, the backends alternating, so the machine's drift hits both;
 a figure is the median over rounds. The bandwidth probe (npuinfer.roofline) runs before and after the rounds and
 the best of the two is the peak MBU is measured against.
@@ -27,71 +24,7 @@ the best of the two is the peak MBU is measured against.
 Goals of issue #15 (printed, never asserted): next-token npuinfer / transformers <= 0.9 at batch 1 and 4,
 decode MBU >= 0.85 against the probe, first-token npuinfer / transformers <= 0.4.
 
-Measured 2026-12-01 16:00-16:13 on the shared 2-core VM (Intel Xeon, avx512_bf16, 2 threads), qwen-7b dummy bf16,
-input 32, output 6, 2 rounds, while the load average fell from ~11 to ~3 (the probe read 6.8 GB/s before and 29.0
-after; one step took 6.4 s in round 0 and 1.1-3.0 s in round 1): not goal-grade figures. Medians:
-npuinfer / transformers next-token 1.29 (bs1), 1.13 (bs4); first-token 0.48 (bs1), 0.22 (bs4); decode MBU
-0.10-0.13 against the 29 GB/s probe. A profiled decode step (bs1, quieter): aten::mm + addmm (the Linears, the
-same calls transformers makes) 96.7% of 1.3 s, attention 0.5%: 14.2 GB in 1.3 s is 10.9 GB/s, 0.38 of the probe.
-A second run at 16:14-16:22 (load ~3.5-6, probe 13.5 GB/s before, 8.1 after): next-token ratio 0.92 (bs1),
-0.77 (bs4); first-token 0.63 (bs1), 0.35 (bs4); MBU 0.32 (bs1), 0.29 (bs4) against 13.5 GB/s.
-What limits it: aten's bf16 GEMV. Side by side on 11008 x 4096 matrices (720 MB) it streamed 0.53x the bytes/s of
-an fp32 GEMV over the same bytes, and oneDNN with prepacked weights (torch.ops.mkldnn._reorder_linear_weight +
-_linear_pointwise, what inductor's freezing uses) 1.29x aten's bf16 (same result bits). No Python-side change to
-the step can reach 0.9 of transformers at batch 1 or MBU 0.85 while both call the same bf16 GEMV.
-
-With the linear op in the kernel table (cpu bf16: oneDNN on weights prepacked once at load, bit-identical logits),
-2026-12-01 18:23-18:38, same VM shared with other test runs, qwen-7b dims with fewer layers (full vocabulary 151,936,
-so the head is real size), input 32, output 6, 2 rounds, medians (the 8-layer run's probe also timed the
-prepacked GEMV/GEMM, the 4-layer run's only aten's):
-
-| run | threads | load | bs | next-token n/hf (<=0.9) | first-token n/hf (<=0.4) | MBU n / hf (>=0.85) | probe |
-|---|---|---|---|---|---|---|---|
-| --layers 4 | 1 | ~4 | 1 | 0.74 | 0.08 | 0.98 / 0.73 | 7.4 GB/s |
-| --layers 4 | 1 | ~4 | 4 | 0.51 | 0.06 | 0.95 / 0.49 | 7.4 GB/s |
-| --layers 8 | 2 | 3.5-5.7 | 1 | 0.71 | 0.26 | 0.55 / 0.39 | 7.2 GB/s |
-| --layers 8 | 2 | 3.5-5.7 | 4 | 0.63 | 0.11 | 0.40 / 0.25 | 7.2 GB/s |
-| --layers 4 | 2 | 1.9-0.9 | 1 | 0.76 | 0.13 | 0.21 / 0.16 | 29.1 GB/s |
-| --layers 4 | 2 | 1.9-0.9 | 4 | 0.99 | 0.10 | 0.20 / 0.20 | 29.1 GB/s |
-| --layers 4, 3 rounds | 2 | 0.9-1.1 | 1 | 0.65 | 0.15 | 0.26 / 0.17 | 30.0 GB/s |
-| --layers 4, 3 rounds | 2 | 0.9-1.1 | 4 | 0.78 | 0.12 | 0.19 / 0.14 | 30.0 GB/s |
-
-    OMP_NUM_THREADS=1 python bench/realsize_vs_hf.py --layers 4 --input 32 --output 6
-    python bench/realsize_vs_hf.py --layers 8 --input 32 --output 6
-
-npuinfer alone at the full 32 layers (`python bench/realsize_vs_hf.py --no-hf --input 32
---output 6`, 2 threads, load 3.5-5, 18:44-18:49): 161 linears prepacked in 31.9 s, ~15 GB used (weights held once);
-next token 2809 ms (bs1) / 4104 ms (bs4), MBU 0.63 / 0.43 against the 8.0 GB/s probe; MFU 1.04 at bs4 (the 1024^3
-FLOP/s probe, read under load, was beaten: not fixed). No transformers run at 32 layers (memory, see above).
-The last two runs (18:54-19:02) started as the machine went quiet: the probe read 13-14 GB/s before and 29-30 after,
-and single steps swung 2-3x within a round (npuinfer bs4 152.8 ms in round 2, 18.8 GB/s = MBU 0.63, against 519 ms
-in round 1; transformers bs4 235 ms in its quiet round): the bs4 0.99 is one such swing landing on transformers.
-The probe read 7.2-7.4 GB/s under the earlier load (29 GB/s on a quiet machine earlier), so the MBU column is only as good
-as the probe's moment: not goal-grade. The layer shapes and the head are Qwen-7B's; 32 layers were not run (the
-pair does not fit with packing, see above). transformers' bf16 prefill is slow here (aten's bf16 GEMM at 32-128 rows),
-which is most of the first-token ratio.
-
-The full 32 layers side by side, `--separate --input 32 --output 6 --rounds 2`, 2026-12-01 21:49-22:05, the machine
-quiet but for this run (load ~1-2; probe 23.8 GB/s and 0.168 TFLOP/s before, 18.8 and 0.147 after), medians of 2
-rounds:
-
-| batch | next-token n / hf (<= 0.9) | pairs | first-token n / hf (<= 0.4) | MBU n / hf (>= 0.85) | MFU n / hf |
-|---|---|---|---|---|---|
-| 1 | 0.62 | 0.68, 0.57 | 0.35 | 0.72 / 0.44 | 0.63 / 0.22 |
-| 4 | 0.73 | 0.90, 0.56 | 0.31 | 0.50 / 0.37 | 0.83 / 0.26 |
-
-npuinfer next token 834 ms (bs1) and 1189 ms (bs4; 1465 in round 0, 912 in round 1), transformers 1346 and 1624;
-first token 3.9 s / 11.2 s (bs1) and 11.9 s / 38.2 s (bs4). Each process peaked near 15 GB, where the pair in
-one process needs ~29. MBU stays short of 0.85: oneDNN's bf16 GEMV on the prepacked weights streams 17-19 GB/s
-over the large matrices (11008 x 4096, 12288 x 4096) against the fp32 GEMV probe's 23.8.
-
-The same command on 2026-12-02 03:19-03:27 (load ~1; probe 20.3 GB/s before, 22.6 after), medians of 2 rounds:
-next token n / hf 0.65 (bs1; pairs 0.73, 0.58) and 0.57 (bs4; 0.68, 0.46), first token 0.32 and 0.30, MBU 0.66 /
-0.43 (bs1) and 0.60 / 0.34 (bs4) against 22.6 GB/s; npuinfer's next token 834-1068 ms (bs1), 962-1129 ms (bs4).
-No bf16 GEMV measured here streams as fast as the fp32 GEMV the probe reads, least of all at 4 rows: side by side on
-11008 x 4096 (10 matrices in turn, 2 threads, medians of 5), at 4 rows oneDNN's prepacked bf16 streamed 14.3-15.0
-GB/s, a hand-written fp32-FMA GEMV on plain bf16 rows (an experiment, not in the package) 16.6-17.7, the fp32 GEMV
-19.8-20.0; at one row 15.9-16.6, 17.6-19.6 and 19.8-20.1.
+Figures, by machine and day: docs/MEASUREMENTS.md#real-size-dummy-weights-npuinfer-vs-transformers
 """
 from __future__ import annotations
 
@@ -103,7 +36,7 @@ import time
 
 import torch
 
-from in_turn import report, run_turn, turns  # bench/ is the script's own folder on sys.path
+from in_turn import report, run_turn, turns  # comparisons/ is the script's own folder on sys.path
 from npuinfer.device import get_device, parse_dtype
 from npuinfer.roofline import probe_bandwidth, probe_flops, roofline_figures
 

@@ -1,4 +1,4 @@
-"""How much the measuring costs: two figures for the bench/ suite.
+"""How much the measuring costs: three figures for the bench/ suite.
 
 1. Detail-timing overhead: generate under the Timer (a synchronize and a clock read at four points
    of every step) against an untimed generate, batch 1 on a tiny model. Measured two ways: the
@@ -15,8 +15,10 @@
    generate and model loading; the rest (collection, fixtures, inputs, pytest-benchmark, CSV writes,
    markdown and PNG) is the harness.
 
-    python bench/overhead.py                    # all figures, about two minutes on 2 cores
-    python bench/overhead.py --no-sweep         # figures 1 and 2 only
+    python comparisons/overhead.py                # all figures, about two minutes on 2 cores
+    python comparisons/overhead.py --no-sweep     # figures 1 and 2 only
+
+Figures: docs/MEASUREMENTS.md#measuring-overhead
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 def timer_overhead(model: str, input_len: int, output_len: int, repeats: int, threads: int) -> dict:
     import torch
 
-    from npuinfer.generate import _NoObserver
+    from npuinfer.generate import NoObserver
     from npuinfer.runtime import load_model
     from npuinfer.backends.npuinfer import NpuinferBackend
     from npuinfer.timing import Timer, make_inputs, time_run
@@ -70,7 +72,7 @@ def timer_overhead(model: str, input_len: int, output_len: int, repeats: int, th
     # The Timer's own cost per step: its four callbacks against generate's no-op observer's.
     steps = 200_000
     cost = {}
-    for name, obs in (("timer", Timer(device)), ("noop", _NoObserver())):
+    for name, obs in (("timer", Timer(device)), ("noop", NoObserver())):
         if isinstance(obs, Timer):
             obs.start()
         t0 = time.perf_counter_ns()
@@ -92,7 +94,7 @@ def timer_overhead(model: str, input_len: int, output_len: int, repeats: int, th
 def nonfinite_check_overhead(model: str, input_len: int, output_len: int, repeats: int, threads: int) -> dict:
     import torch
 
-    from npuinfer.generate import _choose, check_finite, generate
+    from npuinfer.generate import check_finite, choose_greedy, generate
     from npuinfer.runtime import load_model
 
     torch.set_num_threads(threads)
@@ -124,7 +126,7 @@ def nonfinite_check_overhead(model: str, input_len: int, output_len: int, repeat
     for name, chosen in (("checked", []), ("plain", None)):
         t0 = time.perf_counter_ns()
         for _ in range(steps):
-            _choose(logits, chosen)
+            choose_greedy(logits, chosen)
         per_step[name] = (time.perf_counter_ns() - t0) / steps / 1e6
     values = [torch.randn(1) for _ in range(output_len)]
     t0 = time.perf_counter_ns()
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for figure 1 (1: least noise)")
-    parser.add_argument("--no-sweep", action="store_true", help="skip figure 2")
+    parser.add_argument("--no-sweep", action="store_true", help="skip figure 3 (the sweep)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args, extra = parser.parse_known_args(argv)
 

@@ -1,12 +1,14 @@
 """--kernels fused vs plain on one model, side by side: prefill and decode-step times at each batch size,
 the two kernel sets interleaved (fused, plain, fused, plain, ...) so a shared machine's drift hits both.
 
-    python bench/kernels_fused_vs_plain.py --model qwen-tiny                  # a tiny checkpoint, fp32
-    python bench/kernels_fused_vs_plain.py --random qwen-7b --dtype bf16 \
+    python comparisons/kernels_fused_vs_plain.py --model qwen-tiny            # a tiny checkpoint, fp32
+    python comparisons/kernels_fused_vs_plain.py --random qwen-7b --dtype bf16 \
         --input-len 32 --steps 3 --pairs 2                                    # Qwen-7B sizes, random weights
 
 ``--random NAME`` builds the registry model's dimensions (ModelSpec) with random weights in memory (nothing
 is written; 14.4 GiB for qwen-7b in bf16), so the real sizes need no checkpoint.
+
+Figures: docs/MEASUREMENTS.md#kernels-fused-vs-plain
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """How often CI's gated bench sweep fails on unchanged code (false alarms), and how often it fails when the
 code is slower (detections).
 
-    python bench/false_alarm.py                          # 20 runs each way, alternating (long: ~1 min a run)
-    python bench/false_alarm.py --runs 5 --slowdown 1.5
+    python comparisons/false_alarm.py                    # 20 runs each way, alternating (long: ~1 min a run)
+    python comparisons/false_alarm.py --runs 5 --slowdown 1.5
 
 The sweep is CI's own command, read from .ci/run (README's gated bench line), run from the repository root:
 - *unchanged*: against results/baselines/cpu-tiny as committed. Any failure is a false alarm.
@@ -14,6 +14,9 @@ The sweep is CI's own command, read from .ci/run (README's gated bench line), ru
 
 The two kinds alternate, so a period of heavier load on a shared machine falls on both. One line per run
 (kind, exit code, wall time, the gate's summary line and the largest change it saw), then the counts.
+
+Figures, by machine and day: results/baselines/cpu-tiny/SPREAD.md
+(docs/MEASUREMENTS.md#gate-false-alarms-and-detections).
 """
 from __future__ import annotations
 
