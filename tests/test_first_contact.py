@@ -267,7 +267,8 @@ def test_ci_removes_the_folders_it_makes(tmp_path):
 
 
 def test_readme_and_bench_scripts_name_no_development_machine_paths():
-    texts = {p: p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *sorted((ROOT / "bench").glob("*.py"))]}
+    texts = {p: p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *sorted((ROOT / "bench").glob("*.py")),
+                                                         *sorted((ROOT / "comparisons").glob("*.py"))]}
     for path, text in texts.items():
         for needle in ("flock ", "/work/", "realsize.lock", "/tmp/"):
             assert needle not in text, f"{path.name}: {needle}"
