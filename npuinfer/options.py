@@ -8,7 +8,7 @@ come back as one ``RunConfig`` built from either an argparse Namespace or a pyte
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 from .memory import parse_size
@@ -190,18 +190,20 @@ class RunConfig:
 
     @classmethod
     def from_options(cls, get: Callable[[str], Any], model: str | None = None) -> "RunConfig":
-        """From an option getter (dest -> value); ``model`` overrides --model (a pytest case's model)."""
-        return cls(model=model, model_path=get("npuinfer_model_path"), device=get("npuinfer_device"),
-                   dtype=get("npuinfer_dtype"), max_seq_len=get("npuinfer_max_seq_len"),
-                   attention=get("npuinfer_attention"), compile=bool(get("npuinfer_compile")),
-                   kernels=get("npuinfer_kernels"), dummy_weights=bool(get("npuinfer_dummy_weights")),
-                   dummy_seed=get("npuinfer_dummy_seed") or 0,
-                   memory_limit=get("npuinfer_memory_limit"), tp=get("npuinfer_tp"),
-                   backend=get("npuinfer_backend") or "npuinfer", base_url=get("npuinfer_base_url"),
-                   served_model=get("npuinfer_served_model"), tokenizer=get("npuinfer_tokenizer"),
-                   api_key_env=get("npuinfer_api_key_env"),
-                   request_timeout=get("npuinfer_request_timeout") or 600.0,
-                   num_concurrent=get("npuinfer_num_concurrent") or 1)
+        """From an option getter (dest -> value): every field but ``model`` is read from the dest
+        ``npuinfer_<field>``, so a new run option is its addoption line plus its field here. ``model``: the run's
+        model (the CLI's --model, or a pytest case's)."""
+        values = {}
+        for f in fields(cls):
+            if f.name == "model":
+                continue
+            try:
+                value = get(f"npuinfer_{f.name}")
+            except ValueError:  # pytest: an option this session did not register
+                value = None
+            if value is not None:
+                values[f.name] = value
+        return cls(model=model, **values)
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "RunConfig":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ from ..ceval.scoring import PromptFit
 from ..ceval.scoring import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, SCORING_MODES
 from ..ceval.subjects import get_subject, official_order
 from ..device import get_device
-from ..options import non_negative_int, positive_int
+from ..options import RunConfig, non_negative_int, positive_int
 from ..registry import DEFAULT_MODEL
 from ..results.naming import ResultName
 from .common import GROUP, SERVED_BACKENDS, BackendCache, selected_models, xdist_worker_id
@@ -96,29 +97,56 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="C-Eval: allowed accuracy drop below the baseline per subject (default 0)")
 
 
-def _data_dir(config: pytest.Config) -> Path:
-    value = config.getoption("ceval_dir")
-    return Path(value) if value else sample_dir()
+@dataclass(frozen=True)
+class CevalOptions:
+    """The accuracy session's settings, read once from the options: the run's (``run``, a RunConfig shared with
+    the CLI and the bench suite), the C-Eval run's (``settings``) and the gate's."""
+
+    run: RunConfig  # model=None: the session's settings; a case's model comes from its parameters
+    settings: RunSettings
+    max_drop: float
+    baseline: str | None
+    device_label: str  # the results directories' suffix: the device asked for, or the served backend's name
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.data_dir
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> "CevalOptions":
+        opt = config.getoption
+        run = RunConfig.from_pytest(config, None)
+        data_dir = Path(opt("ceval_dir")) if opt("ceval_dir") else sample_dir()
+        settings = RunSettings(data_dir=data_dir, split=opt("ceval_split"), shots=opt("ceval_shot"),
+                               template=opt("ceval_template"), scoring=opt("ceval_scoring"),
+                               batch_size=opt("ceval_batch_size"), max_new_tokens=opt("ceval_max_new_tokens"),
+                               fit=opt("ceval_fit"))
+        # The run's device as asked for (xdist workers on npu:N/cuda:N add their index): one directory per run;
+        # a served backend's run is of the endpoint, not of this machine.
+        label = run.backend if run.backend in SERVED_BACKENDS else get_device(run.device).label
+        return cls(run, settings, opt("ceval_max_acc_drop"), opt("npuinfer_baseline"), label)
 
 
-def _settings(config: pytest.Config) -> RunSettings:
-    return RunSettings(
-        data_dir=_data_dir(config), split=config.getoption("ceval_split"), shots=config.getoption("ceval_shot"),
-        template=config.getoption("ceval_template"), scoring=config.getoption("ceval_scoring"),
-        batch_size=config.getoption("ceval_batch_size"), max_new_tokens=config.getoption("ceval_max_new_tokens"),
-        fit=config.getoption("ceval_fit"))
+_OPTIONS = pytest.StashKey[CevalOptions]()
+
+
+def ceval_options(config: pytest.Config) -> CevalOptions:
+    if _OPTIONS not in config.stash:
+        config.stash[_OPTIONS] = CevalOptions.from_config(config)
+    return config.stash[_OPTIONS]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "ceval_subject" not in metafunc.fixturenames:
         return
     config = metafunc.config
+    opts = ceval_options(config)
     try:
-        subjects = available_subjects(_data_dir(config), config.getoption("ceval_split"))
+        subjects = available_subjects(opts.data_dir, opts.settings.split)
     except CevalDataError as exc:
         raise pytest.UsageError(f"--ceval-dir: {exc}") from None
     if not subjects:
-        raise pytest.UsageError(f"--ceval-dir {_data_dir(config)}: no <subject>_{config.getoption('ceval_split')}.csv "
+        raise pytest.UsageError(f"--ceval-dir {opts.data_dir}: no <subject>_{opts.settings.split}.csv "
                                 "file of a known C-Eval subject")
     models = selected_models(config, [DEFAULT_MODEL])
     pairs = [(m, s) for m in models for s in subjects]
@@ -132,13 +160,11 @@ class CevalSuite:
         self.config = config
         self.backend_cache = backend_cache
         self.results_root = results_root
-        self.settings = _settings(config)
-        # The run's device as asked for (xdist workers on npu:N/cuda:N add their index): one directory per run.
-        self.device_label = get_device(config.getoption("npuinfer_device")).label
-        if config.getoption("npuinfer_backend") in SERVED_BACKENDS:  # the run is of the endpoint, not this machine
-            self.device_label = config.getoption("npuinfer_backend")
-        self.max_drop = config.getoption("ceval_max_acc_drop")
-        self.baseline = config.getoption("npuinfer_baseline")
+        opts = ceval_options(config)
+        self.settings = opts.settings
+        self.device_label = opts.device_label
+        self.max_drop = opts.max_drop
+        self.baseline = opts.baseline
         self._runs: dict[str, CevalRun | Exception] = {}
         self._baselines: dict[str, tuple[Path | None, dict[str, float], dict | None]] = {}
 
@@ -237,7 +263,7 @@ def ceval_suite(pytestconfig: pytest.Config, backend_cache: BackendCache, result
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    baseline = config.getoption("npuinfer_baseline", None)
+    baseline = ceval_options(config).baseline
     if baseline and not Path(baseline).exists():
         raise pytest.UsageError(f"--baseline {baseline}: no such file or directory")
     config.pluginmanager.register(CevalSessionReport(config), "npuinfer-ceval-report")
@@ -250,8 +276,8 @@ class CevalSessionReport:
         self.config = config
         self.cases: list[dict] = []
         self.written: list[tuple[Path, list[Path], object]] = []
-        self.baseline = config.getoption("npuinfer_baseline", None)
-        self.max_drop = config.getoption("ceval_max_acc_drop", 0.0)
+        self.baseline = ceval_options(config).baseline
+        self.max_drop = ceval_options(config).max_drop
         # Per results directory: the category gate's verdicts, or lines saying why it did not run.
         self.category_gates: dict[Path, tuple[Path | None, list[CategoryVerdict | str]]] = {}
 

@@ -166,11 +166,12 @@ def pytest_runtest_makereport(item: pytest.Item, call):
                                                      f"{outcome.case_id} {worst.metric}" if worst else "",
                                                      len(outcome.attempts))))
     report = yield
-    if case is not None and report.skipped and item.config.getoption("npuinfer_baseline"):
+    opts = bench_options(item.config)
+    if case is not None and report.skipped and opts.baseline:
         why = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         message = f"{case.id}: not measured, so not compared with the baseline ({why})"
         report.user_properties.append((_GATE_KEY, ("skipped", message, None, "", 0)))
-        if item.config.getoption("bench_require_baseline"):
+        if opts.require_baseline:
             report.outcome = "failed"
             report.longrepr = f"{message}\nNOT GATED, and --require-baseline asks every case to be compared with " \
                               "a baseline row"
@@ -194,14 +195,14 @@ class BenchSession:
         self._settings: dict[str, dict[str, object]] = {}
         self._calibrators: dict[object, Calibrator] = {}
         self.stats = {"generate_s": 0.0, "load_s": 0.0, "calibration_s": 0.0, "cases": 0}
-        self.baseline_dir: str | None = config.getoption("npuinfer_baseline")
+        self.baseline_dir: str | None = self.options.baseline
         # The reference workload costs ~25 ms a case: paid when a gate needs it or a baseline is being made.
-        self.calibrating: bool = bool(config.getoption("bench_calibrate") or self.baseline_dir)
+        self.calibrating: bool = self.options.calibrate or bool(self.baseline_dir)
         self._baseline: PerformanceBaseline | None = None
-        self.max_regression: float = config.getoption("bench_max_regression")
-        self.gate_timing: str = config.getoption("bench_gate_timing")
-        self.gate_retries: int = config.getoption("bench_gate_retries")
-        self.require_baseline: bool = config.getoption("bench_require_baseline")
+        self.max_regression: float = self.options.max_regression
+        self.gate_timing: str = self.options.gate_timing
+        self.gate_retries: int = self.options.gate_retries
+        self.require_baseline: bool = self.options.require_baseline
         self.outcomes: dict[str, GateOutcome] = {}  # case id -> the gate's verdict
         self.noise_guard = make_guard(config, self.device)  # was the machine quiet while each case ran
         self.stats["noise_s"] = 0.0
@@ -550,7 +551,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if started is None or xdist_worker_id(config) is not None or not _RAN_BENCH:
         return
     _fail_a_gate_that_compared_nothing(session)
-    results = Path(config.getoption("npuinfer_results_dir"))
+    results = Path(bench_options(config).results_dir)
     report_start = time.perf_counter()
     written: list[tuple[Path, list[Path]]] = []
     if results.is_dir():
@@ -568,7 +569,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def _fail_a_gate_that_compared_nothing(session: pytest.Session) -> None:
     """A gated run (--baseline) whose performance cases were all NOT GATED proves nothing: it fails."""
-    baseline = session.config.getoption("npuinfer_baseline")
+    baseline = bench_options(session.config).baseline
     if not baseline or not _GATED:
         return
     compared = [g for g in _GATED.values() if g[0] in ("passed", "failed")]
@@ -593,7 +594,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 
 
 def _gate_summary(tr, config: pytest.Config) -> None:
-    baseline = config.getoption("npuinfer_baseline")
+    opts = bench_options(config)
+    baseline = opts.baseline
     if not baseline or not _GATED:
         return
     by_status: dict[str, list[str]] = {"passed": [], "failed": [], "skipped": []}
@@ -605,10 +607,8 @@ def _gate_summary(tr, config: pytest.Config) -> None:
             retried.append(message)
         if slowdown is not None and (worst is None or slowdown > worst[0]):
             worst = (slowdown, where)
-    limit = config.getoption("bench_max_regression")
-    tr.write_sep("-", f"npuinfer performance gate: --baseline {baseline}, --max-regression {100 * limit:g}%, "
-                      f"{config.getoption('bench_gate_timing')} timing, --gate-retries "
-                      f"{config.getoption('bench_gate_retries')}")
+    tr.write_sep("-", f"npuinfer performance gate: --baseline {baseline}, --max-regression "
+                      f"{100 * opts.max_regression:g}%, {opts.gate_timing} timing, --gate-retries {opts.gate_retries}")
     tr.write_line(f"{len(by_status['passed'])} case(s) within the limit, {len(by_status['failed'])} regressed, "
                   f"{len(by_status['skipped'])} NOT GATED (no comparable baseline row, or not measured)"
                   + (f"; {len(retried)} within the limit only when re-measured" if retried else ""))

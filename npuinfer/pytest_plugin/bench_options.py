@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from ..latency import parse_duration_ms
-from ..options import at_least, positive_ints
+from ..options import RunConfig, at_least, positive_ints
 from ..gates.performance import DEFAULT_GATE_RETRIES, DEFAULT_MAX_REGRESSION, GATE_MODES, parse_regression
 from ..timing import MODES
 from .common import GROUP
@@ -105,19 +105,42 @@ def _regression(text: str) -> float:
 
 @dataclass(frozen=True)
 class BenchOptions:
+    """The bench session's settings, read once from the options: the run's (``run``, a RunConfig shared with the
+    CLI and the accuracy suite), the case grid and timing, and the gate's."""
+
+    run: RunConfig  # model=None: the session's settings; a case's model comes from the grid
     batches: tuple[int, ...]
     pairs: tuple[tuple[int, int], ...]
     rounds: int
     warmup: int
     timing: str
-    backend: str
-    compile: bool
-    kernels: str
-    memory_limit: int | None
     skip_measured: bool
     seed: int
     max_tpot_ms: float | None = None
     max_ttft_ms: float | None = None
+    baseline: str | None = None
+    calibrate: bool = False  # time the reference workload beside every case (always on with a baseline)
+    max_regression: float = DEFAULT_MAX_REGRESSION
+    gate_timing: str = "detail"
+    gate_retries: int = DEFAULT_GATE_RETRIES
+    require_baseline: bool = False
+    results_dir: str = "results"
+
+    @property
+    def backend(self) -> str:
+        return self.run.backend
+
+    @property
+    def compile(self) -> bool:
+        return self.run.compile
+
+    @property
+    def kernels(self) -> str:
+        return self.run.kernels
+
+    @property
+    def memory_limit(self) -> int | None:
+        return self.run.memory_limit
 
     @property
     def backend_label(self) -> str:
@@ -128,16 +151,17 @@ class BenchOptions:
     @classmethod
     def from_config(cls, config: pytest.Config) -> "BenchOptions":
         opt = config.getoption
-        grid = opt("bench_grid")
-        if opt("npuinfer_compile") and opt("npuinfer_backend") != "npuinfer":
+        run = RunConfig.from_pytest(config, None)
+        if run.compile and run.backend != "npuinfer":
             raise pytest.UsageError("--compile captures npuinfer's decode step; it does not apply to --backend "
-                                    f"{opt('npuinfer_backend')}")
-        if opt("npuinfer_kernels") != "fused" and opt("npuinfer_backend") != "npuinfer":
+                                    f"{run.backend}")
+        if run.kernels != "fused" and run.backend != "npuinfer":
             raise pytest.UsageError("--kernels chooses npuinfer's own kernels; it does not apply to --backend "
-                                    f"{opt('npuinfer_backend')}")
+                                    f"{run.backend}")
         if opt("bench_pairs") and opt("bench_seq_lens"):
             raise pytest.UsageError("--case-pairs and --seq-lens both given: --seq-lens 256,1024 means the pairs "
                                     "256x256,1024x1024, so give one of them")
+        grid = opt("bench_grid")
         if opt("bench_pairs"):
             pairs = opt("bench_pairs")
         elif opt("bench_seq_lens"):
@@ -145,12 +169,13 @@ class BenchOptions:
         else:
             pairs = SEED_PAIRS if grid == "seed" else DEFAULT_PAIRS
         batches = opt("bench_batches") or (SEED_BATCHES if grid == "seed" else DEFAULT_BATCHES)
-        return cls(batches=tuple(batches), pairs=tuple(pairs), rounds=opt("bench_rounds"), warmup=opt("bench_warmup"),
-                   timing=opt("bench_timing"), backend=opt("npuinfer_backend"), compile=opt("npuinfer_compile"),
-                   kernels=opt("npuinfer_kernels"),
-                   memory_limit=opt("npuinfer_memory_limit"),
-                   skip_measured=opt("bench_skip_measured"), seed=opt("bench_seed"),
-                   max_tpot_ms=opt("bench_max_tpot"), max_ttft_ms=opt("bench_max_ttft"))
+        return cls(run=run, batches=tuple(batches), pairs=tuple(pairs), rounds=opt("bench_rounds"),
+                   warmup=opt("bench_warmup"), timing=opt("bench_timing"), skip_measured=opt("bench_skip_measured"),
+                   seed=opt("bench_seed"), max_tpot_ms=opt("bench_max_tpot"), max_ttft_ms=opt("bench_max_ttft"),
+                   baseline=opt("npuinfer_baseline"), calibrate=bool(opt("bench_calibrate")),
+                   max_regression=opt("bench_max_regression"), gate_timing=opt("bench_gate_timing"),
+                   gate_retries=opt("bench_gate_retries"), require_baseline=opt("bench_require_baseline"),
+                   results_dir=opt("npuinfer_results_dir"))
 
 
 _OPTIONS = pytest.StashKey[BenchOptions]()
