@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from filelock import FileLock
+
 from ..atomic import fsync_tree, recover_interrupted_swap, sibling, swap_directory
 from ..device import cpu_model_name
 from ..gates.performance import paired_calibration
@@ -127,15 +129,28 @@ def update_baseline(run_dir: str | Path, baseline_dir: str | Path, models: Seque
 
     All or nothing: the whole baseline directory is copied to a staging directory beside it, the run's files
     and the manifest are written there, and the staging directory then takes the baseline's place in one
-    rename (`swap_directory`). An update killed at any point leaves the old baseline or the new one, complete."""
+    rename (`swap_directory`). An update killed at any point leaves the old baseline or the new one, complete.
+    Updates of one baseline take turns on its lock, so each starts from the one before it."""
     plan = plan_update(run_dir, models)
     out = Path(baseline_dir)
-    recover_interrupted_swap(out)
-    staging = sibling(out, "staging")
-    if staging.exists():  # an update killed before its swap: the baseline was never touched
-        shutil.rmtree(staging)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"BASELINE_DIR {out}: exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with update_lock(out):
+        return _update_locked(plan, run_dir, out)
+
+
+def update_lock(out: Path) -> FileLock:
+    """The lock `update_baseline` holds for the whole update (``.<name>.lock`` beside the baseline): without it
+    two updates share one staging directory and each deletes the other's as left by a killed update."""
+    return FileLock(sibling(out, "lock"), is_singleton=True)
+
+
+def _update_locked(plan: UpdatePlan, run_dir: str | Path, out: Path) -> tuple[list[Path], list[str]]:
+    recover_interrupted_swap(out)
+    staging = sibling(out, "staging")
+    if staging.exists():  # an update killed before its swap (no other holds the lock): the baseline was never touched
+        shutil.rmtree(staging)
     try:
         if out.is_dir():
             shutil.copytree(out, staging, symlinks=True)
@@ -211,8 +226,20 @@ def baseline_files(directory: Path) -> list[str]:
 def verify_baseline(baseline_dir: str | Path) -> tuple[int, list[str]]:
     """Check a baseline directory against its manifest.json: every listed file present with its sha256 and,
     for a CSV, its row count; every baseline file listed. Returns (files checked, problems); each problem
-    names the file and what differs."""
+    names the file and what differs. Waits for an update in progress (its lock) where the lock can be taken."""
     directory = Path(baseline_dir)
+    try:
+        lock = update_lock(directory)
+        lock.acquire()
+    except OSError:  # a read-only place: no update can be running there
+        return _verify(directory)
+    try:
+        return _verify(directory)
+    finally:
+        lock.release()
+
+
+def _verify(directory: Path) -> tuple[int, list[str]]:
     if not directory.is_dir():
         parked = sibling(directory, "previous")
         hint = (f" ({parked} holds the baseline an interrupted update moved aside: `npuinfer baseline update` "
