@@ -54,6 +54,7 @@ from ..generate import NonFiniteLogits
 from ..gates.performance import (
     GATE_ATTEMPTS,
     GATE_RETRIES,
+    BaselineError,
     GateOutcome,
     PerformanceBaseline,
     gate_case,
@@ -436,8 +437,11 @@ class BenchSession:
                 pytest.fail(f"--baseline {self.baseline_dir}: the performance gate needs a directory holding "
                             "performance_<model>_<device>.csv files", pytrace=False)
             self._baseline = PerformanceBaseline(self.baseline_dir)
-        return gate_case(self._baseline, row, self.device.label, calibration=cal_row,
-                         max_regression=self.max_regression, mode=self.gate_timing)
+        try:
+            return gate_case(self._baseline, row, self.device.label, calibration=cal_row,
+                             max_regression=self.max_regression, mode=self.gate_timing)
+        except BaselineError as exc:  # the row was measured and written; only its comparison is refused
+            pytest.fail(f"{row.get('case_id')}: --baseline refused:\n{exc}", pytrace=False)
 
     def _verdict(self, case: BenchCase, outcome: GateOutcome | None) -> None:
         if outcome is None:

@@ -19,7 +19,7 @@ from filelock import FileLock
 
 from ..atomic import fsync_tree, recover_interrupted_swap, sibling, swap_directory
 from ..device import cpu_model_name
-from ..gates.performance import paired_calibration
+from ..gates.performance import check_figures, figure_problems, paired_calibration
 from .calibration import calibration_table
 from .naming import CALIBRATION, PERFORMANCE, calibration_of, kind_of, model_of
 from .performance import BATCH
@@ -58,9 +58,11 @@ def plan_update(run_dir: str | Path, models: Sequence[str] | None = None) -> Upd
             continue
         if not any(r.get("status", "ok") == "ok" for r in rows):
             plan.warnings.append(f"{csv_path.name}: no measured (status ok) row; copied all the same")
+        check_figures(csv_path, rows)
         plan.copies.append((csv_path, Path(csv_path.name)))
         cal = calibration_of(csv_path)
         if cal.is_file():
+            check_figures(cal, read_csv(cal)[1], calibration=True)
             plan.copies.append((cal, Path(cal.name)))
         else:
             plan.warnings.append(f"{csv_path.name}: no {cal.name} beside it: the gate will compare raw times "
@@ -266,9 +268,12 @@ def _verify(directory: Path) -> tuple[int, list[str]]:
         if len(recorded) < 16 or not actual.startswith(recorded):
             problems.append(f"{path}: sha256 {actual}, {MANIFEST} says {recorded or 'nothing'}")
         if path.suffix == ".csv":
-            rows = len(read_csv(path)[1])
+            table = read_csv(path)[1]
+            rows = len(table)
             if facts.get("rows") != rows:
                 problems.append(f"{path}: {rows} rows, {MANIFEST} says {facts.get('rows', 'nothing')}")
+            if kind_of(path) in (PERFORMANCE, CALIBRATION):
+                problems += figure_problems(path, table, calibration=kind_of(path) == CALIBRATION)
     for name in baseline_files(directory):
         if name not in files:
             problems.append(f"{directory / name}: not listed in {MANIFEST}")
