@@ -65,7 +65,7 @@ from ..results.calibration import CALIBRATION, CALIBRATION_FIGURES, CALIBRATION_
     calibration_row, \
     calibration_table
 from ..results.table import append_jsonl
-from ..roofline import roofline_figures, session_peaks
+from ..roofline import PeaksFileError, roofline_figures, session_peaks
 from ..timing import BenchCase, NpuinferBackend, measure_case, plain_repeat
 from .bench_options import bench_options
 from .common import DEFAULT_TINY_MODELS, run_config, selected_models, xdist_worker_id
@@ -336,7 +336,10 @@ class BenchSession:
     def _measure(self, case: BenchCase, benchmark, backend, settings: dict, key: dict, table, csv_path: Path):
         """One measurement of a case with its calibration: (row, calibration row or None, timing)."""
         opts = self.options
-        session_peaks(self.device, backend.dtype)  # probed once, before the first case is timed
+        try:
+            session_peaks(self.device, backend.dtype)  # probed once, before the first case is timed
+        except PeaksFileError as exc:
+            pytest.fail(str(exc), pytrace=False)
         calibrate_before = self._calibrate(backend, case) if self.calibrating else None
         # A few reference steps before every run as well: a slow spell of the machine in the middle of the case
         # then shows in the calibration's fastest step as it shows in the case's (the gate's readings).
