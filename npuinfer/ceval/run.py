@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from npuinfer.ceval.cache import PROMPT_FIT, CacheSettings, QuestionCache, record_in_meta
+from npuinfer.ceval.cache import PROMPT_FIT, CacheSettings, QuestionCache, check_against_data, record_in_meta
 from npuinfer.ceval.dataset import SPLITS, data_identity, load_split
 from npuinfer.ceval.prompts import TEMPLATES, resolve_fit
 from npuinfer.ceval.scored import ScoredRow
@@ -122,6 +122,7 @@ class CevalRun:
         s = self.settings
         questions = load_split(s.data_dir, subject, s.split)
         dev = load_split(s.data_dir, subject, "dev") if s.shots else []
+        check_against_data(self.out_dir, s.data_dir, s.split, [subject])  # before a row is added or trusted
         done = {qid: row for (_, qid), row in self.cache.scored_rows(subject).items()}
         stats = ScoringStats()
         new: list[ScoredRow] = []
