@@ -52,9 +52,13 @@ def _mode_for(path: Path) -> int:
 
 
 def _write_temp(path: Path, data: str | bytes) -> Path:
-    """A fully written and fsynced temporary file in path's directory, with the mode ``path`` should have."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """A fully written and fsynced temporary file in path's directory, with the mode ``path`` should have.
+    A failure (disk full, read-only) is an OSError naming ``path``, not the temporary file or nothing."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _naming(exc, path) from None
     tmp = Path(name)
     try:
         os.fchmod(fd, _mode_for(path))
@@ -62,10 +66,19 @@ def _write_temp(path: Path, data: str | bytes) -> Path:
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _naming(exc, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` as an OSError of the same errno (so the same subclass) that names the file being written."""
+    return OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}", str(path)) if exc.errno else \
+        OSError(f"cannot write {path}: {exc}")
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:

@@ -76,6 +76,7 @@ STATS_ENV = "NPUINFER_BENCH_STATS"  # a path: the session's time accounting is w
 _SESSION = pytest.StashKey["BenchSession"]()
 _STARTED = pytest.StashKey[float]()
 _REPORTS = pytest.StashKey[list]()
+_UNWRITTEN = pytest.StashKey[list]()  # reports that could not be written, each naming its file
 _NOTHING_COMPARED = pytest.StashKey[str]()  # why a gated run fails although no case did
 _RAN_BENCH: set[str] = set()  # node ids of bench cases reported in this process's session
 _GATE_KEY = "npuinfer_perf_gate"  # user property: (status, message, worst slowdown, where, attempts) of a case's gate
@@ -564,11 +565,18 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     results = Path(config.getoption("npuinfer_results_dir"))
     report_start = time.perf_counter()
     written: list[tuple[Path, list[Path]]] = []
+    unwritten: list[str] = []
     if results.is_dir():
         for csv_path in sorted(list(results.glob("performance_*.csv")) + list(results.glob("max_batch_*.csv"))):
             if csv_path.stat().st_mtime >= started - 1:  # written during this session (by us or xdist workers)
-                written.append((csv_path, write_reports(csv_path)))
+                try:
+                    written.append((csv_path, write_reports(csv_path)))
+                except OSError as exc:  # disk full, read-only: the cases' verdicts and the summary still print
+                    unwritten.append(f"{csv_path}: its markdown / plot were not written: {exc}")
     config.stash[_REPORTS] = written
+    config.stash[_UNWRITTEN] = unwritten
+    if unwritten and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     stats_path = os.environ.get(STATS_ENV)
     bench_session = config.stash.get(_SESSION, None)
     if stats_path and bench_session is not None:
@@ -594,6 +602,8 @@ def _fail_a_gate_that_compared_nothing(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     _gate_summary(terminalreporter, config)
+    for line in config.stash.get(_UNWRITTEN, []):
+        terminalreporter.write_line(f"ERROR {line}", red=True)
     written = config.stash.get(_REPORTS, None)
     if not written:
         return
