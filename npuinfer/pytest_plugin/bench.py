@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from ..device import Device, dtype_name, parse_dtype
-from ..dummy import DoesNotFit, check_case_fits
-from ..hf_backend import HFBackend, HFUnsupported
+from ..dummy import DoesNotFit, check_case_fits, check_fits, dummy_source
+from ..hf_backend import HFBackend, HFUnsupported, copied_bytes
 from ..latency import LatencyBatchSearch
 from ..memory import MaxBatchSearch, format_size
 from ..parallel import dist as tp_dist
@@ -231,12 +231,21 @@ class BenchSession:
             return NpuinferBackend(self.model_cache.get(model))
         config = run_config(self.config, model)
         if config.dummy_weights:  # transformers over the same dummy weights
+            self._check_hf_fits(model, config)
             return HFBackend.sharing(self.model_cache.get(model), attention=config.attention)
         model_dir = resolve_model_dir(config.model, config.model_path) if config.model else Path(config.model_path)
         dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(self.device)
         self.device.check_dtype(dtype)
         return HFBackend.load(model_dir, self.device, dtype, max_seq_len=config.max_seq_len,
                               attention=config.attention)
+
+    def _check_hf_fits(self, model: str, config) -> None:
+        """--backend hf over dummy weights: the weights and every copy transformers' model makes of them
+        (`copied_bytes`), refused before any is allocated (the loader's own check counts the weights alone)."""
+        args, _, origin = dummy_source(config.model, config.model_path, config.max_seq_len)
+        dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(self.device)
+        check_fits(args, dtype, self.device, config.memory_limit, f"{model} ({origin}) under --backend hf",
+                   copies=(copied_bytes(args, dtype), "transformers' re-laid copy of each layer's q/k/v"))
 
     # -- tensor parallelism: every rank measures; rank 0 writes rows holding the max over ranks
     @staticmethod
