@@ -15,6 +15,7 @@ from .kernels import kernels_for
 from .model import ModelArgs, Transformer
 from .parallel import dist as tp_dist
 from .parallel.shard import load_shard, reject_part_dir
+from .quant.files import find_quant_files, has_npy_layout
 from .locate import resolve_model_dir
 from .options import RunConfig
 from .registry import ModelSpec, get_spec
@@ -104,9 +105,14 @@ def load_model(
                          "after each row-parallel layer is outside the captured graph; drop one of the two")
     if parallel is not None:  # tensor parallel: this rank reads only part_model/{rank}
         args = args.with_(tp_size=parallel[0], tp_rank=parallel[1])
-        state, origin = load_shard(model_dir, config, args)
     else:
         reject_part_dir(config, model_dir)
+    # --memory-limit (and the device, the host) hold for a checkpoint as for dummy weights: refused before reading
+    dummy.check_fits(args, torch_dtype, dev, memory_limit, str(model_dir), weights="checkpoint",
+                     int8_linears=find_quant_files(model_dir) is not None or has_npy_layout(model_dir))
+    if parallel is not None:
+        state, origin = load_shard(model_dir, config, args)
+    else:
         state, origin = read_canonical(model_dir, config, family, args)
     with torch.device("meta"):
         model = Transformer(args)

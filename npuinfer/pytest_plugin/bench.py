@@ -236,16 +236,18 @@ class BenchSession:
         model_dir = resolve_model_dir(config.model, config.model_path) if config.model else Path(config.model_path)
         dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(self.device)
         self.device.check_dtype(dtype)
+        self._check_hf_fits(model, config, weights="checkpoint")
         return HFBackend.load(model_dir, self.device, dtype, max_seq_len=config.max_seq_len,
                               attention=config.attention)
 
-    def _check_hf_fits(self, model: str, config) -> None:
-        """--backend hf over dummy weights: the weights and every copy transformers' model makes of them
-        (`copied_bytes`), refused before any is allocated (the loader's own check counts the weights alone)."""
+    def _check_hf_fits(self, model: str, config, weights: str = "dummy") -> None:
+        """--backend hf: the weights and every copy transformers' model makes of them (`copied_bytes`), refused
+        before any is allocated (over dummy weights the loader's own check counts the weights alone)."""
         args, _, origin = dummy_source(config.model, config.model_path, config.max_seq_len)
         dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(self.device)
         check_fits(args, dtype, self.device, config.memory_limit, f"{model} ({origin}) under --backend hf",
-                   copies=(copied_bytes(args, dtype), "transformers' re-laid copy of each layer's q/k/v"))
+                   copies=(copied_bytes(args, dtype), "transformers' re-laid copy of each layer's q/k/v"),
+                   weights=weights)
 
     # -- tensor parallelism: every rank measures; rank 0 writes rows holding the max over ranks
     @staticmethod
