@@ -10,6 +10,7 @@ import ctypes
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -28,20 +29,56 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask. /proc tells it without changing it; elsewhere it is set and put back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits ``path`` should end with: a replaced file keeps its own, a new one follows the umask
+    (mkstemp's temporary files are 0600, and the rename would otherwise hand that on)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
 def _write_temp(path: Path, data: str | bytes) -> Path:
-    """A fully written and fsynced temporary file in path's directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """A fully written and fsynced temporary file in path's directory, with the mode ``path`` should have.
+    A failure (disk full, read-only) is an OSError naming ``path``, not the temporary file or nothing."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _naming(exc, path) from None
     tmp = Path(name)
     try:
+        os.fchmod(fd, _mode_for(path))
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _naming(exc, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` as an OSError of the same errno (so the same subclass) that names the file being written."""
+    return OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}", str(path)) if exc.errno else \
+        OSError(f"cannot write {path}: {exc}")
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:

@@ -115,8 +115,8 @@ def env_max_seq_len() -> int | None:
     value = os.environ.get("MAX_SEQ_LEN")
     if not value:
         return None
-    if not value.isdigit() or int(value) <= 0:
-        raise ValueError(f"MAX_SEQ_LEN: expected a positive integer, got {value!r}")
+    if not (value.isascii() and value.isdigit()) or int(value) <= 0:  # isdigit alone takes '²', which int() refuses
+        raise ValueError(f"environment variable MAX_SEQ_LEN: expected a positive integer such as 4096, got {value!r}")
     return int(value)
 
 

@@ -91,19 +91,35 @@ def dummy_identity(args: ModelArgs, seed: int) -> str:
     return f"dummy-s{seed}-{digest}"
 
 
-def predicted_load_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
-    """Bytes the model holds once built (weights + position tables), from memory.py's estimate at batch 0."""
-    return estimate(args, 0, 1, 0, dtype.itemsize).total
+def predicted_load_bytes(args: ModelArgs, dtype: torch.dtype, int8_linears: bool = False) -> int:
+    """Bytes the model holds once built (weights + position tables), from memory.py's estimate at batch 0;
+    ``int8_linears``: a W8 quantized checkpoint, whose layers' linear weights are one byte each (a lower bound:
+    their per-channel scales and any layer kept in floating point are not counted)."""
+    total = estimate(args, 0, 1, 0, dtype.itemsize).total
+    if int8_linears:
+        h = args.n_heads * args.head_dim
+        linear = args.n_layers * (4 * args.dim * h + (3 if args.mlp == "swiglu" else 2) * args.dim * args.intermediate_size)
+        total -= linear * (dtype.itemsize - 1) // args.tp_size
+    return total
 
 
-def check_fits(args: ModelArgs, dtype: torch.dtype, device: Device, memory_limit: int | None, what: str) -> None:
-    need = predicted_load_bytes(args, dtype)
+def check_fits(args: ModelArgs, dtype: torch.dtype, device: Device, memory_limit: int | None, what: str,
+               copies: tuple[int, str] | None = None, weights: str = "dummy", int8_linears: bool = False) -> None:
+    """Refuses, before anything is allocated, a model whose weights (``weights``: "dummy" ones made on the device,
+    or a "checkpoint"'s read into it) cannot fit: the prediction (`predicted_load_bytes`) plus ``copies``
+    (bytes, what they are: the copies a backend makes beyond them) against `memory_available`."""
+    base = predicted_load_bytes(args, dtype, int8_linears)
+    extra, extra_what = copies if copies else (0, "")
+    need = base + extra
     limit, source = memory_available(device, memory_limit)
     if limit is not None and need > limit:
+        parts = (f"{format_size(base)} for its weights alone (npuinfer.memory prediction: "
+                 f"{args.num_parameters() / 1e9:.2f}B parameters / tp {args.tp_size})")
+        if extra:
+            parts = f"{format_size(need)}: {parts} + {format_size(extra)} for {extra_what}"
         raise DoesNotFit(
-            f"{what} with dummy {dtype_name(dtype)} weights needs about {format_size(need)} for its weights "
-            f"alone (npuinfer.memory prediction: {args.num_parameters() / 1e9:.2f}B parameters / tp {args.tp_size}), "
-            f"more than {source}; nothing was allocated. Use a smaller --dtype, --tp, or a larger --memory-limit")
+            f"{what} with {weights} {dtype_name(dtype)} weights needs about {parts}, more than {source}; nothing "
+            "was allocated. Use a smaller --dtype, --tp, or a larger --memory-limit")
 
 
 def check_case_fits(args: ModelArgs, dtype: torch.dtype, device: Device, memory_limit: int | None, batch: int,

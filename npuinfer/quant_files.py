@@ -5,11 +5,11 @@ directory's weights, so this module imports nothing of the loader.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .hf_config import CheckpointError
+from .weight_index import check_weight_files, read_index
 
 WEIGHT_GLOB = "quant_model_weight*.safetensors"
 INDEX_GLOB = "quant_model_weight*.safetensors.index.json"
@@ -51,17 +51,10 @@ def find_quant_files(model_dir: Path) -> QuantFiles | None:
                               f"expected one quant_model_description*.json")
     indexes = sorted(model_dir.glob(INDEX_GLOB))
     if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{indexes[0]}: expected JSON with a 'weight_map' object ({exc})") from None
-        weights = [model_dir / name for name in dict.fromkeys(weight_map.values())]
-        missing = [str(w) for w in weights if not w.is_file()]
-        if missing:
-            raise CheckpointError(f"{indexes[0]} names shard files that are missing: {', '.join(missing)}")
+        weights = read_index(indexes[0], model_dir)
     if not weights:
         raise CheckpointError(f"{descriptions[0]}: no {WEIGHT_GLOB} file beside it holds the tensors it describes")
-    return QuantFiles(weights, descriptions[0])
+    return QuantFiles(check_weight_files(weights, model_dir), descriptions[0])
 
 
 def quant_weight_files(model_dir: Path) -> list[Path]:

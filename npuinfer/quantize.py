@@ -104,6 +104,20 @@ def smooth(state: dict[str, Tensor], stats: dict[str, tuple[Tensor, Tensor]], ta
                 stats[n] = (stats[n][0] / s, stats[n][1] / s)
 
 
+def refuse_non_finite(state: dict[str, Tensor], origin: dict[str, str], model_dir: Path) -> None:
+    """A NaN or infinite weight, named as the checkpoint names it, before anything is written: rounding it
+    fails in W8A8 (``cannot convert float NaN to integer``), and W8A16 wrote a checkpoint that failed at inference."""
+    bad = []
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                bad.append(f"{origin.get(name, name)} ({count} of {tensor.numel()} values)")
+    if bad:
+        raise CheckpointError(f"{model_dir}: non-finite (NaN or infinite) weights in {', '.join(bad)}; nothing was "
+                              "written: quantize a checkpoint whose weights are all finite")
+
+
 def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, scheme: str, prompts: list[str] | None = None,
                         skip_layers: set[int] | None = None, smooth_alpha: float | None = None) -> dict:
     """Write ``out_dir`` (config, tokenizer files, quantized weights, description); returns a summary."""
@@ -127,7 +141,8 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, scheme: str,
     if bad:
         raise ValueError(f"--skip-layers: {bad} out of range; the model has layers 0..{args.n_layers - 1}")
     # the head as stored (Baichuan2's NormHead is normalised again whenever the output is read)
-    state, _ = read_canonical(model_dir, config, family, args.with_(norm_head=False))
+    state, origin = read_canonical(model_dir, config, family, args.with_(norm_head=False))
+    refuse_non_finite(state, origin, model_dir)
     if config.get("tie_word_embeddings") and state.get("output.weight") is state.get("tok_embeddings.weight"):
         state.pop("output.weight")  # a tied head is filled from the embedding again when read
     dtype = state["tok_embeddings.weight"].dtype

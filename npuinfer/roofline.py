@@ -31,6 +31,7 @@ Spec figures are given where the device is known (``spec_*`` columns, marked spe
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -289,12 +290,38 @@ def shared_peak(kind: str, device, dtype: torch.dtype, probe: Callable[[], Peak]
         return probe()
     key = f"{kind} {device} {dtype} {torch.get_num_threads()} threads"  # a peak read with other threads is not this one
     with FileLock(f"{path}.lock"):
-        known = json.loads(Path(path).read_text()) if Path(path).exists() else {}
+        known = _read_peaks_file(Path(path))
         if key not in known:
             peak = probe()
             known[key] = [peak.value, peak.source]
             write_atomic(path, json.dumps(known))
         return Peak(*known[key])
+
+
+class PeaksFileError(ValueError):
+    """$NPUINFER_PEAKS_FILE holds something other than the peaks an earlier process recorded."""
+
+
+def _read_peaks_file(path: Path) -> dict[str, list]:
+    """The peaks recorded in $NPUINFER_PEAKS_FILE: {key: [value > 0, source]}; anything else is refused in one
+    line naming the variable, the file and the entry (a zero peak divided by zero, a string failed deep inside)."""
+    if not path.exists():
+        return {}
+    where = f"environment variable {PEAKS_FILE_ENV}: {path}"
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PeaksFileError(f"{where}: not a peaks file written by npuinfer ({exc}); delete it or point the "
+                             "variable at a new file") from None
+    if not isinstance(known, dict):
+        raise PeaksFileError(f"{where}: expected a JSON object of peaks, got {type(known).__name__}; delete it or "
+                             "point the variable at a new file")
+    for key, entry in known.items():
+        value = entry[0] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise PeaksFileError(f"{where}: entry {key!r} is {entry!r}; expected [a finite peak above zero, its "
+                                 "source]; delete the file (it is a cache) or point the variable at a new one")
+    return known
 
 
 @lru_cache(maxsize=None)

@@ -17,6 +17,7 @@ from .model import ModelArgs, Transformer
 from .parallel import dist as tp_dist
 from .parallel.cut import cut_checkpoint
 from .parallel.shard import check_part, load_shard, reject_part_dir
+from .quant_files import find_quant_files, has_npy_layout
 from .locate import resolve_model_dir
 from .options import RunConfig
 from .registry import ModelSpec, get_spec
@@ -151,10 +152,15 @@ def weight_state(config: RunConfig, source: ModelSource, dev: Device, dtype: tor
     if config.dummy_weights:
         dummy.check_fits(source.args, dtype, dev, config.memory_limit, f"{source.label} ({source.where})")
         return dummy.build_dummy_model(source.args, dev, dtype, config.dummy_seed).state_dict(), {}
+    if parallel is None:
+        reject_part_dir(source.config, source.model_dir)
+    # --memory-limit (and the device, the host) hold for a checkpoint as for dummy weights: refused before reading
+    quantized = find_quant_files(source.model_dir) is not None or has_npy_layout(source.model_dir)
+    dummy.check_fits(source.args, dtype, dev, config.memory_limit, str(source.model_dir), weights="checkpoint",
+                     int8_linears=quantized)
     if parallel is not None:  # tensor parallel: this rank reads only part_model/{rank}
         _cut_tiny_parts(source.model_dir, source.config, parallel[0])
         return load_shard(source.model_dir, source.config, source.args)
-    reject_part_dir(source.config, source.model_dir)
     return read_canonical(source.model_dir, source.config, source.family.name, source.args)
 
 

@@ -86,6 +86,9 @@ class Tokenizer:
         add_bos = self.add_bos if add_bos is None else add_bos
         if add_bos and self.bos_id is None:
             raise ValueError(f"{self.family}: cannot add bos, this tokenizer has no bos token")
+        problem = not_utf8(text)
+        if problem:  # each tokenizer library fails on it in its own words, none naming the place
+            raise ValueError(f"text to encode is not valid UTF-8 ({problem}); pass UTF-8 text")
         ids = self._encode_text(text)
         return [self.bos_id, *ids] if add_bos else ids
 
@@ -111,6 +114,32 @@ class Tokenizer:
                 input_ids[b, width - len(row):] = torch.tensor(row, dtype=torch.int64)
                 attention_mask[b, width - len(row):] = 1
         return input_ids, attention_mask
+
+
+def not_utf8(text: str) -> str | None:
+    """Where ``text`` is not Unicode text, in words, or None. Bytes that were not valid UTF-8 reach Python as
+    lone surrogates (a command line, a file read with surrogateescape): encoded back, they are found again."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape") if _escaped_only(text) else None
+    if raw is None:
+        index = next(i for i, ch in enumerate(text) if 0xD800 <= ord(ch) <= 0xDFFF)
+        return f"character {index} is the lone surrogate {text[index]!r}"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"byte 0x{raw[exc.start]:02x} at byte {exc.start}"
+    return None
+
+
+def _escaped_only(text: str) -> bool:
+    try:
+        text.encode("utf-8", "surrogateescape")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _as_id_list(ids: Sequence[int] | torch.Tensor) -> list[int]:

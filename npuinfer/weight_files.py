@@ -1,14 +1,13 @@
 """The weight files of a checkpoint directory and their tensors, read without running code from it.
 
 Sharded checkpoints are read through their index; pickled .bin files are opened with ``weights_only=True``;
-every file named must lie inside the model directory. (Split from checkpoint.py so that npuinfer.quant can
+every file named follows npuinfer.weight_index's rule. (Split from checkpoint.py so that npuinfer.quant can
 read float weights without importing the loader that dispatches to it.)
 """
 from __future__ import annotations
 
-import json
 import pickle
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -16,35 +15,22 @@ from torch import Tensor
 from .hf_config import CheckpointError
 from .progress import progress
 from .quant_files import quant_weight_files
+from .weight_index import check_weight_files, read_index
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The weight files of a directory, from its index when sharded."""
+    """The weight files of a directory, from its index when sharded (npuinfer.weight_index's rule for each)."""
     model_dir = Path(model_dir)
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index = model_dir / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object ({exc})") from None
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
-            outside = [name for name in dict.fromkeys(weight_map.values()) if not _inside(name)]
-            if outside:
-                raise CheckpointError(f"{index} names weight files outside {model_dir}: {', '.join(outside)}; "
-                                      f"weights are read from the model directory only")
-            files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
-            missing = [str(f) for f in files if not f.is_file()]
-            if missing:
-                raise CheckpointError(f"{index} names shard files that are missing: {', '.join(missing)}")
-            return files
+            return read_index(index, model_dir)
     for single in ("model.safetensors", "pytorch_model.bin"):
-        if (model_dir / single).is_file():
-            return [model_dir / single]
+        if (model_dir / single).exists() or (model_dir / single).is_symlink():
+            return check_weight_files([model_dir / single], model_dir)
     quantized = quant_weight_files(model_dir)  # a MindIE quantized directory holds only its own files
     if quantized:
         return quantized
@@ -52,13 +38,6 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
         f"{model_dir}: no weights found; expected model.safetensors, pytorch_model.bin, "
         f"or an index ({SAFETENSORS_INDEX} / {BIN_INDEX}) with its shards"
     )
-
-
-def _inside(name: str) -> bool:
-    """An index's file name stays inside the model directory: relative, no '..' (symlinks, as the Hugging Face
-    cache uses them, are the directory's own business)."""
-    path = PurePosixPath(name.replace("\\", "/"))
-    return bool(name) and not path.is_absolute() and ".." not in path.parts and ":" not in name
 
 
 def read_weight_file(path: Path) -> dict[str, Tensor]:

@@ -51,3 +51,21 @@ def test_create_atomic_never_replaces(tmp_path):
     assert create_atomic(path, "first\n")
     assert not create_atomic(path, "second\n")
     assert path.read_text() == "first\n" and [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+
+
+def test_new_files_follow_the_umask_and_replaced_files_keep_their_mode(tmp_path):
+    """mkstemp makes 0600 files; renamed into place they used to leave every result unreadable to others."""
+    old = os.umask(0o022)
+    try:
+        fresh, created, kept = tmp_path / "fresh.csv", tmp_path / "created.json", tmp_path / "kept.csv"
+        write_atomic(fresh, "a\n")
+        assert create_atomic(created, "{}\n")
+        kept.write_text("old\n")
+        os.chmod(kept, 0o640)
+        write_atomic(kept, "new\n")
+        os.umask(0o077)
+        write_atomic(fresh, "b\n")  # replaced: keeps 0644 even under a stricter umask
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (fresh, created, kept)}
+    assert modes == {"fresh.csv": "0o644", "created.json": "0o644", "kept.csv": "0o640"}

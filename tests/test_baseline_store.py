@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,8 @@ def tree(directory: Path) -> dict[str, str]:
 
 
 def siblings(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.parent.iterdir())
+    """What lies beside a baseline, less its update lock (a lock file stays: deleting it would race)."""
+    return sorted(p.name for p in directory.parent.iterdir() if p.name != f".{directory.name}.lock")
 
 
 @pytest.fixture
@@ -141,6 +143,50 @@ def test_an_update_killed_after_its_first_file_leaves_the_old_baseline_and_the_n
     update_baseline(run_dir, baseline)
     assert verify_baseline(baseline)[1] == [] and siblings(baseline) == ["cpu-tiny"]
     assert tree(baseline)[QWEN] == hashlib.sha256((run_dir / QWEN).read_bytes()).hexdigest()
+
+
+SLOW_FIRST_COPY = """
+import shutil, sys, time
+from pathlib import Path
+from npuinfer.gates import baseline_store as baseline
+copy = shutil.copyfile
+def copy_then_wait(*args, **kwargs):
+    copy(*args, **kwargs)
+    if not Path(sys.argv[3]).exists():  # staging holds this update's first file: the other update starts now
+        Path(sys.argv[3]).touch()
+        time.sleep(3)
+baseline.shutil.copyfile = copy_then_wait
+baseline.update_baseline(sys.argv[1], sys.argv[2], ["qwen-tiny"])
+print("wrote")
+"""
+
+
+def test_two_concurrent_updates_take_turns_and_both_changes_land(baseline, run_dir, tmp_path):
+    """Two real processes update one baseline at once (qwen-tiny from one run, internlm-tiny from another).
+    Without a lock the second deleted the first's staging directory as left by a killed update."""
+    internlm = "performance_internlm-tiny_cpu.csv"
+    other_run = tmp_path / "other_run"
+    shutil.copytree(COMMITTED, other_run, ignore=shutil.ignore_patterns("manifest.json", "*.md"))
+    header, rows = store.read_csv(other_run / internlm)
+    for row in rows:
+        row["forward_first_token_time(ms)"] = repr(float(row["forward_first_token_time(ms)"]) * 0.9)
+    store.write_csv(other_run / internlm, header, rows)
+    ready = tmp_path / "first-update-staged"
+    first = subprocess.Popen([sys.executable, "-c", SLOW_FIRST_COPY, str(run_dir), str(baseline), str(ready)],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not ready.exists() and first.poll() is None:
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "npuinfer", "baseline", "update", str(other_run),
+                                 str(baseline), "--model", "internlm-tiny"], cwd=REPO, capture_output=True,
+                                text=True, timeout=300)
+        out, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert (first.returncode, second.returncode) == (0, 0), (err, second.stderr)
+    assert tree(baseline)[QWEN] == hashlib.sha256((run_dir / QWEN).read_bytes()).hexdigest()
+    assert tree(baseline)[internlm] == hashlib.sha256((other_run / internlm).read_bytes()).hexdigest()
+    assert verify_baseline(baseline)[1] == [] and siblings(baseline) == ["cpu-tiny"]
 
 
 class Killed(BaseException):

@@ -144,3 +144,59 @@ def test_a_case_beyond_the_free_memory_is_refused_without_a_limit():
     assert "free on cpu now" in str(err.value) and f"KV cache {format_size(big.kv_cache)}" in str(err.value)
     # the same case, when the previous one holds at least that much cache, replaces it: no refusal
     check_case_fits(args, torch.bfloat16, cpu, None, 64, 2048, 2048, big.kv_cache + big.activations, "qwen-7b")
+
+
+def held_bytes(*modules) -> int:
+    """Bytes of the distinct tensors a set of models holds (parameters and buffers): memory shared between them
+    counts once; a oneDNN-prepacked weight (no storage to compare) counts as its own."""
+    seen, total = set(), 0
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.is_mkldnn:
+                total += t.numel() * t.element_size()
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+@pytest.mark.parametrize("name", ["qwen-tiny", "internlm-tiny", "gpt-neox-tiny"])
+def test_backend_hf_over_prepacked_dummy_weights_holds_what_the_prediction_counts(name, npuinfer_cache):
+    """bf16 on cpu: npuinfer's linears are oneDNN-prepacked. transformers used to get dense copies beside them,
+    two copies of the weights (qwen-7b: 2 x 15 GB, OOM-killed on a 24 GiB machine) where the prediction that
+    refuses a model before allocating counts one. Now both models hold one set of tensors, within the prediction."""
+    from npuinfer.backends.hf_model import HFBackend, copied_bytes
+
+    loaded = load_model(name, device="cpu", dtype="bf16", dummy_weights=True)
+    assert loaded.model.packed_linears > 0  # the case of the issue: weights prepacked for npuinfer's linear
+    predicted, copies = predicted_load_bytes(loaded.args, torch.bfloat16), copied_bytes(loaded.args, torch.bfloat16)
+    ours = held_bytes(loaded.model)
+    assert ours <= predicted
+    hf = HFBackend.sharing(loaded)
+    hf_buffers = sum(b.untyped_storage().nbytes() for b in hf.model.buffers())  # rotary tables: its own
+    added = held_bytes(loaded.model, hf.model) - ours
+    assert copies <= added <= copies + hf_buffers, (added, copies, hf_buffers)  # exactly the copies counted
+    assert held_bytes(loaded.model, hf.model) <= predicted + copies
+    assert copies == (0 if name != "gpt-neox-tiny" else 74880)  # GPT-NeoX's per-head q/k/v: 3 layers x (192 x 64 + 192) x 2 B
+
+
+def test_bench_hf_over_dummy_weights_refuses_before_allocating_what_its_copies_do_not_fit(tmp_path, npuinfer_cache):
+    """gpt-neox-tiny bf16: the weights (581.1 KiB predicted) fit --memory-limit 600KiB, the weights plus the per-head
+    q/k/v copy transformers' GPT-NeoX needs (73.12 KiB) do not: refused before anything is built."""
+    from npuinfer.backends.hf_model import copied_bytes
+
+    args = registry_args(MODELS["gpt-neox-tiny"])
+    need = predicted_load_bytes(args, torch.bfloat16)
+    assert need < parse_size("600KiB") < need + copied_bytes(args, torch.bfloat16)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs",
+                           "bench/test_performance.py", "--model", "gpt-neox-tiny", "--dummy-weights", "--backend", "hf",
+                           "--dtype", "bf16", "--memory-limit", "600KiB", "--batch-sizes", "1", "--case-pairs", "8x2",
+                           "--rounds", "1", "--warmup", "0", "--results-dir", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert (f"needs about {format_size(need + copied_bytes(args, torch.bfloat16))}: {format_size(need)} for its "
+            "weights alone") in proc.stdout, proc.stdout[-3000:]
+    assert "for transformers' re-laid copy of each layer's q/k/v, more than --memory-limit 600KiB" in proc.stdout
+    assert "nothing was allocated" in proc.stdout

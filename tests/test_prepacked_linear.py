@@ -111,14 +111,20 @@ def test_head_tied_to_the_embedding_stays_dense(npuinfer_cache):
     assert model.layers[0].attention.wqkv.weight.is_mkldnn
 
 
-def test_transformers_shares_a_packed_model_as_dense_weights(bf16_models):
-    loaded = bf16_models("qwen-tiny")
+def test_transformers_shares_a_packed_model_as_dense_weights(npuinfer_cache):
+    """The packed model is unpacked in place (it runs on dense weights too), so transformers reads its tensors:
+    one copy of the weights, never a dense copy beside the packed one (#29 item 13)."""
+    loaded = load_model("qwen-tiny", device="cpu", dtype="bf16")  # its own: sharing unpacks it
     assert loaded.model.packed_linears > 0
+    want = loaded.model.layers[0].feed_forward.w2.weight.to_dense()
+    before = logits_of(loaded.model)
     backend = HFBackend.sharing(loaded)
     hf_state = backend.model.state_dict()
-    assert not any(t.is_mkldnn for t in hf_state.values())
-    want = loaded.model.layers[0].feed_forward.w2.weight.to_dense()
+    assert not any(t.is_mkldnn for t in hf_state.values()) and loaded.model.packed_linears == 0
     assert torch.equal(hf_state["model.layers.0.mlp.down_proj.weight"], want)
+    ours = {t.untyped_storage().data_ptr() for t in loaded.model.state_dict().values()}
+    assert all(t.untyped_storage().data_ptr() in ours for t in hf_state.values())
+    assert all(torch.equal(a, b) for a, b in zip(logits_of(loaded.model), before))  # npuinfer's model still runs
 
 
 def test_c_eval_head_log_probabilities_read_a_packed_head(bf16_models):

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from ..device import dtype_name, parse_dtype
-from .hf_model import HFBackend
+from ..dummy import check_fits, dummy_source
+from .hf_model import HFBackend, copied_bytes
 from ..locate import resolve_model_dir
 from ..runtime import default_dtype
 from ..tokenizer import load_tokenizer
@@ -116,13 +117,14 @@ class HFModelBackend(HFBackend):
 def make_hf_backend(source) -> HFModelBackend:
     """The hf backend for a BackendSource: over npuinfer's dummy weights (no checkpoint) or a checkpoint."""
     config, device = source.config, source.device
+    dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(device)
+    _check_fits(config, device, dtype)
     if config.dummy_weights:  # transformers over the same dummy weights
         loaded = source.local()
         backend = HFModelBackend.sharing(loaded, attention=config.attention)
         backend.tokenizer, backend.model_label, backend.tokenizer_dir = loaded.tokenizer, loaded.name, loaded.model_dir
         return backend
     model_dir = resolve_model_dir(config.model, config.model_path) if config.model else Path(config.model_path)
-    dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(device)
     device.check_dtype(dtype)
     backend = HFModelBackend.load(model_dir, device, dtype, max_seq_len=config.max_seq_len,
                                   attention=config.attention)
@@ -130,3 +132,13 @@ def make_hf_backend(source) -> HFModelBackend:
     backend.model_label = config.model or model_dir.name
     backend.tokenizer_dir = model_dir
     return backend
+
+
+def _check_fits(config, device, dtype) -> None:
+    """The weights and every copy transformers' model makes of them (`copied_bytes`), refused before any is
+    allocated (over dummy weights npuinfer's loader counts the weights it makes; this adds transformers' copies)."""
+    args, _, origin = dummy_source(config.model, config.model_path, config.max_seq_len)
+    label = config.model or Path(config.model_path).name
+    check_fits(args, dtype, device, config.memory_limit, f"{label} ({origin}) under --backend hf",
+               copies=(copied_bytes(args, dtype), "transformers' re-laid copy of each layer's q/k/v"),
+               weights="dummy" if config.dummy_weights else "checkpoint")

@@ -38,7 +38,7 @@ from ..checkpoint import (
 from ..device import Device
 from ..families import gpt_neox
 from ..generate import check_finite
-from ..model import ModelArgs
+from ..model import Linear, ModelArgs
 from ..quant import plan_from_state
 from .base import BackendUnsupported
 
@@ -130,6 +130,16 @@ def hf_equivalent(args: ModelArgs, state: dict[str, Tensor], where: str = "check
     config = LlamaConfig(**common, head_dim=args.head_dim, attention_bias=args.qkv_bias, mlp_bias=False,
                          **_rope_kwargs(LlamaConfig, args.rope_base))
     return LlamaForCausalLM, config, _llama_names(args, state)
+
+
+def copied_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
+    """Bytes transformers' model holds beyond the canonical tensors it shares (`hf_equivalent`): GPT-NeoX interleaves
+    q, k and v per head, a re-laid copy of each layer's fused qkv weight and bias; the Llama / Qwen2 mappings split
+    the fused tensor into row blocks, which are views (no copy)."""
+    if args.mlp != "gelu":
+        return 0
+    width = args.n_heads * args.head_dim
+    return args.n_layers * (3 * width * args.dim + (3 * width if args.qkv_bias else 0)) * dtype.itemsize
 
 
 def load_hf_model(model_dir: str | Path, device: Device, dtype: torch.dtype, *, position: str | None = None,
@@ -227,8 +237,13 @@ class HFBackend:
     @classmethod
     def sharing(cls, loaded, attention: str = "sdpa") -> "HFBackend":
         """transformers' model over the weights of an npuinfer LoadedModel (its dummy weights: no checkpoint)."""
-        # a weight prepacked for npuinfer's cpu linear kernel is unpacked into a copy transformers can read
-        state = {k: v.to_dense() if v.is_mkldnn else v for k, v in loaded.model.state_dict().items()}
+        # A weight prepacked for npuinfer's cpu linear kernel is unpacked in place, one matrix at a time (that
+        # kernel takes dense weights too): transformers then reads the very tensors npuinfer's model holds. An
+        # unpacked copy beside the prepacked model held the weights twice (qwen-7b bf16: 2 x 15 GB, OOM-killed).
+        for module in loaded.model.modules():
+            if isinstance(module, Linear) and module.packed:
+                module.place_weight(module.kernels, pack=False)
+        state = loaded.model.state_dict()
         model = hf_model_from_canonical(loaded.args, state, loaded.device, loaded.dtype, attention, loaded.name)
         backend = cls(model, loaded.args, loaded.device, loaded.checkpoint_id)
         backend.weights = loaded.weights

@@ -28,7 +28,7 @@ from typing import Any
 from filelock import FileLock
 
 from npuinfer.atomic import create_atomic, write_atomic
-from npuinfer.ceval.dataset import CHOICES
+from npuinfer.ceval.dataset import CHOICES, load_split, split_path
 from npuinfer.ceval.scored import FIELDS, ScoredRow
 from npuinfer.ceval.subjects import SUBJECT_NAMES, official_order
 
@@ -470,3 +470,55 @@ def read_cache(cache_dir: str | os.PathLike) -> list[ScoredRow]:
             raise CacheError(f"{d}: part files not merged into {CACHE_FILE} yet (npuinfer report ceval {d})")
         rows = _collect(d)[0]
     return list(rows.values())
+
+
+# ---- rows against the data they were scored on ------------------------------------------------------------------
+
+MAX_NAMED_ROWS = 20
+
+
+def check_against_data(cache_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str,
+                       subjects: Iterable[str] | None = None) -> None:
+    """Every row of the cache (of ``subjects``, default all) names a question of the data's ``split`` file with
+    that question's answer; else one CacheError naming each file and row that does not (a row for a question
+    the data lacks would count in subject_acc.json but not in the run's own count; an answer that differs
+    from the data's would be trusted). Reads only."""
+    d = Path(cache_dir)
+    wanted = set(subjects) if subjects is not None else None
+    problems: list[str] = []
+    data: dict[str, dict[str, str | None]] = {}
+    with lock(d):
+        for path in [d / CACHE_FILE, *part_files(d)]:
+            if not path.exists():
+                continue
+            for row_no, row in _parse(path)[0]:
+                if wanted is not None and row.subject not in wanted:
+                    continue
+                if row.subject not in data:
+                    data[row.subject] = {q.question_id: q.answer for q in load_split(data_dir, row.subject, split)}
+                source = split_path(data_dir, row.subject, split)
+                if row.question_id not in data[row.subject]:
+                    problems.append(f"{path} row {row_no}: {row.subject} id {row.question_id} is no question of "
+                                    f"{source}")
+                elif data[row.subject][row.question_id] != row.answer:
+                    problems.append(f"{path} row {row_no}: {row.subject} id {row.question_id} has answer "
+                                    f"{row.answer!r}; {source} says {data[row.subject][row.question_id]!r}")
+    if problems:
+        shown = problems[:MAX_NAMED_ROWS] + ([f"... and {len(problems) - MAX_NAMED_ROWS} more"]
+                                             if len(problems) > MAX_NAMED_ROWS else [])
+        raise CacheError(f"{d}: {len(problems)} cache row(s) do not match the data they claim to be scored on; "
+                         "nothing was rewritten: remove those rows, or score into a new directory:\n  "
+                         + "\n  ".join(shown))
+
+
+def check_meta_data(cache_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
+    """`check_against_data` with the data directory and split cache_meta.json records; a warning when that
+    directory is gone (the rows cannot be checked), nothing when the cache records none."""
+    data_dir = (meta.get("extra") or {}).get("data_dir")
+    if not data_dir:
+        return
+    if not Path(data_dir).is_dir():
+        warnings.warn(CacheWarning(f"{Path(cache_dir) / META_FILE}: the data directory {data_dir} is gone: rows "
+                                   "not checked against the questions they were scored on"))
+        return
+    check_against_data(cache_dir, data_dir, str(meta.get("split")))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 from dataclasses import dataclass
 from importlib.resources import files
@@ -69,51 +70,89 @@ def load_split(data_dir: str | os.PathLike, subject: str, split: str) -> list[Qu
     if not path.is_file():
         raise CevalDataError(f"{path}: file not found (subject {subject!r}, split {split!r})")
     # utf-8-sig: files re-saved by spreadsheet tools start with a BOM.
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise CevalDataError(f"{path}: empty file (no header, no rows)")
-        header = [h.strip() for h in header]
-        missing = [c for c in REQUIRED_COLUMNS[split] if c not in header]
-        if missing:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CevalDataError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at byte {exc.start}); "
+                             "C-Eval files are UTF-8: convert it (e.g. iconv -f GBK -t UTF-8, for a file saved as "
+                             "GBK)") from None
+    with io.StringIO(text, newline="") as f:
+        reader = _Records(csv.reader(f))
+        try:
+            return _parse_split(reader, path, subject, split)
+        except csv.Error as exc:
+            raise CevalDataError(f"{path}: from line {reader.record_line}: not CSV as C-Eval writes it ({exc}): a "
+                                 f"field over {csv.field_size_limit()} characters is most often a quote left open; "
+                                 "check the quoting from that line on") from None
+
+
+class _Records:
+    """A csv reader that knows the line its current record started on (a malformed record can run on for many
+    lines before the reader gives up on it)."""
+
+    def __init__(self, reader) -> None:
+        self.reader = reader
+        self.record_line = 1
+
+    def __iter__(self) -> "_Records":
+        return self
+
+    def __next__(self) -> list[str]:
+        self.record_line = self.reader.line_num + 1
+        return next(self.reader)
+
+    @property
+    def line_num(self) -> int:
+        return self.reader.line_num
+
+
+def _parse_split(reader: _Records, path: Path, subject: str, split: str) -> list[Question]:
+    header = next(reader, None)
+    if header is None:
+        raise CevalDataError(f"{path}: empty file (no header, no rows)")
+    header = [h.strip() for h in header]
+    missing = [c for c in REQUIRED_COLUMNS[split] if c not in header]
+    if missing:
+        raise CevalDataError(
+            f"{path}: row 0 (header): missing column(s) {', '.join(missing)}; "
+            f"found {', '.join(header)}"
+        )
+    col = {name: header.index(name) for name in header}
+    questions: list[Question] = []
+    first_row_of: dict[str, int] = {}
+    for row_no, fields in enumerate(reader, start=1):
+        where = f"{path}: row {row_no} (line {reader.line_num})"
+        if len(fields) != len(header):
+            raise CevalDataError(f"{where}: {len(fields)} fields, header has {len(header)}")
+        qid = fields[col["id"]].strip()
+        if not qid:
+            raise CevalDataError(f"{where}: empty id")
+        if qid in first_row_of:
             raise CevalDataError(
-                f"{path}: row 0 (header): missing column(s) {', '.join(missing)}; "
-                f"found {', '.join(header)}"
+                f"{where}: duplicate id {qid!r} (first seen in row {first_row_of[qid]})"
             )
-        col = {name: header.index(name) for name in header}
-        questions: list[Question] = []
-        first_row_of: dict[str, int] = {}
-        for row_no, fields in enumerate(reader, start=1):
-            where = f"{path}: row {row_no} (line {reader.line_num})"
-            if len(fields) != len(header):
-                raise CevalDataError(f"{where}: {len(fields)} fields, header has {len(header)}")
-            qid = fields[col["id"]].strip()
-            if not qid:
-                raise CevalDataError(f"{where}: empty id")
-            if qid in first_row_of:
+        first_row_of[qid] = row_no
+        answer = None
+        if split != "test":
+            answer = fields[col["answer"]].strip()
+            if answer not in CHOICES:
                 raise CevalDataError(
-                    f"{where}: duplicate id {qid!r} (first seen in row {first_row_of[qid]})"
+                    f"{where}: answer {answer!r} for id {qid!r} is not one of A, B, C, D"
                 )
-            first_row_of[qid] = row_no
-            answer = None
-            if split != "test":
-                answer = fields[col["answer"]].strip()
-                if answer not in CHOICES:
-                    raise CevalDataError(
-                        f"{where}: answer {answer!r} for id {qid!r} is not one of A, B, C, D"
-                    )
-            questions.append(
-                Question(
-                    subject=subject,
-                    split=split,
-                    question_id=qid,
-                    question=fields[col["question"]],
-                    choices=tuple(fields[col[c]] for c in CHOICES),  # type: ignore[arg-type]
-                    answer=answer,
-                    explanation=fields[col["explanation"]] if "explanation" in col else None,
-                )
+        if not any(fields[col[c]].strip() for c in CHOICES):
+            raise CevalDataError(f"{where}: id {qid!r} has all four choices A-D empty: nothing to choose "
+                                 "between; fill them in or remove the row")
+        questions.append(
+            Question(
+                subject=subject,
+                split=split,
+                question_id=qid,
+                question=fields[col["question"]],
+                choices=tuple(fields[col[c]] for c in CHOICES),  # type: ignore[arg-type]
+                answer=answer,
+                explanation=fields[col["explanation"]] if "explanation" in col else None,
             )
+        )
     if not questions:
         raise CevalDataError(f"{path}: empty file (header only, no questions)")
     return questions

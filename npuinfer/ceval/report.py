@@ -24,6 +24,7 @@ from npuinfer.ceval.cache import (
     RUN_RECORDS,
     CacheSettings,
     _id_key,
+    check_meta_data,
     lock,
     merge_parts,
     read_all,
@@ -284,5 +285,6 @@ def rebuild_report(cache_dir: str | os.PathLike) -> list[Path]:
     with lock(cache_dir):
         rows = read_all(cache_dir)
         _check_rows(rows)
+        check_meta_data(cache_dir, settings)
         merge_parts(cache_dir)
         return write_report(cache_dir, rows, settings=settings)

@@ -14,8 +14,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from npuinfer.ceval.cache import PROMPT_FIT, CacheSettings, QuestionCache, record_in_meta
-from npuinfer.ceval.dataset import SPLITS, data_identity, load_split
+from npuinfer.ceval.cache import PROMPT_FIT, CacheSettings, QuestionCache, check_against_data, record_in_meta
+from npuinfer.ceval.dataset import SPLITS, CevalDataError, data_identity, load_split, split_path
 from npuinfer.ceval.prompts import TEMPLATES, resolve_fit
 from npuinfer.ceval.scored import ScoredRow
 from npuinfer.ceval.subjects import official_order
@@ -122,6 +122,10 @@ class CevalRun:
         s = self.settings
         questions = load_split(s.data_dir, subject, s.split)
         dev = load_split(s.data_dir, subject, "dev") if s.shots else []
+        if len(dev) < s.shots:
+            raise CevalDataError(f"{split_path(s.data_dir, subject, 'dev')}: {len(dev)} row(s), and {s.shots} shots "
+                                 f"were asked for (--shot): pass --shot {len(dev)} or fewer, or add dev rows")
+        check_against_data(self.out_dir, s.data_dir, s.split, [subject])  # before a row is added or trusted
         done = {qid: row for (_, qid), row in self.cache.scored_rows(subject).items()}
         stats = ScoringStats()
         new: list[ScoredRow] = []

@@ -8,6 +8,7 @@ from ..options import UsageError
 from ..generate import generate
 from ..options import RunConfig, add_device_options, add_model_options, add_runtime_options, positive_int
 from ..parallel.dist import init_tensor_parallel, is_rank0
+from ..tokenizer import not_utf8
 from ..roofline import probe_bandwidth, roofline_figures, shared_peak
 from ..locate import locate_config
 from ..runtime import load
@@ -76,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
     if empty:
         raise UsageError(f"PROMPT {', '.join(map(str, empty))} of {len(args.prompts)}: the prompt is empty; "
                          "give the text to continue")
+    for n, prompt in enumerate(args.prompts, 1):
+        problem = not_utf8(prompt)
+        if problem:
+            raise UsageError(f"PROMPT {n} of {len(args.prompts)}: not valid UTF-8 ({problem}); give the prompt as UTF-8 "
+                             "text (convert a file or a terminal in another encoding, e.g. iconv -f GBK -t UTF-8)")
     config = RunConfig.from_namespace(args)
     # A missing or unusable checkpoint is one message (cli.main prints it) before any device or rank starts.
     locate_config(config)

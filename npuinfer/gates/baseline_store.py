@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from filelock import FileLock
+
 from ..atomic import fsync_tree, recover_interrupted_swap, sibling, swap_directory
 from ..device import cpu_model_name
 from ..results.calibration import calibration_table
 from ..results.naming import CALIBRATION, PERFORMANCE, calibration_of, kind_of, model_of
 from ..results.performance import BATCH
 from ..results.table import read_csv, write_csv
-from .performance import paired_calibration
+from .performance import check_figures, figure_problems, paired_calibration
 
 # --------------------------------------------------------------------------------------------- storing a baseline
 
@@ -56,9 +58,11 @@ def plan_update(run_dir: str | Path, models: Sequence[str] | None = None) -> Upd
             continue
         if not any(r.get("status", "ok") == "ok" for r in rows):
             plan.warnings.append(f"{csv_path.name}: no measured (status ok) row; copied all the same")
+        check_figures(csv_path, rows)
         plan.copies.append((csv_path, Path(csv_path.name)))
         cal = calibration_of(csv_path)
         if cal.is_file():
+            check_figures(cal, read_csv(cal)[1], calibration=True)
             plan.copies.append((cal, Path(cal.name)))
         else:
             plan.warnings.append(f"{csv_path.name}: no {cal.name} beside it: the gate will compare raw times "
@@ -127,15 +131,28 @@ def update_baseline(run_dir: str | Path, baseline_dir: str | Path, models: Seque
 
     All or nothing: the whole baseline directory is copied to a staging directory beside it, the run's files
     and the manifest are written there, and the staging directory then takes the baseline's place in one
-    rename (`swap_directory`). An update killed at any point leaves the old baseline or the new one, complete."""
+    rename (`swap_directory`). An update killed at any point leaves the old baseline or the new one, complete.
+    Updates of one baseline take turns on its lock, so each starts from the one before it."""
     plan = plan_update(run_dir, models)
     out = Path(baseline_dir)
-    recover_interrupted_swap(out)
-    staging = sibling(out, "staging")
-    if staging.exists():  # an update killed before its swap: the baseline was never touched
-        shutil.rmtree(staging)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"BASELINE_DIR {out}: exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with update_lock(out):
+        return _update_locked(plan, run_dir, out)
+
+
+def update_lock(out: Path) -> FileLock:
+    """The lock `update_baseline` holds for the whole update (``.<name>.lock`` beside the baseline): without it
+    two updates share one staging directory and each deletes the other's as left by a killed update."""
+    return FileLock(sibling(out, "lock"), is_singleton=True)
+
+
+def _update_locked(plan: UpdatePlan, run_dir: str | Path, out: Path) -> tuple[list[Path], list[str]]:
+    recover_interrupted_swap(out)
+    staging = sibling(out, "staging")
+    if staging.exists():  # an update killed before its swap (no other holds the lock): the baseline was never touched
+        shutil.rmtree(staging)
     try:
         if out.is_dir():
             shutil.copytree(out, staging, symlinks=True)
@@ -211,8 +228,20 @@ def baseline_files(directory: Path) -> list[str]:
 def verify_baseline(baseline_dir: str | Path) -> tuple[int, list[str]]:
     """Check a baseline directory against its manifest.json: every listed file present with its sha256 and,
     for a CSV, its row count; every baseline file listed. Returns (files checked, problems); each problem
-    names the file and what differs."""
+    names the file and what differs. Waits for an update in progress (its lock) where the lock can be taken."""
     directory = Path(baseline_dir)
+    try:
+        lock = update_lock(directory)
+        lock.acquire()
+    except OSError:  # a read-only place: no update can be running there
+        return _verify(directory)
+    try:
+        return _verify(directory)
+    finally:
+        lock.release()
+
+
+def _verify(directory: Path) -> tuple[int, list[str]]:
     if not directory.is_dir():
         parked = sibling(directory, "previous")
         hint = (f" ({parked} holds the baseline an interrupted update moved aside: `npuinfer baseline update` "
@@ -239,9 +268,12 @@ def verify_baseline(baseline_dir: str | Path) -> tuple[int, list[str]]:
         if len(recorded) < 16 or not actual.startswith(recorded):
             problems.append(f"{path}: sha256 {actual}, {MANIFEST} says {recorded or 'nothing'}")
         if path.suffix == ".csv":
-            rows = len(read_csv(path)[1])
+            table = read_csv(path)[1]
+            rows = len(table)
             if facts.get("rows") != rows:
                 problems.append(f"{path}: {rows} rows, {MANIFEST} says {facts.get('rows', 'nothing')}")
+            if kind_of(path) in (PERFORMANCE, CALIBRATION):
+                problems += figure_problems(path, table, calibration=kind_of(path) == CALIBRATION)
     for name in baseline_files(directory):
         if name not in files:
             problems.append(f"{directory / name}: not listed in {MANIFEST}")

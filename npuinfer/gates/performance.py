@@ -43,6 +43,7 @@ from typing import Mapping, Sequence
 
 from ..results.calibration import CALIBRATION, CALIBRATION_MIN, calibration_path, calibration_table, \
     calibration_value
+from ..results.naming import CALIBRATION as CALIBRATION_KIND, kind_of
 from ..results.performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, THROUGHPUT, performance_path
 from ..results.performance import GATE_ATTEMPTS, GATE_RETRIES  # noqa: F401  (the row columns the gate fills, for the plugin)
 from ..results.table import CsvTable, parse_float, read_csv
@@ -339,6 +340,57 @@ def compare_row(row: Mapping[str, object], baseline_row: Mapping[str, object], *
     return outcome
 
 
+# --------------------------------------------------------------------------------------------- numbers a baseline may hold
+
+# Every figure the gate may read from a baseline's rows: a NaN compares false against the limit, an Infinity
+# gives a slowdown of 0 and a negative one a negative slowdown, so any of them would pass every case.
+GATE_READS_PERFORMANCE = (FIRST, NEXT, THROUGHPUT, ITL_P50, BATCH, OUTPUT)
+GATE_READS_ROUNDS = ("first_token_ms", ITL_MIN, "next_token_ms", "response_s")
+GATE_READS_CALIBRATION = (CALIBRATION, CALIBRATION_MIN)
+
+
+class BaselineError(ValueError):
+    """A baseline file holds a figure the gate cannot compare with (not a finite number above zero)."""
+
+
+def _bad_figure(value: object) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, (int, float)):
+        return not (math.isfinite(value) and value > 0)
+    try:
+        number = float(str(value))
+    except ValueError:
+        return True
+    return not (math.isfinite(number) and number > 0)
+
+
+def figure_problems(path: Path, rows: Sequence[Mapping[str, str]], calibration: bool = False) -> list[str]:
+    """Each figure the gate reads from a baseline file's rows that is not a finite number above zero, as
+    "FILE: line N (case): column COL is VALUE". Empty cells are not figures (a row that did not measure)."""
+    columns = GATE_READS_CALIBRATION if calibration else GATE_READS_PERFORMANCE
+    problems = []
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        where = f"{path}: line {line} ({_case(row)})"
+        bad = [f"column {c} is {row[c]!r}" for c in columns if row.get(c) not in (None, "") and _bad_figure(row[c])]
+        if not calibration:
+            for i, rnd in enumerate(_rounds(row), start=1):
+                bad += [f"column rounds_detail round {i} {k} is {rnd[k]!r}" for k in GATE_READS_ROUNDS
+                        if rnd.get(k) is not None and _bad_figure(rnd[k])]
+        problems += [f"{where}: {b}" for b in bad]
+    if problems:
+        problems.append(f"{path}: every figure the gate reads must be a finite number above zero; remeasure the "
+                        "case(s) or remove the row(s)")
+    return problems
+
+
+def check_figures(path: Path, rows: Sequence[Mapping[str, str]], calibration: bool = False) -> None:
+    """`figure_problems` as one BaselineError."""
+    problems = figure_problems(path, rows, calibration)
+    if problems:
+        raise BaselineError("\n".join(problems))
+
+
 # --------------------------------------------------------------------------------------------- a baseline directory
 
 
@@ -352,8 +404,12 @@ class PerformanceBaseline:
         self._cache: dict[Path, list[dict[str, str]]] = {}
 
     def _read(self, path: Path) -> list[dict[str, str]]:
+        """A baseline file's rows, refused whole (BaselineError) when a figure the gate reads is not finite and
+        above zero."""
         if path not in self._cache:
-            self._cache[path] = read_csv(path)[1]
+            rows = read_csv(path)[1]
+            check_figures(path, rows, calibration=kind_of(path) == CALIBRATION_KIND)
+            self._cache[path] = rows
         return self._cache[path]
 
     def performance_file(self, model: str, device_label: str) -> tuple[Path | None, str]:

@@ -20,6 +20,10 @@ from .registration import DEVICE_TYPES, ENTRY_POINT_GROUP, MODES, OPS, PLAIN, PL
 _loaded = False
 
 
+class KernelPluginError(RuntimeError):
+    """A module named in $NPUINFER_KERNEL_PLUGINS cannot be imported (a usage error: one line, no traceback)."""
+
+
 def _load() -> None:
     """npuinfer's implementations, then the plugins (which may replace them); once per process."""
     global _loaded
@@ -30,8 +34,9 @@ def _load() -> None:
         try:
             importlib.import_module(name)
         except Exception as exc:
-            raise ImportError(f"${PLUGIN_ENV}: kernel plugin module {name!r} could not be imported: "
-                              f"{type(exc).__name__}: {exc}") from exc
+            raise KernelPluginError(f"environment variable {PLUGIN_ENV}: kernel plugin module {name!r} could not be "
+                                    f"imported: {type(exc).__name__}: {exc} (name importable modules, comma "
+                                    "separated, or unset it)") from exc
     for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
         entry.load()
 

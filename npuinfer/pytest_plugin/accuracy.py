@@ -193,7 +193,7 @@ class CevalSuite:
         record(P_DIR, str(run.out_dir))
         try:
             result = run.run_subject(subject)
-        except NonFiniteScores as exc:
+        except (NonFiniteScores, CacheError, CevalDataError) as exc:
             pytest.fail(str(exc), pytrace=False)
         record(P_N, result.questions)
         record(P_CORRECT, result.correct)

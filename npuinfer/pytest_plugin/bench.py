@@ -52,6 +52,7 @@ from ..generate import NonFiniteLogits
 from ..gates.performance import (
     GATE_ATTEMPTS,
     GATE_RETRIES,
+    BaselineError,
     GateOutcome,
     PerformanceBaseline,
     gate_case,
@@ -62,7 +63,7 @@ from ..results.calibration import CALIBRATION, CALIBRATION_FIGURES, CALIBRATION_
     calibration_row, \
     calibration_table
 from ..results.table import append_jsonl
-from ..roofline import roofline_figures, session_peaks
+from ..roofline import PeaksFileError, roofline_figures, session_peaks
 from ..timing import BenchCase, measure_case, plain_repeat
 from .bench_options import bench_options
 from .common import DEFAULT_TINY_MODELS, run_config, selected_models, served_backend, xdist_worker_id
@@ -73,6 +74,7 @@ STATS_ENV = "NPUINFER_BENCH_STATS"  # a path: the session's time accounting is w
 _SESSION = pytest.StashKey["BenchSession"]()
 _STARTED = pytest.StashKey[float]()
 _REPORTS = pytest.StashKey[list]()
+_UNWRITTEN = pytest.StashKey[list]()  # reports that could not be written, each naming its file
 _NOTHING_COMPARED = pytest.StashKey[str]()  # why a gated run fails although no case did
 _RAN_BENCH: set[str] = set()  # node ids of bench cases reported in this process's session
 _GATE_KEY = "npuinfer_perf_gate"  # user property: (status, message, worst slowdown, where, attempts) of a case's gate
@@ -329,7 +331,10 @@ class BenchSession:
     def _measure(self, case: BenchCase, benchmark, backend, settings: dict, key: dict, table, csv_path: Path):
         """One measurement of a case with its calibration: (row, calibration row or None, timing)."""
         opts = self.options
-        session_peaks(self.device, backend.dtype)  # probed once, before the first case is timed
+        try:
+            session_peaks(self.device, backend.dtype)  # probed once, before the first case is timed
+        except PeaksFileError as exc:
+            pytest.fail(str(exc), pytrace=False)
         calibrate_before = self._calibrate(backend, case) if self.calibrating else None
         # A few reference steps before every run as well: a slow spell of the machine in the middle of the case
         # then shows in the calibration's fastest step as it shows in the case's (the gate's readings).
@@ -433,8 +438,11 @@ class BenchSession:
                 pytest.fail(f"--baseline {self.baseline_dir}: the performance gate needs a directory holding "
                             "performance_<model>_<device>.csv files", pytrace=False)
             self._baseline = PerformanceBaseline(self.baseline_dir)
-        return gate_case(self._baseline, row, self.device.label, calibration=cal_row,
-                         max_regression=self.max_regression, mode=self.gate_timing)
+        try:
+            return gate_case(self._baseline, row, self.device.label, calibration=cal_row,
+                             max_regression=self.max_regression, mode=self.gate_timing)
+        except BaselineError as exc:  # the row was measured and written; only its comparison is refused
+            pytest.fail(f"{row.get('case_id')}: --baseline refused:\n{exc}", pytrace=False)
 
     def _verdict(self, case: BenchCase, outcome: GateOutcome | None) -> None:
         if outcome is None:
@@ -554,11 +562,18 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     results = Path(bench_options(config).results_dir)
     report_start = time.perf_counter()
     written: list[tuple[Path, list[Path]]] = []
+    unwritten: list[str] = []
     if results.is_dir():
         for csv_path in sorted(list(results.glob("performance_*.csv")) + list(results.glob("max_batch_*.csv"))):
             if csv_path.stat().st_mtime >= started - 1:  # written during this session (by us or xdist workers)
-                written.append((csv_path, write_reports(csv_path)))
+                try:
+                    written.append((csv_path, write_reports(csv_path)))
+                except OSError as exc:  # disk full, read-only: the cases' verdicts and the summary still print
+                    unwritten.append(f"{csv_path}: its markdown / plot were not written: {exc}")
     config.stash[_REPORTS] = written
+    config.stash[_UNWRITTEN] = unwritten
+    if unwritten and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     stats_path = os.environ.get(STATS_ENV)
     bench_session = config.stash.get(_SESSION, None)
     if stats_path and bench_session is not None:
@@ -584,6 +599,8 @@ def _fail_a_gate_that_compared_nothing(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     _gate_summary(terminalreporter, config)
+    for line in config.stash.get(_UNWRITTEN, []):
+        terminalreporter.write_line(f"ERROR {line}", red=True)
     written = config.stash.get(_REPORTS, None)
     if not written:
         return

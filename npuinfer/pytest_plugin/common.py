@@ -2,6 +2,7 @@
 themselves are defined once, in npuinfer.options, for the CLI too)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -83,8 +84,8 @@ def results_dir_problem(path: Path) -> str | None:
     """Why ``path`` cannot be (or become) a results directory, or None; creates nothing."""
     for p in (path, *path.parents):
         if p.exists() or p.is_symlink():
-            if p.is_dir():
-                return None
+            if p.is_dir():  # the nearest directory that exists must let this run write (or make) the results
+                return None if os.access(p, os.W_OK | os.X_OK) else f"{p} is not writable (read-only or no permission)"
             return f"{p} is a file, not a directory" if p.exists() else f"{p} is a broken link"
     return None
 

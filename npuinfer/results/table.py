@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Collection, Iterable, Iterator, Mapping, Sequence
 
@@ -152,13 +153,48 @@ def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, st
     write_atomic(Path(path), buf.getvalue())
 
 
+class TornLineWarning(UserWarning):
+    """A JSON-lines log ended in half a line (a run killed mid-write); the half was set aside."""
+
+
 def append_jsonl(path: str | os.PathLike, record: Mapping[str, object]) -> None:
-    """Append one JSON line (a log: nothing is replaced)."""
+    """Append one JSON line (a log: nothing is replaced). A file that does not end with a newline ends in a
+    torn line: appended to, it would swallow this record into that line, so the torn tail is moved to
+    ``<name>.torn`` (kept, named in a TornLineWarning) first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
-    with file_lock(path), open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
+    with file_lock(path):
+        _set_aside_torn_tail(path)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+
+
+def _set_aside_torn_tail(path: Path) -> None:
+    try:
+        fh = open(path, "rb+")
+    except FileNotFoundError:
+        return
+    with fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return
+        fh.seek(0)
+        data = fh.read()
+        whole = data.rfind(b"\n") + 1  # 0 when the file is one torn line
+        torn = path.with_name(path.name + ".torn")
+        with open(torn, "ab") as out:  # the torn tail is kept (first, on disk) before the file is cut
+            out.write(data[whole:] + b"\n")
+            out.flush()
+            os.fsync(out.fileno())
+        fh.truncate(whole)
+        fh.flush()
+        os.fsync(fh.fileno())
+    warnings.warn(TornLineWarning(f"{path}: ended in a torn line ({size - whole} bytes, a run killed mid-write); "
+                                  f"moved to {torn}, the next record starts on a line of its own"), stacklevel=3)
 
 
 def varying_columns(rows: Sequence[Mapping[str, str]], candidates: Sequence[str]) -> list[str]:
