@@ -17,9 +17,10 @@ INFER = ["infer", "--model", "qwen-tiny", "--max-new-tokens", "2", "hi"]
 
 
 def one_error_line(capsys) -> str:
+    """The one line that says what went wrong (infer may print a note before it), and no traceback."""
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
     assert len(lines) == 1, err
     return lines[0]
 
