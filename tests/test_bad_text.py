@@ -78,12 +78,14 @@ def test_a_question_with_four_empty_choices_names_the_row(data):
 
 
 def test_more_shots_than_dev_rows_names_the_dev_file(data, tmp_path, npuinfer_cache):
+    from npuinfer.backends.npuinfer import NpuinferBackend
     from npuinfer.ceval.run import CevalRun, RunSettings
     from npuinfer.runtime import load_model
 
     dev = data / "dev" / f"{SUBJECT}_dev.csv"
     dev.write_text("".join(dev.read_text(encoding="utf-8").splitlines(keepends=True)[:2]), encoding="utf-8")
-    run = CevalRun(load_model("qwen-tiny", device="cpu", dtype="fp32"), RunSettings(data, shots=5), tmp_path / "out")
+    run = CevalRun(NpuinferBackend(load_model("qwen-tiny", device="cpu", dtype="fp32")), RunSettings(data, shots=5),
+                   tmp_path / "out")
     try:
         with pytest.raises(CevalDataError) as caught:
             run.run_subject(SUBJECT)

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from npuinfer.backends.npuinfer import NpuinferBackend
 from npuinfer.ceval.cache import CacheError
 from npuinfer.ceval.dataset import sample_dir
 from npuinfer.ceval.run import CevalRun, RunSettings
@@ -21,7 +22,7 @@ def scored(tmp_path_factory, npuinfer_cache):
     """(loaded model, data, a results directory where law's 3 val questions were scored, zero-shot)."""
     from npuinfer.runtime import load_model
 
-    loaded = load_model("qwen-tiny", device="cpu", dtype="fp32")
+    loaded = NpuinferBackend(load_model("qwen-tiny", device="cpu", dtype="fp32"))
     data = tmp_path_factory.mktemp("data") / "ceval"
     shutil.copytree(sample_dir(), data)
     out = tmp_path_factory.mktemp("scored") / "ceval_qwen-tiny_cpu"
