@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from functools import cache
+from functools import cache, wraps
 from typing import Callable, Iterator
 
 import torch
@@ -71,7 +71,22 @@ def _schema_names(namespace: str, op: str) -> tuple[str, ...]:
     return tuple(a.name for a in getattr(packet, op).default._schema.arguments)
 
 
-@torch.compiler.assume_constant_result
+def _compile_constant(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)``, made on the first call: making it imports torch._dynamo,
+    seconds and ~70 MB for every process that imports npuinfer, while only a compiled npu run needs it (the
+    kernels' self-check makes the first call eagerly, before any graph is captured)."""
+    marked: list[Callable] = []
+
+    @wraps(fn)
+    def call(*args):
+        if not marked:
+            marked.append(torch.compiler.assume_constant_result(fn))
+        return marked[0](*args)
+
+    return call
+
+
+@_compile_constant
 def _arg_names(op: str) -> tuple[str, ...]:
     """The op's argument names as its schema spells them (empty: this release has no such op). A constant to
     torch.compile, which can neither trace the schema object nor honour functools.cache."""
@@ -116,7 +131,7 @@ def rotary_head_dims(product: str, has_rotary_mode: bool) -> tuple[str, Callable
     return f"{ROTARY_JIT_HEAD_DIM} only", lambda d: d == ROTARY_JIT_HEAD_DIM
 
 
-@torch.compiler.assume_constant_result
+@_compile_constant
 def _takes_b1sd(device: torch.device) -> bool:
     """rotary_takes_b1sd for this device and release; a constant to torch.compile (the device name is read
     from the driver)."""
