@@ -295,7 +295,8 @@ def test_unsupported_dtype_name():
 
 
 def test_dtype_unsupported_on_the_device(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 0))  # Volta: bf16 only emulated
+    monkeypatch.setattr(torch.version, "hip", None)
     msg = error_of(lambda: Device("cuda", 0).check_dtype(torch.bfloat16), DeviceError)
     assert "bf16" in msg and "cuda:0" in msg
 
