@@ -6,10 +6,7 @@ unknown backends and backend plugins go through the one table.
 """
 from __future__ import annotations
 
-import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,25 +18,14 @@ from npuinfer.ceval.synth import write_synthetic_ceval
 from npuinfer.device import get_device
 from npuinfer.options import RunConfig
 
-REPO = Path(__file__).resolve().parents[1]
+from accuracy_runs import predictions, run_accuracy
+
 SUBJECTS = ["law", "logic", "college_physics", "high_school_chemistry", "computer_network"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_synthetic_ceval(tmp_path_factory.mktemp("ceval"), subjects=SUBJECTS, val_per_subject=9, seed=11)
-
-
-def run_accuracy(results: Path, data: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pytest", "accuracy", "-p", "no:cacheprovider", "-q", "--device", "cpu",
-           "--results-dir", str(results), "--ceval-dir", str(data), *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-
-
-def predictions(results: Path) -> dict[tuple[str, str], str]:
-    (run,) = [p for p in results.iterdir() if p.name.startswith("ceval_")]
-    with open(run / "cache.csv", encoding="utf-8", newline="") as f:
-        return {(r["subject"], r["question_id"]): r["prediction"] for r in csv.DictReader(f)}
 
 
 @pytest.mark.parametrize("model", ["qwen-tiny", "gpt-neox-tiny"])

