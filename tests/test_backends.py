@@ -7,6 +7,8 @@ unknown backends and backend plugins go through the one table.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from npuinfer.options import RunConfig
 
 from accuracy_runs import predictions, run_accuracy
 
+REPO = Path(__file__).resolve().parents[1]
 SUBJECTS = ["law", "logic", "college_physics", "high_school_chemistry", "computer_network"]
 
 
@@ -84,3 +87,18 @@ def test_an_unreachable_server_is_one_usage_error(data, tmp_path, tiny_dir):
                         "--served-model", "x", "--tokenizer", str(tiny_dir("gpt-neox-tiny")))
     assert proc.returncode == 4, proc.stdout + proc.stderr
     assert "--base-url http://127.0.0.1:9/v1: no server answers there" in proc.stderr
+
+
+def test_what_a_backend_cannot_run_is_said_before_any_case(data, tmp_path, npuinfer_cache):
+    """hf has no ALiBi model: naming baichuan2-13b-tiny is one usage error before anything is measured; in a
+    sweep over the tiny models its cases are skipped at collection with the reason, the others run."""
+    named = run_accuracy(tmp_path / "named", data, "--backend", "hf", "--model", "baichuan2-13b-tiny")
+    assert named.returncode == 4, named.stdout[-2000:] + named.stderr[-2000:]
+    assert "--backend hf --model baichuan2-13b-tiny:" in named.stderr and "ALiBi" in named.stderr
+    assert not (tmp_path / "named").exists() or not any((tmp_path / "named").glob("ceval_*"))
+    cmd = [sys.executable, "-m", "pytest", "bench/test_performance.py", "-p", "no:cacheprovider", "-q", "-rs",
+           "--backend", "hf", "--batch-sizes", "1", "--case-pairs", "8x2", "--rounds", "1", "--warmup", "0",
+           "--results-dir", str(tmp_path / "sweep"), "-k", "baichuan2-13b or (qwen and not qwen2 and not qwen3)"]
+    sweep = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-2000:]
+    assert "1 passed, 1 skipped" in sweep.stdout and "--backend hf: " in sweep.stdout and "ALiBi" in sweep.stdout

@@ -16,7 +16,7 @@ from ..device import Device
 from ..options import RunConfig
 from ..runtime import LoadedModel
 from .base import Backend, BackendUnsupported
-from .hf import make_hf_backend
+from .hf import hf_refusal, make_hf_backend
 from .npuinfer import NpuinferBackend
 from .openai import make_openai_backend
 
@@ -43,6 +43,17 @@ BUILTIN: dict[str, BackendFactory] = {
 }
 
 
+# Per backend, why it cannot run a model, from the run's settings alone (no weights read): said before any case
+# runs. A backend with none here says it when it is made.
+REFUSALS: dict[str, Callable[[RunConfig], str | None]] = {"hf": hf_refusal}
+
+
+def refusal(name: str, config: RunConfig) -> str | None:
+    """Why backend ``name`` cannot run ``config``'s model, or None."""
+    check = REFUSALS.get(name)
+    return check(config) if check is not None else None
+
+
 def backend_factories() -> dict[str, BackendFactory]:
     """Built-ins, then the entry points of installed plugins (a plugin cannot replace a built-in)."""
     table = dict(BUILTIN)
@@ -63,4 +74,4 @@ def make_backend(name: str, source: BackendSource) -> Backend:
 
 
 __all__ = ["BUILTIN", "Backend", "BackendSource", "BackendUnsupported", "DEFAULT_BACKEND", "backend_names",
-           "make_backend"]
+           "make_backend", "refusal"]

@@ -15,8 +15,9 @@ import torch
 
 from ..device import dtype_name, parse_dtype
 from ..dummy import check_fits, dummy_source
-from .hf_model import HFBackend, copied_bytes
+from .hf_model import HFBackend, HFUnsupported, copied_bytes, hf_equivalent
 from ..locate import resolve_model_dir
+from ..model import Transformer
 from ..runtime import default_dtype
 from ..tokenizer import load_tokenizer
 from .base import GenerateRequest, Generation, Identity, Loglikelihood, LoglikelihoodRequest, WorkCounters, \
@@ -142,3 +143,16 @@ def _check_fits(config, device, dtype) -> None:
     check_fits(args, dtype, device, config.memory_limit, f"{label} ({origin}) under --backend hf",
                copies=(copied_bytes(args, dtype), "transformers' re-laid copy of each layer's q/k/v"),
                weights="dummy" if config.dummy_weights else "checkpoint")
+
+
+def hf_refusal(config) -> str | None:
+    """Why transformers has no model class computing this run's model (ALiBi, say), from its shapes alone: said
+    before any case runs, without reading a weight (the mapping runs on meta tensors)."""
+    args, _, origin = dummy_source(config.model, config.model_path, config.max_seq_len)
+    with torch.device("meta"):
+        shapes = Transformer(args).state_dict()
+    try:
+        hf_equivalent(args, shapes, origin)
+    except HFUnsupported as exc:
+        return str(exc)
+    return None

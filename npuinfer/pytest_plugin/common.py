@@ -23,7 +23,7 @@ from ..options import (
 from ..locate import ModelUnavailable, locate_config
 from ..registry import DEFAULT_MODEL, MODELS, discover_models, get_spec
 from ..runtime import LoadedModel, load
-from ..backends import Backend, BackendSource, BackendUnsupported, backend_names, make_backend
+from ..backends import Backend, BackendSource, BackendUnsupported, backend_names, make_backend, refusal
 
 GROUP = "npuinfer"
 SERVED_BACKENDS = ("openai",)  # backends that measure a server: no local model, the case model is the served one
@@ -118,6 +118,32 @@ def check_models(config: pytest.Config) -> None:
             problems.append(str(exc))
     if problems:
         raise pytest.UsageError("\n".join(problems))
+
+
+def case_model(item: pytest.Item) -> str | None:
+    """The model a bench or accuracy case runs (None for other tests)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    case = params.get("perf_case") or params.get("max_batch_case")
+    return case.model if case is not None else params.get("ceval_model")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """What --backend cannot run is said before any case runs: a model named with --model is a usage error; in a
+    sweep over every model, that model's cases are skipped with the reason."""
+    backend = config.getoption("npuinfer_backend", "npuinfer")
+    named = set(config.getoption(MODELS_DEST) or ())
+    reasons: dict[str, str | None] = {}
+    for item in items:
+        model = case_model(item)
+        if model is None:
+            continue
+        if model not in reasons:
+            reasons[model] = refusal(backend, run_config(config, model))
+            if reasons[model] and model in named:
+                raise pytest.UsageError(f"--backend {backend} --model {model}: {reasons[model]}")
+        if reasons[model]:
+            item.add_marker(pytest.mark.skip(reason=f"--backend {backend}: {reasons[model]}"))
 
 
 def selected_models(config: pytest.Config, default: list[str]) -> list[str]:
