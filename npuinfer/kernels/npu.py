@@ -69,7 +69,8 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, rot_dim: int) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-    """npu_fused_infer_attention_score in BNSD. The op's atten_mask is True where a key is *not* attended;
+    """npu_fused_infer_attention_score in BNSD, K/V at their own head count (grouped-query attention is the
+    op's own: num_key_value_heads). The op's atten_mask is True where a key is *not* attended;
     ALiBi goes in as pse_shift (the bias without its -inf entries, which become the mask)."""
     bsz, heads, t, d = q.shape
     s = k.shape[2]
@@ -87,7 +88,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool
     names = _arg_names("npu_fused_infer_attention_score")
     scale = {"scale" if "scale" in names else "scale_value": 1.0 / math.sqrt(d)}
     out, _lse = _call("npu_fused_infer_attention_score", q.contiguous(), key=k.contiguous(), value=v.contiguous(),
-                      pse_shift=pse, atten_mask=atten_mask, num_heads=heads, num_key_value_heads=heads,
+                      pse_shift=pse, atten_mask=atten_mask, num_heads=heads, num_key_value_heads=k.shape[1],
                       input_layout="BNSD", sparse_mode=0, **scale)
     return out
 
