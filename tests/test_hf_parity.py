@@ -448,7 +448,7 @@ def test_transformers_save_pretrained_loads_and_matches(arch, variant, tiny_dir,
     shutil.copy(tiny_dir(f"{arch}-tiny") / tok_file, out / tok_file)
 
     loaded = load_model(model_path=out, device="cpu", dtype="fp32")
-    assert loaded.family == arch
+    assert loaded.family == {"gpt-neox": "gpt-neox", "internlm": "llama"}[arch]  # LlamaForCausalLM: the llama family
     tokens, steps = prompt(9, 30), prompt(4, 31)
     ours, theirs = ours_steps(loaded.model, tokens, steps), hf_steps(hf_model_, tokens, steps)
     assert_close(ours[0], theirs[0], f"{arch}/{variant} prefill")
@@ -525,7 +525,7 @@ def _write_tokenizer_json_only(out: Path) -> None:
                             pad_token="</s>").save_pretrained(out)
 
 
-def test_llama_checkpoint_with_only_tokenizer_json_loads_as_internlm(tmp_path):
+def test_llama_checkpoint_with_only_tokenizer_json_loads_as_llama(tmp_path):
     """transformers' LlamaForCausalLM.save_pretrained (attention_bias) + a tokenizer.json alone: the tokenizer is
     chosen by the files present, and greedy tokens equal transformers' generate from its own tokenizer."""
     from transformers import AutoTokenizer
@@ -539,7 +539,7 @@ def test_llama_checkpoint_with_only_tokenizer_json_loads_as_internlm(tmp_path):
     assert "tokenizer.json" in {p.name for p in out.iterdir()} and not (out / "tokenizer.model").exists()
 
     loaded = load_model(model_path=out, device="cpu", dtype="fp32")
-    assert loaded.family == "internlm" and loaded.args.qkv_bias and loaded.args.o_bias
+    assert loaded.family == "llama" and loaded.args.qkv_bias and loaded.args.o_bias
     reference = AutoTokenizer.from_pretrained(str(out))
     text = "苹果公司的CEO是 The capital of France is"
     ids = loaded.tokenizer.encode(text)

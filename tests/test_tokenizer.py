@@ -363,7 +363,7 @@ def test_missing_directory_and_unknown_family(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_tokenizer(tmp_path / "nowhere", "qwen")
     with pytest.raises(ValueError, match="unknown model family"):
-        load_tokenizer(tmp_path, "llama")
+        load_tokenizer(tmp_path, "mistral")
 
 
 def test_remote_code_in_the_directory_is_never_run(tiny, tmp_path):
