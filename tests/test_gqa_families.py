@@ -222,3 +222,20 @@ def test_real_size_models_read_their_published_dimensions():
     qwen3 = got["qwen3-8b"]
     assert qwen3.qk_norm and (qwen3.n_kv_heads, qwen3.head_dim) == (8, 128)
     assert round(qwen3.num_parameters() / 1e9, 1) == 8.2
+
+
+@pytest.mark.parametrize("name,bos", [("qwen2-tiny", None), ("llama3-tiny", "<|begin_of_text|>"),
+                                      ("qwen3-tiny", None)])
+def test_tiny_tokenizer_json_reads_as_transformers_reads_it(name, bos, load_tiny, tiny_dir):
+    from transformers import AutoTokenizer
+
+    ours = load_tiny(name).tokenizer
+    theirs = AutoTokenizer.from_pretrained(str(tiny_dir(name)))
+    for text in ("苹果公司的CEO是 The capital of France is", "line one\n\n  2023年12.5%"):
+        ids = ours.encode(text)
+        assert ids == theirs(text)["input_ids"]
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True) == text
+    assert ours.eos_id == theirs.eos_token_id and theirs.eos_token in ("<|im_end|>", "<|eot_id|>")
+    assert (ours.bos_id is not None and ours.add_bos) == (bos is not None)
+    if bos is not None:
+        assert ours.encode("a")[0] == theirs.convert_tokens_to_ids(bos)
