@@ -1,8 +1,8 @@
 """Tensor parallelism on 2 real torch.distributed ranks (gloo, CPU): tp=2 equals tp=1 for every family.
 
 One spawn of 2 processes loads all the tiny families (the grouped-query ones with 2 K/V heads, one per rank) and a
-Llama written by transformers with a single K/V head (replicated to both ranks) through runtime.load_model (each rank reads only
-its part_model folder) and runs a padded batch: prefill logits, 4 decode steps, greedy generations.
+Llama written by transformers with a single K/V head (replicated to both ranks) through runtime.load_model (each
+rank reads only its part_model folder) and runs a padded batch: prefill logits, 4 decode steps, greedy generations.
 The single-process results are the reference. Then the CLI under torchrun, and a rank that dies.
 """
 from __future__ import annotations

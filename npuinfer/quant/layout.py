@@ -144,7 +144,10 @@ def quant_from_canonical(family: str, state: dict[str, Tensor], args: ModelArgs)
             if record.qkv == QKV_SEPARATE:
                 base = cprefix[: -len("wqkv")]
                 # per-tensor parameters are copied to each of q, k, v (safetensors refuses shared storage)
-                split = tensor.split(list(args.qkv_widths), dim=0) if param in ROW_PARAMS else [tensor.clone() for _ in "qkv"]
+                if param in ROW_PARAMS:  # rows of Q, then K and V (n_kv_heads wide each)
+                    split = tensor.split(list(args.qkv_widths), dim=0)
+                else:
+                    split = [tensor.clone() for _ in "qkv"]
                 pieces = {f"{base}w{p}": part for p, part in zip("qkv", split)}
             elif record.qkv == QKV_PER_HEAD and param in ROW_PARAMS:
                 pieces = {cprefix: blocks_to_per_head(tensor, args.n_heads)}
