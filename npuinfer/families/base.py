@@ -152,9 +152,11 @@ def refuse_sliding_window(f: ConfigFields) -> None:
 
 
 def llama_args(f: ConfigFields, family: str, *, position: str, bias: bool, norm_head: bool,
-               o_bias: bool | None = None, qk_norm: bool = False) -> ModelArgs:
+               o_bias: bool | None = None, qk_norm: bool = False, scaled_rope: bool = False) -> ModelArgs:
     """The Llama layout (Baichuan2, InternLM, Llama, Qwen2, Qwen3): RMSNorm, SwiGLU, grouped-query attention
-    where num_key_value_heads says so, an explicit head_dim where the config has one."""
+    where num_key_value_heads says so, an explicit head_dim where the config has one. ``scaled_rope``: the
+    family's transformers class applies ``rope_scaling`` (Llama, Qwen2, Qwen3), so it is read (and refused where
+    npuinfer does not compute it); Baichuan2's and InternLM's remote code never read that field."""
     common = sizes(f, family)
     heads = common["n_heads"]
     f.text("hidden_act", default="silu", choices=("silu",))
@@ -166,7 +168,7 @@ def llama_args(f: ConfigFields, family: str, *, position: str, bias: bool, norm_
                      norm_eps=f.number("rms_norm_eps", default=1e-6, positive=True), position=position,
                      rope_base=rope_base(f), qkv_bias=bias, o_bias=bias if o_bias is None else o_bias,
                      norm_head=norm_head, n_kv_heads=kv_heads(f, heads), qk_norm=qk_norm,
-                     rope_scaling=rope_scaling(f) if position == "rope" else None)
+                     rope_scaling=rope_scaling(f) if scaled_rope and position == "rope" else None)
 
 
 LLAMA_NAMES = NameTable(

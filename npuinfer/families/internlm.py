@@ -8,7 +8,7 @@ from .base import LLAMA_NAMES, QKV_SEPARATE, Family, TinyLayout, TinyTokenizer, 
 
 
 def read_args(f: ConfigFields, position: str | None = None) -> ModelArgs:
-    return llama_args(f, "internlm", position="rope", bias=f.flag("bias", default=False),
+    return llama_args(f, "internlm", position="rope", bias=f.flag("bias", "attention_bias", default=False),
                       norm_head=False)
 
 

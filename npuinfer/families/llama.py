@@ -15,7 +15,8 @@ BEGIN, END, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 
 
 def read_args(f: ConfigFields, position: str | None = None) -> ModelArgs:
-    return llama_args(f, "llama", position="rope", bias=f.flag("attention_bias", default=False), norm_head=False)
+    return llama_args(f, "llama", position="rope", bias=f.flag("attention_bias", default=False), norm_head=False,
+                      scaled_rope=True)
 
 
 def tiny_config(spec: ModelSpec, base: dict, ids: dict) -> dict:

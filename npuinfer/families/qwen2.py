@@ -13,7 +13,7 @@ ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 def read_args(f: ConfigFields, position: str | None = None) -> ModelArgs:
     refuse_sliding_window(f)
-    return llama_args(f, "qwen2", position="rope", bias=True, o_bias=False, norm_head=False)
+    return llama_args(f, "qwen2", position="rope", bias=True, o_bias=False, norm_head=False, scaled_rope=True)
 
 
 def tiny_config(spec: ModelSpec, base: dict, ids: dict) -> dict:

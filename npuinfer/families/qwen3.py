@@ -13,7 +13,7 @@ from .qwen2 import ENDOFTEXT, IM_END, IM_START, qwen_tokenizer_config
 def read_args(f: ConfigFields, position: str | None = None) -> ModelArgs:
     refuse_sliding_window(f)
     return llama_args(f, "qwen3", position="rope", bias=f.flag("attention_bias", default=False), norm_head=False,
-                      qk_norm=True)
+                      qk_norm=True, scaled_rope=True)
 
 
 def tiny_config(spec: ModelSpec, base: dict, ids: dict) -> dict:
