@@ -15,8 +15,10 @@ from npuinfer.ceval.encoding import PromptEncoder, lmeval_split, newline_cut
 from npuinfer.ceval.scoring import BOUNDARY_SLACK, PromptFit, ScoringStats, _tail_rows, score_subject
 from npuinfer.ceval.synth import write_synthetic_ceval
 
+# the seed families and two grouped-query ones (qwen3: q/k norms, wider heads; llama3: scaled RoPE); qwen2-tiny adds
+# nothing to the attention paths scored here and is left out to keep the suite quick
 TINY = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny",
-        "qwen2-tiny", "llama3-tiny", "qwen3-tiny"]
+        "llama3-tiny", "qwen3-tiny"]
 SUBJECTS = ["law", "college_physics", "high_school_chemistry", "logic"]
 ATOL = 1e-4
 # Continuations whose tails (all tokens but the last) differ: several rows per question.
