@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .kernels import KernelSet, kernels_for
 from .kernels import reference as plain_ops
+from .kernels.torch_fused import SDPA_GQA
 
 
 @dataclass(frozen=True)
@@ -367,6 +368,8 @@ def _split_prefix_attention(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Ten
     """
     flash = _CPU_FLASH
     bsz, heads, seqlen, dim = q.shape
+    if not SDPA_GQA and kp.shape[1] != heads:  # an older torch's flash kernel takes K/V at the query heads
+        kp, vp, k, v = (plain_ops.repeat_kv(t, heads) for t in (kp, vp, k, v))
     folded = q.transpose(0, 1).reshape(1, heads, bsz * seqlen, dim)
     out_p, lse_p = flash(folded, kp, vp, 0.0, False)
     out_p = out_p.view(heads, bsz, seqlen, dim).transpose(0, 1)

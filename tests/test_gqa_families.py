@@ -239,3 +239,22 @@ def test_tiny_tokenizer_json_reads_as_transformers_reads_it(name, bos, load_tiny
     assert (ours.bos_id is not None and ours.add_bos) == (bos is not None)
     if bos is not None:
         assert ours.encode("a")[0] == theirs.convert_tokens_to_ids(bos)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_sdpa_reads_shared_kv_heads_natively_or_repeated(native, monkeypatch):
+    """SDPA with fewer K/V heads than query heads: enable_gqa where torch has it, K/V repeated where it does not
+    (the fallback forced here), both equal to the plain reference, under a causal and a padding mask."""
+    from npuinfer.kernels import reference, torch_fused
+
+    if native and not torch_fused.SDPA_GQA:
+        pytest.skip("this torch's SDPA has no enable_gqa")
+    monkeypatch.setattr(torch_fused, "SDPA_GQA", native)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, t, 8, generator=gen) for h, t in ((4, 5), (2, 9), (2, 9)))
+    mask = torch.ones(2, 1, 5, 9, dtype=torch.bool).tril(4)
+    mask[0, :, :, :3] = False
+    for args in ((q, k, v, None, True), (q, k, v, mask, False)):
+        torch.testing.assert_close(torch_fused.sdpa(*args), reference.attention(*args), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(reference.attention(q, k, v, None, True),
+                              reference.attention(q, k.flip(1), v.flip(1), None, True))  # the head pairing matters

@@ -27,7 +27,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> 
         mask, causal = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t), False
     gqa = {}
     if k.shape[1] != q.shape[1]:  # grouped-query attention: SDPA reads the shared K/V heads itself (torch >= 2.5)
-        if _SDPA_GQA:
+        if SDPA_GQA:
             gqa = {"enable_gqa": True}
         else:
             k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
@@ -43,7 +43,7 @@ def _sdpa_has_gqa() -> bool:
     return True
 
 
-_SDPA_GQA = _sdpa_has_gqa()
+SDPA_GQA = _sdpa_has_gqa()  # torch >= 2.5: SDPA (and cpu's flash kernel) read shared K/V heads themselves
 
 
 def onednn_prepack(weight: Tensor) -> Tensor:
