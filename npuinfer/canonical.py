@@ -48,23 +48,23 @@ def to_canonical(family: str, state: dict[str, Tensor], args: ModelArgs, *, int8
     if unknown:
         raise CheckpointError(f"unexpected tensors for a {family} checkpoint: {_describe(unknown, state)}")
     _check_floating(out, origin, family, set(int8))  # before q/k/v are concatenated, which would promote an int part
-    width = args.n_heads * args.head_dim
+    widths = args.qkv_widths
     for i in range(args.n_layers):
         prefix = f"layers.{i}.attention."
         for kind in ("weight", "bias"):
             key = f"{prefix}wqkv.{kind}"
             parts = [f"{prefix}w{p}.{kind}" for p in "qkv"]
-            part_shape = (width, args.dim) if kind == "weight" else (width,)
-            if any(p in out for p in parts):  # separate q/k/v projections (InternLM, Llama)
-                absent = [p for p in parts if p not in out]
+            part_shapes = [(w, args.dim) if kind == "weight" else (w,) for w in widths]
+            if any(p in out for p in parts):  # separate q/k/v projections (InternLM, Llama, Qwen2, Qwen3)
+                absent = [(p, shape) for p, shape in zip(parts, part_shapes) if p not in out]
                 if absent:
                     raise CheckpointError(f"missing tensors for a {family} checkpoint: " + ", ".join(
-                        f"{table.original(p) or p} {part_shape}" for p in absent))
-                _check_shape(family, [(origin[p], out[p], part_shape) for p in parts])
+                        f"{table.original(p) or p} {shape}" for p, shape in absent))
+                _check_shape(family, [(origin[p], out[p], shape) for p, shape in zip(parts, part_shapes)])
                 out[key] = torch.cat([out.pop(p) for p in parts], dim=0)
                 origin[key] = origin.pop(parts[0]).replace("q_proj", "{q,k,v}_proj")
             if record.qkv == QKV_PER_HEAD and key in out:
-                _check_shape(family, [(origin[key], out[key], (3 * part_shape[0], *part_shape[1:]))])
+                _check_shape(family, [(origin[key], out[key], (sum(widths), *part_shapes[0][1:]))])
                 out[key] = per_head_to_blocks(out[key], args.n_heads)
     if args.norm_head and "output.weight" in out:
         # Baichuan2's NormHead: the head's rows are L2-normalised before use (in fp32, once).
@@ -101,7 +101,6 @@ def from_canonical(family: str, state: dict[str, Tensor], args: ModelArgs) -> di
     """Canonical tensors -> the family's real tensor names and fused layouts (used to write checkpoints)."""
     record = get_family(family)
     state = dict(state)
-    width = args.n_heads * args.head_dim
     for i in range(args.n_layers):
         prefix = f"layers.{i}.attention."
         for kind in ("weight", "bias"):
@@ -109,7 +108,7 @@ def from_canonical(family: str, state: dict[str, Tensor], args: ModelArgs) -> di
             if key not in state:
                 continue
             if record.qkv == QKV_SEPARATE:
-                for name, part in zip("qkv", state.pop(key).split(width, dim=0)):
+                for name, part in zip("qkv", state.pop(key).split(list(args.qkv_widths), dim=0)):
                     state[f"{prefix}w{name}.{kind}"] = part
             elif record.qkv == QKV_PER_HEAD:
                 state[key] = blocks_to_per_head(state[key], args.n_heads)

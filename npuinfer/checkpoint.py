@@ -51,9 +51,11 @@ def args_from_config(config: dict, family: str, *, position: str | None = None, 
 def check_config_matches(spec: ModelSpec, family: str, args: ModelArgs, path: str) -> None:
     """A config.json must describe the registry model it was given as."""
     found = {"family": family, "hidden_size": args.dim, "num_hidden_layers": args.n_layers,
-             "num_attention_heads": args.n_heads, "position": args.position}
+             "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+             "position": args.position}
     expected = {"family": spec.family, "hidden_size": spec.hidden_size, "num_hidden_layers": spec.num_layers,
-                "num_attention_heads": spec.num_heads, "position": spec.position}
+                "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.kv_heads,
+                "head_dim": spec.head_dim, "position": spec.position}
     wrong = [f"{key}: expected {expected[key]}, found {found[key]}" for key in expected if expected[key] != found[key]]
     if wrong:
         raise CheckpointError(f"{path} does not describe {spec.name}: " + "; ".join(wrong))

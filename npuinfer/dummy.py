@@ -87,7 +87,11 @@ def registry_args(spec: ModelSpec, max_seq_len: int | None = None) -> ModelArgs:
 
 def dummy_identity(args: ModelArgs, seed: int) -> str:
     """The ``checkpoint`` column of dummy rows: the shapes and the seed, never equal to a real checkpoint's."""
-    digest = hashlib.sha256(json.dumps(sorted(vars(args).items()), default=str).encode()).hexdigest()[:12]
+    # The grouped-query fields count only where they say something: a multi-head model keeps the identity it had
+    # before they existed (its dummy rows stay comparable).
+    unsaid = {"n_kv_heads": args.n_heads, "qk_norm": False, "rope_scaling": None}
+    fields = {k: v for k, v in vars(args).items() if not (k in unsaid and v == unsaid[k])}
+    digest = hashlib.sha256(json.dumps(sorted(fields.items()), default=str).encode()).hexdigest()[:12]
     return f"dummy-s{seed}-{digest}"
 
 

@@ -74,6 +74,19 @@ class ConfigFields:
             raise self.error(f"missing field {' or '.join(names)} ({expected})")
         return "", default
 
+    def optional_value(self, name: str) -> Any:
+        """The raw value of a field that may be absent or ``null`` (both: None), for fields real configs write
+        as null (``rope_scaling``, ``sliding_window``)."""
+        value = self._lookup(name)
+        return None if value is _ABSENT else value
+
+    def optional_object(self, name: str) -> dict | None:
+        """A JSON object field that may be absent or null (None); any other type is refused."""
+        value = self.optional_value(name)
+        if value is not None and not isinstance(value, dict):
+            raise self.error(f"{name} is {json.dumps(value)}; expected a JSON object or null")
+        return value
+
     def integer(self, *names: str, default: Any = _ABSENT, minimum: int = 1) -> int:
         expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         name, value = self._first(names, default, expected)

@@ -70,7 +70,8 @@ def activation_bytes(args: ModelArgs, batch: int, input_len: int, dtype_bytes: i
         materialized_scores = args.position == "alibi"
     # Alive through a layer: the residual x, the normed input, and the fp32 copy RMSNorm makes.
     residual = b * t * d * (2 * dtype_bytes + 4)
-    qkv = b * t * 3 * h * dtype_bytes * 2  # projection output and the rotated / permuted copies
+    qkv_width = (args.n_local_heads + 2 * args.n_local_kv_heads) * args.head_dim
+    qkv = b * t * qkv_width * dtype_bytes * 2  # projection output and the rotated / permuted copies
     if args.position == "rope":
         qkv += 2 * b * t * args.rot_dim * dtype_bytes  # gathered cos / sin
     scores = 0

@@ -3,7 +3,9 @@
 Canonical tensor names (what checkpoint.py maps each family's names onto):
   tok_embeddings.weight
   layers.N.attention_norm.{weight,bias}     layers.N.ffn_norm.{weight,bias}
-  layers.N.attention.wqkv.{weight,bias}     fused [Q; K; V], each block heads x head_dim rows
+  layers.N.attention.wqkv.{weight,bias}     fused [Q; K; V]: Q n_heads x head_dim rows, K and V n_kv_heads x
+                                            head_dim rows each (grouped-query attention when n_kv_heads < n_heads)
+  layers.N.attention.{q_norm,k_norm}.weight  per-head RMSNorm of q and k before RoPE (Qwen3), head_dim wide
   layers.N.attention.wo.{weight,bias}
   layers.N.feed_forward.w1  (gate for swiglu, up for gelu)
   layers.N.feed_forward.w3  (up, swiglu only)
@@ -23,6 +25,29 @@ from torch import Tensor, nn
 
 from .kernels import KernelSet, kernels_for
 from .kernels import reference as plain_ops
+from .kernels.torch_fused import SDPA_GQA
+
+
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """``rope_scaling`` of type llama3 (Llama-3.1 and later): long wavelengths divided by ``factor``, short ones
+    kept, the band between smoothly interpolated, as transformers' ``_compute_llama3_parameters``."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def scale(self, inv_freq: Tensor) -> Tensor:
+        old_len = self.original_max_position_embeddings
+        low_freq_wavelen = old_len / self.low_freq_factor
+        high_freq_wavelen = old_len / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = (old_len / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return torch.where(medium, smoothed, scaled)
 
 
 @dataclass(frozen=True)
@@ -47,17 +72,45 @@ class ModelArgs:
     mlp_bias: bool = False
     parallel_residual: bool = False
     norm_head: bool = False  # Baichuan2: rows of the head are L2-normalised
+    n_kv_heads: int | None = None  # K/V heads (grouped-query attention when fewer than n_heads); None: n_heads
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
+    rope_scaling: Llama3RopeScaling | None = None
     tp_size: int = 1
     tp_rank: int = 0
 
     def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
         for name in ("n_heads", "intermediate_size"):
             if getattr(self, name) % self.tp_size:
                 raise ValueError(f"tensor parallel size {self.tp_size} does not divide {name}={getattr(self, name)}")
+        if self.n_kv_heads % self.tp_size and self.tp_size % self.n_kv_heads:
+            raise ValueError(f"tensor parallel size {self.tp_size} must divide n_kv_heads={self.n_kv_heads} or be "
+                             f"a multiple of it (each K/V head then replicated to tp / n_kv_heads ranks)")
 
     @property
     def n_local_heads(self) -> int:
         return self.n_heads // self.tp_size
+
+    @property
+    def n_local_kv_heads(self) -> int:
+        """K/V heads one rank holds: its share, or one replicated head when tp exceeds n_kv_heads (as vLLM)."""
+        return max(1, self.n_kv_heads // self.tp_size)
+
+    @property
+    def kv_head_start(self) -> int:
+        """The first K/V head of this rank (ranks that share a replicated head get the same one)."""
+        if self.tp_size > self.n_kv_heads:
+            return self.tp_rank // (self.tp_size // self.n_kv_heads)
+        return self.tp_rank * self.n_local_kv_heads
+
+    @property
+    def qkv_widths(self) -> tuple[int, int, int]:
+        """Rows of the Q, K and V blocks of the whole (unsharded) fused projection."""
+        kv = self.n_kv_heads * self.head_dim
+        return self.n_heads * self.head_dim, kv, kv
 
     @property
     def local_intermediate_size(self) -> int:
@@ -73,14 +126,16 @@ class ModelArgs:
     def num_parameters(self) -> int:
         """Parameters of the whole (unsharded) model, biases included."""
         d, h, i, v = self.dim, self.n_heads * self.head_dim, self.intermediate_size, self.vocab_size
+        qkv = h + 2 * self.n_kv_heads * self.head_dim
         norm = d * (2 if self.norm == "layer" else 1)
-        attn = d * 3 * h + (3 * h if self.qkv_bias else 0) + h * d + (d if self.o_bias else 0)
+        attn = d * qkv + (qkv if self.qkv_bias else 0) + h * d + (d if self.o_bias else 0)
+        attn += 2 * self.head_dim if self.qk_norm else 0
         n_mats = 3 if self.mlp == "swiglu" else 2
         mlp = n_mats * d * i + ((i + d) if self.mlp_bias else 0)
         return 2 * v * d + norm + self.n_layers * (attn + mlp + 2 * norm)
 
     def kv_cache_bytes(self, batch: int, seq_len: int, dtype_bytes: int) -> int:
-        return 2 * self.n_layers * batch * seq_len * self.n_local_heads * self.head_dim * dtype_bytes
+        return 2 * self.n_layers * batch * seq_len * self.n_local_kv_heads * self.head_dim * dtype_bytes
 
 
 @dataclass
@@ -157,6 +212,8 @@ class RMSNorm(nn.Module):
 def rope_tables(args: ModelArgs, device=None) -> tuple[Tensor, Tensor]:
     half = args.rot_dim // 2
     inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, half, dtype=torch.float32, device=device) * 2 / args.rot_dim))
+    if args.rope_scaling is not None:
+        inv_freq = args.rope_scaling.scale(inv_freq)
     t = torch.arange(args.max_seq_len, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
@@ -240,8 +297,14 @@ class Attention(nn.Module):
         super().__init__()
         self.args = args
         width = args.n_local_heads * args.head_dim
-        self.wqkv = Linear(args.dim, 3 * width, bias=args.qkv_bias)
+        self.kv_width = args.n_local_kv_heads * args.head_dim
+        self.wqkv = Linear(args.dim, width + 2 * self.kv_width, bias=args.qkv_bias)
         self.wo = Linear(width, args.dim, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, eps=args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, eps=args.norm_eps)
+        # q, k and v of one shape: projected, rotated and split as one tensor (the fast path of MHA models)
+        self.stacked = args.n_local_kv_heads == args.n_local_heads and not args.qk_norm
         self.kv_cache: KVCache | None = None
         self.reduce: Reduce = _identity  # all-reduce under tensor parallelism
         self.kernels: KernelSet | None = None  # set by Transformer.use_kernels
@@ -251,13 +314,18 @@ class Attention(nn.Module):
                 plan: AttentionPlan, prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
         args, ops = self.args, self.kernels
         bsz, seqlen, _ = x.shape
-        qkv = self.wqkv(x).view(bsz, seqlen, 3, args.n_local_heads, args.head_dim).permute(2, 0, 3, 1, 4)
-        if cos is not None:
-            rope = ops.rope if ops is not None else plain_ops.rope
-            q, k = rope(qkv[:2], cos, sin, args.rot_dim)  # q and k rotated in one pass
-            v = qkv[2]
-        else:
-            q, k, v = qkv
+        rope = ops.rope if ops is not None else plain_ops.rope
+        if self.stacked:
+            qkv = self.wqkv(x).view(bsz, seqlen, 3, args.n_local_heads, args.head_dim).permute(2, 0, 3, 1, 4)
+            if cos is not None:
+                q, k = rope(qkv[:2], cos, sin, args.rot_dim)  # q and k rotated in one pass
+                v = qkv[2]
+            else:
+                q, k, v = qkv
+        else:  # grouped-query attention (K/V [B, kv heads, T, D]) or per-head q/k norms
+            q, k, v = self._split_heads(self.wqkv(x), bsz, seqlen)
+            if cos is not None:
+                q, k = rope(q, cos, sin, args.rot_dim), rope(k, cos, sin, args.rot_dim)
         if plan.kind is AttentionKind.SPLIT_PREFIX:
             y = _split_prefix_attention(q, k, v, *prefix)
         else:
@@ -270,6 +338,16 @@ class Attention(nn.Module):
             y = self._attend(plan)(q, k, v, plan.mask, causal)
         y = y.transpose(1, 2).reshape(bsz, seqlen, -1)
         return self.reduce(self.wo(y))
+
+    def _split_heads(self, qkv: Tensor, bsz: int, seqlen: int) -> tuple[Tensor, Tensor, Tensor]:
+        args = self.args
+        q, k, v = qkv.split([args.n_local_heads * args.head_dim, self.kv_width, self.kv_width], dim=-1)
+        q = q.view(bsz, seqlen, args.n_local_heads, args.head_dim)
+        k = k.view(bsz, seqlen, args.n_local_kv_heads, args.head_dim)
+        if args.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        v = v.view(bsz, seqlen, args.n_local_kv_heads, args.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _attend(self, plan: AttentionPlan) -> Callable:
         ops = self.kernels
@@ -290,6 +368,8 @@ def _split_prefix_attention(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Ten
     """
     flash = _CPU_FLASH
     bsz, heads, seqlen, dim = q.shape
+    if not SDPA_GQA and kp.shape[1] != heads:  # an older torch's flash kernel takes K/V at the query heads
+        kp, vp, k, v = (plain_ops.repeat_kv(t, heads) for t in (kp, vp, k, v))
     folded = q.transpose(0, 1).reshape(1, heads, bsz * seqlen, dim)
     out_p, lse_p = flash(folded, kp, vp, 0.0, False)
     out_p = out_p.view(heads, bsz, seqlen, dim).transpose(0, 1)
@@ -413,7 +493,8 @@ class Transformer(nn.Module):
         self.kernels = kernels
         modules = [self.norm]
         for layer in self.layers:
-            modules += [layer, layer.attention_norm, layer.ffn_norm, layer.attention, layer.feed_forward]
+            modules += [layer, layer.attention_norm, layer.ffn_norm, layer.attention, layer.feed_forward,
+                        getattr(layer.attention, "q_norm", None), getattr(layer.attention, "k_norm", None)]
         for module in modules:
             if hasattr(module, "kernels"):
                 module.kernels = kernels
@@ -456,8 +537,8 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = None  # free the old cache before allocating the new one
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(
-                batch, self.args.n_local_heads, seq_len, self.args.head_dim, self.dtype, self.device
+            layer.attention.kv_cache = KVCache(  # at the K/V heads: never expanded to the query heads
+                batch, self.args.n_local_kv_heads, seq_len, self.args.head_dim, self.dtype, self.device
             )
         self.cache_shape = (batch, seq_len)
         self._build_tables()

@@ -7,8 +7,8 @@ batch, position and dtype, never from a loaded model:
 * weight bytes read by a decode step: every weight matrix, bias and norm once, except the embedding table, of
   which a step reads only its batch's rows (counting the whole table would credit a step with 1.2 GB it never
   reads on qwen-7b);
-* KV bytes read by a decode step at ``window`` cache slots: 2 (K and V) x layers x batch x window x local heads
-  x head_dim x dtype bytes; a row's mean over its decode steps uses the mean window, input + output / 2;
+* KV bytes read by a decode step at ``window`` cache slots: 2 (K and V) x layers x batch x window x local K/V
+  heads x head_dim x dtype bytes; a row's mean over its decode steps uses the mean window, input + output / 2;
 * prefill FLOPs: 2 x (matrix parameters of the layers) x batch x tokens, + the head on the last position only
   (npuinfer projects only that one), + causal attention 2 x 2 x batch x heads x head_dim x tokens^2 / 2 per layer
   (q.k^T and p.v, half the square under the causal mask).
@@ -58,19 +58,25 @@ def _norm_params(args: ModelArgs) -> int:
     return args.dim * (2 if args.norm == "layer" else 1)
 
 
+def _qkv_rows(args: ModelArgs) -> int:
+    """Output rows of one rank's fused q/k/v projection: its query heads and its K/V heads."""
+    return (args.n_local_heads + 2 * args.n_local_kv_heads) * args.head_dim
+
+
 def layer_matrix_params(args: ModelArgs) -> int:
     """Weight-matrix parameters of one layer on one rank (what a token multiplies through)."""
     d, h, i = args.dim, args.n_local_heads * args.head_dim, args.local_intermediate_size
     n_mats = 3 if args.mlp == "swiglu" else 2
-    return d * 3 * h + h * d + n_mats * d * i
+    return d * _qkv_rows(args) + h * d + n_mats * d * i
 
 
 def layer_params(args: ModelArgs) -> int:
     """Every parameter of one layer on one rank: matrices, biases (row-parallel output biases are whole on every
-    rank) and the two norms."""
-    d, h, i = args.dim, args.n_local_heads * args.head_dim, args.local_intermediate_size
-    biases = (3 * h if args.qkv_bias else 0) + (d if args.o_bias else 0) + ((i + d) if args.mlp_bias else 0)
-    return layer_matrix_params(args) + biases + 2 * _norm_params(args)
+    rank), the two norms and Qwen3's per-head q/k norms."""
+    d, i = args.dim, args.local_intermediate_size
+    biases = (_qkv_rows(args) if args.qkv_bias else 0) + (d if args.o_bias else 0) + ((i + d) if args.mlp_bias else 0)
+    qk_norms = 2 * args.head_dim if args.qk_norm else 0
+    return layer_matrix_params(args) + biases + 2 * _norm_params(args) + qk_norms
 
 
 def weight_bytes_per_step(args: ModelArgs, batch: int, dtype_bytes: int) -> int:
@@ -81,8 +87,9 @@ def weight_bytes_per_step(args: ModelArgs, batch: int, dtype_bytes: int) -> int:
 
 
 def kv_bytes_per_step(args: ModelArgs, batch: int, window: float, dtype_bytes: int) -> float:
-    """KV-cache bytes one decode step reads on one rank when it attends to ``window`` slots."""
-    return 2 * args.n_layers * batch * window * args.n_local_heads * args.head_dim * dtype_bytes
+    """KV-cache bytes one decode step reads on one rank when it attends to ``window`` slots (at the K/V heads:
+    grouped-query attention reads each K/V head once for the query heads that share it)."""
+    return 2 * args.n_layers * batch * window * args.n_local_kv_heads * args.head_dim * dtype_bytes
 
 
 def mean_decode_window(input_len: int, output_len: int) -> float:

@@ -150,6 +150,9 @@ def _write_checkpoint(name: str, spec: ModelSpec, family, tok: dict, out: Path, 
     args = args_from_config(config, spec.family, position=spec.position)
     with torch.device("cpu"):
         model = Transformer(args)
-    state = from_canonical(spec.family, random_canonical_state(model, seed), args)
+    canonical = random_canonical_state(model, seed)
+    if config.get("tie_word_embeddings"):  # as save_pretrained writes a tied model: no head tensor
+        del canonical["output.weight"]
+    state = from_canonical(spec.family, canonical, args)
     _write_weights(family.tiny.weights, state, args.n_layers, out)
 

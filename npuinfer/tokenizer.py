@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .families import Family, get_family
+from .families.base import QWEN_PAT_STR
 
 # What each tokenizer file is, for error messages.
 FILE_KINDS = {
@@ -32,8 +33,6 @@ FILE_KINDS = {
 }
 
 # Qwen v1 (tokenization_qwen.py): pre-tokenizer pattern and the special tokens numbered right after the BPE ranks.
-QWEN_PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 QWEN_ENDOFTEXT = "<|endoftext|>"
 QWEN_SPECIAL_TOKENS = (QWEN_ENDOFTEXT, "<|im_start|>", "<|im_end|>") + tuple(f"<|extra_{i}|>" for i in range(205))
 

@@ -6,6 +6,8 @@ Tiny checkpoints carry random weights but must look like the real thing on disk,
   qwen.tiktoken   byte-level BPE (tokenizers' trainer, Qwen's split pattern) converted to tiktoken ranks
   sentencepiece   sentencepiece BPE with byte fallback, with or without dummy prefix -> tokenizer.model
   byte-level-bpe  byte-level BPE with the record's special tokens first              -> tokenizer.json
+  split-byte-level-bpe  byte-level BPE pre-split by the record's pattern, its special tokens after the learned
+                  ids, optionally a post-processor adding the first one as bos (Qwen2, Qwen3, Llama 3) -> tokenizer.json
 plus tokenizer_config.json / special_tokens_map.json shaped like the published ones (their auto_map names
 the real tokenization_*.py, which is never written here and never executed anywhere).
 """
@@ -34,7 +36,8 @@ def min_vocab_size(spec: TinyTokenizer) -> int:
     """Smallest vocab_size (total ids, specials included) a tiny tokenizer of this kind can be trained to."""
     return {"qwen.tiktoken": 256 + len(QWEN_SPECIAL_TOKENS) + 16,
             "sentencepiece": _SP_META_PIECES + _SP_BYTE_PIECES + 64,
-            "byte-level-bpe": len(spec.special_tokens) + 256 + 16}[spec.kind]
+            "byte-level-bpe": len(spec.special_tokens) + 256 + 16,
+            "split-byte-level-bpe": len(spec.special_tokens) + 256 + 16}[spec.kind]
 
 
 def corpus_lines(seed: int = 0) -> list[str]:
@@ -198,5 +201,34 @@ def _write_byte_level_bpe(out_dir: Path, lines: list[str], vocab_size: int, spec
     tok.save(str(out_dir / "tokenizer.json"))
 
 
+def _write_split_byte_level_bpe(out_dir: Path, lines: list[str], vocab_size: int, spec: TinyTokenizer) -> None:
+    """Qwen2 / Llama 3's tokenizer.json pipeline: NFC (Qwen2), a regex Split then byte-level without its own regex,
+    the special tokens added after the learned vocabulary (as their ids 151643+ / 128000+ are)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, \
+        trainers
+
+    tok = Tokenizer(models.BPE())
+    if not spec.bos_template:
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(spec.split_pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(spec.special_tokens), special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["\n".join(lines)], trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in spec.special_tokens])
+    byte_level = processors.ByteLevel(trim_offsets=False)
+    if spec.bos_template:
+        bos = spec.special_tokens[0]
+        template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                 special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.Sequence([byte_level, template])
+    else:
+        tok.post_processor = byte_level
+    tok.save(str(out_dir / "tokenizer.json"))
+
+
 _WRITERS = {"qwen.tiktoken": _write_tiktoken, "sentencepiece": _write_sentencepiece,
-            "byte-level-bpe": _write_byte_level_bpe}
+            "byte-level-bpe": _write_byte_level_bpe, "split-byte-level-bpe": _write_split_byte_level_bpe}

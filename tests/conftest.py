@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-TINY_NAMES = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny"]
+TINY_NAMES = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny",
+              "qwen2-tiny", "llama3-tiny", "qwen3-tiny"]
 
 
 @pytest.fixture(scope="session", autouse=True)

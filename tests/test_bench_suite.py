@@ -352,7 +352,8 @@ def test_max_batch_search_finds_the_real_capacity_from_any_prediction(capacity, 
 # ------------------------------------------------------------------ the transformers backend
 
 
-@pytest.mark.parametrize("name", ["qwen-tiny", "baichuan2-7b-tiny", "internlm-tiny", "gpt-neox-tiny"])
+@pytest.mark.parametrize("name", ["qwen-tiny", "baichuan2-7b-tiny", "internlm-tiny", "gpt-neox-tiny", "qwen2-tiny",
+                                  "llama3-tiny", "qwen3-tiny"])
 def test_hf_backend_runs_the_same_function_and_is_timed_per_step(name, load_tiny):
     from npuinfer.backends.hf_model import HFBackend
     from npuinfer.backends.npuinfer import NpuinferBackend

@@ -63,7 +63,8 @@ def test_static_decode_step_equals_the_cached_forward(load_tiny, name):
 # A build takes half a minute on 2 cores: the other-shape part (one more build, a RoPE model unpadded) runs
 # once; what it checks (the cache a step reads, libraries kept per shape) does not depend on the family.
 @pytest.mark.e2e
-@pytest.mark.parametrize("name,padded,other_shape", [("qwen-tiny", True, True), ("baichuan2-13b-tiny", False, False)])
+@pytest.mark.parametrize("name,padded,other_shape", [("qwen-tiny", True, True), ("baichuan2-13b-tiny", False, False),
+                                                    ("qwen3-tiny", True, False)])  # grouped-query, q/k norms
 def test_compiled_decode_generates_what_eager_does(tiny_dir, name, padded, other_shape):
     """The compiled step (built for real, on cpu an AOTInductor library): RoPE on a padded batch, ALiBi
     unpadded. It reads the cache the eager prefill wrote and writes what the eager step writes."""

@@ -20,7 +20,8 @@ from npuinfer.parallel.dist import ParallelError, init_tensor_parallel
 from npuinfer.parallel.shard import check_part
 from npuinfer.tiny import MARKER, ensure_tiny, make_tiny
 
-TINY = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny"]
+TINY = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny",
+        "qwen2-tiny", "llama3-tiny", "qwen3-tiny"]
 
 
 def copy_of(name: str, dest: Path) -> Path:
@@ -53,15 +54,16 @@ def test_cut_splits_every_family(name, tmp_path):
         parts.append(read_weights(folder))
         assert set(parts[-1]) == set(full)
 
-    heads, hd, local = args.n_heads, args.head_dim, args.n_heads // 2
+    hd, local, local_kv = args.head_dim, args.n_heads // 2, args.n_kv_heads // 2
     for key, tensor in full.items():
         p0, p1 = parts[0][key], parts[1][key]
         assert p0.dtype == tensor.dtype
-        if ".wqkv." in key:  # each of the Q, K and V blocks split by heads
-            blocks = tensor.view(3, heads, hd, *tensor.shape[1:])
+        if ".wqkv." in key:  # each of the Q, K and V blocks split by heads (K and V by their own, fewer, heads)
+            q, k, v = tensor.split([args.n_heads * hd, args.n_kv_heads * hd, args.n_kv_heads * hd])
             for rank, part in enumerate((p0, p1)):
-                mine = blocks[:, rank * local:(rank + 1) * local]
-                assert torch.equal(part.view(3, local, hd, *tensor.shape[1:]), mine)
+                mine = [q[rank * local * hd:(rank + 1) * local * hd],
+                        *(t[rank * local_kv * hd:(rank + 1) * local_kv * hd] for t in (k, v))]
+                assert torch.equal(part, torch.cat(mine))
         elif key.endswith(("w1.weight", "w1.bias", "w3.weight", "w3.bias")):
             assert torch.equal(torch.cat([p0, p1], dim=0), tensor) and p0.shape[0] == tensor.shape[0] // 2
         elif key.endswith(("wo.weight", "w2.weight")):

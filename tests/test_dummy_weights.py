@@ -21,7 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 REAL = [name for name, spec in MODELS.items() if not spec.tiny]
 # Published parameter counts (embedding and head untied), to 2 decimals of a billion.
 PUBLISHED_PARAMS = {"qwen-7b": 7.72, "qwen-14b": 14.17, "baichuan2-7b": 7.51, "baichuan2-13b": 13.90,
-                    "internlm-7b": 7.32, "gpt-neox-20b": 20.55}
+                    "internlm-7b": 7.32, "gpt-neox-20b": 20.55,
+                    # model cards: 7.61B, 14.7B, 8.03B (Llama 3.1: 8,030,261,248), 8.2B, rounded down there
+                    "qwen2.5-7b-instruct": 7.62, "qwen2.5-14b-instruct": 14.77, "llama-3.1-8b-instruct": 8.03,
+                    "qwen3-8b": 8.19}
 
 
 def _peak_rss() -> int:

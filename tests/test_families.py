@@ -26,11 +26,15 @@ def test_every_named_model_has_a_family_record_and_its_tiny_config_reads_back():
         args = read_model_args(config, family, position=spec.position)
         assert (args.family, args.dim, args.n_layers, args.n_heads, args.position) == (
             spec.family, spec.hidden_size, spec.num_layers, spec.num_heads, spec.position)
+        assert (args.n_kv_heads, args.head_dim) == (spec.kv_heads, spec.head_dim), spec.name
 
 
 def test_family_from_architectures_when_model_type_is_absent_and_unknown_types_listed():
-    assert family_of_config({"architectures": ["LlamaForCausalLM"]}).name == "internlm"
-    assert family_of_config({"model_type": "llama"}).name == "internlm"
+    assert family_of_config({"architectures": ["LlamaForCausalLM"]}).name == "llama"
+    assert family_of_config({"model_type": "llama"}).name == "llama"
+    assert family_of_config({"architectures": ["InternLMForCausalLM"]}).name == "internlm"
+    assert family_of_config({"model_type": "qwen2"}).name == "qwen2"
+    assert family_of_config({"architectures": ["Qwen3ForCausalLM"]}).name == "qwen3"
     with pytest.raises(CheckpointError) as err:
         family_of_config({"model_type": "mistral", "architectures": ["LlamaForCausalLM"]}, "/m/config.json")
     message = str(err.value)
@@ -38,8 +42,8 @@ def test_family_from_architectures_when_model_type_is_absent_and_unknown_types_l
     for family in FAMILIES.values():
         assert all(t in message for t in family.model_types + family.architectures)
     assert get_family("GPT_NeoX") is FAMILIES["gpt-neox"]
-    with pytest.raises(ValueError, match="unknown model family 'llama'"):
-        get_family("llama")
+    with pytest.raises(ValueError, match="unknown model family 'mistral'"):
+        get_family("mistral")
 
 
 def _family_literals(tree: ast.AST) -> list[int]:

@@ -9,6 +9,8 @@ name table or fused layout in npuinfer shows up as a logits mismatch.
   qwen           Qwen2ForCausalLM                (c_attn split into q/k/v, w2 -> gate, w1 -> up)
   baichuan2-7b   LlamaForCausalLM                (W_pack split, head rows L2-normalised)
   baichuan2-13b  plain reference below (ALiBi + NormHead); baichuan2-7b is checked against it as well
+  qwen2, llama3, qwen3   their tiny checkpoints are in transformers' own layout: read by from_pretrained itself
+                         (Qwen2ForCausalLM, LlamaForCausalLM with llama3 RoPE scaling, Qwen3ForCausalLM)
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from npuinfer.generate import generate
 from npuinfer.model import SeqState, alibi_slopes
 
 ATOL = 1e-4
-HF_FAMILIES = ["qwen-tiny", "baichuan2-7b-tiny", "internlm-tiny", "gpt-neox-tiny"]
+GQA_TINY = ["qwen2-tiny", "llama3-tiny", "qwen3-tiny"]  # 4 query heads, 2 K/V heads
+HF_FAMILIES = ["qwen-tiny", "baichuan2-7b-tiny", "internlm-tiny", "gpt-neox-tiny", *GQA_TINY]
 ALL = HF_FAMILIES + ["baichuan2-13b-tiny"]
 
 
@@ -57,6 +60,13 @@ def hf_model(name: str, model_dir: Path):
     from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM)
 
+    if name in GQA_TINY:  # transformers' own classes and reader, from config.json and the safetensors files
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+        assert type(model).__name__ == {"qwen2-tiny": "Qwen2ForCausalLM", "llama3-tiny": "LlamaForCausalLM",
+                                        "qwen3-tiny": "Qwen3ForCausalLM"}[name]
+        return model.eval()
     c, raw = config_of(model_dir), raw_state(model_dir)
     common = dict(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_hidden_layers=c["num_hidden_layers"],
                   num_attention_heads=c["num_attention_heads"], tie_word_embeddings=False,
@@ -350,7 +360,7 @@ def test_greedy_equals_transformers_generate_batch1(name, load_tiny, hf):
     assert ours.tolist() == theirs.tolist()
 
 
-@pytest.mark.parametrize("name", ["internlm-tiny", "gpt-neox-tiny", "baichuan2-7b-tiny"])
+@pytest.mark.parametrize("name", ["internlm-tiny", "gpt-neox-tiny", "baichuan2-7b-tiny", *GQA_TINY])
 def test_greedy_equals_transformers_generate_left_padded(name, load_tiny, hf):
     loaded = load_tiny(name)
     tok = loaded.tokenizer
@@ -438,7 +448,7 @@ def test_transformers_save_pretrained_loads_and_matches(arch, variant, tiny_dir,
     shutil.copy(tiny_dir(f"{arch}-tiny") / tok_file, out / tok_file)
 
     loaded = load_model(model_path=out, device="cpu", dtype="fp32")
-    assert loaded.family.name == arch
+    assert loaded.family.name == {"gpt-neox": "gpt-neox", "internlm": "llama"}[arch]  # LlamaForCausalLM: the llama family
     tokens, steps = prompt(9, 30), prompt(4, 31)
     ours, theirs = ours_steps(loaded.model, tokens, steps), hf_steps(hf_model_, tokens, steps)
     assert_close(ours[0], theirs[0], f"{arch}/{variant} prefill")
@@ -515,7 +525,7 @@ def _write_tokenizer_json_only(out: Path) -> None:
                             pad_token="</s>").save_pretrained(out)
 
 
-def test_llama_checkpoint_with_only_tokenizer_json_loads_as_internlm(tmp_path):
+def test_llama_checkpoint_with_only_tokenizer_json_loads_as_llama(tmp_path):
     """transformers' LlamaForCausalLM.save_pretrained (attention_bias) + a tokenizer.json alone: the tokenizer is
     chosen by the files present, and greedy tokens equal transformers' generate from its own tokenizer."""
     from transformers import AutoTokenizer
@@ -529,7 +539,7 @@ def test_llama_checkpoint_with_only_tokenizer_json_loads_as_internlm(tmp_path):
     assert "tokenizer.json" in {p.name for p in out.iterdir()} and not (out / "tokenizer.model").exists()
 
     loaded = load_model(model_path=out, device="cpu", dtype="fp32")
-    assert loaded.family.name == "internlm" and loaded.args.qkv_bias and loaded.args.o_bias
+    assert loaded.family.name == "llama" and loaded.args.qkv_bias and loaded.args.o_bias
     reference = AutoTokenizer.from_pretrained(str(out))
     text = "苹果公司的CEO是 The capital of France is"
     ids = loaded.tokenizer.encode(text)

@@ -15,7 +15,8 @@ from npuinfer.generate import generate, seq_state
 from npuinfer.kernels import PLUGIN_ENV, KernelCheckError, KernelShapes, check_kernels, select_kernels
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny"]
+TINY = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny",
+        "qwen2-tiny", "llama3-tiny", "qwen3-tiny"]
 PROMPT, STEPS, NEW = 7, 3, 6
 
 

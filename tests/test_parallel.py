@@ -1,7 +1,8 @@
 """Tensor parallelism on 2 real torch.distributed ranks (gloo, CPU): tp=2 equals tp=1 for every family.
 
-One spawn of 2 processes loads all five tiny families through runtime.load_model (each rank reads only
-its part_model folder) and runs a padded batch: prefill logits, 4 decode steps, greedy generations.
+One spawn of 2 processes loads all the tiny families (the grouped-query ones with 2 K/V heads, one per rank) and a
+Llama written by transformers with a single K/V head (replicated to both ranks) through runtime.load_model (each
+rank reads only its part_model folder) and runs a padded batch: prefill logits, 4 decode steps, greedy generations.
 The single-process results are the reference. Then the CLI under torchrun, and a rank that dies.
 """
 from __future__ import annotations
@@ -23,8 +24,11 @@ from npuinfer.parallel.cut import cut_checkpoint
 from npuinfer.parallel.layout import PART_DIR, TP_KEY
 from npuinfer.parallel.launch import free_port, run_under_torchrun
 from npuinfer.tiny import MARKER, ensure_tiny
+from test_gqa_families import save_hf_checkpoint
 
-TINY = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny"]
+TINY = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny",
+        "qwen2-tiny", "llama3-tiny", "qwen3-tiny"]
+ONE_KV_HEAD = "llama-1kv"  # 4 query heads, 1 K/V head: tp 2 replicates it
 AUTO_CUT = "gpt-neox-tiny"  # keeps the tiny marker and is not cut beforehand: the ranks cut it on first use
 TP = 2
 PROMPT, DECODE_STEPS, NEW_TOKENS = 7, 4, 8
@@ -84,6 +88,9 @@ def tp_dirs(tmp_path_factory) -> dict[str, Path]:
         if name != AUTO_CUT:
             (dirs[name] / MARKER).unlink()
             cut_checkpoint(dirs[name], TP)
+    dirs[ONE_KV_HEAD] = base / ONE_KV_HEAD
+    save_hf_checkpoint("llama3", dirs[ONE_KV_HEAD], ensure_tiny, kv_heads=1)
+    cut_checkpoint(dirs[ONE_KV_HEAD], TP)
     return dirs
 
 
@@ -103,7 +110,7 @@ def runs(tp_dirs, tmp_path_factory):
     return reference, [torch.load(out / f"rank{r}.pt") for r in range(TP)]
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", [*TINY, ONE_KV_HEAD])
 def test_tp2_logits_equal_tp1(name, runs):
     reference, ranks = runs
     ref = reference[name]["run"]["logits"]
@@ -117,7 +124,7 @@ def test_tp2_logits_equal_tp1(name, runs):
         assert torch.equal(a, b)  # the all-reduce leaves every rank with the same bits: same tokens everywhere
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", [*TINY, ONE_KV_HEAD])
 def test_tp2_greedy_generations_identical(name, runs):
     reference, ranks = runs
     for results in ranks:
@@ -125,7 +132,7 @@ def test_tp2_greedy_generations_identical(name, runs):
             assert torch.equal(results[name]["run"][kind], reference[name]["run"][kind]), kind
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", [*TINY, ONE_KV_HEAD])
 def test_tp2_plain_kernels_equal_fused(name, runs):
     _, ranks = runs
     for rank, results in enumerate(ranks):
@@ -145,6 +152,14 @@ def test_each_rank_holds_half_the_layer_weights(name, runs):
         replicated = full["bytes"] - full["layer_bytes"]  # embedding, head, norms, row-parallel biases
         assert results[name]["bytes"] == replicated + full["layer_bytes"] // TP
         # (tiny models: ratio 0.74-0.81, the replicated embedding and head being a large share of them)
+
+
+def test_a_single_kv_head_is_replicated_to_both_ranks(runs):
+    reference, ranks = runs
+    full = reference[ONE_KV_HEAD]
+    kv_bytes = 2 * 2 * 16 * 64 * 4  # K and V projections of one 16-wide head from 64 dims, fp32, 2 layers
+    for results in ranks:  # each rank: half of everything else, all of K and V
+        assert results[ONE_KV_HEAD]["layer_bytes"] == (full["layer_bytes"] - kv_bytes) // TP + kv_bytes
 
 
 def test_rank_helpers_and_tiny_cut_on_first_use(runs, tp_dirs):

@@ -17,7 +17,8 @@ from npuinfer.runtime import load_model
 
 from conftest import model_loader
 
-TINY = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny"]
+TINY = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny",
+        "qwen2-tiny", "llama3-tiny", "qwen3-tiny"]
 
 pytestmark = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                                 reason="oneDNN without bf16 on this cpu: the linear kernel leaves weights dense")

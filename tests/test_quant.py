@@ -16,7 +16,8 @@ from npuinfer.quant.layout import find_quant_files, quant_from_canonical, quant_
 from npuinfer.quant.linear import plan_from_state
 from npuinfer.quant.scheme import decode_deq_scale, fake_quantize_activation, w8a8_float_bias
 
-FAMILIES = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny"]
+FAMILIES = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny",
+            "qwen2-tiny", "llama3-tiny", "qwen3-tiny"]
 
 
 def kernel(scheme: str) -> str:

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from npuinfer.parallel.cut import cut_checkpoint
 from npuinfer.parallel.launch import free_port
 
-FAMILIES = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny"]
+FAMILIES = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny",
+            "qwen2-tiny", "llama3-tiny", "qwen3-tiny"]
 SCHEMES = ["W8A16", "W8A8"]
 TP = 2
 

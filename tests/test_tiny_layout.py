@@ -45,6 +45,17 @@ def neox_names(n_layers: int) -> set[str]:
         f"gpt_neox.layers.{i}.{m}.{k}" for i in range(n_layers) for m in modules for k in ("weight", "bias")}
 
 
+def gqa_names(per_layer_extra: list[str], head: bool):
+    """Llama / Qwen2 / Qwen3 names: separate q/k/v/o projections plus the family's extras; no lm_head when tied."""
+    def names(n_layers: int) -> set[str]:
+        per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
+                     "mlp.up_proj.weight", "mlp.down_proj.weight"]
+        per_layer += [f"self_attn.{p}_proj.weight" for p in "qkvo"] + per_layer_extra
+        top = {"model.embed_tokens.weight", "model.norm.weight"} | ({"lm_head.weight"} if head else set())
+        return top | {f"model.layers.{i}.{s}" for i in range(n_layers) for s in per_layer}
+    return names
+
+
 # name -> (tensor names, weight file kind, tokenizer file, model_type, modules named by auto_map)
 LAYOUT = {
     "qwen-tiny": (qwen_names, "safetensors", "qwen.tiktoken", "qwen", {"modeling_qwen", "configuration_qwen"}),
@@ -55,6 +66,11 @@ LAYOUT = {
     "internlm-tiny": (internlm_names, "bin", "tokenizer.model", "internlm",
                       {"modeling_internlm", "configuration_internlm"}),
     "gpt-neox-tiny": (neox_names, "safetensors", "tokenizer.json", "gpt_neox", set()),
+    "qwen2-tiny": (gqa_names([f"self_attn.{p}_proj.bias" for p in "qkv"], head=False), "safetensors",
+                   "tokenizer.json", "qwen2", set()),
+    "llama3-tiny": (gqa_names([], head=True), "safetensors", "tokenizer.json", "llama", set()),
+    "qwen3-tiny": (gqa_names(["self_attn.q_norm.weight", "self_attn.k_norm.weight"], head=True), "safetensors",
+                   "tokenizer.json", "qwen3", set()),
 }
 
 
@@ -128,7 +144,24 @@ def test_tensor_shapes_follow_the_config(name, tiny_dir):
     c = json.loads((d / "config.json").read_text())
     t = tensors_of(d)
     D, V, I, L = c["hidden_size"], c["vocab_size"], c["intermediate_size"], c["num_hidden_layers"]
-    if name.startswith("qwen"):
+    if "num_key_value_heads" in c:  # Llama / Qwen2 / Qwen3: grouped-query attention, K/V narrower than Q
+        H, KV = c["num_attention_heads"], c["num_key_value_heads"]
+        hd = c.get("head_dim", D // H)
+        assert KV < H and H % KV == 0
+        assert t["model.embed_tokens.weight"].shape == (V, D)
+        assert ("lm_head.weight" in t) != c["tie_word_embeddings"]
+        assert t["model.layers.0.self_attn.q_proj.weight"].shape == (H * hd, D)
+        assert t["model.layers.0.self_attn.k_proj.weight"].shape == t["model.layers.0.self_attn.v_proj.weight"].shape \
+            == (KV * hd, D)
+        assert t["model.layers.0.self_attn.o_proj.weight"].shape == (D, H * hd)
+        if c["model_type"] == "qwen2":
+            assert t["model.layers.0.self_attn.k_proj.bias"].shape == (KV * hd,)
+        if c["model_type"] == "qwen3":
+            assert hd != D // H  # as Qwen3-0.6B: heads wider than hidden_size / heads
+            assert t["model.layers.0.self_attn.q_norm.weight"].shape == t["model.layers.0.self_attn.k_norm.weight"] \
+                .shape == (hd,)
+        assert t["model.layers.0.mlp.gate_proj.weight"].shape == (I, D)
+    elif name.startswith("qwen"):
         assert t["transformer.wte.weight"].shape == t["lm_head.weight"].shape == (V, D)
         assert t[f"transformer.h.{L - 1}.attn.c_attn.weight"].shape == (3 * D, D)
         assert t[f"transformer.h.{L - 1}.attn.c_attn.bias"].shape == (3 * D,)
@@ -175,6 +208,19 @@ def test_config_fields_are_the_real_ones(tiny_dir):
     assert neox["rotary_pct"] == 0.25 and neox["use_parallel_residual"] is True and "rotary_emb_base" in neox
     assert neox["architectures"] == ["GPTNeoXForCausalLM"]
     assert (neox["hidden_size"] // neox["num_attention_heads"]) * neox["rotary_pct"] >= 2  # some dims do rotate
+
+
+def test_grouped_query_config_fields_are_the_real_ones(tiny_dir):
+    qwen2 = json.loads((tiny_dir("qwen2-tiny") / "config.json").read_text())
+    assert qwen2["architectures"] == ["Qwen2ForCausalLM"] and qwen2["use_sliding_window"] is False
+    assert qwen2["tie_word_embeddings"] is True and qwen2["rope_scaling"] is None and "sliding_window" in qwen2
+    llama = json.loads((tiny_dir("llama3-tiny") / "config.json").read_text())
+    assert llama["architectures"] == ["LlamaForCausalLM"] and llama["rope_theta"] == 500000.0
+    assert llama["rope_scaling"]["rope_type"] == "llama3" and llama["rope_scaling"]["factor"] == 8.0
+    qwen3 = json.loads((tiny_dir("qwen3-tiny") / "config.json").read_text())
+    assert qwen3["architectures"] == ["Qwen3ForCausalLM"] and qwen3["attention_bias"] is False
+    for config in (qwen2, llama, qwen3):
+        assert config["num_key_value_heads"] * 2 == config["num_attention_heads"]
 
 
 @pytest.mark.parametrize("name", list(LAYOUT))

@@ -35,9 +35,13 @@ EXPECTED_FILES = {
     "baichuan2": {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"},
     "internlm": {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"},
     "gpt-neox": {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"},
+    "llama": {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"},  # Llama 3's files
+    "qwen2": {"tokenizer.json", "tokenizer_config.json"},
+    "qwen3": {"tokenizer.json", "tokenizer_config.json"},
 }
 TOKENIZER_FILE = {"qwen": "qwen.tiktoken", "baichuan2": "tokenizer.model", "internlm": "tokenizer.model",
-                  "gpt-neox": "tokenizer.json"}
+                  "gpt-neox": "tokenizer.json", "llama": "tokenizer.json", "qwen2": "tokenizer.json",
+                  "qwen3": "tokenizer.json"}
 
 # Written out again from Qwen's tokenization_qwen.py, so the check does not reuse the module's copy.
 QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -149,9 +153,10 @@ def test_files_on_disk_are_the_family_kinds(tiny, family):
     assert {p.name for p in directory.iterdir()} == EXPECTED_FILES[family]
     config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
     expected_class = {"qwen": "QWenTokenizer", "baichuan2": "BaichuanTokenizer", "internlm": "InternLMTokenizer",
-                      "gpt-neox": "GPTNeoXTokenizer"}[family]
+                      "gpt-neox": "GPTNeoXTokenizer", "llama": "PreTrainedTokenizerFast", "qwen2": "Qwen2Tokenizer",
+                      "qwen3": "Qwen2Tokenizer"}[family]
     assert config["tokenizer_class"] == expected_class
-    if family != "gpt-neox":  # the others name their remote code, which we never write nor run
+    if family in ("qwen", "baichuan2", "internlm"):  # these name their remote code, which we never write nor run
         module = config["auto_map"]["AutoTokenizer"][0]
         assert module.split(".")[0].startswith("tokenization_")
         assert not (directory / f"{module.split('.')[0]}.py").exists()
@@ -323,7 +328,8 @@ def test_corpus_is_small_mixed_and_has_the_probe_sentence():
 
 # Every file a family's checkpoint may hold its tokenizer in, in the order they are looked for.
 LOOKED_FOR = {"qwen": ["tokenizer.json", "qwen.tiktoken"], "baichuan2": ["tokenizer.json", "tokenizer.model"],
-              "internlm": ["tokenizer.json", "tokenizer.model"], "gpt-neox": ["tokenizer.json"]}
+              "internlm": ["tokenizer.json", "tokenizer.model"], "gpt-neox": ["tokenizer.json"],
+              "llama": ["tokenizer.json", "tokenizer.model"], "qwen2": ["tokenizer.json"], "qwen3": ["tokenizer.json"]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -363,7 +369,7 @@ def test_missing_directory_and_unknown_family(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_tokenizer(tmp_path / "nowhere", "qwen")
     with pytest.raises(ValueError, match="unknown model family"):
-        load_tokenizer(tmp_path, "llama")
+        load_tokenizer(tmp_path, "mistral")
 
 
 def test_remote_code_in_the_directory_is_never_run(tiny, tmp_path):

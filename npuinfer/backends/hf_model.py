@@ -5,9 +5,12 @@ the transformers class that computes the same function, chosen by what the model
 not by its family's name:
 
   GELU MLP, LayerNorm               -> GPTNeoXForCausalLM (gpt-neox; GPT-NeoX tensor names)
-  SwiGLU, bias on q/k/v only        -> Qwen2ForCausalLM (qwen v1: fused c_attn split into q/k/v; w2 is the gate)
+  SwiGLU, per-head q/k norms        -> Qwen3ForCausalLM (qwen3)
+  SwiGLU, bias on q/k/v only        -> Qwen2ForCausalLM (qwen2; qwen v1: fused c_attn split into q/k/v, w2 the gate)
   SwiGLU, bias on all of q/k/v/o    -> LlamaForCausalLM with attention_bias=True (internlm)
-  SwiGLU, no attention bias         -> LlamaForCausalLM (baichuan2-7b: W_pack split; NormHead rows normalised at load)
+  SwiGLU, no attention bias         -> LlamaForCausalLM (llama; baichuan2-7b: W_pack split; NormHead rows
+                                       normalised at load)
+Each gets the model's K/V head count (grouped-query attention), head_dim and RoPE scaling (llama3 type).
   ALiBi                             -> none: no transformers equivalent, a clear error (baichuan2-13b)
 
 transformers is not patched. Its generate is observed from outside: forward pre/post hooks on the
@@ -38,7 +41,7 @@ from ..checkpoint import (
 from ..device import Device
 from ..families import gpt_neox
 from ..generate import check_finite
-from ..model import Linear, ModelArgs
+from ..model import Linear, Llama3RopeScaling, ModelArgs
 from ..quant import plan_from_state
 from .base import BackendUnsupported
 
@@ -54,16 +57,21 @@ def _transformers_version() -> tuple[int, int]:
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
-def _rope_kwargs(config_cls, base: float, partial: float | None = None) -> dict:
+def _rope_kwargs(config_cls, base: float, partial: float | None = None,
+                 scaling: Llama3RopeScaling | None = None) -> dict:
     """RoPE settings as this transformers version spells them (5.x: rope_parameters)."""
+    scaled = {} if scaling is None else {"rope_type": "llama3", "factor": scaling.factor,
+                                         "low_freq_factor": scaling.low_freq_factor,
+                                         "high_freq_factor": scaling.high_freq_factor,
+                                         "original_max_position_embeddings": scaling.original_max_position_embeddings}
     if "rope_parameters" in inspect.signature(config_cls.__init__).parameters:
-        params = {"rope_type": "default", "rope_theta": base}
+        params = {"rope_type": "default", "rope_theta": base, **scaled}
         if partial is not None:
             params["partial_rotary_factor"] = partial
         return {"rope_parameters": params}
     if partial is not None:  # GPTNeoXConfig of transformers 4.x
         return {"rotary_pct": partial, "rotary_emb_base": base}
-    return {"rope_theta": base}
+    return {"rope_theta": base, **({"rope_scaling": scaled} if scaled else {})}
 
 
 def _common(args: ModelArgs) -> dict:
@@ -73,8 +81,7 @@ def _common(args: ModelArgs) -> dict:
 
 
 def _llama_names(args: ModelArgs, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Canonical tensors -> Llama / Qwen2 names, the fused [Q; K; V] split into three projections."""
-    width = args.n_heads * args.head_dim
+    """Canonical tensors -> Llama / Qwen2 / Qwen3 names, the fused [Q; K; V] split into three projections."""
     out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
            "lm_head.weight": state["output.weight"]}
     for i in range(args.n_layers):
@@ -84,10 +91,13 @@ def _llama_names(args: ModelArgs, state: dict[str, Tensor]) -> dict[str, Tensor]
         for kind in ("weight", "bias"):
             fused = state.get(f"{src}attention.wqkv.{kind}")
             if fused is not None:
-                for name, part in zip("qkv", fused.split(width, dim=0)):
+                for name, part in zip("qkv", fused.split(list(args.qkv_widths), dim=0)):
                     out[f"{dst}self_attn.{name}_proj.{kind}"] = part
             if f"{src}attention.wo.{kind}" in state:
                 out[f"{dst}self_attn.o_proj.{kind}"] = state[f"{src}attention.wo.{kind}"]
+        for norm in ("q_norm", "k_norm"):
+            if f"{src}attention.{norm}.weight" in state:
+                out[f"{dst}self_attn.{norm}.weight"] = state[f"{src}attention.{norm}.weight"]
         out[dst + "mlp.gate_proj.weight"] = state[src + "feed_forward.w1.weight"]
         out[dst + "mlp.up_proj.weight"] = state[src + "feed_forward.w3.weight"]
         out[dst + "mlp.down_proj.weight"] = state[src + "feed_forward.w2.weight"]
@@ -97,7 +107,7 @@ def _llama_names(args: ModelArgs, state: dict[str, Tensor]) -> dict[str, Tensor]
 def hf_equivalent(args: ModelArgs, state: dict[str, Tensor], where: str = "checkpoint"):
     """(transformers model class, its config, its state dict) computing what ``args`` + ``state`` compute."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, \
-        Qwen2ForCausalLM
+        Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     if args.position == "alibi":
         raise HFUnsupported(
@@ -118,17 +128,28 @@ def hf_equivalent(args: ModelArgs, state: dict[str, Tensor], where: str = "check
         raise HFUnsupported(f"{where}: partial rotary embeddings are only mapped for a GELU (GPT-NeoX) model")
     if args.norm != "rms" or args.parallel_residual:
         raise HFUnsupported(f"{where}: a SwiGLU model maps onto Llama / Qwen2 only with RMSNorm and sequential residuals")
-    common = dict(**_common(args), intermediate_size=args.intermediate_size, num_key_value_heads=args.n_heads,
+    common = dict(**_common(args), intermediate_size=args.intermediate_size, num_key_value_heads=args.n_kv_heads,
                   rms_norm_eps=args.norm_eps, hidden_act="silu")
-    if args.qkv_bias and not args.o_bias:  # Qwen2: biases on q, k and v only
-        config = Qwen2Config(**common, use_sliding_window=False, **_rope_kwargs(Qwen2Config, args.rope_base))
+    if args.qk_norm:  # Qwen3: per-head q/k RMSNorm; attention_bias covers q, k, v and o alike
+        if args.qkv_bias != args.o_bias:
+            raise HFUnsupported(f"{where}: Qwen3's attention_bias covers q, k, v and o together; this checkpoint has "
+                                f"qkv bias={args.qkv_bias}, o bias={args.o_bias}")
+        config = Qwen3Config(**common, head_dim=args.head_dim, attention_bias=args.qkv_bias, use_sliding_window=False,
+                             **_rope_kwargs(Qwen3Config, args.rope_base, scaling=args.rope_scaling))
+        return Qwen3ForCausalLM, config, _llama_names(args, state)
+    if args.qkv_bias and not args.o_bias:  # Qwen2: biases on q, k and v only, heads of hidden_size / heads
+        if args.head_dim * args.n_heads != args.dim:
+            raise HFUnsupported(f"{where}: Qwen2ForCausalLM's heads are hidden_size / num_attention_heads wide; this "
+                                f"checkpoint's are {args.head_dim}")
+        config = Qwen2Config(**common, use_sliding_window=False,
+                             **_rope_kwargs(Qwen2Config, args.rope_base, scaling=args.rope_scaling))
         return Qwen2ForCausalLM, config, _llama_names(args, state)
     if args.qkv_bias != args.o_bias:
         raise HFUnsupported(f"{where}: Llama's attention_bias covers q, k, v and o together and Qwen2 biases q, k "
                             f"and v only; this checkpoint has qkv bias={args.qkv_bias}, o bias={args.o_bias}")
     # Baichuan2's NormHead: to_canonical already normalised the head's rows, so a plain lm_head matches.
     config = LlamaConfig(**common, head_dim=args.head_dim, attention_bias=args.qkv_bias, mlp_bias=False,
-                         **_rope_kwargs(LlamaConfig, args.rope_base))
+                         **_rope_kwargs(LlamaConfig, args.rope_base, scaling=args.rope_scaling))
     return LlamaForCausalLM, config, _llama_names(args, state)
 
 

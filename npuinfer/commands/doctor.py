@@ -188,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
         kernels = check_kernels(select_kernels(device.type, "fused"), shapes, device.torch_device, dtype,
                                 raise_on_failure=False)
     print(f"\nkernels on {device}, {dtype_name(dtype)}, shapes of {where}: dim {shapes.dim}, "
-          f"{shapes.heads} heads x {shapes.head_dim}, rotary {shapes.rot_dim}, mlp {shapes.intermediate}")
+          f"{shapes.heads} heads ({shapes.k_heads} K/V) x {shapes.head_dim}, rotary {shapes.rot_dim}, "
+          f"mlp {shapes.intermediate}")
     header = f"  {'op':<18} {'implementation':<42} {'check vs plain':<36} {'fused ms':>9} {'plain ms':>9} {'speed-up':>8}"
     print(header)
     failed = []

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from ..hf_config import CheckpointError, ConfigFields
 from ..model import ModelArgs
-from . import baichuan2, gpt_neox, internlm, qwen
+from . import baichuan2, gpt_neox, internlm, llama, qwen, qwen2, qwen3
 from .base import QKV_FUSED, QKV_PER_HEAD, QKV_SEPARATE, Family, NameTable
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (qwen.FAMILY, baichuan2.FAMILY, internlm.FAMILY, gpt_neox.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (qwen.FAMILY, baichuan2.FAMILY, internlm.FAMILY, gpt_neox.FAMILY,
+                                                  llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY)}
 
 __all__ = ["FAMILIES", "Family", "NameTable", "QKV_FUSED", "QKV_PER_HEAD", "QKV_SEPARATE", "family_of_config",
            "get_family", "read_model_args"]

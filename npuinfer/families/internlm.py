@@ -1,4 +1,4 @@
-"""InternLM (and Llama checkpoints with or without attention biases): separate q/k/v/o projections."""
+"""InternLM: separate q/k/v/o projections with biases (``bias``); Llama checkpoints are the llama family's."""
 from __future__ import annotations
 
 from ..hf_config import ConfigFields
@@ -25,8 +25,8 @@ def tiny_config(spec: ModelSpec, base: dict, ids: dict) -> dict:
 FAMILY = Family(
     name="internlm",
     title="InternLM",
-    model_types=("internlm", "llama"),
-    architectures=("InternLMForCausalLM", "LlamaForCausalLM"),
+    model_types=("internlm",),
+    architectures=("InternLMForCausalLM",),
     read_args=read_args,
     names=LLAMA_NAMES,
     qkv=QKV_SEPARATE,

@@ -39,12 +39,17 @@ class KernelShapes:
     rope: bool = True
     alibi: bool = False
     gated: bool = True
+    kv_heads: int | None = None  # local K/V heads; None: as many as ``heads``
 
     @classmethod
     def from_args(cls, args) -> "KernelShapes":  # npuinfer.model.ModelArgs
         return cls(args.dim, args.n_local_heads, args.head_dim, args.rot_dim, args.local_intermediate_size,
                    args.norm_eps, args.norm == "rms", args.position == "rope", args.position == "alibi",
-                   args.mlp == "swiglu")
+                   args.mlp == "swiglu", args.n_local_kv_heads)
+
+    @property
+    def k_heads(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
 
     def uses(self, op: str) -> bool:
         if op in ("rms_norm", "add_rms_norm"):
@@ -122,10 +127,14 @@ def cases(op: str, shapes: KernelShapes, device, dtype: torch.dtype, seed: int =
         per_row = torch.stack([torch.arange(i % 4, i % 4 + t, device=device) for i in range(b)])
         for name, positions in (("shared positions", shared), ("per-row positions", per_row)):
             cos, sin = _rope_tables(shapes, positions, dtype)
-            yield name, (rand(2, b, h, t, d), cos, sin, shapes.rot_dim)
+            if shapes.k_heads == h:
+                yield name, (rand(2, b, h, t, d), cos, sin, shapes.rot_dim)
+            else:  # grouped-query attention rotates q and k apart, each [B, heads, T, D]
+                yield f"q, {name}", (rand(b, h, t, d), cos, sin, shapes.rot_dim)
+                yield f"k, {name}", (rand(b, shapes.k_heads, t, d), cos, sin, shapes.rot_dim)
     elif op in ("prefill_attention", "decode_attention"):
         t_q = t if op == "prefill_attention" else 1
-        q, k, v = rand(b, h, t_q, d), rand(b, h, s, d), rand(b, h, s, d)
+        q, k, v = rand(b, h, t_q, d), rand(b, shapes.k_heads, s, d), rand(b, shapes.k_heads, s, d)
         padded = _padded_mask(b, t_q, s, pad=min(3, s - t_q), device=device)
         if op == "prefill_attention":
             yield "causal", (q, k, v, None, True)

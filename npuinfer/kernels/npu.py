@@ -223,7 +223,7 @@ def _fused_attention(q: Tensor, k: Tensor, v: Tensor, pse: Tensor | None, atten_
     scale = {"scale" if "scale" in names else "scale_value": 1.0 / math.sqrt(d)}
     out, _lse = _call("npu_fused_infer_attention_score", q.contiguous(), key=k, value=v,
                       pse_shift=pse, atten_mask=atten_mask, actual_seq_lengths_kv=kv_lengths, num_heads=heads,
-                      num_key_value_heads=heads, input_layout="BNSD", sparse_mode=sparse_mode, **scale)
+                      num_key_value_heads=k.shape[1], input_layout="BNSD", sparse_mode=sparse_mode, **scale)
     return out
 
 

@@ -33,9 +33,11 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, rot_dim: int) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v. q [B,H,T,D], k/v [B,H,S,D]. ``mask``: bool [B|1,1,T,S] (True: the
-    key is visible), or an additive float bias [B|1,H|1,T,S] (ALiBi, -inf where not visible); ``causal``
-    (no mask): query i sees keys up to S - T + i."""
+    """softmax(q k^T / sqrt(d) + mask) v. q [B,H,T,D], k/v [B,Hkv,S,D] with Hkv dividing H (grouped-query
+    attention: query head h reads K/V head h // (H / Hkv)). ``mask``: bool [B|1,1,T,S] (True: the key is
+    visible), or an additive float bias [B|1,H|1,T,S] (ALiBi, -inf where not visible); ``causal`` (no mask):
+    query i sees keys up to S - T + i."""
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if causal:
         t, s = scores.shape[-2:]
@@ -44,6 +46,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool
     elif mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+def repeat_kv(x: Tensor, heads: int) -> Tensor:
+    """K or V [B, Hkv, S, D] with each head repeated for the H / Hkv query heads that read it: [B, H, S, D]."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 def gated_mlp(gate: Tensor, up: Tensor) -> Tensor:

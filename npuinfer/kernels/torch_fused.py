@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .reference import repeat_kv
 from .registration import register
 
 
@@ -24,7 +25,25 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> 
     t, s = q.shape[-2], k.shape[-2]
     if causal and t != s:  # SDPA's is_causal aligns the diagonal top-left; the table's causal is bottom-right
         mask, causal = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t), False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    gqa = {}
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: SDPA reads the shared K/V heads itself (torch >= 2.5)
+        if SDPA_GQA:
+            gqa = {"enable_gqa": True}
+        else:
+            k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **gqa)
+
+
+def _sdpa_has_gqa() -> bool:
+    try:
+        one = torch.zeros(1, 2, 1, 4)
+        F.scaled_dot_product_attention(one, one[:, :1], one[:, :1], enable_gqa=True)
+    except TypeError:
+        return False
+    return True
+
+
+SDPA_GQA = _sdpa_has_gqa()  # torch >= 2.5: SDPA (and cpu's flash kernel) read shared K/V heads themselves
 
 
 def onednn_prepack(weight: Tensor) -> Tensor:

@@ -18,7 +18,9 @@ fused layout (Qwen contiguous [Q|K|V], Baichuan2 W_pack, InternLM separate q/k/v
 qkv) and already split, so a rank reads nothing but its own tensors:
 
 - column-parallel (output features split): ``attention.wqkv`` by heads, taking the rank's heads from
-  each of the Q, K and V blocks; ``feed_forward.w1`` and ``w3`` (gate and up) by rows. Biases split
+  each of the Q, K and V blocks (grouped-query attention: the rank's share of the K/V heads, or, where tp
+  exceeds the K/V heads, the one K/V head its query heads read, replicated to tp / n_kv_heads ranks as vLLM
+  does); Qwen3's per-head q/k norms are replicated; ``feed_forward.w1`` and ``w3`` (gate and up) by rows. Biases split
   the same way.
 - row-parallel (input features split): ``attention.wo`` by the columns of the rank's heads and
   ``feed_forward.w2`` (down) by the columns of its rows of w1/w3. Each rank's partial output is
@@ -78,7 +80,8 @@ class CutError(ValueError):
 
 
 def check_tp(args: ModelArgs, tp: int, where: str) -> None:
-    """tp must divide the attention heads and the MLP width (per branch for SwiGLU)."""
+    """tp must divide the attention heads and the MLP width (per branch for SwiGLU), and divide the K/V heads or
+    be a multiple of them (each K/V head is then replicated to tp / n_kv_heads ranks)."""
     if tp < 1:
         raise CutError(f"tensor parallel size must be >= 1, got {tp}")
     wrong = [f"{what} {n}" for what, n in (("attention heads", args.n_heads),
@@ -87,12 +90,19 @@ def check_tp(args: ModelArgs, tp: int, where: str) -> None:
     if wrong:
         raise CutError(f"{where}: tensor parallel size {tp} does not divide the {' nor the '.join(wrong)}; "
                        f"choose a tp that divides both")
+    if args.n_kv_heads % tp and tp % args.n_kv_heads:
+        raise CutError(f"{where}: tensor parallel size {tp} neither divides the {args.n_kv_heads} K/V heads nor is a "
+                       f"multiple of them; choose a tp that does one or the other")
 
 
 def _heads(tensor: Tensor, args: ModelArgs, tp: int, rank: int) -> Tensor:
-    local = args.n_heads // tp
-    blocks = tensor.view(3, args.n_heads, args.head_dim, *tensor.shape[1:])  # [Q; K; V] by heads
-    return blocks[:, rank * local:(rank + 1) * local].reshape(-1, *tensor.shape[1:])
+    """The rank's query heads of the Q block and its K/V heads (its share, or its replicated head) of K and V."""
+    local = args.with_(tp_size=tp, tp_rank=rank)
+    d = args.head_dim
+    q, k, v = tensor.split([args.n_heads * d, args.n_kv_heads * d, args.n_kv_heads * d], dim=0)
+    q_rows = slice(rank * local.n_local_heads * d, (rank + 1) * local.n_local_heads * d)
+    kv_rows = slice(local.kv_head_start * d, (local.kv_head_start + local.n_local_kv_heads) * d)
+    return torch.cat([q[q_rows], k[kv_rows], v[kv_rows]], dim=0)
 
 
 def shard_tensor(name: str, tensor: Tensor, args: ModelArgs, tp: int, rank: int) -> Tensor:

@@ -246,5 +246,6 @@ def results_dir(pytestconfig: pytest.Config) -> Path:
     return path
 
 
-DEFAULT_TINY_MODELS = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny"]
+DEFAULT_TINY_MODELS = ["qwen-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny", "internlm-tiny", "gpt-neox-tiny",
+                       "qwen2-tiny", "llama3-tiny", "qwen3-tiny"]
 assert DEFAULT_MODEL in DEFAULT_TINY_MODELS

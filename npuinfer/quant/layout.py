@@ -137,7 +137,6 @@ def quant_from_canonical(family: str, state: dict[str, Tensor], args: ModelArgs)
     table = record.names
     extras = {n: t for n, t in state.items() if split_param(n)[1] in QUANT_PARAMS}
     out = from_canonical(family, {n: t for n, t in state.items() if n not in extras}, args)
-    width = args.n_heads * args.head_dim
     for name, tensor in extras.items():
         cprefix, param = split_param(name)
         pieces = {cprefix: tensor}
@@ -145,7 +144,10 @@ def quant_from_canonical(family: str, state: dict[str, Tensor], args: ModelArgs)
             if record.qkv == QKV_SEPARATE:
                 base = cprefix[: -len("wqkv")]
                 # per-tensor parameters are copied to each of q, k, v (safetensors refuses shared storage)
-                split = tensor.split(width, dim=0) if param in ROW_PARAMS else [tensor.clone() for _ in "qkv"]
+                if param in ROW_PARAMS:  # rows of Q, then K and V (n_kv_heads wide each)
+                    split = tensor.split(list(args.qkv_widths), dim=0)
+                else:
+                    split = [tensor.clone() for _ in "qkv"]
                 pieces = {f"{base}w{p}": part for p, part in zip("qkv", split)}
             elif record.qkv == QKV_PER_HEAD and param in ROW_PARAMS:
                 pieces = {cprefix: blocks_to_per_head(tensor, args.n_heads)}
