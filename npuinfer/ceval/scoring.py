@@ -216,7 +216,9 @@ class SubjectScorer:
                                     None, generation.text)
             return
         n = len(CHOICES)
-        requests = [LoglikelihoodRequest(tuple(ctx), tuple(cont)) for ctx, conts in encoded for cont in conts]
+        contexts = [tuple(ctx) for ctx, _ in encoded]  # one object per question, shared by its choices' requests
+        requests = [LoglikelihoodRequest(context, tuple(cont)) for context, (_, conts) in zip(contexts, encoded)
+                    for cont in conts]
         got: dict[int, dict[int, float]] = {}
         for i, result in self.backend.loglikelihood(requests, **options):
             answers = got.setdefault(i // n, {})
