@@ -29,6 +29,7 @@ from ..results.naming import model_of
 from ..atomic import write_atomic
 from ..device import cpu_model_name
 from ..results.table import markdown_table, parse_float, read_csv
+from .paired import PairedRuns, pair_runs
 
 PERFORMANCE_METRICS = (FIRST, NEXT, RESPONSE, THROUGHPUT, PRE, POST)
 
@@ -307,6 +308,7 @@ class Comparison:
     performance: list[dict[str, object]]
     accuracy: list[dict[str, object]]
     notes: list[str]
+    paired: dict[str, PairedRuns] = field(default_factory=dict)  # model -> question-by-question comparison
 
     def busy_warning(self) -> str | None:
         """Said when either run has a row measured on a busy machine: its ratios may show the other processes."""
@@ -336,7 +338,10 @@ def compare_runs(run_a: str | Path, run_b: str | Path, labels: Labels) -> Compar
     paired = pair_single_models(a, b)
     perf, perf_notes = performance_rows(a, b, labels)
     acc, acc_notes = accuracy_rows(a, b, labels)
-    return Comparison(labels, a, b, perf, acc, paired + perf_notes + acc_notes)
+    questions = {model: pair_runs(a.accuracy[model][0], b.accuracy[model][0])
+                 for model in sorted(a.accuracy.keys() & b.accuracy.keys())
+                 if (a.accuracy[model][0] / "cache.csv").is_file() and (b.accuracy[model][0] / "cache.csv").is_file()}
+    return Comparison(labels, a, b, perf, acc, paired + perf_notes + acc_notes, questions)
 
 
 def pair_single_models(a: Run, b: Run) -> list[str]:
@@ -400,6 +405,21 @@ def to_markdown(c: Comparison) -> str:
                     lines += [f"### {model}, {title}", "",
                               markdown_table(part, ["name", la.a, la.b, la.diff, la.ratio, "note"],
                                              numeric={la.a, la.b, la.diff, la.ratio}), ""]
+    for model, pr in c.paired.items():
+        o = pr.overall
+        lines += [f"## {model}: question by question", "",
+                  f"{o.questions} questions scored by both runs, {o.agree} predicted alike; {o.right_to_wrong} right in "
+                  f"{la.a} and wrong in {la.b}, {o.wrong_to_right} the reverse; McNemar's exact p = {o.p_value:.4g} "
+                  f"({'a difference beyond chance at 0.05' if o.p_value < 0.05 else 'no difference beyond chance at 0.05'})"
+                  + (f"; {pr.only_one} questions scored in one run only" if pr.only_one else ""), "",
+                  markdown_table([s.row() for s in pr.subjects] + [o.row()],
+                                 ["name", "questions", "agree", "right->wrong", "wrong->right", "McNemar p"],
+                                 numeric={"McNemar p"}), ""]
+        if pr.flips:
+            lines += [f"Questions that flipped ({la.a} -> {la.b}):", "",
+                      markdown_table([{"subject": f.subject, "id": f.question_id, "answer": f.answer,
+                                       la.a: f.prediction_a, la.b: f.prediction_b} for f in pr.flips],
+                                     ["subject", "id", "answer", la.a, la.b]), ""]
     if c.notes:
         lines += ["## Notes", "", *[f"- {n}" for n in c.notes], ""]
     return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""Two C-Eval runs compared question by question: the flips, agreement and McNemar's exact test, checked
+against a hand computation, through `npuinfer compare`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from npuinfer.ceval.cache import CacheSettings, QuestionCache
+from npuinfer.ceval.report import rebuild_report
+from npuinfer.ceval.scored import ScoredRow
+from npuinfer.cli import main
+from npuinfer.reports.paired import mcnemar_exact, pair_runs
+
+
+def run_dir(root: Path, name: str, predictions: dict[tuple[str, str], tuple[str, str]]) -> Path:
+    """A C-Eval results directory whose cache holds (answer, prediction) per (subject, id)."""
+    out = root / name / "ceval_qwen-tiny_cpu"
+    settings = CacheSettings(model="qwen-tiny", checkpoint="sha256:abc", template="lmeval", shots=5, dtype="float32",
+                             split="val")
+    with QuestionCache(out, settings) as cache:
+        for (subject, qid), (answer, prediction) in predictions.items():
+            cache.add(ScoredRow.make(subject, qid, answer, prediction))
+    rebuild_report(out)
+    return out
+
+
+def test_mcnemar_exact_by_hand():
+    # b = 1, c = 7: p = 2 * (C(8,0) + C(8,1)) / 2^8 = 18 / 256
+    assert mcnemar_exact(1, 7) == pytest.approx(18 / 256)
+    assert mcnemar_exact(7, 1) == mcnemar_exact(1, 7)
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0
+    # b = 0, c = 10: 2 / 1024
+    assert mcnemar_exact(0, 10) == pytest.approx(2 / 1024)
+
+
+def test_flips_and_agreement_per_subject(tmp_path):
+    law = {("law", str(i)): ("A", "A") for i in range(8)}
+    logic = {("logic", str(i)): ("B", "B") for i in range(10)}
+    a = run_dir(tmp_path, "a", {**law, **logic})
+    changed = dict(law)
+    changed[("law", "0")] = ("A", "C")  # right -> wrong
+    changed_logic = {k: (ans, "D") for k, (ans, _) in logic.items()}  # all ten: right -> wrong
+    b = run_dir(tmp_path, "b", {**changed, **changed_logic})
+    paired = pair_runs(a, b)
+    by_name = {s.name: s for s in paired.subjects}
+    assert (by_name["law"].questions, by_name["law"].agree, by_name["law"].right_to_wrong) == (8, 7, 1)
+    assert by_name["logic"].right_to_wrong == 10 and by_name["logic"].p_value == pytest.approx(2 / 1024)
+    assert paired.overall.right_to_wrong == 11 and paired.overall.wrong_to_right == 0
+    assert paired.overall.p_value == pytest.approx(2 / 2 ** 11)
+    assert [(f.subject, f.question_id, f.prediction_a, f.prediction_b) for f in paired.flips][:1] == \
+        [("law", "0", "A", "C")]
+
+
+def test_compare_prints_the_paired_table_and_the_flips(tmp_path, capsys):
+    rows = {("law", str(i)): ("A", "A" if i % 2 else "B") for i in range(6)}
+    a = run_dir(tmp_path, "float", rows)
+    flipped = dict(rows)
+    flipped[("law", "1")] = ("A", "B")  # right -> wrong
+    flipped[("law", "0")] = ("A", "A")  # wrong -> right
+    run_dir(tmp_path, "w8", flipped)
+    assert main(["compare", str(tmp_path / "float"), str(tmp_path / "w8"), "--labels", "float,W8",
+                 "--out", str(tmp_path / "cmp")]) == 0
+    text = (tmp_path / "cmp" / "compare.md").read_text(encoding="utf-8")
+    assert "6 questions scored by both runs, 4 predicted alike; 1 right in float and wrong in W8, 1 the reverse" in text
+    assert "McNemar's exact p = 1 (no difference beyond chance at 0.05)" in text
+    assert "Questions that flipped (float -> W8)" in text
+    assert a.is_dir()
+
+
+def test_runs_of_other_data_are_refused_naming_the_question(tmp_path):
+    a = run_dir(tmp_path, "a", {("law", "0"): ("A", "A")})
+    b = run_dir(tmp_path, "b", {("law", "0"): ("B", "A")})
+    with pytest.raises(ValueError, match="law question 0: answer 'A' in .* 'B' in .*not of the same data"):
+        pair_runs(a, b)
