@@ -45,7 +45,7 @@ from ..device import get_device
 from ..options import RunConfig, non_negative_int, positive_int
 from ..registry import DEFAULT_MODEL
 from ..results.naming import ResultName
-from .common import GROUP, SERVED_BACKENDS, BackendCache, selected_models, xdist_worker_id
+from .common import GROUP, SERVED_BACKENDS, BackendCache, selected_models, session_run, xdist_worker_id
 
 # user_properties keys: how a case's results reach the controller under xdist.
 P_DIR, P_MODEL, P_SUBJECT = "ceval_results_dir", "ceval_model", "ceval_subject"
@@ -115,7 +115,7 @@ class CevalOptions:
     @classmethod
     def from_config(cls, config: pytest.Config) -> "CevalOptions":
         opt = config.getoption
-        run = RunConfig.from_pytest(config, None)
+        run = session_run(config)
         data_dir = Path(opt("ceval_dir")) if opt("ceval_dir") else sample_dir()
         settings = RunSettings(data_dir=data_dir, split=opt("ceval_split"), shots=opt("ceval_shot"),
                                template=opt("ceval_template"), scoring=opt("ceval_scoring"),

@@ -11,7 +11,7 @@ from ..latency import parse_duration_ms
 from ..options import RunConfig, at_least, positive_ints
 from ..gates.performance import DEFAULT_GATE_RETRIES, DEFAULT_MAX_REGRESSION, GATE_MODES, parse_regression
 from ..timing import MODES
-from .common import GROUP
+from .common import GROUP, session_run
 
 # Default grid: finishes in about a minute for the five tiny models on 2 CPU cores.
 # Long enough that the fixed report cost (~1.3 s, mostly matplotlib) stays a few percent of a sweep.
@@ -151,7 +151,7 @@ class BenchOptions:
     @classmethod
     def from_config(cls, config: pytest.Config) -> "BenchOptions":
         opt = config.getoption
-        run = RunConfig.from_pytest(config, None)
+        run = session_run(config)
         if run.compile and run.backend != "npuinfer":
             raise pytest.UsageError("--compile captures npuinfer's decode step; it does not apply to --backend "
                                     f"{run.backend}")

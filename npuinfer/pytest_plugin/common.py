@@ -51,10 +51,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="where CSV, markdown and plots are written (default results/)")
 
 
+_SESSION_RUN = pytest.StashKey[RunConfig]()
+
+
+def session_run(config: pytest.Config) -> RunConfig:
+    """The session's run settings (model=None: a case's model comes from its parameters), read once."""
+    if _SESSION_RUN not in config.stash:
+        config.stash[_SESSION_RUN] = RunConfig.from_pytest(config, None)
+    return config.stash[_SESSION_RUN]
+
+
 def run_config(config: pytest.Config, model: str | None) -> RunConfig:
     """The session's RunConfig for one of its models: a registry name, or the --model-path directory's name
     (then the family comes from its config.json)."""
-    path = config.getoption("npuinfer_model_path")
+    path = session_run(config).model_path
     registry_name = None if path and model == Path(path).name and model not in MODELS else model
     return RunConfig.from_pytest(config, registry_name)
 
@@ -67,7 +77,7 @@ def pytest_configure(config: pytest.Config) -> None:
         if problem:
             raise pytest.UsageError(f"--results-dir {results}: {problem}")
     if not config.getoption("help", False):
-        backend = config.getoption("npuinfer_backend", "npuinfer")
+        backend = session_run(config).backend
         if backend not in backend_names():
             raise pytest.UsageError(f"--backend {backend}: unknown backend; known: {', '.join(backend_names())}")
         if backend in SERVED_BACKENDS:  # the server is checked once here: unreachable or wrong model, exit 4
@@ -93,7 +103,7 @@ def results_dir_problem(path: Path) -> str | None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> int | None:
     """With --tp N (N > 1) outside torchrun, run this same pytest command as N ranks and return their status."""
-    tp = config.getoption("npuinfer_tp")
+    tp = session_run(config).tp
     if tp == 1 or tp_dist.launched():
         return None
     if config.getoption("numprocesses", None):
@@ -108,7 +118,7 @@ def check_models(config: pytest.Config) -> None:
     before any case is collected: a missing or unusable checkpoint is one usage error (exit 4, no traceback)
     naming what was looked for and the stand-in to try, not the same failure in every case. The default tiny
     models need no check: they are built on first use."""
-    path = config.getoption("npuinfer_model_path")
+    path = session_run(config).model_path
     names = config.getoption(MODELS_DEST) or ([None] if path else discover_models())
     problems = []
     for name in dict.fromkeys(names):
@@ -131,7 +141,7 @@ def case_model(item: pytest.Item) -> str | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """What --backend cannot run is said before any case runs: a model named with --model is a usage error; in a
     sweep over every model, that model's cases are skipped with the reason."""
-    backend = config.getoption("npuinfer_backend", "npuinfer")
+    backend = session_run(config).backend
     named = set(config.getoption(MODELS_DEST) or ())
     reasons: dict[str, str | None] = {}
     for item in items:
@@ -149,15 +159,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def selected_models(config: pytest.Config, default: list[str]) -> list[str]:
     """--model values, else models found under $NPUINFER_MODELS_DIR, else ``default``; a served backend's is the
     served model."""
-    if config.getoption("npuinfer_backend", "npuinfer") in SERVED_BACKENDS:
-        return [config.getoption("npuinfer_served_model")]
-    names = config.getoption("npuinfer_models")
+    run = session_run(config)
+    if run.backend in SERVED_BACKENDS:
+        return [run.served_model]
+    names = config.getoption(MODELS_DEST)
     if names:
         for name in names:
             get_spec(name)  # unknown names fail at collection with the list of known ones
         return names
-    if config.getoption("npuinfer_model_path"):
-        return [Path(config.getoption("npuinfer_model_path")).name]
+    if run.model_path:
+        return [Path(run.model_path).name]
     return discover_models() or default
 
 
@@ -178,15 +189,16 @@ class ModelCache:
     def __init__(self, config: pytest.Config):
         self.config = config
         self._loaded: dict[str, LoadedModel] = {}
-        tp = config.getoption("npuinfer_tp")
+        run = session_run(config)
+        tp = run.tp
         if tp > 1:  # under torchrun: join the group; rank r takes device base + LOCAL_RANK
-            self.device: Device = tp_dist.init_tensor_parallel(tp, config.getoption("npuinfer_device"))
+            self.device: Device = tp_dist.init_tensor_parallel(tp, run.device)
         else:
-            self.device = get_device(config.getoption("npuinfer_device"), local_rank=self._worker_offset())
+            self.device = get_device(run.device, local_rank=self._worker_offset())
 
     def _worker_offset(self) -> int | None:
         """Each pytest-xdist worker on its own device index when an explicit npu/cuda device is given."""
-        if config_device_is_generic(self.config.getoption("npuinfer_device")):
+        if config_device_is_generic(session_run(self.config).device):
             return None
         return worker_index(self.config) or None
 
@@ -203,7 +215,7 @@ class BackendCache:
     def __init__(self, config: pytest.Config, models: ModelCache):
         self.config = config
         self.models = models
-        self.name: str = config.getoption("npuinfer_backend")
+        self.name: str = session_run(config).backend
         self._made: dict[str, Backend] = {}
 
     @property
