@@ -16,8 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-import torch
-from torch import Tensor
+from ..timing import Backend as TimedGenerate
 
 SUITES = ("bench", "accuracy")
 
@@ -86,23 +85,15 @@ class Identity:
 
 
 @runtime_checkable
-class Backend(Protocol):
-    """The interface both suites use. Attributes are what ``bench/`` needs to make inputs and check lengths."""
+class Backend(TimedGenerate, Protocol):
+    """The interface both suites use: the timed generation ``bench/`` measures (npuinfer.timing's protocol: the
+    attributes a case needs to make inputs and check lengths, and ``generate``), plus scoring for ``accuracy/``."""
 
-    name: str
-    device: Any  # npuinfer.device.Device (where inputs are made and synchronized)
-    dtype: torch.dtype
-    checkpoint: str
-    max_seq_len: int
-    vocab_size: int
     tokenizer: Any  # npuinfer.tokenizer.Tokenizer
 
     def identity(self) -> Identity: ...
 
     def unsupported(self, suite: str) -> str | None: ...
-
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
-                 observer: object | None = None) -> Tensor: ...
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest], *, max_length: int | None = None,
                       batch_size: int = 8, counters: WorkCounters | None = None, share_prefix: bool = True
