@@ -236,9 +236,10 @@ class NoiseGuard:
         self.cpus = allowed_cpus()
         self.governor = cpu_governor(self.cpus)
         self._sensors = hottest_sensor_c() is not None  # most VMs have none: not asked again per case
+        self.also_own: list[int] = []  # more roots whose families are the measurement (a server on this machine)
 
     def probe(self, since: float | None = None) -> Probe:
-        processes = family(self.own_root)
+        processes = family(self.own_root) + [p for root in self.also_own for p in family(root)]
         load = load_average()
         device = self.device.activity(since) if self.device is not None and self.device.is_accelerator else {}
         return Probe(perf=time.perf_counter(), epoch=time.time(), busy_s=busy_cpu_seconds(self.cpus),

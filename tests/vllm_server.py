@@ -7,6 +7,8 @@ console script asks importlib.metadata for "vllm" and fails, so the server start
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shutil
 import socket
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 VLLM_VERSION = "0.32.0"
+SERVED = "neox-tiny-served"
 INSTALL_TIMEOUT_S = 1200
 START_TIMEOUT_S = 420
 
@@ -96,3 +99,60 @@ class VllmServer:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
         self._log.close()
+
+
+def write_served_checkpoint(out: Path) -> Path:
+    """A GPT-NeoX checkpoint saved by transformers' own save_pretrained, with gpt-neox-tiny's tokenizer: heads of
+    64 (vLLM's cpu attention refuses the tiny model's 16). The same weights every time (seed 0)."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from npuinfer.tiny import ensure_tiny
+
+    if (out / "config.json").is_file():
+        return out
+    src = ensure_tiny("gpt-neox-tiny")
+    fields = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    fields.update(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=512,
+                  torch_dtype="float32")
+    for key in ("architectures", "model_type", "transformers_version"):
+        fields.pop(key)
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**fields)).eval()
+    part = out.with_name(out.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    model.save_pretrained(part)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, part / name)
+    part.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python3 tests/vllm_server.py run -- CMD ...``: serve the tiny served checkpoint, run CMD with {base_url},
+    {served_model} and {tokenizer} replaced, stop the server; CMD's exit code. (CI's endpoint case.)"""
+    parser = argparse.ArgumentParser(prog="tests/vllm_server.py", description=main.__doc__)
+    parser.add_argument("action", choices=["run"])
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("run: give the command after --")
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="npuinfer-vllm-"))
+    from npuinfer.tiny import cache_root
+
+    checkpoint = write_served_checkpoint(cache_root() / "served" / "neox-64-v1")
+    server = VllmServer(checkpoint, SERVED, work / "server.log")
+    try:
+        server.wait_healthy()
+        fill = {"base_url": server.base_url, "served_model": SERVED, "tokenizer": str(checkpoint)}
+        return subprocess.run([part.format(**fill) for part in command]).returncode
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

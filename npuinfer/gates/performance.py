@@ -44,7 +44,7 @@ from typing import Mapping, Sequence
 from ..results.calibration import CALIBRATION, CALIBRATION_MIN, calibration_path, calibration_table, \
     calibration_value
 from ..results.naming import CALIBRATION as CALIBRATION_KIND, kind_of
-from ..results.performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, THROUGHPUT, performance_path
+from ..results.performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, SERVING_CASE, THROUGHPUT, performance_path
 from ..results.performance import GATE_ATTEMPTS, GATE_RETRIES  # noqa: F401  (the row columns the gate fills, for the plugin)
 from ..results.table import CsvTable, parse_float, read_csv
 from ..timing import ITL_MIN
@@ -434,9 +434,11 @@ class PerformanceBaseline:
         if path is None:
             return None, None, note
         same_case = [r for r in self._read(path)
-                     if all(_same(r.get(c), row.get(c)) for c in (BATCH, INPUT, OUTPUT))]
+                     if all(_same(r.get(c), row.get(c)) for c in (BATCH, INPUT, OUTPUT, *SERVING_CASE))]
         if not same_case:
-            return None, path, f"no row for batch {row.get(BATCH)}, input {row.get(INPUT)}, output {row.get(OUTPUT)} in {path}"
+            served = "".join(f", {c} {row.get(c)}" for c in SERVING_CASE if row.get(c) not in (None, ""))
+            return None, path, (f"no row for batch {row.get(BATCH)}, input {row.get(INPUT)}, output {row.get(OUTPUT)}"
+                                f"{served} in {path}")
         ok = [r for r in same_case if r.get("status", "ok") == "ok"]
         if not ok:
             return None, path, (f"the baseline row in {path} has status {same_case[-1].get('status')!r} "

@@ -7,4 +7,5 @@ from a checkout). The suite-specific parts live in sibling modules, loaded below
 # registers it is not rewritten.
 pytest_plugins = ["npuinfer.pytest_plugin.common", "npuinfer.pytest_plugin.noise",
                   "npuinfer.pytest_plugin.bench_options", "npuinfer.pytest_plugin.bench",
+                  "npuinfer.pytest_plugin.serving",
                   "npuinfer.pytest_plugin.accuracy"]

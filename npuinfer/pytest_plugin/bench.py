@@ -79,6 +79,7 @@ _NOTHING_COMPARED = pytest.StashKey[str]()  # why a gated run fails although no 
 _RAN_BENCH: set[str] = set()  # node ids of bench cases reported in this process's session
 _GATE_KEY = "npuinfer_perf_gate"  # user property: (status, message, worst slowdown, where, attempts) of a case's gate
 _GATED: dict[str, tuple] = {}  # node id -> (status, message, worst slowdown, where, attempts), as reported (xdist too)
+_OUTCOMES = pytest.StashKey[dict]()  # case id -> the gate's verdict (GateOutcome), in the process that measured it
 
 
 def _kernels_cell(backend) -> str:
@@ -103,6 +104,7 @@ MARKER = "npuinfer_bench"
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{MARKER}: a bench/ case (its session writes the results reports)")
+    config.stash[_OUTCOMES] = {}
 
 
 # --------------------------------------------------------------------------------------------- cases
@@ -134,13 +136,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    bench_items = [item for item in items if {"perf_case", "max_batch_case"} & set(getattr(item, "fixturenames", ()))]
-    for item in bench_items:
-        item.add_marker(MARKER)
-    served = served_backend(config)
-    why = served.unsupported("bench") if served is not None and bench_items else None
-    if why:  # said once, before any case runs
-        raise pytest.UsageError(f"--backend {served.name}: {why}")
+    for item in items:
+        if {"perf_case", "max_batch_case", "serving_case", "serving_search_case"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(MARKER)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -157,10 +155,10 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     """Attaches the case's gate verdict to its report, so the controller's summary sees it under xdist. In a
     gated run (--baseline) a performance case that was skipped was compared with nothing: it is NOT GATED,
     and under --require-baseline it fails."""
-    case = getattr(item, "callspec", None) and item.callspec.params.get("perf_case")
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    case = params.get("perf_case") or params.get("serving_case")
     if call.when == "call" and case is not None:
-        session = item.config.stash.get(_SESSION, None)
-        outcome = session.outcomes.get(case.id) if session is not None else None
+        outcome = item.config.stash[_OUTCOMES].get(case.id)
         if outcome is not None:
             worst = max(outcome.checks, key=lambda c: c.slowdown, default=None)
             item.user_properties.append((_GATE_KEY, (outcome.status, outcome.message(),
@@ -205,7 +203,6 @@ class BenchSession:
         self.gate_timing: str = self.options.gate_timing
         self.gate_retries: int = self.options.gate_retries
         self.require_baseline: bool = self.options.require_baseline
-        self.outcomes: dict[str, GateOutcome] = {}  # case id -> the gate's verdict
         self.noise_guard = make_guard(config, self.device)  # was the machine quiet while each case ran
         self.stats["noise_s"] = 0.0
 
@@ -445,20 +442,8 @@ class BenchSession:
             pytest.fail(f"{row.get('case_id')}: --baseline refused:\n{exc}", pytrace=False)
 
     def _verdict(self, case: BenchCase, outcome: GateOutcome | None) -> None:
-        if outcome is None:
-            return
-        self.outcomes[case.id] = outcome
-        if outcome.status == "skipped":
-            if self.require_baseline:
-                pytest.fail(f"{outcome.message()}\nNOT GATED, and --require-baseline asks every case to be compared "
-                            "with a baseline row", pytrace=False)
-            warnings.warn(PerformanceBaselineWarning(outcome.message()), stacklevel=1)
-        for note in outcome.notes:
-            warnings.warn(PerformanceBaselineWarning(f"{case.id}: {note}"), stacklevel=1)
-        if outcome.status == "failed":
-            pytest.fail(outcome.message(), pytrace=False)
-        if len(outcome.attempts) > 1:  # passed on a re-measurement: worth knowing, never silent
-            warnings.warn(PerformanceBaselineWarning(outcome.message()), stacklevel=1)
+        if outcome is not None:
+            bench_gate_verdict(self.config, case.id, outcome)
 
     # -- max batch
     def max_batch(self, case: MaxBatchCase) -> None:
@@ -511,6 +496,23 @@ class BenchSession:
                 "latency_batch_ttft(ms)": result.ttft_ms,
                 "latency_bound_by": "memory (every batch up to the memory-bound one was within)" if result.capped
                 else "latency", "latency_trials": result.trials}
+
+
+def bench_gate_verdict(config: pytest.Config, case_id: str, outcome: GateOutcome) -> None:
+    """A case's gate verdict (in-process or served): kept for its report, warned where NOT GATED or re-measured,
+    the case failed where the regression was confirmed."""
+    config.stash[_OUTCOMES][case_id] = outcome
+    if outcome.status == "skipped":
+        if bench_options(config).require_baseline:
+            pytest.fail(f"{outcome.message()}\nNOT GATED, and --require-baseline asks every case to be compared "
+                        "with a baseline row", pytrace=False)
+        warnings.warn(PerformanceBaselineWarning(outcome.message()), stacklevel=1)
+    for note in outcome.notes:
+        warnings.warn(PerformanceBaselineWarning(f"{case_id}: {note}"), stacklevel=1)
+    if outcome.status == "failed":
+        pytest.fail(outcome.message(), pytrace=False)
+    if len(outcome.attempts) > 1:  # passed on a re-measurement: worth knowing, never silent
+        warnings.warn(PerformanceBaselineWarning(outcome.message()), stacklevel=1)
 
 
 def _repeat_with(benchmark, before_each: Callable[[], None] | None = None):

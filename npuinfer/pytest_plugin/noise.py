@@ -66,7 +66,8 @@ def record_verdict(config: pytest.Config, case_id: str, verdict: Verdict) -> Non
 def pytest_runtest_makereport(item: pytest.Item, call):
     """Attaches the case's verdict to its report, so that the summary sees it under xdist too."""
     if call.when == "call" and _BENCH_MARKER in item.keywords:
-        case = getattr(item, "callspec", None) and item.callspec.params.get("perf_case")
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        case = params.get("perf_case") or params.get("serving_case")
         verdict = item.config.stash[_VERDICTS].get(case.id) if case is not None else None
         if verdict is not None:
             item.user_properties.append((_NOISE_KEY, (verdict.quiet, verdict.reason)))

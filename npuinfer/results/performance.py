@@ -52,9 +52,27 @@ GATE_RETRIES, GATE_ATTEMPTS = "gate_retries", "gate_attempts"
 PERFORMANCE_COLUMNS += [GATE_RETRIES, GATE_ATTEMPTS]
 PERFORMANCE_COLUMNS += NOISE_COLUMNS
 PERFORMANCE_COLUMNS += ["weights"] + ROOFLINE_COLUMNS  # appended: the committed baselines' columns stay as they were
+# A served deployment's case (npuinfer.serving, bench/test_serving.py): the seed columns hold its figures (first
+# token = median TTFT, next token = median TPOT, response time = median end-to-end latency, E2E throughput = output
+# tokens/s over the case, batch = the concurrency) and these, appended, hold the rest; in-process rows leave them
+# empty.
+SERVING_CASE = ["request_rate", "burstiness", "num_prompts", "workload"]
+SERVING_STATS = [f"{name}_{stat}(ms)" for name in ("TTFT", "TPOT", "ITL", "E2EL") for stat in ("mean", "median", "p90",
+                                                                                             "p99")]
+SERVING_COLUMNS = (SERVING_CASE + ["concurrency", "client_procs", "prompt_salt", "completed", "failed_requests",
+                                   "first_error", "request_throughput(req/s)", "output_throughput(tok/s)",
+                                   "total_token_throughput(tok/s)", "goodput(req/s)", "goodput_limits",
+                                   "prompt_tokens_mean", "output_tokens_mean", "ignore_eos",
+                                   "implied_prefix_hit_rate"]
+                   + [c for c in SERVING_STATS if c not in METRICS.values()]
+                   + ["server_ttft_mean(ms)", "server_itl_mean(ms)", "server_e2el_mean(ms)", "server_queue_mean(ms)",
+                      "server_prefix_cache_hit_rate", "server_prompt_tokens", "server_generation_tokens",
+                      "server_preemptions", "server_metrics", "client_cpu_us_per_token", "client_cpu_busiest",
+                      "endpoint", "served_model", "server_version", "tokenizer"])
+PERFORMANCE_COLUMNS += SERVING_COLUMNS
 # Settings that make two measurements of a case different ones (device_name and torch are provenance).
 PERFORMANCE_KEY = ["model", "device", "dtype", "backend", "timing", "rounds", "warmup", "tp", "checkpoint",
-                   BATCH, INPUT, OUTPUT]
+                   BATCH, INPUT, OUTPUT, *SERVING_CASE]
 
 MAX_BATCH = "max_batch_size"
 MAX_BATCH_SETTINGS = ["model", "device", "device_name", "dtype", "backend", "checkpoint", "torch"]
@@ -71,7 +89,8 @@ MAX_BATCH_KEY = ["model", "device", "dtype", "backend", "checkpoint", "memory_li
 NUMERIC = set(PUBLISHED_COLUMNS + [THROUGHPUT, PEAK, "predicted_peak(MiB)", "measured_peak(MiB)", "MBU", "MFU",
                "achieved_bandwidth(GB/s)", "peak_bandwidth(GB/s)", "max_tpot(ms)", "max_ttft(ms)",
                "latency_batch_tpot(ms)", "latency_batch_ttft(ms)"]
-              + list(METRICS.values()))
+              + list(METRICS.values()) + SERVING_STATS
+              + ["request_throughput(req/s)", "output_throughput(tok/s)", "goodput(req/s)"])
 MIB = 1024 * 1024
 
 
@@ -154,6 +173,8 @@ def performance_markdown(csv_path: Path) -> str:
     varying = varying_columns(rows, [c for c in SETTINGS if c not in ("model",)])
     busy = busy_rows(rows)
     roofline = ["achieved_bandwidth(GB/s)", "MBU"] if any(r.get("MBU") for r in rows) else []
+    if any(r.get("served_model") for r in rows):
+        return serving_markdown(csv_path, rows)
     columns = (PUBLISHED_COLUMNS + [THROUGHPUT, "TTFT(ms)", "TPOT(ms)"] + roofline + ["status"]
                + ([QUIET] if busy else []) + varying)
     same = [c for c in SETTINGS if c not in varying]
@@ -176,6 +197,34 @@ def performance_markdown(csv_path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+SERVING_TABLE = [BATCH, "request_rate", INPUT, OUTPUT, "completed", "failed_requests", "request_throughput(req/s)",
+                 THROUGHPUT, "goodput(req/s)", "TTFT_median(ms)", "TTFT_p90(ms)", "TPOT_median(ms)", "TPOT_p90(ms)",
+                 "ITL_median(ms)", "E2EL_median(ms)", "server_ttft_mean(ms)", "server_itl_mean(ms)",
+                 "client_cpu_us_per_token", "status"]
+SERVING_IDENTITY = ["model", "backend", "endpoint", "server_version", "tokenizer", "workload", "num_prompts",
+                    "burstiness", "goodput_limits"]
+
+
+def serving_markdown(csv_path: Path, rows: Sequence[Mapping[str, str]]) -> str:
+    """A served deployment's rows: the case columns and vllm bench serve's figures (client and server side)."""
+    busy = busy_rows(rows)
+    varying = varying_columns(rows, SERVING_IDENTITY)
+    same = [c for c in SERVING_IDENTITY if c not in varying]
+    columns = SERVING_TABLE + ([QUIET] if busy else []) + varying
+    lines = [f"# Serving performance: {rows[0].get('served_model') or csv_path.stem}", "", _title(rows, same), "",
+             markdown_table(rows, columns, numeric=NUMERIC), "",
+             "batch_size is the concurrency (requests in flight at most); TTFT, TPOT, ITL, E2EL as vllm bench serve "
+             "defines them; E2E throughput = output tokens / s over the case; server_* from the server's /metrics.", ""]
+    failed = [f"- {r.get('case_id')}: {r.get('status')}: {r.get('reason')}" for r in rows if r.get("status") != "ok"]
+    if failed:
+        lines += ["Cases not measured cleanly:", *failed, ""]
+    if busy:
+        lines += ["**Rows measured on a busy machine** (quiet = False):",
+                  *[f"- {r.get('case_id')}: {r.get(QUIET_REASONS)}" for r in busy], ""]
+    lines.append(f"Source: {csv_path.name}")
+    return "\n".join(lines) + "\n"
+
+
 def _case_label(row: Mapping[str, str]) -> str:
     return f"bs{row.get(BATCH)}-in{row.get(INPUT)}-out{row.get(OUTPUT)}"
 
@@ -189,6 +238,8 @@ class Panel:
     ylabel: str
     series: dict[str, list[tuple[float, float]]]
     busy: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    # a serving curve: x is a latency (linear axis), and each point is labelled (its concurrency or rate)
+    point_labels: dict[str, list[str]] = field(default_factory=dict)
 
 
 def plot_rows(csv_path: Path) -> list[Mapping[str, str]]:
@@ -202,6 +253,8 @@ def performance_panels(rows: Sequence[Mapping[str, str]]) -> list[Panel]:
     vs input length (a line per batch), and where rows carry the roofline columns, MBU vs batch and MFU vs batch
     (a line per input/output length; the peak each is measured against is in the panel's title). Rows whose
     settings differ (dtype, backend, ...) get those settings in their labels."""
+    if any(r.get("served_model") for r in rows):
+        return serving_panels(rows)
     varying = varying_columns(rows, [c for c in SETTINGS if c not in ("model", "device_name", "torch", "kernels")])
 
     def label(row: Mapping[str, str], tail: str) -> str:
@@ -233,6 +286,29 @@ def performance_panels(rows: Sequence[Mapping[str, str]]) -> list[Panel]:
     return panels
 
 
+def serving_panels(rows: Sequence[Mapping[str, str]]) -> list[Panel]:
+    """A served deployment's curves: output tokens/s against median TPOT and against median TTFT, a point per
+    concurrency (or request rate), a line per input/output length and sweep kind."""
+    def sweep(r: Mapping[str, str]) -> tuple[str, str]:
+        if r.get("request_rate"):
+            return "rate", f"r{r['request_rate']}"
+        return "concurrency", f"c{r.get(BATCH)}"
+
+    def curve(x_column: str, what: str) -> Panel:
+        lines: dict[str, list[tuple[float, float, str]]] = {}
+        for r in rows:
+            x, y = parse_float(r.get(x_column)), parse_float(r.get(THROUGHPUT))
+            if x is None or y is None:
+                continue
+            kind, point = sweep(r)
+            lines.setdefault(f"in{r[INPUT]}/out{r[OUTPUT]} over {kind}", []).append((x, y, point))
+        series = {k: [(x, y) for x, y, _ in sorted(v)] for k, v in lines.items()}
+        labels = {k: [p for _, _, p in sorted(v)] for k, v in lines.items()}
+        return Panel(f"output tokens/s vs {what}", f"{what} (ms)", THROUGHPUT, series, point_labels=labels)
+
+    return [curve(NEXT, "median TPOT"), curve(FIRST, "median TTFT")]
+
+
 def _series_order(label: str) -> tuple:
     """Labels in numeric order (in8 before in16, bs2 before bs16)."""
     return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", label))
@@ -261,6 +337,12 @@ def draw_panel(ax, panel: Panel) -> None:
                                           if busy else None)
         ax.set_xlim(-0.6, 0.6)
         ax.set_xticks([0], [str(xs[0])])
+    elif panel.point_labels:
+        for name, points in panel.series.items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+            for (x, y), text in zip(points, panel.point_labels.get(name, ())):
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlim(0, max(xs) * 1.15)
     else:
         for name, points in panel.series.items():
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
