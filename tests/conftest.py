@@ -83,3 +83,18 @@ def model_loader(dtype: str):
 def load_tiny(npuinfer_cache):
     """load_tiny(name) -> LoadedModel on cpu in fp32, loaded once per session (do not modify its weights)."""
     return model_loader("fp32")
+
+
+@pytest.fixture(scope="session")
+def served_vllm(tmp_path_factory):
+    """A real vLLM server (its CPU build, tests/vllm_server.py) serving a GPT-NeoX with heads of 64 on 127.0.0.1,
+    one per session: ``.base_url``, ``.served_name``, ``.model_dir`` (its tokenizer too)."""
+    from vllm_server import SERVED, VllmServer, write_served_checkpoint
+
+    checkpoint = write_served_checkpoint(tmp_path_factory.mktemp("served") / "neox-64")
+    server = VllmServer(checkpoint, SERVED, tmp_path_factory.mktemp("vllm") / "server.log")
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()

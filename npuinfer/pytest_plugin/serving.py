@@ -239,7 +239,8 @@ class ServingSession:
 
     def warm_up(self, input_len: int, output_len: int) -> None:
         """One request at the case's shape, not counted. A server that refuses ``ignore_eos`` is asked without it
-        from then on (said once; the rows report the lengths it returned)."""
+        from then on (said once; the rows report the lengths it returned). Any other failure is left to the case,
+        whose requests will meet it and count it."""
         prompts = make_prompts(Workload("random"), self.backend.tokenizer, 1, input_len, output_len, seed=1,
                                salt=self.salt + "-warm")
         result = run_load(self.target(), prompts, LoadPlan(concurrency=1))
@@ -254,9 +255,8 @@ class ServingSession:
             self.token_ids = False
             result = run_load(self.target(), prompts, LoadPlan(concurrency=1))
             error = result.records[0].error
-        if error:
+        if error:  # the case's own requests will meet it too, and count it: only a server gone stops here
             self.check_alive()
-            pytest.fail(f"the warm-up request failed: {error}", pytrace=False)
 
     # -- a case
     def settings(self) -> dict[str, object]:
@@ -384,7 +384,7 @@ class ServingSession:
             pytest.skip("the largest concurrency within latency limits needs --max-tpot and / or --max-ttft")
         self.check_alive()
         search = ConcurrencySearch(lambda c: self.measure(ServingCase(case.model, case.input_len, case.output_len, c)),
-                                   self.limits)
+                                   self.limits, cap=self.num_prompts)  # beyond --num-prompts nothing more is in flight
         result = search.run()
         path = self.results_dir / f"max_concurrency_{self.endpoint.served_model}_{DEVICE_LABEL}.csv"
         table = CsvTable(path, MAX_CONCURRENCY_COLUMNS, ["model", "endpoint", INPUT, OUTPUT, "max_ttft(ms)",

@@ -49,15 +49,15 @@ class ConcurrencySearch:
         result = SearchResult()
         low, high = 0, None
         c = 1
-        while c <= self.cap:
+        while low < self.cap:
             if self._trial(c, result):
                 low = c
-                c *= 2
+                c = min(2 * c, self.cap)
             else:
                 high = c
                 break
         if high is None:
-            result.bound_by = f"every concurrency up to {self.cap} was within the limits"
+            result.bound_by = f"every concurrency up to {self.cap} (--num-prompts) was within the limits"
             return result
         while high - low > 1:
             mid = (low + high) // 2

@@ -1,7 +1,8 @@
 """The server's own figures from its Prometheus ``/metrics``, scraped before and after a case.
 
-vLLM (and vllm-ascend) expose the names below; MindIE Service exposes a Prometheus endpoint as well, under names of
-its own that are not listed here yet: for a server without these names the row says the figures are absent.
+vLLM (and vllm-ascend) expose the names below under ``vllm:``, SGLang the same under ``sglang:``; MindIE Service
+exposes a Prometheus endpoint as well, under names of its own not listed here yet: for a server without these names
+the row says the figures are absent.
 Histograms give a mean over the case as (sum after - sum before) / (count after - count before).
 """
 from __future__ import annotations
@@ -11,14 +12,15 @@ from dataclasses import dataclass
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-# column -> (histogram, unit scale) ; the server's view of the same quantities the client measures
-HISTOGRAM_MEANS = {"server_ttft_mean_ms": "vllm:time_to_first_token_seconds",
-                   "server_itl_mean_ms": "vllm:inter_token_latency_seconds",
-                   "server_e2el_mean_ms": "vllm:e2e_request_latency_seconds",
-                   "server_queue_mean_ms": "vllm:request_queue_time_seconds"}
-COUNTERS = {"prefix_cache_queries": "vllm:prefix_cache_queries", "prefix_cache_hits": "vllm:prefix_cache_hits",
-            "server_prompt_tokens": "vllm:prompt_tokens", "server_generation_tokens": "vllm:generation_tokens",
-            "server_preemptions": "vllm:num_preemptions"}
+PREFIXES = ("vllm:", "sglang:")  # the servers whose names these are; the first found in a scrape is used
+# column -> histogram (seconds): the server's view of the quantities the client measures
+HISTOGRAM_MEANS = {"server_ttft_mean_ms": "time_to_first_token_seconds",
+                   "server_itl_mean_ms": "inter_token_latency_seconds",
+                   "server_e2el_mean_ms": "e2e_request_latency_seconds",
+                   "server_queue_mean_ms": "request_queue_time_seconds"}
+COUNTERS = {"prefix_cache_queries": "prefix_cache_queries", "prefix_cache_hits": "prefix_cache_hits",
+            "server_prompt_tokens": "prompt_tokens", "server_generation_tokens": "generation_tokens",
+            "server_preemptions": "num_preemptions"}
 SERVER_COLUMNS = [*HISTOGRAM_MEANS, "server_prefix_cache_hit_rate", "server_prompt_tokens",
                   "server_generation_tokens", "server_preemptions", "server_metrics"]
 
@@ -56,8 +58,14 @@ def server_figures(before: Scrape, after: Scrape) -> dict:
         out["server_metrics"] = f"absent: {before.error or after.error}"
         return out
     delta = {k: after.values.get(k, 0.0) - before.values.get(k, 0.0) for k in after.values}
+    prefix = next((p for p in PREFIXES if f"{p}{HISTOGRAM_MEANS['server_ttft_mean_ms']}_count" in after.values), None)
+    if prefix is None:
+        out["server_metrics"] = (f"absent: /metrics answers, but without the names of {', '.join(PREFIXES)} servers "
+                                 f"({len(after.values)} samples)")
+        return out
     absent = []
     for column, name in HISTOGRAM_MEANS.items():
+        name = prefix + name
         total, count = delta.get(f"{name}_sum"), delta.get(f"{name}_count")
         if total is None or count is None:
             absent.append(name)
@@ -65,6 +73,7 @@ def server_figures(before: Scrape, after: Scrape) -> dict:
             out[column] = 1000 * total / count
     counters = {}
     for column, name in COUNTERS.items():
+        name = prefix + name
         value = delta.get(f"{name}_total", delta.get(name))
         if value is None:
             absent.append(name)
