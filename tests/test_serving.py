@@ -96,6 +96,8 @@ def test_the_gate_compares_with_a_baseline_and_confirms_a_regression_before_fail
                            "--baseline", str(tmp_path / "base"), "--max-regression", "900%", "--require-baseline"))
     assert passed.returncode == 0, passed.stdout[-3000:]
     assert "1 case(s) within the limit, 0 regressed" in passed.stdout
+    compared = run([sys.executable, "-m", "npuinfer", "compare", str(tmp_path / "base"), str(tmp_path / "now")])
+    assert compared.returncode == 0 and "forward_next_token_time(ms)" in compared.stdout, compared.stderr
     path = tmp_path / "base" / f"performance_{srv.served_name}_openai.csv"
     text = path.read_text(encoding="utf-8").splitlines()
     header = next(csv.reader([text[0]]))

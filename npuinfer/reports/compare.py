@@ -136,8 +136,10 @@ def _num(value: object) -> float | None:
 # --------------------------------------------------------------------------------------------- performance
 
 
-def _case_key(row: Mapping[str, str]) -> tuple[int, int, int]:
-    return int(float(row[BATCH])), int(float(row[INPUT])), int(float(row[OUTPUT]))
+def _case_key(row: Mapping[str, str]) -> tuple[int, int, int, str]:
+    """(batch, input, output, request rate): a served deployment's open-loop case has a rate and no batch."""
+    rate = row.get("request_rate") or ""
+    return int(float(row[BATCH])) if row.get(BATCH) else 0, int(float(row[INPUT])), int(float(row[OUTPUT])), rate
 
 
 def _latest_per_case(rows: Sequence[Mapping[str, str]]) -> tuple[dict[tuple, Mapping[str, str]], list[Mapping[str, str]]]:
@@ -199,7 +201,7 @@ def performance_rows(a: Run, b: Run, labels: Labels) -> tuple[list[dict[str, obj
         if model not in a.performance or model not in b.performance:
             only = labels.a if model in a.performance else labels.b
             notes.append(f"{model}: performance only in {only}")
-        for key in sorted(set(cases[labels.a]) | set(cases[labels.b]), key=lambda k: (k[1], k[2], k[0])):
+        for key in sorted(set(cases[labels.a]) | set(cases[labels.b]), key=lambda k: (k[1], k[2], k[3], k[0])):
             ra, rb = cases[labels.a].get(key), cases[labels.b].get(key)
             note = []
             if ra is None or rb is None:
@@ -214,7 +216,8 @@ def performance_rows(a: Run, b: Run, labels: Labels) -> tuple[list[dict[str, obj
                 vb = _num(rb.get(metric)) if rb is not None and rb.get("status", "ok") == "ok" else None
                 if va is None and vb is None and not note:
                     continue  # a metric neither run measured (e.g. pre/post in normal timing)
-                out.append({"model": model, BATCH: key[0], INPUT: key[1], OUTPUT: key[2], "metric": metric,
+                out.append({"model": model, BATCH: f"rate {key[3]}" if key[3] else key[0], INPUT: key[1],
+                            OUTPUT: key[2], "metric": metric,
                             labels.a: va, labels.b: vb, labels.ratio: ratio(va, vb), labels.diff: difference(va, vb),
                             "note": "; ".join(note)})
     return out, notes
