@@ -260,9 +260,9 @@ def test_ci_removes_the_folders_it_makes(tmp_path):
                           env={"PATH": f"{fake}:/usr/bin:/bin", "TMPDIR": str(outer), "HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     commands = log.read_text().splitlines()
-    assert len(commands) == 7  # the two set-up lines, then the five test lines
+    assert len(commands) == 8  # the two set-up lines, then the six test lines
     results = [c.split("--results-dir ")[1] for c in commands if "--results-dir" in c]
-    assert len(results) == 2 and all(r.startswith(str(outer)) for r in results)
+    assert len(results) == 3 and all(r.startswith(str(outer)) for r in results)
     assert list(outer.iterdir()) == []
 
 

@@ -516,12 +516,15 @@ def ci_test_lines() -> list[str]:
 def test_ci_runs_readme_test_lines_verbatim():
     readme = (REPO / "README.md").read_text().splitlines()
     ci = ci_test_lines()
-    assert ci[0] == "python3 -m npuinfer baseline verify results/baselines/cpu-tiny" and len(ci) == 5
+    assert ci[0] == "python3 -m npuinfer baseline verify results/baselines/cpu-tiny" and len(ci) == 6
     assert ci[1:3] == ["python3 -m pytest", "python3 -m pytest -m e2e"]  # every test: the quick ones, then the e2e ones
     for line in ci:
         assert line in readme, line
     assert f"--max-regression {CI_TOLERANCE}" in ci[3] and "--baseline results/baselines/cpu-tiny" in ci[4]
     assert "--require-baseline" in ci[3] and "--gate-retries" in ci[3]  # confirm before failing; nothing unmeasured
+    served = ci[5]  # a served deployment's case, against a real vLLM, gated the same way
+    assert served.startswith("python3 tests/vllm_server.py run -- python3 -m pytest bench/test_serving.py --backend openai")
+    assert all(f in served for f in ("--baseline results/baselines/cpu-tiny", "--require-baseline", "--gate-retries"))
 
 
 @pytest.mark.parametrize("status, survives", [(0, True), (5, True), (1, False), (2, False)])

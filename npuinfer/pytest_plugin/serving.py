@@ -28,7 +28,7 @@ from ..noise import NoiseGuard, Verdict
 from ..options import at_least, positive_ints
 from ..results.performance import (
     BATCH, FIRST, GATE_ATTEMPTS, GATE_RETRIES, INPUT, NEXT, OUTPUT, RESPONSE, THROUGHPUT, now_iso, noise_columns,
-    performance_path, performance_table,
+    performance_path, serving_table,
 )
 from ..results.table import CsvTable
 from ..serving.load import LoadPlan, LoadResult, Target, run_load
@@ -331,7 +331,7 @@ class ServingSession:
 
     def table(self) -> tuple[CsvTable, Path]:
         path = performance_path(self.results_dir, self.endpoint.served_model, DEVICE_LABEL)
-        return performance_table(path), path
+        return serving_table(path), path
 
     def run(self, case: ServingCase) -> None:
         self.check_alive()

@@ -72,7 +72,8 @@ SERVING_COLUMNS = (SERVING_CASE + ["concurrency", "client_procs", "prompt_salt",
 PERFORMANCE_COLUMNS += SERVING_COLUMNS
 # Settings that make two measurements of a case different ones (device_name and torch are provenance).
 PERFORMANCE_KEY = ["model", "device", "dtype", "backend", "timing", "rounds", "warmup", "tp", "checkpoint",
-                   BATCH, INPUT, OUTPUT, *SERVING_CASE]
+                   BATCH, INPUT, OUTPUT]
+SERVING_KEY = PERFORMANCE_KEY + SERVING_CASE  # a served deployment's rows: open-loop cases differ by rate alone
 
 MAX_BATCH = "max_batch_size"
 MAX_BATCH_SETTINGS = ["model", "device", "device_name", "dtype", "backend", "checkpoint", "torch"]
@@ -112,6 +113,10 @@ def raw_rounds_path(csv_path: Path) -> Path:
 
 def performance_table(path: str | Path) -> CsvTable:
     return CsvTable(path, PERFORMANCE_COLUMNS, PERFORMANCE_KEY)
+
+
+def serving_table(path: str | Path) -> CsvTable:
+    return CsvTable(path, PERFORMANCE_COLUMNS, SERVING_KEY)
 
 
 def max_batch_table(path: str | Path) -> CsvTable:
