@@ -15,5 +15,6 @@ def test_max_batch(max_batch_case, bench):
 
 def test_max_concurrency(serving_search_case, serving):
     """With --backend openai (and --max-tpot / --max-ttft): the largest concurrency whose p90 TTFT and TPOT stay
-    within the limits, written to <results-dir>/max_concurrency_<served model>_openai.csv."""
+    within the limits (and with --request-rates the largest whole rate), written to
+    <results-dir>/max_load_<served model>_openai.csv."""
     serving.search(serving_search_case)

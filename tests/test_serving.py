@@ -119,12 +119,14 @@ def test_the_largest_concurrency_within_the_limits(served_vllm, tmp_path):
     srv = served_vllm
     base = ("--case-pairs", "16x8", "--num-prompts", "4")
     roomy = run(bench_cmd(srv.base_url, srv.served_name, srv.model_dir, tmp_path, *base, "--max-ttft", "60s",
-                          "--max-tpot", "10s", suite="bench/test_max_batch.py"))
+                          "--max-tpot", "10s", "--request-rates", "2", suite="bench/test_max_batch.py"))
     assert roomy.returncode == 0, roomy.stdout[-3000:]
-    with open(tmp_path / f"max_concurrency_{srv.served_name}_openai.csv", newline="") as f:
-        (r,) = list(csv.DictReader(f))
-    assert r["max_concurrency"] == "4" and "every concurrency up to 4" in r["bound_by"]
-    assert [t.split(":")[0] for t in r["trials"].split("; ")] == ["c1", "c2", "c4"]
+    with open(tmp_path / f"max_load_{srv.served_name}_openai.csv", newline="") as f:
+        by_load = {r["load"]: r for r in csv.DictReader(f)}
+    concurrency, rate = by_load["concurrency"], by_load["request_rate"]
+    assert concurrency["largest_within"] == "4" and "every load up to c4" in concurrency["bound_by"]
+    assert [t.split(":")[0] for t in concurrency["trials"].split("; ")] == ["c1", "c2", "c4"]
+    assert rate["largest_within"] == "2" and [t.split(":")[0] for t in rate["trials"].split("; ")] == ["r1", "r2"]
     tight = run(bench_cmd(srv.base_url, srv.served_name, srv.model_dir, tmp_path, *base, "--max-ttft", "0.001ms",
                           suite="bench/test_max_batch.py"))
     assert tight.returncode == 1 and "even concurrency 1 is beyond the limits" in tight.stdout

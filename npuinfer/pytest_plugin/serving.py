@@ -33,7 +33,7 @@ from ..results.performance import (
 from ..results.table import CsvTable
 from ..serving.load import LoadPlan, LoadResult, Target, run_load
 from ..serving.metrics import Limits, length_problems, serving_figures
-from ..serving.search import ConcurrencySearch
+from ..serving.search import LoadSearch
 from ..serving.server_metrics import scrape, server_figures
 from ..serving.workload import Workload, WorkloadError, make_prompts, new_salt, parse_workload, prefix_hit_rate
 from .bench import bench_gate_verdict
@@ -378,31 +378,42 @@ class ServingSession:
     def verdict(self, case: ServingCase, outcome) -> None:
         bench_gate_verdict(self.config, case.id, outcome)
 
-    # -- the largest concurrency within the latency limits
+    # -- the largest concurrency (or request rate) within the latency limits
     def search(self, case: ServingSearchCase) -> None:
+        """Concurrency 1, 2, 4, ... up to --num-prompts (nothing more is ever in flight); with --request-rates, also
+        whole rates 1, 2, 4, ... requests/s up to the largest rate given."""
         if self.limits.ttft_ms is None and self.limits.tpot_ms is None:
-            pytest.skip("the largest concurrency within latency limits needs --max-tpot and / or --max-ttft")
+            pytest.skip("the largest load within latency limits needs --max-tpot and / or --max-ttft")
         self.check_alive()
-        search = ConcurrencySearch(lambda c: self.measure(ServingCase(case.model, case.input_len, case.output_len, c)),
-                                   self.limits, cap=self.num_prompts)  # beyond --num-prompts nothing more is in flight
-        result = search.run()
-        path = self.results_dir / f"max_concurrency_{self.endpoint.served_model}_{DEVICE_LABEL}.csv"
-        table = CsvTable(path, MAX_CONCURRENCY_COLUMNS, ["model", "endpoint", INPUT, OUTPUT, "max_ttft(ms)",
-                                                         "max_tpot(ms)", "workload", "num_prompts"])
-        table.upsert({"model": case.model, "endpoint": self.endpoint.label, INPUT: case.input_len,
-                      OUTPUT: case.output_len, "max_ttft(ms)": self.limits.ttft_ms, "max_tpot(ms)": self.limits.tpot_ms,
-                      "workload": self.workload.label, "num_prompts": self.num_prompts,
-                      "max_concurrency": result.best, "ttft_p90(ms)": result.best_ttft_p90,
-                      "tpot_p90(ms)": result.best_tpot_p90, "bound_by": result.bound_by,
-                      "trials": "; ".join(result.trials), "server_version": self.backend.server_version or "",
-                      "measured_at": now_iso()})
-        if result.best is None:
-            pytest.fail(f"{case.id}: even concurrency 1 is beyond the limits ({result.bound_by})", pytrace=False)
+        shape = (case.model, case.input_len, case.output_len)
+        searches = [("concurrency", LoadSearch(lambda c: self.measure(ServingCase(*shape, concurrency=c)), self.limits,
+                                               cap=self.num_prompts, label="c"))]
+        rates = [r for r in self.config.getoption("serve_rates") or () if not math.isinf(r)]
+        if rates:
+            searches.append(("request_rate", LoadSearch(lambda r: self.measure(ServingCase(*shape, rate=float(r))),
+                                                        self.limits, cap=max(1, int(max(rates))), label="r")))
+        path = self.results_dir / f"max_load_{self.endpoint.served_model}_{DEVICE_LABEL}.csv"
+        table = CsvTable(path, MAX_LOAD_COLUMNS, ["model", "endpoint", "load", INPUT, OUTPUT, "max_ttft(ms)",
+                                                  "max_tpot(ms)", "workload", "num_prompts"])
+        failures = []
+        for load, search in searches:
+            result = search.run()
+            table.upsert({"model": case.model, "endpoint": self.endpoint.label, "load": load, INPUT: case.input_len,
+                          OUTPUT: case.output_len, "max_ttft(ms)": self.limits.ttft_ms,
+                          "max_tpot(ms)": self.limits.tpot_ms, "workload": self.workload.label,
+                          "num_prompts": self.num_prompts, "largest_within": result.best,
+                          "ttft_p90(ms)": result.best_ttft_p90, "tpot_p90(ms)": result.best_tpot_p90,
+                          "bound_by": result.bound_by, "trials": "; ".join(result.trials),
+                          "server_version": self.backend.server_version or "", "measured_at": now_iso()})
+            if result.best is None:
+                failures.append(f"even {load} 1 is beyond the limits ({result.bound_by})")
+        if failures:
+            pytest.fail(f"{case.id}: " + "; ".join(failures), pytrace=False)
 
 
-MAX_CONCURRENCY_COLUMNS = ["model", "endpoint", INPUT, OUTPUT, "max_ttft(ms)", "max_tpot(ms)", "workload",
-                           "num_prompts", "max_concurrency", "ttft_p90(ms)", "tpot_p90(ms)", "bound_by", "trials",
-                           "server_version", "measured_at"]
+MAX_LOAD_COLUMNS = ["model", "endpoint", "load", INPUT, OUTPUT, "max_ttft(ms)", "max_tpot(ms)", "workload",
+                    "num_prompts", "largest_within", "ttft_p90(ms)", "tpot_p90(ms)", "bound_by", "trials",
+                    "server_version", "measured_at"]
 
 
 @pytest.fixture(scope="session")

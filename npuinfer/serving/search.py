@@ -1,7 +1,7 @@
-"""The served counterpart of the max batch: the largest concurrency whose p90 TTFT and p90 TPOT stay within the
-limits. Concurrency doubles from 1 until a trial is beyond a limit (or has failed requests), then the gap between
-the last trial within and the first beyond is halved until they are neighbours. Each trial is a full case
-measurement (warm-up, --num-prompts requests)."""
+"""The served counterpart of the max batch: the largest concurrency (or whole request rate, requests/s) whose p90
+TTFT and p90 TPOT stay within the limits. The load doubles from 1 until a trial is beyond a limit (or has failed
+requests), then the gap between the last trial within and the first beyond is halved until they are neighbours.
+Each trial is a full case measurement (warm-up, --num-prompts requests)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,11 +21,12 @@ class SearchResult:
     trials: list[str] = field(default_factory=list)
 
 
-class ConcurrencySearch:
-    def __init__(self, measure: Callable[[int], tuple], limits: Limits, cap: int = MAX_CONCURRENCY):
-        self.measure = measure  # concurrency -> (row, load result, verdict), as ServingSession.measure
+class LoadSearch:
+    def __init__(self, measure: Callable[[int], tuple], limits: Limits, cap: int = MAX_CONCURRENCY, label: str = "c"):
+        self.measure = measure  # load -> (row, load result, verdict), as ServingSession.measure
         self.limits = limits
         self.cap = cap
+        self.label = label  # "c" (concurrency) or "r" (requests/s), in the trials' text
 
     def _trial(self, concurrency: int, result: SearchResult) -> bool:
         row = self.measure(concurrency)[0]
@@ -38,11 +39,11 @@ class ConcurrencySearch:
         if self.limits.tpot_ms is not None and (tpot is None or tpot > self.limits.tpot_ms):
             beyond.append(f"p90 TPOT {tpot:.2f} ms > {self.limits.tpot_ms:g} ms" if tpot is not None else "no TPOT")
         figures = f"p90 TTFT {ttft:.1f} ms, p90 TPOT {tpot:.2f} ms" if ttft is not None and tpot is not None else ""
-        result.trials.append(f"c{concurrency}: {figures}: " + ("; ".join(beyond) if beyond else "within"))
+        result.trials.append(f"{self.label}{concurrency}: {figures}: " + ("; ".join(beyond) if beyond else "within"))
         if not beyond and (result.best is None or concurrency > result.best):
             result.best, result.best_ttft_p90, result.best_tpot_p90 = concurrency, ttft, tpot
         if beyond:
-            result.bound_by = f"c{concurrency}: {'; '.join(beyond)}"
+            result.bound_by = f"{self.label}{concurrency}: {'; '.join(beyond)}"
         return not beyond
 
     def run(self) -> SearchResult:
@@ -57,7 +58,7 @@ class ConcurrencySearch:
                 high = c
                 break
         if high is None:
-            result.bound_by = f"every concurrency up to {self.cap} (--num-prompts) was within the limits"
+            result.bound_by = f"every load up to {self.label}{self.cap} was within the limits"
             return result
         while high - low > 1:
             mid = (low + high) // 2
