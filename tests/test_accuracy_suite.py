@@ -87,7 +87,8 @@ def pytest_run(results: Path, data: Path, *args: str, **extra_env: str) -> subpr
 
 def cache_rows(path: Path) -> list[list[str]]:
     lines = path.read_text(encoding="utf-8").splitlines()
-    assert lines[0] == "subject,question_id,answer,prediction,correct"
+    assert lines[0] in ("subject,question_id,answer,prediction,correct",  # scored by generation
+                        "subject,question_id,answer,prediction,correct,logprobs")
     return [line.split(",") for line in lines[1:]]
 
 
