@@ -4,7 +4,7 @@ and prompts per request; and npuinfer in-process on the same checkpoint. Figures
 docs/MEASUREMENTS.md#c-eval-through-a-served-deployment-npuinfer-vs-lm-eval
 
     python comparisons/ceval_served_vs_lmeval.py --lmeval-python VENV/bin/python [--per-subject N] [--subjects 52]
-        [--concurrent 4] [--batch 8] [--repeat 2]
+        [--shots 5] [--concurrent 4] [--batch 8] [--repeat 2]
 
 VENV: a virtual environment with ``lm-eval[api]==0.4.13`` (never a dependency of npuinfer). The data is a
 synthetic C-Eval val split in the official layout, at the official per-subject counts (1346 questions) unless
@@ -90,7 +90,7 @@ def lmeval_tasks(data: Path, subjects: list[str], out: Path) -> list[str]:
         files = {}
         for split in ("val", "dev"):
             with open(data / split / f"{subject}_{split}.csv", encoding="utf-8", newline="") as fh:
-                rows = list(csv.DictReader(fh))
+                rows = [{k: r[k] for k in ("id", "question", *CHOICES, "answer")} for r in csv.DictReader(fh)]
             files[split] = out / f"{subject}_{split}.jsonl"
             files[split].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         task = f"npuinfer_ceval_{subject}"
@@ -136,6 +136,7 @@ def main() -> int:
     parser.add_argument("--per-subject", type=int, default=None,
                         help="val questions per subject (default: the official counts, 1346 in all)")
     parser.add_argument("--subjects", type=int, default=len(SUBJECT_NAMES), help="the first N subjects (default 52)")
+    parser.add_argument("--shots", type=int, default=5, help="k-shot, both tools (default 5)")
     parser.add_argument("--concurrent", type=int, default=4, help="requests in flight, both tools (default 4)")
     parser.add_argument("--batch", type=int, default=8, help="prompts per request, both tools (default 8)")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs of each tool, ABBA order (default 2)")
@@ -150,20 +151,24 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     subjects = list(SUBJECT_NAMES[:args.subjects])
     data = write_synthetic_ceval(work / "ceval", subjects=subjects, val_per_subject=args.per_subject, seed=28)
-    questions = sum(1 for s in subjects for _ in open(data / "val" / f"{s}_val.csv", encoding="utf-8")) - len(subjects)
+    questions = 0
+    for subject in subjects:
+        with open(data / "val" / f"{subject}_val.csv", encoding="utf-8", newline="") as fh:
+            questions += sum(1 for _ in csv.DictReader(fh))
     model = checkpoint(work / "neox-64")
     tasks = lmeval_tasks(data, subjects, work / "lmeval_tasks")
     server = VllmServer(model, SERVED, work / "server.log", extra_args=("--no-enable-prefix-caching",))
     try:
         server.wait_healthy()
-        print(f"{questions} questions, {len(subjects)} subjects; vLLM at {server.base_url}; "
+        print(f"{questions} questions, {len(subjects)} subjects, {args.shots}-shot; vLLM at {server.base_url}; "
               f"{args.concurrent} requests in flight, {args.batch} prompts per request", flush=True)
         served = ("--backend", "openai", "--base-url", server.base_url, "--served-model", SERVED, "--tokenizer",
-                  str(model), "--num-concurrent", str(args.concurrent), "--ceval-batch-size", str(args.batch))
+                  str(model), "--num-concurrent", str(args.concurrent), "--ceval-batch-size", str(args.batch),
+                  "--shot", str(args.shots))
         lmeval = [args.lmeval_python, "-m", "lm_eval", "--model", "local-completions", "--model_args",
                   f"model={SERVED},base_url={server.base_url}/completions,tokenizer={model},"
                   f"tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent={args.concurrent},"
-                  "max_length=2048,max_retries=3", "--batch_size", str(args.batch), "--num_fewshot", "5",
+                  "max_length=2048,max_retries=3", "--batch_size", str(args.batch), "--num_fewshot", str(args.shots),
                   "--include_path", str(work / "lmeval_tasks"), "--tasks", ",".join(tasks), "--log_samples"]
         lm_env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         lm_env.pop("PYTHONPATH", None)
@@ -181,7 +186,8 @@ def main() -> int:
     finally:
         server.stop()
     local = work / "in-process"
-    local_s = timed(npuinfer_cmd(local, data, "--model-path", str(model), "--device", "cpu", "--dtype", "fp32"),
+    local_s = timed(npuinfer_cmd(local, data, "--model-path", str(model), "--device", "cpu", "--dtype", "fp32",
+                                 "--shot", str(args.shots)),
                     work / "in-process.log")
 
     first_npu = next(work.glob("npuinfer-*/ceval_*"))

@@ -116,3 +116,36 @@ def test_an_old_cache_gains_the_logprobs_column_when_a_row_brings_log_likelihood
     assert (out / "cache.csv").read_text(encoding="utf-8") == (
         "subject,question_id,answer,prediction,correct,logprobs\n"
         "law,0,A,A,1,\nlaw,1,B,C,0,-4.0;-3.0;-0.5;-9.0\nlaw,2,B,B,1,-4.0;-0.25;-3.0;-9.0\n")
+
+
+def test_a_w8a8_checkpoint_against_its_float_one_reports_its_flips(tmp_path):
+    """qwen-tiny and its W8A8 copy (npuinfer quantize) through the accuracy suite on a few subjects of the shipped
+    sample, then npuinfer compare: the questions whose correctness differs are the flips it lists (one on these
+    subjects: middle_school_mathematics id 0), and both scored by log-likelihood, so the drift is reported."""
+    import os
+    import subprocess
+    import sys
+
+    from npuinfer.ceval.cache import read_cache
+
+    repo = Path(__file__).resolve().parents[1]
+    assert main(["quantize", "--model", "qwen-tiny", "--w8a8", "--out", str(tmp_path / "w8a8")]) == 0
+    select = "middle_school_mathematics or law or logic"
+    for name, model in (("float", ("--model", "qwen-tiny")), ("w8", ("--model-path", str(tmp_path / "w8a8")))):
+        proc = subprocess.run([sys.executable, "-m", "pytest", "accuracy", "-p", "no:cacheprovider", "-q", "--device",
+                               "cpu", *model, "--results-dir", str(tmp_path / name), "-k", select], cwd=repo,
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout[-3000:]
+    float_rows = {r.key: r for r in read_cache(next((tmp_path / "float").glob("ceval_*")))}
+    w8_rows = {r.key: r for r in read_cache(next((tmp_path / "w8").glob("ceval_*")))}
+    flipped = sorted(k for k in float_rows if float_rows[k].correct != w8_rows[k].correct)
+    assert flipped, "no flip: the test needs a question W8A8 answers otherwise"
+    assert main(["compare", str(tmp_path / "float"), str(tmp_path / "w8"), "--labels", "float,W8A8",
+                 "--out", str(tmp_path / "cmp")]) == 0
+    text = (tmp_path / "cmp" / "compare.md").read_text(encoding="utf-8")
+    table = text[text.index("Questions that flipped (float -> W8A8)"):]
+    listed = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| ") and "subject" not in line]
+    assert sorted((s.strip(), q.strip()) for s, q in listed) == flipped
+    right_to_wrong = sum(float_rows[k].correct for k in flipped)
+    assert f"{right_to_wrong} right in float and wrong in W8A8, {len(flipped) - right_to_wrong} the reverse" in text
+    assert f"Log-prob drift over {len(float_rows)} questions" in text
