@@ -91,6 +91,7 @@ def test_served_ceval_predicts_what_npuinfer_predicts_in_process(clean_run, serv
     meta = json.loads((run_dir / "cache_meta.json").read_text(encoding="utf-8"))
     assert meta["extra"]["backend"] == "openai" and server.base_url.split("//")[1] in meta["checkpoint"]
     assert meta["provenance"]["server_version"] and meta["provenance"]["endpoint"] == server.base_url
+    assert meta["provenance"]["tokenizer"] == str(checkpoint)
     # Both scored by log-likelihood: npuinfer compare pairs them and reports the log-prob drift.
     assert main(["compare", str(tmp_path / "local"), str(clean_run), "--labels", "local,served",
                  "--out", str(tmp_path / "cmp")]) == 0

@@ -97,7 +97,8 @@ class OpenAIBackend:
         return Identity(backend=self.name, model=self.endpoint.served_model, checkpoint=self.checkpoint,
                         weights=self.weights, dtype="server", max_length=self.max_seq_len,
                         tokenizer=self.tokenizer_dir,
-                        provenance={"endpoint": self.endpoint.label, "server_version": self.server_version or ""})
+                        provenance={"endpoint": self.endpoint.label, "server_version": self.server_version or "",
+                                    "tokenizer": self.tokenizer_dir})
 
     def unsupported(self, suite: str) -> str | None:
         if suite == "bench":
