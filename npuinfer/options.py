@@ -151,6 +151,12 @@ def add_endpoint_options(addoption: AddOption) -> None:
               metavar="S", help="--backend openai: seconds to wait for an answer before retrying (default 600)")
     addoption("--num-concurrent", type=positive_int, default=1, dest="npuinfer_num_concurrent", metavar="N",
               help="--backend openai: requests in flight at once (default 1)")
+    addoption("--max-length", type=positive_int, default=None, dest="npuinfer_max_length", metavar="N",
+              help="--backend openai: lm-eval's max_length, the most tokens a request holds: a longer prompt loses "
+                   "its first tokens (default 2048, lm-eval's, or the server's max_model_len when smaller)")
+    addoption("--chat", action="store_true", default=False, dest="npuinfer_chat",
+              help="--backend openai with --scoring generate: ask /v1/chat/completions (the prompt as one user "
+                   "message) instead of /v1/completions")
 
 
 def add_baseline_option(addoption: AddOption) -> None:
@@ -187,6 +193,8 @@ class RunConfig:
     api_key_env: str | None = None
     request_timeout: float = 600.0
     num_concurrent: int = 1
+    max_length: int | None = None  # --backend openai: lm-eval's max_length (None: 2048 or the server's, less)
+    chat: bool = False  # --backend openai, --scoring generate: /v1/chat/completions
 
     @classmethod
     def from_options(cls, get: Callable[[str], Any], model: str | None = None) -> "RunConfig":

@@ -41,8 +41,8 @@ def baseline(tmp_path_factory, npuinfer_cache) -> Path:
     base = tmp_path_factory.mktemp("baselines") / "equal"
     proc = run(["-m", "npuinfer", "baseline", "update", str(results), str(base)])
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in (base / RUN_DIR).iterdir()) == ["cache_meta.json", "classes_acc.json",
-                                                                 "subject_acc.json"]
+    assert sorted(p.name for p in (base / RUN_DIR).iterdir()) == ["cache.csv", "cache_meta.json",
+                                                                 "classes_acc.json", "subject_acc.json"]
     return base
 
 
@@ -109,6 +109,52 @@ def test_a_baseline_with_other_shots_is_not_gated_with_a_warning(baseline, tmp_p
     assert ": passed" not in proc.stdout  # no category compared
     table = proc.stdout[proc.stdout.index("| subject"):proc.stdout.index("Every question")]
     assert table.count("not gated") == 3  # every case's baseline column
+
+
+def all_right(baseline: Path, tmp_path: Path) -> tuple[Path, int]:
+    """A copy of the baseline whose every question was answered right (cache.csv, both accuracy files), and how
+    many of its questions the real run got wrong (each a right -> wrong flip against the copy)."""
+    copy = tmp_path / "all-right"
+    shutil.copytree(baseline, copy)
+    cache = copy / RUN_DIR / "cache.csv"
+    lines = cache.read_text(encoding="utf-8").splitlines()
+    header, rows = lines[0], [line.split(",") for line in lines[1:]]
+    wrong = sum(r[4] == "0" for r in rows)
+    for r in rows:
+        r[3], r[4] = r[2], "1"
+    cache.write_text("\n".join([header, *(",".join(r) for r in rows)]) + "\n", encoding="utf-8")
+    for name in ("classes_acc.json", "subject_acc.json"):
+        path = copy / RUN_DIR / name
+        path.write_text(json.dumps({k: 1.0 for k in json.loads(path.read_text())}))
+    return copy, wrong
+
+
+def test_mcnemar_passes_subject_drops_within_chance_and_fails_a_significant_category_drop(baseline, tmp_path):
+    from npuinfer.reports.paired import mcnemar_exact
+
+    doctored, wrong = all_right(baseline, tmp_path)
+    assert wrong >= 6, "the tiny model must get >= 6 of 9 wrong for a significant pooled drop"
+    proc = accuracy(tmp_path / "results", THREE, "--baseline", str(doctored), "--acc-test", "mcnemar")
+    # Each subject: at most 3 flips of 3 questions, p >= 0.25: within chance, every case passes.
+    assert "3 passed" in proc.stdout, proc.stdout[-3000:]
+    # The category pools 9 questions: `wrong` flips one way, none the other.
+    p = mcnemar_exact(wrong, 0)
+    assert p < 0.05 and proc.returncode == 1, proc.stdout[-3000:]
+    assert (f"{wrong} question(s) right in the baseline and wrong now, 0 the reverse, of 9 paired: McNemar's exact "
+            f"p = {p:.4g}, significant at --alpha 0.05") in proc.stdout
+    assert f"FAILED {RUN_DIR} Humanities: category accuracy" in proc.stdout
+    drop = accuracy(tmp_path / "results-drop", THREE, "--baseline", str(doctored))  # the drop limit alone
+    assert "3 failed" in drop.stdout, drop.stdout[-3000:]
+
+
+def test_mcnemar_without_a_baseline_cache_falls_back_to_the_drop_limit_with_a_note(baseline, tmp_path):
+    doctored, _ = doctor(baseline, tmp_path, lambda c, s, m: s.update(law=s["law"] + 0.5))
+    (doctored / RUN_DIR / "cache.csv").unlink()
+    proc = accuracy(tmp_path / "results", THREE, "--baseline", str(doctored), "--acc-test", "mcnemar")
+    assert proc.returncode == 1 and "1 failed, 2 passed" in proc.stdout, proc.stdout[-3000:]
+    assert "--acc-test mcnemar: the baseline" in proc.stdout and "has no cache.csv" in proc.stdout
+    assert "is 0.5 below the baseline" in proc.stdout and "(--max-acc-drop)" in proc.stdout
+    assert "WARNING: --acc-test mcnemar: no cache.csv beside" in proc.stdout
 
 
 def test_gate_categories_covers_avg_hard_and_only_baseline_categories():

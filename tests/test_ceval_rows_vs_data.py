@@ -46,16 +46,16 @@ def tampered(scored, tmp_path, edit) -> tuple[object, object, object]:
 
 def foreign_rows(lines: list[str]) -> list[str]:
     """Two rows for law ids 97 and 98, which the data does not have, both predicted right."""
-    return lines + [f"{SUBJECT},97,A,A,1\n", f"{SUBJECT},98,B,B,1\n"]
+    return lines + [f"{SUBJECT},97,A,A,1,\n", f"{SUBJECT},98,B,B,1,\n"]  # no log-likelihoods (the last column)
 
 
 def other_answer(lines: list[str]) -> list[str]:
     """law id 0's answer is A in the data; the row says its prediction was the answer."""
     out = []
     for line in lines:
-        subject, qid, answer, prediction, correct = line.rstrip("\n").split(",")
+        subject, qid, answer, prediction, correct, logprobs = line.rstrip("\n").split(",")
         if (subject, qid) == (SUBJECT, "0") and answer != prediction:
-            line = f"{subject},{qid},{prediction},{prediction},1\n"
+            line = f"{subject},{qid},{prediction},{prediction},1,{logprobs}\n"
         out.append(line)
     assert out != lines, "the tiny model answered law 0 right: pick another row"
     return out

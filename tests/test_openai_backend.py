@@ -12,6 +12,7 @@ import pytest
 from npuinfer.backends.base import LoglikelihoodRequest
 from npuinfer.backends.openai import Endpoint, OpenAIBackend
 from npuinfer.ceval.synth import write_synthetic_ceval
+from npuinfer.cli import main
 
 from accuracy_runs import predictions, run_accuracy
 
@@ -42,6 +43,10 @@ def checkpoint(tiny_dir, tmp_path_factory) -> Path:
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(src / name, out / name)
+    # A chat template that passes the user message through as is (--chat): the chat prompt is the completion's.
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return out
 
 
@@ -62,18 +67,189 @@ def data(tmp_path_factory) -> Path:
     return write_synthetic_ceval(tmp_path_factory.mktemp("ceval"), subjects=SUBJECTS, val_per_subject=8, seed=21)
 
 
-def test_served_ceval_predicts_what_npuinfer_predicts_in_process(server, checkpoint, data, tmp_path):
-    served = run_accuracy(tmp_path / "served", data, "--backend", "openai", "--base-url", server.base_url,
-                          "--served-model", SERVED, "--tokenizer", str(checkpoint), "--num-concurrent", "2")
+def served_args(base_url: str, checkpoint: Path, *more: str) -> tuple[str, ...]:
+    return ("--backend", "openai", "--base-url", base_url, "--served-model", SERVED, "--tokenizer", str(checkpoint),
+            *more)
+
+
+@pytest.fixture(scope="module")
+def clean_run(server, checkpoint, data, tmp_path_factory) -> Path:
+    """One uninterrupted served run: the predictions the fault tests must reproduce."""
+    out = tmp_path_factory.mktemp("clean")
+    served = run_accuracy(out, data, *served_args(server.base_url, checkpoint, "--num-concurrent", "2"))
     assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-3000:] + server.log_tail()
+    return out
+
+
+def test_served_ceval_predicts_what_npuinfer_predicts_in_process(clean_run, server, checkpoint, data, tmp_path):
     local = run_accuracy(tmp_path / "local", data, "--model-path", str(checkpoint))
     assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
-    got, want = predictions(tmp_path / "served"), predictions(tmp_path / "local")
+    got, want = predictions(clean_run), predictions(tmp_path / "local")
     assert len(want) == 8 * len(SUBJECTS) and got == want
-    run_dir = next((tmp_path / "served").glob("ceval_*"))
+    run_dir = next(clean_run.glob("ceval_*"))
     assert run_dir.name == f"ceval_{SERVED}_openai"
     meta = json.loads((run_dir / "cache_meta.json").read_text(encoding="utf-8"))
     assert meta["extra"]["backend"] == "openai" and server.base_url.split("//")[1] in meta["checkpoint"]
+    assert meta["provenance"]["server_version"] and meta["provenance"]["endpoint"] == server.base_url
+    assert meta["provenance"]["tokenizer"] == str(checkpoint)
+    # Both scored by log-likelihood: npuinfer compare pairs them and reports the log-prob drift.
+    assert main(["compare", str(tmp_path / "local"), str(clean_run), "--labels", "local,served",
+                 "--out", str(tmp_path / "cmp")]) == 0
+    text = (tmp_path / "cmp" / "compare.md").read_text(encoding="utf-8")
+    assert f"{8 * len(SUBJECTS)} questions scored by both runs, {8 * len(SUBJECTS)} predicted alike" in text
+    assert f"Log-prob drift over {8 * len(SUBJECTS)} questions" in text
+
+
+class FlakyProxy:
+    """A proxy in front of the real server that answers 503 to the first ``failures`` POSTs, then forwards
+    everything: a burst of 5xx a real vLLM does not produce on demand."""
+
+    def __init__(self, upstream: str, failures: int):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import httpx
+
+        self.failures, self.refused, self.forwarded = failures, 0, 0
+        lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _forward(self, method: str) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    refuse = method == "POST" and proxy.refused < proxy.failures
+                    proxy.refused += refuse
+                    proxy.forwarded += not refuse
+                if refuse:
+                    self._send(503, b'{"error": "overloaded"}')
+                    return
+                reply = httpx.request(method, upstream.rstrip("/") + self.path, content=body, timeout=120,
+                                      headers={"Content-Type": "application/json"})
+                self._send(reply.status_code, reply.content)
+
+            def _send(self, code: int, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self._forward("GET")
+
+            def do_POST(self) -> None:
+                self._forward("POST")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_burst_of_503s_is_retried_and_predicts_what_a_clean_run_does(clean_run, server, checkpoint, data, tmp_path):
+    proxy = FlakyProxy(server.base_url.rsplit("/v1", 1)[0], failures=3)
+    try:
+        proc = run_accuracy(tmp_path, data, *served_args(proxy.base_url + "/v1", checkpoint))
+    finally:
+        proxy.close()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proxy.refused == 3 and proxy.forwarded > 3
+    assert predictions(tmp_path) == predictions(clean_run)
+
+
+def cache_keys(results: Path) -> list[tuple[str, str]]:
+    (run,) = [p for p in results.iterdir() if p.name.startswith("ceval_")]
+    lines = (run / "cache.csv").read_text(encoding="utf-8").splitlines()[1:]
+    return [tuple(line.split(",")[:2]) for line in lines]
+
+
+def test_a_killed_run_resumes_exactly(clean_run, server, checkpoint, data, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from accuracy_runs import REPO
+
+    args = served_args(server.base_url, checkpoint, "--ceval-batch-size", "1")
+    cmd = [sys.executable, "-m", "pytest", "accuracy", "-p", "no:cacheprovider", "-q", "--device", "cpu",
+           "--results-dir", str(tmp_path), "--ceval-dir", str(data), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cache = tmp_path / f"ceval_{SERVED}_openai" / "cache.csv"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if cache.is_file() and cache.read_text(encoding="utf-8").count("\n") > 4:  # header and a few rows
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.kill()
+    proc.wait()
+    scored = cache.read_text(encoding="utf-8").count("\n") - 1
+    assert 0 < scored < 8 * len(SUBJECTS)
+    again = run_accuracy(tmp_path, data, *args)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    keys = cache_keys(tmp_path)
+    assert len(keys) == len(set(keys)) == 8 * len(SUBJECTS)
+    assert predictions(tmp_path) == predictions(clean_run)
+
+
+def test_two_runs_on_one_results_dir_keep_every_question_once(clean_run, server, checkpoint, data, tmp_path):
+    import subprocess
+    import sys
+
+    from accuracy_runs import REPO
+
+    cmd = [sys.executable, "-m", "pytest", "accuracy", "-p", "no:cacheprovider", "-q", "--device", "cpu",
+           "--results-dir", str(tmp_path), "--ceval-dir", str(data),
+           *served_args(server.base_url, checkpoint, "--ceval-batch-size", "2")]
+    runs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]
+    outputs = [r.communicate(timeout=600)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    keys = cache_keys(tmp_path)
+    assert len(keys) == len(set(keys)) == 8 * len(SUBJECTS)
+    assert predictions(tmp_path) == predictions(clean_run)
+
+
+def test_generate_scoring_through_completions_and_chat_predict_alike(server, checkpoint, data, tmp_path):
+    plain = run_accuracy(tmp_path / "plain", data, *served_args(server.base_url, checkpoint, "--scoring", "generate"))
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    chat = run_accuracy(tmp_path / "chat", data,
+                        *served_args(server.base_url, checkpoint, "--scoring", "generate", "--chat"))
+    assert chat.returncode == 0, chat.stdout[-3000:] + chat.stderr[-3000:]
+    got, want = predictions(tmp_path / "chat"), predictions(tmp_path / "plain")
+    assert len(want) == 8 * len(SUBJECTS) and got == want
+    meta = json.loads(next((tmp_path / "chat").glob("ceval_*/cache_meta.json")).read_text(encoding="utf-8"))
+    assert "/v1/chat/completions" in meta["checkpoint"]
+    refused = run_accuracy(tmp_path / "x", data, *served_args(server.base_url, checkpoint, "--chat"))
+    assert refused.returncode == 4 and "--chat: " in refused.stderr and "--scoring generate" in refused.stderr
+
+
+def test_a_server_refusing_logprobs_gets_one_message_naming_scoring_generate(checkpoint, data, tmp_path):
+    """A second real server, started with --max-logprobs 0: it refuses the echo + logprobs request."""
+    from vllm_server import VllmServer
+
+    srv = VllmServer(checkpoint, SERVED, tmp_path / "server.log", extra_args=("--max-logprobs", "0"))
+    try:
+        srv.wait_healthy()
+        proc = run_accuracy(tmp_path / "r", data, *served_args(srv.base_url, checkpoint), "-k", "law")
+        generate = run_accuracy(tmp_path / "g", data, *served_args(srv.base_url, checkpoint, "--scoring", "generate"),
+                                "-k", "law")
+    finally:
+        srv.stop()
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "greater than max allowed: 0" in proc.stdout  # the server's own words, quoted
+    assert "this server does not return prompt log-probabilities (echo + logprobs); score by generation instead: " \
+           "--scoring generate" in proc.stdout
+    assert generate.returncode == 0, generate.stdout[-3000:]
+    assert len(predictions(tmp_path / "g")) == 8
 
 
 def test_loglikelihoods_through_the_server_equal_npuinfer_in_process(server, checkpoint):

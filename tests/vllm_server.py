@@ -56,7 +56,8 @@ def free_port() -> int:
 class VllmServer:
     """``python -m vllm.entrypoints.openai.api_server`` serving one checkpoint directory on 127.0.0.1."""
 
-    def __init__(self, model_dir: Path, served_name: str, log: Path, max_model_len: int = 2048):
+    def __init__(self, model_dir: Path, served_name: str, log: Path, max_model_len: int = 2048,
+                 extra_args: tuple[str, ...] = ()):
         self.model_dir, self.served_name, self.log_path = model_dir, served_name, log
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -69,7 +70,7 @@ class VllmServer:
             [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
              "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(self.port),
              "--dtype", "float32", "--max-model-len", str(max_model_len), "--max-num-seqs", "16",
-             "--enforce-eager"], stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+             "--enforce-eager", *extra_args], stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def wait_healthy(self, timeout_s: float = START_TIMEOUT_S) -> None:
         import httpx

@@ -7,6 +7,11 @@ with the served model's tokenizer, ``--tokenizer DIR``) to ``/v1/completions`` w
 echoed ``token_logprobs`` over the continuation; ``is_greedy`` compares each with the best of its
 ``top_logprobs``. Several prompts go in one request (``--ceval-batch-size``) and ``--num-concurrent``
 requests are in flight; a 5xx answer or a time-out (``--request-timeout``) is retried with backoff.
+``--max-length`` defaults to lm-eval's 2048 (or the server's ``max_model_len`` when smaller).
+
+``--scoring generate`` asks ``/v1/completions`` greedily for the answer letter (the Ascend tool's way), or with
+``--chat`` ``/v1/chat/completions``: the prompt decoded to text as one user message, under the server's chat
+template.
 
 ``bench/`` times a served deployment by its own cases (streamed requests: npuinfer.serving), not through this class.
 The API key is read from the environment variable ``--api-key-env`` names; it never reaches a row, log or cache.
@@ -75,21 +80,25 @@ class OpenAIBackend:
     device = None
     weights = "served"
 
-    def __init__(self, endpoint: Endpoint, tokenizer: Tokenizer, tokenizer_dir: str, max_length: int | None = None):
+    def __init__(self, endpoint: Endpoint, tokenizer: Tokenizer, tokenizer_dir: str, max_length: int | None = None,
+                 chat: bool = False):
         self.endpoint = endpoint
+        self.chat = chat  # generate_until asks /v1/chat/completions, the prompt as one user message
         self.tokenizer = tokenizer
         self.tokenizer_dir = tokenizer_dir
         self.server_max_length, self.server_version = self._check_server()
         self.max_seq_len = max_length or min(DEFAULT_MAX_LENGTH, self.server_max_length or DEFAULT_MAX_LENGTH)
         self.vocab_size = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else 0
-        self.checkpoint = f"{endpoint.label} {endpoint.served_model}"
+        # What the answers come from, compared by the cache: a chat run's generations never mix with a completion's.
+        self.checkpoint = f"{endpoint.label}{'/chat/completions' if chat else ''} {endpoint.served_model}"
 
     # ---- identity ------------------------------------------------------------------------------
     def identity(self) -> Identity:
         return Identity(backend=self.name, model=self.endpoint.served_model, checkpoint=self.checkpoint,
                         weights=self.weights, dtype="server", max_length=self.max_seq_len,
                         tokenizer=self.tokenizer_dir,
-                        provenance={"endpoint": self.endpoint.label, "server_version": self.server_version or ""})
+                        provenance={"endpoint": self.endpoint.label, "server_version": self.server_version or "",
+                                    "tokenizer": self.tokenizer_dir})
 
     def unsupported(self, suite: str) -> str | None:
         return None  # bench/ measures a served deployment by its own cases (npuinfer.pytest_plugin.serving)
@@ -130,10 +139,11 @@ class OpenAIBackend:
         return models[self.endpoint.served_model].get("max_model_len"), version
 
     async def _post(self, client: httpx.AsyncClient, payload: dict) -> dict:
+        path = "/chat/completions" if "messages" in payload else "/completions"
         delay = BACKOFF_S
         for attempt in range(RETRIES + 1):
             try:
-                reply = await client.post(self._url("/completions"), json=payload, headers=self.endpoint.headers())
+                reply = await client.post(self._url(path), json=payload, headers=self.endpoint.headers())
             except httpx.TimeoutException as exc:
                 problem = f"no answer within {self.endpoint.timeout_s:g} s ({type(exc).__name__})"
             except httpx.TransportError as exc:
@@ -141,14 +151,14 @@ class OpenAIBackend:
             else:
                 if reply.status_code < 500:
                     if reply.status_code != 200:
-                        raise EndpointError(f"{self.endpoint.label}/completions answered {reply.status_code}: "
+                        raise EndpointError(f"{self.endpoint.label}{path} answered {reply.status_code}: "
                                             f"{reply.text[:500]}")
                     return reply.json()
                 problem = f"{reply.status_code}: {reply.text[:300]}"
             if attempt < RETRIES:
                 await asyncio.sleep(delay)
                 delay *= 2
-        raise EndpointError(f"{self.endpoint.label}/completions failed {RETRIES + 1} times; last: {problem}")
+        raise EndpointError(f"{self.endpoint.label}{path} failed {RETRIES + 1} times; last: {problem}")
 
     def _run(self, payloads: list[dict]) -> list[dict]:
         """POST every payload, ``concurrent`` in flight; the answers in order."""
@@ -203,8 +213,12 @@ class OpenAIBackend:
         payloads = []
         for r in requests:  # lm-eval: the context keeps max_length - max_gen_toks tokens
             prompt = list(r.context)[-(limit - r.max_new_tokens):]
-            payload = {"model": self.endpoint.served_model, "prompt": prompt, "max_tokens": r.max_new_tokens,
-                       "temperature": 0, "seed": 1234}
+            payload = {"model": self.endpoint.served_model, "max_tokens": r.max_new_tokens, "temperature": 0,
+                       "seed": 1234}
+            if self.chat:  # a chat message is text: the server applies its chat template and tokenizes it
+                payload["messages"] = [{"role": "user", "content": self.tokenizer.decode(prompt, skip_special=False)}]
+            else:
+                payload["prompt"] = prompt
             if r.until:
                 payload["stop"] = list(r.until)
             payloads.append(payload)
@@ -213,7 +227,8 @@ class OpenAIBackend:
         for w in range(0, len(payloads), wave):
             for k, answer in enumerate(self._run(payloads[w:w + wave])):
                 i = w + k
-                text = answer["choices"][0]["text"]
+                first = answer["choices"][0]
+                text = ((first.get("message") or {}).get("content") or "") if self.chat else first["text"]
                 stop = requests[i].stop
                 if stop is not None:  # the shortest prefix that passes, as in-process generation stops there
                     text = next((text[:n] for n in range(1, len(text) + 1) if stop(text[:n])), text)
@@ -248,7 +263,7 @@ def make_openai_backend(source) -> OpenAIBackend:
     endpoint = Endpoint(config.base_url, config.served_model, key, config.request_timeout, config.num_concurrent)
     tok_dir = Path(config.tokenizer)  # the served model's directory: its config.json says which tokenizer files
     tokenizer = load_tokenizer(tok_dir, family_of_config(read_config(tok_dir), str(tok_dir / "config.json")))
-    return OpenAIBackend(endpoint, tokenizer, str(tok_dir), config.max_seq_len)
+    return OpenAIBackend(endpoint, tokenizer, str(tok_dir), config.max_length, config.chat)
 
 
 def wait_until_healthy(base_url: str, timeout_s: float) -> bool:

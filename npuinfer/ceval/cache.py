@@ -29,7 +29,7 @@ from filelock import FileLock
 
 from npuinfer.atomic import create_atomic, write_atomic
 from npuinfer.ceval.dataset import CHOICES, load_split, split_path
-from npuinfer.ceval.scored import FIELDS, ScoredRow
+from npuinfer.ceval.scored import FIELDS, LEGACY_FIELDS, ScoredRow, format_logprobs, parse_logprobs
 from npuinfer.ceval.subjects import SUBJECT_NAMES, official_order
 
 CACHE_FORMAT_VERSION = 1
@@ -182,10 +182,10 @@ def record_in_meta(cache_dir: str | os.PathLike, key: str, entries: Mapping[str,
         write_atomic(d / META_FILE, json.dumps(meta, ensure_ascii=False, indent=2) + "\n")
 
 
-def _row_from_fields(fields: list[str], where: str) -> ScoredRow:
-    if len(fields) != len(FIELDS):
-        raise CacheError(f"{where}: {len(fields)} fields, expected {len(FIELDS)}")
-    subject, qid, answer, prediction, correct = fields
+def _row_from_fields(fields: list[str], where: str, width: int = len(FIELDS)) -> ScoredRow:
+    if len(fields) != width:
+        raise CacheError(f"{where}: {len(fields)} fields, expected {width}")
+    subject, qid, answer, prediction, correct = fields[:len(LEGACY_FIELDS)]
     if not subject or not qid:
         raise CacheError(f"{where}: empty subject or question_id")
     if subject not in SUBJECT_NAMES:
@@ -201,17 +201,29 @@ def _row_from_fields(fields: list[str], where: str) -> ScoredRow:
             f"{where}: correct is {correct!r} but answer {answer!r} and prediction "
             f"{prediction!r} give {expected!r}"
         )
+    try:
+        logprobs = parse_logprobs(fields[len(LEGACY_FIELDS)], len(CHOICES)) if width > len(LEGACY_FIELDS) else None
+    except ValueError as e:
+        raise CacheError(f"{where}: {e}") from None
     return ScoredRow(
-        subject, qid, answer or None, prediction, None if correct == "" else correct == "1"
+        subject, qid, answer or None, prediction, None if correct == "" else correct == "1", logprobs
     )
 
 
-def _row_to_fields(row: ScoredRow) -> list[str]:
+def _row_to_fields(row: ScoredRow, wide: bool = True) -> list[str]:
     correct = "" if row.correct is None else ("1" if row.correct else "0")
-    return [row.subject, row.question_id, row.answer or "", row.prediction, correct]
+    legacy = [row.subject, row.question_id, row.answer or "", row.prediction, correct]
+    return [*legacy, format_logprobs(row.logprobs)] if wide else legacy
 
 
-def _parse_records(text: str, path: Path, first_row_no: int) -> tuple[list[tuple[int, ScoredRow]], bool]:
+def _is_wide(rows: Iterable[ScoredRow]) -> bool:
+    """Whether cache.csv holding ``rows`` has the logprobs column: when some row has log-likelihoods (a cache
+    scored by generation, or written before the column, keeps the five columns it always had)."""
+    return any(r.logprobs is not None for r in rows)
+
+
+def _parse_records(text: str, path: Path, first_row_no: int,
+                   width: int = len(FIELDS)) -> tuple[list[tuple[int, ScoredRow]], bool]:
     """(row number, row) of CSV lines without a header, and whether the text was cut mid-row.
 
     Text that does not end in a newline was cut mid-write by a crash: its last row is kept when it
@@ -224,11 +236,11 @@ def _parse_records(text: str, path: Path, first_row_no: int) -> tuple[list[tuple
         where = f"{path}: row {row_no}"
         if cut and row_no == first_row_no + len(records) - 1:
             try:
-                rows.append((row_no, _row_from_fields(fields, where)))
+                rows.append((row_no, _row_from_fields(fields, where, width)))
             except CacheError:
                 pass
         else:
-            rows.append((row_no, _row_from_fields(fields, where)))
+            rows.append((row_no, _row_from_fields(fields, where, width)))
     return rows, cut
 
 
@@ -241,18 +253,28 @@ def _parse(path: Path) -> tuple[list[tuple[int, ScoredRow]], bool]:
     if not text:
         return [], True
     header, newline, body = text.partition("\n")
-    if tuple(next(csv.reader([header]), [])) != FIELDS:
-        raise CacheError(f"{path}: row 0 (header): expected {','.join(FIELDS)}, found {header}")
+    columns = tuple(next(csv.reader([header]), []))
+    if columns not in (FIELDS, LEGACY_FIELDS):
+        raise CacheError(f"{path}: row 0 (header): expected {','.join(FIELDS)} (or, written before the "
+                         f"logprobs column, {','.join(LEGACY_FIELDS)}), found {header}")
     if not newline:  # a header cut before its newline
         return [], True
-    return _parse_records(body, path, 1)
+    return _parse_records(body, path, 1, len(columns))
+
+
+def _width(path: Path) -> int:
+    """Columns of a cache file, from its header."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        return len(next(csv.reader([fh.readline()]), []))
 
 
 def _serialize(rows: Iterable[ScoredRow]) -> str:
+    rows = list(rows)
+    wide = _is_wide(rows)
     buf = io.StringIO(newline="")
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(FIELDS)
-    writer.writerows(_row_to_fields(r) for r in rows)
+    writer.writerow(FIELDS if wide else LEGACY_FIELDS)
+    writer.writerows(_row_to_fields(r, wide) for r in rows)
     return buf.getvalue()
 
 
@@ -313,6 +335,7 @@ class QuestionCache:
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the cache.csv self._file appends to
         self._offset = 0  # bytes of it already read
         self._rows_read = 0
+        self._width = len(LEGACY_FIELDS)  # columns of the cache.csv self._file appends to
         self._rows: dict[tuple[str, str], ScoredRow] = {}  # every row in the directory, as of the last catch-up
         with self._lock:
             open_meta(self.dir, settings)
@@ -327,6 +350,7 @@ class QuestionCache:
         if rewrite or not self.path.exists():  # new, cut mid-row by a crash, duplicates, old part files
             _rewrite(self.dir, rows)
         self._rows = rows
+        self._width = _width(self.path)
         self._file = open(self.path, "a", encoding="utf-8", newline="")
         st = os.fstat(self._file.fileno())
         self._identity, self._offset = (st.st_dev, st.st_ino), st.st_size
@@ -350,7 +374,7 @@ class QuestionCache:
             tail = data.decode("utf-8")
         except UnicodeDecodeError:
             return self._reopen()  # which names the file and the bad bytes
-        numbered, cut = _parse_records(tail, self.path, self._rows_read + 1)
+        numbered, cut = _parse_records(tail, self.path, self._rows_read + 1, self._width)
         if cut:  # another process died mid-row: repair the file, then read it again
             return self._reopen()
         self._rows.update((row.key, row) for _, row in numbered)
@@ -385,7 +409,12 @@ class QuestionCache:
                 raise CacheError(f"{self.path}: {row.subject} id {row.question_id} is already scored with "
                                  f"prediction {old.prediction!r}, now {row.prediction!r}")
             assert self._file is not None
-            self._file.write(_serialize_row(row))
+            if row.logprobs is not None and self._width == len(LEGACY_FIELDS):
+                # The first row with log-likelihoods: cache.csv gains the column, rewritten whole (once).
+                _rewrite(self.dir, {**self._rows, row.key: row})
+                self._reopen()
+                return True
+            self._file.write(_serialize_row(row, self._width > len(LEGACY_FIELDS)))
             self._file.flush()
             os.fsync(self._file.fileno())
             self._rows[row.key] = row
@@ -405,9 +434,9 @@ class QuestionCache:
         self.close()
 
 
-def _serialize_row(row: ScoredRow) -> str:
+def _serialize_row(row: ScoredRow, wide: bool) -> str:
     buf = io.StringIO(newline="")
-    csv.writer(buf, lineterminator="\n").writerow(_row_to_fields(row))
+    csv.writer(buf, lineterminator="\n").writerow(_row_to_fields(row, wide))
     return buf.getvalue()
 
 

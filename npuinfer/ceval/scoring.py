@@ -232,7 +232,8 @@ class SubjectScorer:
             self.stats.nonfinite.append(q.question_id)
             return
         best = max(range(len(lps)), key=lambda c: (lps[c], -c))  # first of equal maxima, as argmax
-        yield QuestionScore(ScoredRow.make(q.subject, q.question_id, q.answer, CHOICES[best]), tuple(lps), None)
+        yield QuestionScore(ScoredRow.make(q.subject, q.question_id, q.answer, CHOICES[best], tuple(lps)), tuple(lps),
+                            None)
 
 
 def score_subject(backend, subject: str, dev_rows: Sequence[Question], questions: Sequence[Question],

@@ -1,16 +1,22 @@
 """The C-Eval baseline gate, without pytest: a baseline's accuracies and settings found and read, the settings
 that make two runs comparable, and the pooled category verdicts (the per-subject drop is checked by the
-accuracy plugin with ``--max-acc-drop``)."""
+accuracy plugin with ``--max-acc-drop``).
+
+``--acc-test``: ``drop`` fails any drop beyond ``--max-acc-drop``; ``mcnemar`` fails such a drop only when it is
+significant: McNemar's exact test on the questions that flipped between the baseline's cache.csv and the run
+(p < ``--alpha``). A baseline without cache.csv cannot be paired: the drop limit alone decides, with a note."""
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..ceval.aggregate import AVG, AVG_HARD, CLASS_KEYS
-from ..ceval.cache import IMPLIED_EXTRA, META_FILE, CacheError, read_meta
+from ..ceval.cache import CACHE_FILE, IMPLIED_EXTRA, META_FILE, CacheError, read_cache, read_meta
+from ..ceval.scored import ScoredRow
+from ..reports.paired import PairedCounts
 from ..ceval.report import SUBJECT_ACC
 from ..ceval.run import results_dir
 from ..ceval.scoring import PromptFit
@@ -53,6 +59,46 @@ def find_baseline(baseline: str | os.PathLike, model: str, device_label: str) ->
 
 
 # --------------------------------------------------------------------------------- gating against a baseline
+
+ACC_TESTS: tuple[str, ...] = ("drop", "mcnemar")
+
+
+def read_baseline_rows(subject_acc: str | os.PathLike) -> dict[tuple[str, str], ScoredRow] | None:
+    """The baseline's per-question rows (cache.csv beside its subject_acc.json) by (subject, id); None when it
+    has none (a baseline made before `npuinfer baseline update` kept it)."""
+    directory = Path(subject_acc).parent
+    if not (directory / CACHE_FILE).is_file() or not (directory / META_FILE).is_file():
+        return None
+    try:
+        return {r.key: r for r in read_cache(directory)}
+    except CacheError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def paired_against(baseline: dict[tuple[str, str], ScoredRow], rows: Iterable[ScoredRow],
+                   name: str) -> PairedCounts:
+    """The run's ``rows`` paired with the baseline's same questions: right in the baseline and wrong now
+    (``right_to_wrong``), and the reverse; questions the baseline lacks are not counted."""
+    counts = PairedCounts(name)
+    for row in rows:
+        base = baseline.get(row.key)
+        if base is None or base.correct is None or row.correct is None:
+            continue
+        counts.questions += 1
+        counts.agree += base.prediction == row.prediction
+        if base.correct and not row.correct:
+            counts.right_to_wrong += 1
+        elif row.correct and not base.correct:
+            counts.wrong_to_right += 1
+    return counts
+
+
+def significance_note(counts: PairedCounts, alpha: float) -> str:
+    """What McNemar's test says of a drop, for a gate's message."""
+    verdict = "significant" if counts.p_value < alpha else "not significant"
+    return (f"{counts.right_to_wrong} question(s) right in the baseline and wrong now, {counts.wrong_to_right} the "
+            f"reverse, of {counts.questions} paired: McNemar's exact p = {counts.p_value:.4g}, {verdict} at "
+            f"--alpha {alpha:g}")
 
 # The settings under which two accuracies are comparable at all; a baseline scored otherwise is not gated.
 GATED_SETTINGS: tuple[str, ...] = ("template", "shots", "split", "scoring", "data_sha256", "fit")
@@ -120,11 +166,14 @@ class CategoryVerdict:
 
 def gate_categories(run_subjects: dict[str, float], run_classes: dict[str, float],
                     base_subjects: dict[str, float], base_classes: dict[str, float],
-                    max_drop: float) -> list[CategoryVerdict]:
+                    max_drop: float, paired: Callable[[str], PairedCounts] | None = None,
+                    alpha: float = 0.05) -> list[CategoryVerdict]:
     """The pooled category (and Avg, Avg(Hard)) accuracies of a run against a baseline's.
 
     Only categories the baseline has are looked at. A category is gated only when the run holds exactly
-    the baseline's subjects of it: a pooled accuracy over other questions is not comparable.
+    the baseline's subjects of it: a pooled accuracy over other questions is not comparable. ``paired``
+    (--acc-test mcnemar): a category's questions paired with the baseline's; a drop beyond ``max_drop`` then
+    fails only when McNemar's p is below ``alpha``.
     """
     verdicts = []
     for key in CLASS_KEYS:
@@ -141,10 +190,16 @@ def gate_categories(run_subjects: dict[str, float], run_classes: dict[str, float
                                             f"{len(want)} subjects{extra}"))
             continue
         drop = base - acc
-        if drop > max_drop + 1e-12:
+        counts = paired(key) if paired is not None and drop > max_drop + 1e-12 else None
+        if counts is not None and counts.p_value >= alpha:
+            verdicts.append(CategoryVerdict(key, "passed", acc, base,
+                                            f"{key}: category accuracy {acc!r} is {drop:.6g} below the baseline "
+                                            f"{base!r}, within chance: {significance_note(counts, alpha)}"))
+        elif drop > max_drop + 1e-12:
+            why = f"; {significance_note(counts, alpha)}" if counts is not None else ""
             verdicts.append(CategoryVerdict(key, "failed", acc, base,
                                             f"{key}: category accuracy {acc!r} is {drop:.6g} below the baseline "
-                                            f"{base!r}; allowed drop {max_drop:g} (--max-acc-drop)"))
+                                            f"{base!r}; allowed drop {max_drop:g} (--max-acc-drop){why}"))
         else:
             verdicts.append(CategoryVerdict(key, "passed", acc, base,
                                             f"{key}: category accuracy {acc!r}, baseline {base!r}: passed"))

@@ -28,7 +28,9 @@ from .performance import check_figures, figure_problems, paired_calibration
 # --------------------------------------------------------------------------------------------- storing a baseline
 
 MANIFEST = "manifest.json"
-CEVAL_FILES = ("subject_acc.json", "classes_acc.json", "cache_meta.json")  # the gate reads the first two
+# The gate reads the first two; cache.csv (each question's row) pairs a run with the baseline (--acc-test mcnemar).
+CEVAL_FILES = ("subject_acc.json", "classes_acc.json", "cache_meta.json", "cache.csv")
+OPTIONAL_CEVAL_FILES = ("cache_meta.json", "cache.csv")  # a run of an older npuinfer may lack them
 
 
 @dataclass
@@ -78,7 +80,7 @@ def plan_update(run_dir: str | Path, models: Sequence[str] | None = None) -> Upd
         for name in CEVAL_FILES:
             if (directory / name).is_file():
                 plan.copies.append((directory / name, Path(directory.name) / name))
-            elif name != "cache_meta.json":
+            elif name not in OPTIONAL_CEVAL_FILES:
                 raise ValueError(f"{directory}: no {name} (run `npuinfer report ceval {directory}` to rebuild it)")
     if wanted is not None:
         found = {_model_from_name(dest) for _, dest in plan.copies}

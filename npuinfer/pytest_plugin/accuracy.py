@@ -9,6 +9,9 @@ against the baseline's classes_acc.json, for the categories whose subjects the r
 baseline does; a drop fails the session. A baseline scored with other settings (template, shots, split,
 scoring, data, fit) is not gated at all, with a warning naming what differs; fit counts as a difference only when
 a prompt of the run was over the model's length (otherwise both fits give the same prompts).
+``--acc-test mcnemar --alpha A``: a drop beyond ``--max-acc-drop`` (per subject, and per category at the end) fails
+only when McNemar's exact test on the questions that flipped against the baseline's cache.csv gives p < A; a
+baseline without cache.csv is gated by the drop limit alone, with a note (npuinfer.gates.accuracy).
 The per-subject and per-category tables, and the category gate's lines, go to pytest's terminal summary.
 """
 from __future__ import annotations
@@ -30,7 +33,12 @@ from ..ceval.report import CLASSES_ACC, SUBJECT_ACC, rebuild_report
 from ..parallel import dist as tp_dist
 from ..ceval.run import CevalRun, NonFiniteScores, RunSettings, SubjectResult, record_prompt_fit, results_dir
 from ..gates.accuracy import (
+    ACC_TESTS,
     CategoryVerdict,
+    in_class,
+    paired_against,
+    read_baseline_rows,
+    significance_note,
     any_prompt_fitted,
     find_baseline,
     gate_categories,
@@ -52,6 +60,7 @@ P_DIR, P_MODEL, P_SUBJECT = "ceval_results_dir", "ceval_model", "ceval_subject"
 P_N, P_CORRECT, P_ACC, P_NEW = "ceval_questions", "ceval_correct", "ceval_accuracy", "ceval_scored_now"
 P_BASE, P_TOKENS, P_SHOTS = "ceval_baseline", "ceval_prompt_tokens", "ceval_shots"
 P_NOT_GATED = "ceval_not_gated"  # why a case was not compared with the baseline
+P_WITHIN_CHANCE = "ceval_drop_p"  # --acc-test mcnemar: a drop that passed, and its p-value
 P_DROPPED, P_TRUNCATED = "ceval_dropped_shots", "ceval_truncated"  # how the prompts were fitted to the model
 
 
@@ -66,6 +75,16 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected an accuracy difference in [0, 1], got {text!r}") from None
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"expected an accuracy difference in [0, 1], got {text!r}")
+    return value
+
+
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a significance level in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a significance level in (0, 1), got {text!r}")
     return value
 
 
@@ -95,6 +114,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"tokens generated per question with --scoring generate (default {DEFAULT_MAX_NEW_TOKENS})")
     group.addoption("--max-acc-drop", type=_fraction, default=0.0, dest="ceval_max_acc_drop",
                     help="C-Eval: allowed accuracy drop below the baseline per subject (default 0)")
+    group.addoption("--acc-test", default="drop", choices=list(ACC_TESTS), dest="ceval_acc_test",
+                    help="C-Eval gate: drop (default: any drop beyond --max-acc-drop fails) or mcnemar (a drop beyond "
+                         "--max-acc-drop fails only when McNemar's exact test on the questions that flipped against "
+                         "the baseline's cache.csv gives p < --alpha; a baseline without cache.csv falls back to "
+                         "drop, with a note)")
+    group.addoption("--alpha", type=_alpha, default=0.05, dest="ceval_alpha",
+                    help="--acc-test mcnemar: significance level (default 0.05)")
 
 
 @dataclass(frozen=True)
@@ -107,6 +133,8 @@ class CevalOptions:
     max_drop: float
     baseline: str | None
     device_label: str  # the results directories' suffix: the device asked for, or the served backend's name
+    acc_test: str = "drop"  # ACC_TESTS: how a drop below the baseline fails
+    alpha: float = 0.05  # --acc-test mcnemar: the significance level
 
     @property
     def data_dir(self) -> Path:
@@ -124,7 +152,12 @@ class CevalOptions:
         # The run's device as asked for (xdist workers on npu:N/cuda:N add their index): one directory per run;
         # a served backend's run is of the endpoint, not of this machine.
         label = run.backend if run.backend in SERVED_BACKENDS else get_device(run.device).label
-        return cls(run, settings, opt("ceval_max_acc_drop"), opt("npuinfer_baseline"), label)
+        if run.chat and (run.backend not in SERVED_BACKENDS or settings.scoring != "generate"):
+            raise pytest.UsageError("--chat: asks a served model (--backend openai) for the answer letter, so it "
+                                    f"needs --scoring generate (this run: --backend {run.backend}, --scoring "
+                                    f"{settings.scoring})")
+        return cls(run, settings, opt("ceval_max_acc_drop"), opt("npuinfer_baseline"), label,
+                   opt("ceval_acc_test"), opt("ceval_alpha"))
 
 
 _OPTIONS = pytest.StashKey[CevalOptions]()
@@ -165,6 +198,8 @@ class CevalSuite:
         self.device_label = opts.device_label
         self.max_drop = opts.max_drop
         self.baseline = opts.baseline
+        self.acc_test, self.alpha = opts.acc_test, opts.alpha
+        self._base_rows: dict[str, dict | None] = {}  # per model: the baseline's cache.csv rows (None: it has none)
         self._runs: dict[str, CevalRun | Exception] = {}
         self._baselines: dict[str, tuple[Path | None, dict[str, float], dict | None]] = {}
 
@@ -244,10 +279,29 @@ class CevalSuite:
             return
         record(P_BASE, base)
         drop = base - result.accuracy
-        if drop > self.max_drop + 1e-12:
-            pytest.fail(f"{model}-{result.subject}: accuracy {result.accuracy!r} ({result.correct}/"
-                        f"{result.questions}) is {drop:.6g} below the baseline {base!r} from {where}; "
-                        f"allowed drop {self.max_drop:g} (--max-acc-drop)", pytrace=False)
+        if drop <= self.max_drop + 1e-12:
+            return
+        why = ""
+        if self.acc_test == "mcnemar":
+            rows = self._baseline_rows(model, path)
+            if rows is None:
+                warnings.warn(CevalBaselineWarning(
+                    f"{model}-{result.subject}: --acc-test mcnemar: the baseline {where} has no cache.csv (its "
+                    "questions one by one): gated by --max-acc-drop alone; `npuinfer baseline update` keeps it"))
+            else:
+                counts = paired_against(rows, result.rows, result.subject)
+                if counts.p_value >= self.alpha:
+                    record(P_WITHIN_CHANCE, counts.p_value)
+                    return  # a drop McNemar's test cannot tell from chance: passed
+                why = f"; {significance_note(counts, self.alpha)}"
+        pytest.fail(f"{model}-{result.subject}: accuracy {result.accuracy!r} ({result.correct}/"
+                    f"{result.questions}) is {drop:.6g} below the baseline {base!r} from {where}; "
+                    f"allowed drop {self.max_drop:g} (--max-acc-drop){why}", pytrace=False)
+
+    def _baseline_rows(self, model: str, path: Path | None) -> dict | None:
+        if model not in self._base_rows:
+            self._base_rows[model] = read_baseline_rows(path) if path else None
+        return self._base_rows[model]
 
     def close(self) -> None:
         for run in self._runs.values():
@@ -278,6 +332,7 @@ class CevalSessionReport:
         self.written: list[tuple[Path, list[Path], object]] = []
         self.baseline = ceval_options(config).baseline
         self.max_drop = ceval_options(config).max_drop
+        self.acc_test, self.alpha = ceval_options(config).acc_test, ceval_options(config).alpha
         # Per results directory: the category gate's verdicts, or lines saying why it did not run.
         self.category_gates: dict[Path, tuple[Path | None, list[CategoryVerdict | str]]] = {}
 
@@ -330,12 +385,25 @@ class CevalSessionReport:
             elif not classes.is_file():
                 lines = [f"categories not gated: no {CLASSES_ACC} beside {path}"]
             else:
+                paired, note = None, None
+                if self.acc_test == "mcnemar":
+                    base_rows = read_baseline_rows(path)
+                    if base_rows is None:
+                        note = (f"--acc-test mcnemar: no cache.csv beside {path}: categories gated by "
+                                "--max-acc-drop alone")
+                    else:
+                        run_rows = read_cache(out_dir)
+
+                        def paired(key: str):
+                            return paired_against(base_rows, [r for r in run_rows if in_class(r.subject, key)], key)
                 lines = gate_categories(read_subject_accuracy(out_dir / SUBJECT_ACC),
                                         read_subject_accuracy(out_dir / CLASSES_ACC, "category"),
                                         read_subject_accuracy(path), read_subject_accuracy(classes, "category"),
-                                        self.max_drop)
+                                        self.max_drop, paired, self.alpha)
                 if meta is None:
                     lines.insert(0, f"settings not checked: no cache_meta.json beside {path}")
+                if note:
+                    lines.insert(0, note)
         except (CacheError, ValueError, KeyError, OSError) as exc:
             lines = [f"categories not gated: {exc}"]
         self.category_gates[out_dir] = (classes, lines)
@@ -374,7 +442,8 @@ class CevalSessionReport:
     def _write_category_gate(self, tr, out_dir: Path) -> None:
         classes, lines = self.category_gates[out_dir]
         tr.write_line("")
-        tr.write_line(f"Category gate against {classes or self.baseline} (--max-acc-drop {self.max_drop:g}):")
+        test = f", --acc-test mcnemar --alpha {self.alpha:g}" if self.acc_test == "mcnemar" else ""
+        tr.write_line(f"Category gate against {classes or self.baseline} (--max-acc-drop {self.max_drop:g}{test}):")
         for line in lines:
             if isinstance(line, str):
                 tr.write_line(f"WARNING: {line}", yellow=True, bold=True)

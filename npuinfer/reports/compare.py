@@ -418,6 +418,8 @@ def to_markdown(c: Comparison) -> str:
                   markdown_table([s.row() for s in pr.subjects] + [o.row()],
                                  ["name", "questions", "agree", "right->wrong", "wrong->right", "McNemar p"],
                                  numeric={"McNemar p"}), ""]
+        lines += [pr.drift.describe() if pr.drift else f"Log-prob drift: not available ({pr.drift_missing})",
+                  ""]
         if pr.flips:
             lines += [f"Questions that flipped ({la.a} -> {la.b}):", "",
                       markdown_table([{"subject": f.subject, "id": f.question_id, "answer": f.answer,
