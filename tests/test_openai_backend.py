@@ -23,43 +23,16 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_dir, tmp_path_factory) -> Path:
-    """A GPT-NeoX checkpoint saved by transformers' own save_pretrained, with gpt-neox-tiny's tokenizer: heads of
-    64 (vLLM's cpu attention refuses the tiny model's 16)."""
-    import shutil
-
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    src = tiny_dir("gpt-neox-tiny")
-    fields = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    fields.update(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=512,
-                  torch_dtype="float32")
-    for key in ("architectures", "model_type", "transformers_version"):
-        fields.pop(key)
-    torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(**fields)).eval()
-    out = tmp_path_factory.mktemp("served") / "neox-64"
-    model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(src / name, out / name)
-    # A chat template that passes the user message through as is (--chat): the chat prompt is the completion's.
-    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return out
+def server(served_vllm):
+    """The session's real vLLM (tests/conftest.py), shared with the serving benchmark's tests."""
+    return served_vllm
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    from vllm_server import VllmServer
-
-    srv = VllmServer(checkpoint, SERVED, tmp_path_factory.mktemp("vllm") / "server.log")
-    try:
-        srv.wait_healthy()
-        yield srv
-    finally:
-        srv.stop()
+def checkpoint(served_vllm) -> Path:
+    """What it serves: a GPT-NeoX saved by transformers with gpt-neox-tiny's tokenizer and heads of 64
+    (tests/vllm_server.write_served_checkpoint)."""
+    return served_vllm.model_dir
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,8 @@ class VllmServer:
 
 def write_served_checkpoint(out: Path) -> Path:
     """A GPT-NeoX checkpoint saved by transformers' own save_pretrained, with gpt-neox-tiny's tokenizer: heads of
-    64 (vLLM's cpu attention refuses the tiny model's 16). The same weights every time (seed 0)."""
+    64 (vLLM's cpu attention refuses the tiny model's 16). The same weights every time (seed 0); written whole or
+    not at all (a ``.part`` directory renamed)."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -125,6 +126,10 @@ def write_served_checkpoint(out: Path) -> Path:
     model.save_pretrained(part)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(src / name, part / name)
+    # A chat template that passes the user message through as is (--chat): the chat prompt is the completion's.
+    config = json.loads((part / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (part / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     part.rename(out)
     return out
 
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="npuinfer-vllm-"))
     from npuinfer.tiny import cache_root
 
-    checkpoint = write_served_checkpoint(cache_root() / "served" / "neox-64-v1")
+    checkpoint = write_served_checkpoint(cache_root() / "served" / "neox-64-v2")
     server = VllmServer(checkpoint, SERVED, work / "server.log")
     try:
         server.wait_healthy()
