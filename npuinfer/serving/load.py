@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import httpx
+import aiohttp
 
 # Client processes import this module: nothing here may pull in torch (the tokenizer's, in workload.py).
 from .stream import Prompt, RequestRecord, completion_payload, stream_completion
@@ -84,12 +84,14 @@ def _cpu_s() -> float:
 async def _drive(target: Target, jobs: Sequence[tuple[int, Prompt, float]], cap: int | None,
                  start_at: float) -> list[RequestRecord]:
     limit = asyncio.Semaphore(cap) if cap else None
-    timeout = httpx.Timeout(target.timeout_s)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    # --request-timeout bounds the connection and every wait for the next bytes, not the whole (long) stream
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=target.timeout_s, sock_read=target.timeout_s)
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)  # no cap of its own: the plan's concurrency rules
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as client:
         try:  # the client's first request pays for imports and a connection: not inside the schedule
-            await client.get(target.url.rsplit("/", 1)[0] + "/models", headers=target.headers)
-        except httpx.HTTPError:
+            async with client.get(target.url.rsplit("/", 1)[0] + "/models", headers=target.headers) as reply:
+                await reply.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
             pass  # the requests themselves will say what is wrong
 
         async def one(index: int, prompt: Prompt, offset: float) -> RequestRecord:

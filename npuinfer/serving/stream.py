@@ -6,11 +6,12 @@ tokens per second (the client's cost is measured per case: npuinfer.serving.load
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 _decode = json.JSONDecoder().decode  # on str: json.loads would sniff a bytes body's encoding every chunk
 
@@ -78,7 +79,7 @@ def completion_payload(model: str, prompt: str | list[int], output_len: int, *, 
     return payload
 
 
-async def stream_completion(client: httpx.AsyncClient, url: str, headers: dict[str, str], payload: dict,
+async def stream_completion(session: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: dict,
                             record: RequestRecord) -> RequestRecord:
     """Send ``payload`` and fill ``record`` as the chunks arrive. Errors are kept in the record, never raised:
     a case counts its failed requests."""
@@ -86,15 +87,13 @@ async def stream_completion(client: httpx.AsyncClient, url: str, headers: dict[s
     times, counts = record.chunk_times, record.chunk_tokens
     record.sent = clock()
     try:
-        async with client.stream("POST", url, json=payload, headers=headers) as reply:
-            if reply.status_code != 200:
-                body = (await reply.aread()).decode("utf-8", "replace")
-                record.error = f"HTTP {reply.status_code}: {body[:500]}"
+        async with session.post(url, json=payload, headers=headers) as reply:
+            if reply.status != 200:
+                body = (await reply.read()).decode("utf-8", "replace")
+                record.error = f"HTTP {reply.status}: {body[:500]}"
                 return record
             buffer = b""
-            # reply.stream, not reply.aiter_raw(): the same bytes without aiter_raw's per-chunk chunker and counter
-            # (the response is closed by the ``async with``); httpx's exceptions are raised from it all the same.
-            async for data in reply.stream:
+            async for data in reply.content.iter_any():  # whatever has arrived, as soon as it has
                 now = clock()
                 if buffer:
                     data = buffer + data
@@ -107,9 +106,9 @@ async def stream_completion(client: httpx.AsyncClient, url: str, headers: dict[s
                     if body == b"[DONE]":
                         continue
                     _chunk(_decode(body.decode()), now, times, counts, record)
-    except httpx.TimeoutException as exc:
-        record.error = f"no answer within the request timeout ({type(exc).__name__})"
-    except (httpx.HTTPError, ValueError) as exc:
+    except asyncio.TimeoutError:
+        record.error = "no answer within the request timeout (--request-timeout)"
+    except (aiohttp.ClientError, ValueError) as exc:
         record.error = f"{type(exc).__name__}: {exc}"
     finally:
         record.end = clock()
