@@ -12,7 +12,7 @@ import pytest
 from npuinfer.families import family_of_config
 from npuinfer.hf_config import read_config
 from npuinfer.serving.load import LoadPlan
-from npuinfer.serving.metrics import Limits, length_problems, serving_figures
+from npuinfer.serving.metrics import Limits, bunched_share, length_problems, serving_figures
 from npuinfer.serving.server_metrics import Scrape, server_figures
 from npuinfer.serving.stream import RequestRecord, _chunk
 from npuinfer.serving.workload import (
@@ -146,3 +146,10 @@ def test_server_figures_are_deltas_of_the_scrapes():
     other = server_figures(Scrape({"mindie_x_total": 1.0}), Scrape({"mindie_x_total": 2.0}))
     assert other["server_ttft_mean_ms"] is None and "without the names of vllm:, sglang: servers" in \
         other["server_metrics"]
+
+
+def test_answers_read_whole_are_told_from_a_paced_stream():
+    paced = [record(i, 0.0, [0.010 + 0.004 * k for k in range(8)]) for i in range(3)]
+    whole = [record(i, 0.0, [0.040] * 8) for i in range(3)]
+    assert bunched_share(paced) == 0.0 and bunched_share(whole) == 1.0
+    assert serving_figures(whole, 1.0)["tpot_median_ms"] == 0.0  # what such a case would report as TPOT

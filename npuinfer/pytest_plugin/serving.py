@@ -32,7 +32,7 @@ from ..results.performance import (
 )
 from ..results.table import CsvTable
 from ..serving.load import LoadPlan, LoadResult, Target, run_load
-from ..serving.metrics import Limits, length_problems, serving_figures
+from ..serving.metrics import BUNCHED_GAP_MS, Limits, bunched_share, length_problems, serving_figures
 from ..serving.search import LoadSearch
 from ..serving.server_metrics import scrape, server_figures
 from ..serving.workload import Workload, WorkloadError, make_prompts, new_salt, parse_workload, prefix_hit_rate
@@ -44,6 +44,7 @@ from .noise import make_guard, record_verdict
 DEVICE_LABEL = "openai"  # results files of a served deployment: performance_<served model>_openai.csv
 DEFAULT_CONCURRENCY = (1, 4)
 CLIENT_SATURATED = 0.9  # of one core: a client process this busy may have held the case back
+BUNCHED = 0.5  # a case with more of its chunk gaps near zero than this saw bursts, not a stream
 SERVING_MARKER = "npuinfer_serving"
 
 
@@ -290,6 +291,12 @@ class ServingSession:
             verdict = Verdict(False, verdict.reasons + [
                 f"a client process used {result.client_busiest:.0%} of a core: the client may have held the case "
                 "back (--client-procs N spreads it)"], verdict.facts, verdict.cost_s)
+        bunched = bunched_share(result.records)
+        if bunched > BUNCHED:
+            verdict = Verdict(False, verdict.reasons + [
+                f"{bunched:.0%} of the gaps between chunks were under {BUNCHED_GAP_MS:g} ms: answers reached the client "
+                "in bursts, not at the server's pace (the server's process or the client was kept waiting for a cpu)"],
+                verdict.facts, verdict.cost_s)
         figures = serving_figures(result.records, result.duration, self.limits)
         row = self.row(case, prompts, result, figures, server_figures(before, after), verdict)
         return row, result, verdict
@@ -325,7 +332,7 @@ class ServingSession:
         for name in ("ttft", "tpot", "itl", "e2el"):
             for stat in ("mean", "median", "p90", "p99"):
                 row[f"{name.upper()}_{stat}(ms)"] = figures[f"{name}_{stat}_ms"]
-        row["TPOT_p50(ms)"], row["ITL_p50(ms)"] = figures["tpot_median_ms"], figures["itl_median_ms"]
+        row["TPOT_p50(ms)"] = figures["tpot_median_ms"]  # ITL_p50 stays the in-process decode's (the gate reads it)
         row.update({k.replace("_ms", "(ms)"): v for k, v in server.items()})
         return row
 

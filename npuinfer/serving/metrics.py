@@ -18,6 +18,7 @@ from .stream import RequestRecord
 
 PERCENTILES = (50, 90, 99)
 PROMPT_LENGTH_SLACK = 3  # tokens a server may add around a prompt (bos, a template's markers) before a case fails
+BUNCHED_GAP_MS = 0.1  # a gap between two chunks this short means they were read together, not generated so fast
 
 
 @dataclass(frozen=True)
@@ -89,3 +90,10 @@ def length_problems(records: Sequence[RequestRecord], ignore_eos: bool) -> list[
         if ignore_eos and r.output_tokens != r.output_len:
             problems.append(f"request {r.index}: {r.output_tokens} output tokens, {r.output_len} asked with ignore_eos")
     return problems
+
+
+def bunched_share(records: Sequence[RequestRecord]) -> float:
+    """The share of chunk gaps under BUNCHED_GAP_MS: near 1 when whole answers reached the client at once (TPOT and
+    ITL then say nothing of the server's pace)."""
+    gaps = [g for r in records if r.ok for g in itls_s(r)]
+    return sum(g * 1000 < BUNCHED_GAP_MS for g in gaps) / len(gaps) if gaps else 0.0
