@@ -24,7 +24,6 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,6 @@ from npuinfer.ceval.dataset import CHOICES
 from npuinfer.ceval.subjects import SUBJECT_NAMES, get_subject
 from npuinfer.ceval.synth import write_synthetic_ceval
 from npuinfer.reports.paired import pair_runs, percentile
-from npuinfer.tiny import ensure_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 SERVED = "neox-tiny-served"
@@ -62,24 +60,6 @@ metric_list:
 description: "以下是中国关于{name_zh}的单项选择题，请选出其中的正确答案。\\n\\n"
 task: {task}
 """
-
-
-def checkpoint(out: Path) -> Path:
-    """GPT-NeoX with heads of 64 (vLLM's cpu attention refuses the tiny model's 16), gpt-neox-tiny's tokenizer."""
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    src = ensure_tiny("gpt-neox-tiny")
-    fields = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    fields.update(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=512,
-                  torch_dtype="float32")
-    for key in ("architectures", "model_type", "transformers_version"):
-        fields.pop(key)
-    torch.manual_seed(0)
-    GPTNeoXForCausalLM(GPTNeoXConfig(**fields)).eval().save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(src / name, out / name)
-    return out
 
 
 def lmeval_tasks(data: Path, subjects: list[str], out: Path) -> list[str]:
@@ -145,7 +125,7 @@ def main() -> int:
     if not args.lmeval_python:
         parser.error("--lmeval-python (or $LMEVAL_PYTHON): the python of a venv with lm-eval[api]==0.4.13")
     sys.path.insert(0, str(REPO / "tests"))
-    from vllm_server import VllmServer
+    from vllm_server import VllmServer, write_served_checkpoint
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="served_vs_lmeval_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -155,7 +135,7 @@ def main() -> int:
     for subject in subjects:
         with open(data / "val" / f"{subject}_val.csv", encoding="utf-8", newline="") as fh:
             questions += sum(1 for _ in csv.DictReader(fh))
-    model = checkpoint(work / "neox-64")
+    model = write_served_checkpoint(work / "neox-64")
     tasks = lmeval_tasks(data, subjects, work / "lmeval_tasks")
     server = VllmServer(model, SERVED, work / "server.log", extra_args=("--no-enable-prefix-caching",))
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from ..serving.metrics import BUNCHED_GAP_MS, Limits, bunched_share, length_prob
 from ..serving.search import LoadSearch
 from ..serving.server_metrics import scrape, server_figures
 from ..serving.workload import Workload, WorkloadError, make_prompts, new_salt, parse_workload, prefix_hit_rate
-from .bench import bench_gate_verdict
+from .bench import MaxBatchCase, bench_gate_verdict
 from .bench_options import bench_options
 from .common import GROUP, served_backend
 from .noise import make_guard, record_verdict
@@ -125,15 +124,7 @@ class ServingCase:
         return f"{self.model}-{load}-in{self.input_len}-out{self.output_len}"
 
 
-@dataclass(frozen=True)
-class ServingSearchCase:
-    model: str
-    input_len: int
-    output_len: int
-
-    @property
-    def id(self) -> str:
-        return f"{self.model}-in{self.input_len}-out{self.output_len}"
+ServingSearchCase = MaxBatchCase  # the largest load within latency limits, per (input, output): the same fields
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
