@@ -153,3 +153,17 @@ def test_answers_read_whole_are_told_from_a_paced_stream():
     whole = [record(i, 0.0, [0.040] * 8) for i in range(3)]
     assert bunched_share(paced) == 0.0 and bunched_share(whole) == 1.0
     assert serving_figures(whole, 1.0)["tpot_median_ms"] == 0.0  # what such a case would report as TPOT
+
+
+def test_the_gate_reads_only_the_throughput_of_a_case_read_in_bursts():
+    from npuinfer.gates.performance import compare_row
+
+    base = {"case_id": "c2", "batch_size": "2", "output_seq_len(Decoding)": "16", "timing": "serving",
+            "forward_first_token_time(ms)": "20", "forward_next_token_time(ms)": "3", "E2E throughput (token/s)": "300",
+            "stream_bunched": "0.02"}
+    paced_slow = {**base, "forward_first_token_time(ms)": "80", "E2E throughput (token/s)": "290"}
+    assert compare_row(paced_slow, base, max_regression=1.0).status == "failed"  # TTFT 4x
+    bursty = {**paced_slow, "forward_next_token_time(ms)": "0.01", "stream_bunched": "0.98"}
+    outcome = compare_row(bursty, base, max_regression=1.0)
+    assert outcome.status == "passed" and [c.metric for c in outcome.checks] == ["E2E throughput (token/s)"]
+    assert any("no value to compare" in n for n in outcome.notes)

@@ -44,7 +44,8 @@ from typing import Mapping, Sequence
 from ..results.calibration import CALIBRATION, CALIBRATION_MIN, calibration_path, calibration_table, \
     calibration_value
 from ..results.naming import CALIBRATION as CALIBRATION_KIND, kind_of
-from ..results.performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, SERVING_CASE, THROUGHPUT, performance_path
+from ..results.performance import BATCH, BUNCHED, BUNCHED_COLUMN, FIRST, INPUT, NEXT, OUTPUT, SERVING_CASE, THROUGHPUT, \
+    performance_path
 from ..results.performance import GATE_ATTEMPTS, GATE_RETRIES  # noqa: F401  (the row columns the gate fills, for the plugin)
 from ..results.table import CsvTable, parse_float, read_csv
 from ..timing import ITL_MIN
@@ -248,6 +249,10 @@ def gate_values(row: Mapping[str, object], estimator: str = "typical") -> dict[s
     throughput they give; the row's own columns where the row has no rounds (or no per-token timing)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"gate estimator: expected one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+    if (_num(row, BUNCHED_COLUMN) or 0) > BUNCHED:  # a served case read in bursts: only its throughput is the server's
+        value = _num(row, THROUGHPUT)
+        return {THROUGHPUT: GateValue(value, "the row's value (its stream arrived in bursts: TTFT and TPOT not "
+                                             "compared)")} if value else {}
     rounds = _rounds(row)
     out: dict[str, GateValue] = {}
     firsts = _positive(r.get("first_token_ms") for r in rounds)

@@ -26,7 +26,8 @@ from ..gates.performance import BaselineError, PerformanceBaseline, gate_case, p
 from ..noise import NoiseGuard, Verdict
 from ..options import at_least, positive_ints
 from ..results.performance import (
-    BATCH, FIRST, GATE_ATTEMPTS, GATE_RETRIES, INPUT, NEXT, OUTPUT, RESPONSE, THROUGHPUT, now_iso, noise_columns,
+    BATCH, BUNCHED, BUNCHED_COLUMN, FIRST, GATE_ATTEMPTS, GATE_RETRIES, INPUT, NEXT, OUTPUT, RESPONSE, THROUGHPUT,
+    now_iso, noise_columns,
     performance_path, serving_table,
 )
 from ..results.table import CsvTable
@@ -43,7 +44,6 @@ from .noise import make_guard, record_verdict
 DEVICE_LABEL = "openai"  # results files of a served deployment: performance_<served model>_openai.csv
 DEFAULT_CONCURRENCY = (1, 4)
 CLIENT_SATURATED = 0.9  # of one core: a client process this busy may have held the case back
-BUNCHED = 0.5  # a case with more of its chunk gaps near zero than this saw bursts, not a stream
 SERVING_MARKER = "npuinfer_serving"
 
 
@@ -290,6 +290,7 @@ class ServingSession:
                 verdict.facts, verdict.cost_s)
         figures = serving_figures(result.records, result.duration, self.limits)
         row = self.row(case, prompts, result, figures, server_figures(before, after), verdict)
+        row[BUNCHED_COLUMN] = round(bunched, 3)
         return row, result, verdict
 
     def row(self, case: ServingCase, prompts, result: LoadResult, figures: dict, server: dict,

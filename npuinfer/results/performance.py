@@ -59,7 +59,11 @@ PERFORMANCE_COLUMNS += ["weights"] + ROOFLINE_COLUMNS  # appended: the committed
 SERVING_CASE = ["request_rate", "burstiness", "num_prompts", "workload"]
 SERVING_STATS = [f"{name}_{stat}(ms)" for name in ("TTFT", "TPOT", "ITL", "E2EL") for stat in ("mean", "median", "p90",
                                                                                              "p99")]
-SERVING_COLUMNS = (SERVING_CASE + ["concurrency", "client_procs", "prompt_salt", "completed", "failed_requests",
+# The share of a served case's chunk gaps under 0.1 ms: above BUNCHED the answers reached the client whole, so its
+# TTFT and TPOT measure the delivery, not the server (npuinfer.serving.metrics.bunched_share).
+BUNCHED_COLUMN, BUNCHED = "stream_bunched", 0.5
+SERVING_COLUMNS = (SERVING_CASE + [BUNCHED_COLUMN, "concurrency", "client_procs", "prompt_salt", "completed",
+                                   "failed_requests",
                                    "first_error", "request_throughput(req/s)", "output_throughput(tok/s)",
                                    "total_token_throughput(tok/s)", "goodput(req/s)", "goodput_limits",
                                    "prompt_tokens_mean", "output_tokens_mean", "ignore_eos",
