@@ -66,7 +66,7 @@ def plan_update(run_dir: str | Path, models: Sequence[str] | None = None) -> Upd
         if cal.is_file():
             check_figures(cal, read_csv(cal)[1], calibration=True)
             plan.copies.append((cal, Path(cal.name)))
-        else:
+        elif not any(r.get("served_model") for r in rows):  # a served deployment's rows are always compared raw
             plan.warnings.append(f"{csv_path.name}: no {cal.name} beside it: the gate will compare raw times "
                                  "for this model (rerun the sweep with this npuinfer to record calibrations)")
     for acc in sorted(run.glob("ceval_*/subject_acc.json")):
