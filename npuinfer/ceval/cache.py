@@ -28,9 +28,10 @@ from typing import Any
 from filelock import FileLock
 
 from npuinfer.atomic import create_atomic, write_atomic
-from npuinfer.ceval.dataset import CHOICES, load_split, split_path
-from npuinfer.ceval.scored import FIELDS, ScoredRow
-from npuinfer.ceval.subjects import SUBJECT_NAMES, official_order
+from npuinfer.ceval.dataset import CHOICES
+from npuinfer.ceval.rows import CEVAL_TASK, RowRules, rules_for, task_of
+from npuinfer.ceval.scored import ScoredRow
+from npuinfer.ceval.taskdata import TaskData
 
 CACHE_FORMAT_VERSION = 1
 CACHE_FILE = "cache.csv"
@@ -182,36 +183,50 @@ def record_in_meta(cache_dir: str | os.PathLike, key: str, entries: Mapping[str,
         write_atomic(d / META_FILE, json.dumps(meta, ensure_ascii=False, indent=2) + "\n")
 
 
-def _row_from_fields(fields: list[str], where: str) -> ScoredRow:
-    if len(fields) != len(FIELDS):
-        raise CacheError(f"{where}: {len(fields)} fields, expected {len(FIELDS)}")
-    subject, qid, answer, prediction, correct = fields
+def _rules_of(directory: str | os.PathLike) -> RowRules:
+    """The row rules of a cache directory's task (cache_meta.json's extra.task; C-Eval when it has none)."""
+    try:
+        return rules_for(task_of(read_meta(directory)))
+    except CacheError:  # no cache_meta.json (yet), or a broken one: reported where the settings are read
+        return rules_for(CEVAL_TASK)
+
+
+def _row_from_fields(fields: list[str], where: str, rules: RowRules | None = None) -> ScoredRow:
+    rules = rules or rules_for()
+    if len(fields) != len(rules.fields):
+        raise CacheError(f"{where}: {len(fields)} fields, expected {len(rules.fields)}")
+    subject, qid, answer, prediction, correct = fields[:5]
     if not subject or not qid:
         raise CacheError(f"{where}: empty subject or question_id")
-    if subject not in SUBJECT_NAMES:
-        raise CacheError(f"{where}: unknown C-Eval subject {subject!r} (not in subjects.csv)")
-    if answer not in ("", *CHOICES):
-        raise CacheError(f"{where}: answer {answer!r} is not empty or one of A, B, C, D")
-    if prediction not in (NO_PREDICTION, *CHOICES):
-        raise CacheError(f"{where}: prediction {prediction!r} is not one of A, B, C, D (or empty: no letter "
-                         "generated)")
-    expected = "" if answer == "" else ("1" if prediction == answer else "0")
+    if subject not in rules.subjects:
+        known = "C-Eval subject" if rules.task == CEVAL_TASK else f"{rules.task} subject"
+        raise CacheError(f"{where}: unknown {known} {subject!r} (not in subjects.csv)")
+    if rules.answers is not None:
+        if answer not in ("", *CHOICES):
+            raise CacheError(f"{where}: answer {answer!r} is not empty or one of A, B, C, D")
+        if prediction not in (NO_PREDICTION, *CHOICES):
+            raise CacheError(f"{where}: prediction {prediction!r} is not one of A, B, C, D (or empty: no letter "
+                             "generated)")
+    expected = "" if answer == "" else ("1" if rules.correct(answer, prediction) else "0")
     if correct != expected:
         raise CacheError(
             f"{where}: correct is {correct!r} but answer {answer!r} and prediction "
             f"{prediction!r} give {expected!r}"
         )
     return ScoredRow(
-        subject, qid, answer or None, prediction, None if correct == "" else correct == "1"
+        subject, qid, answer or None, prediction, None if correct == "" else correct == "1",
+        fields[5] if rules.generation else None,
     )
 
 
-def _row_to_fields(row: ScoredRow) -> list[str]:
+def _row_to_fields(row: ScoredRow, rules: RowRules | None = None) -> list[str]:
     correct = "" if row.correct is None else ("1" if row.correct else "0")
-    return [row.subject, row.question_id, row.answer or "", row.prediction, correct]
+    fields = [row.subject, row.question_id, row.answer or "", row.prediction, correct]
+    return fields + [row.generated or ""] if (rules or rules_for()).generation else fields
 
 
-def _parse_records(text: str, path: Path, first_row_no: int) -> tuple[list[tuple[int, ScoredRow]], bool]:
+def _parse_records(text: str, path: Path, first_row_no: int, rules: RowRules | None = None
+                   ) -> tuple[list[tuple[int, ScoredRow]], bool]:
     """(row number, row) of CSV lines without a header, and whether the text was cut mid-row.
 
     Text that does not end in a newline was cut mid-write by a crash: its last row is kept when it
@@ -224,15 +239,15 @@ def _parse_records(text: str, path: Path, first_row_no: int) -> tuple[list[tuple
         where = f"{path}: row {row_no}"
         if cut and row_no == first_row_no + len(records) - 1:
             try:
-                rows.append((row_no, _row_from_fields(fields, where)))
+                rows.append((row_no, _row_from_fields(fields, where, rules)))
             except CacheError:
                 pass
         else:
-            rows.append((row_no, _row_from_fields(fields, where)))
+            rows.append((row_no, _row_from_fields(fields, where, rules)))
     return rows, cut
 
 
-def _parse(path: Path) -> tuple[list[tuple[int, ScoredRow]], bool]:
+def _parse(path: Path, rules: RowRules | None = None) -> tuple[list[tuple[int, ScoredRow]], bool]:
     """(row number, row) of one cache file, and whether it needs repair (empty, or cut mid-row)."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -241,18 +256,19 @@ def _parse(path: Path) -> tuple[list[tuple[int, ScoredRow]], bool]:
     if not text:
         return [], True
     header, newline, body = text.partition("\n")
-    if tuple(next(csv.reader([header]), [])) != FIELDS:
-        raise CacheError(f"{path}: row 0 (header): expected {','.join(FIELDS)}, found {header}")
+    fields = (rules or rules_for()).fields
+    if tuple(next(csv.reader([header]), [])) != fields:
+        raise CacheError(f"{path}: row 0 (header): expected {','.join(fields)}, found {header}")
     if not newline:  # a header cut before its newline
         return [], True
-    return _parse_records(body, path, 1)
+    return _parse_records(body, path, 1, rules)
 
 
-def _serialize(rows: Iterable[ScoredRow]) -> str:
+def _serialize(rows: Iterable[ScoredRow], rules: RowRules | None = None) -> str:
     buf = io.StringIO(newline="")
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(FIELDS)
-    writer.writerows(_row_to_fields(r) for r in rows)
+    writer.writerow((rules or rules_for()).fields)
+    writer.writerows(_row_to_fields(r, rules) for r in rows)
     return buf.getvalue()
 
 
@@ -263,6 +279,7 @@ def _collect(directory: Path) -> tuple[dict[tuple[str, str], ScoredRow], bool]:
     Conflicting rows for one question are an error naming every file and row involved; identical
     duplicates collapse to one, with a warning.
     """
+    rules = _rules_of(directory)
     rows: dict[tuple[str, str], ScoredRow] = {}
     first_at: dict[tuple[str, str], str] = {}
     conflicts: dict[tuple[str, str], list[str]] = {}
@@ -272,7 +289,7 @@ def _collect(directory: Path) -> tuple[dict[tuple[str, str], ScoredRow], bool]:
     for path in [directory / CACHE_FILE, *parts]:
         if not path.exists():
             continue
-        numbered, cut = _parse(path)
+        numbered, cut = _parse(path, rules)
         rewrite |= cut
         for row_no, row in numbered:
             at = f"{path} row {row_no}"
@@ -316,6 +333,7 @@ class QuestionCache:
         self._rows: dict[tuple[str, str], ScoredRow] = {}  # every row in the directory, as of the last catch-up
         with self._lock:
             open_meta(self.dir, settings)
+            self.rules = _rules_of(self.dir)
             self._catch_up()
 
     def _reopen(self) -> None:
@@ -350,7 +368,7 @@ class QuestionCache:
             tail = data.decode("utf-8")
         except UnicodeDecodeError:
             return self._reopen()  # which names the file and the bad bytes
-        numbered, cut = _parse_records(tail, self.path, self._rows_read + 1)
+        numbered, cut = _parse_records(tail, self.path, self._rows_read + 1, self.rules)
         if cut:  # another process died mid-row: repair the file, then read it again
             return self._reopen()
         self._rows.update((row.key, row) for _, row in numbered)
@@ -385,7 +403,7 @@ class QuestionCache:
                 raise CacheError(f"{self.path}: {row.subject} id {row.question_id} is already scored with "
                                  f"prediction {old.prediction!r}, now {row.prediction!r}")
             assert self._file is not None
-            self._file.write(_serialize_row(row))
+            self._file.write(_serialize_row(row, self.rules))
             self._file.flush()
             os.fsync(self._file.fileno())
             self._rows[row.key] = row
@@ -405,9 +423,9 @@ class QuestionCache:
         self.close()
 
 
-def _serialize_row(row: ScoredRow) -> str:
+def _serialize_row(row: ScoredRow, rules: RowRules | None = None) -> str:
     buf = io.StringIO(newline="")
-    csv.writer(buf, lineterminator="\n").writerow(_row_to_fields(row))
+    csv.writer(buf, lineterminator="\n").writerow(_row_to_fields(row, rules))
     return buf.getvalue()
 
 
@@ -415,9 +433,9 @@ def _id_key(qid: str) -> tuple[int, int, str]:
     return (0, int(qid), qid) if qid.isdigit() else (1, 0, qid)
 
 
-def sort_key(row: ScoredRow) -> tuple[Any, ...]:
-    """subjects.csv order, then numeric ids numerically."""
-    return (official_order(row.subject), _id_key(row.question_id))
+def sort_key(row: ScoredRow, rules: RowRules | None = None) -> tuple[Any, ...]:
+    """The task's subject order (C-Eval: subjects.csv), then numeric ids numerically."""
+    return ((rules or rules_for()).order(row.subject), _id_key(row.question_id))
 
 
 def read_all(cache_dir: str | os.PathLike) -> list[ScoredRow]:
@@ -428,7 +446,8 @@ def read_all(cache_dir: str | os.PathLike) -> list[ScoredRow]:
     if not (d / CACHE_FILE).exists() and not part_files(d):
         raise CacheError(f"{d / CACHE_FILE}: not found")
     with lock(d):
-        return sorted(_collect(d)[0].values(), key=sort_key)
+        rules = _rules_of(d)
+        return sorted(_collect(d)[0].values(), key=lambda r: sort_key(r, rules))
 
 
 def merge_parts(cache_dir: str | os.PathLike) -> Path:
@@ -450,7 +469,8 @@ def _rewrite(directory: Path, rows: Mapping[tuple[str, str], ScoredRow]) -> Path
     sorted (replaced only when that changes it), and no part file is left."""
     parts = part_files(directory)
     target = directory / CACHE_FILE
-    text = _serialize(sorted(rows.values(), key=sort_key))
+    rules = _rules_of(directory)
+    text = _serialize(sorted(rows.values(), key=lambda r: sort_key(r, rules)), rules)
     if not target.exists() or target.read_bytes() != text.encode("utf-8"):
         write_atomic(target, text)
     for part in parts:
@@ -488,15 +508,17 @@ def check_against_data(cache_dir: str | os.PathLike, data_dir: str | os.PathLike
     problems: list[str] = []
     data: dict[str, dict[str, str | None]] = {}
     with lock(d):
+        rules = _rules_of(d)
+        rows_of = TaskData(rules.spec, data_dir)
         for path in [d / CACHE_FILE, *part_files(d)]:
             if not path.exists():
                 continue
-            for row_no, row in _parse(path)[0]:
+            for row_no, row in _parse(path, rules)[0]:
                 if wanted is not None and row.subject not in wanted:
                     continue
                 if row.subject not in data:
-                    data[row.subject] = {q.question_id: q.answer for q in load_split(data_dir, row.subject, split)}
-                source = split_path(data_dir, row.subject, split)
+                    data[row.subject] = rows_of.answers(row.subject, split)
+                source = rows_of.path(row.subject, split)
                 if row.question_id not in data[row.subject]:
                     problems.append(f"{path} row {row_no}: {row.subject} id {row.question_id} is no question of "
                                     f"{source}")

@@ -15,6 +15,7 @@ class ScoredRow:
     answer: str | None  # None on the test split (no truth)
     prediction: str
     correct: bool | None  # None when there is no answer
+    generated: str | None = None  # a generation task's text (its cache's last column); None for multiple choice
 
     @classmethod
     def make(cls, subject: str, question_id: str, answer: str | None, prediction: str) -> ScoredRow:
