@@ -60,6 +60,7 @@ class RunSettings:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # generate mode only
     fit: str | None = None  # prompts.FITS; None: the template's default (lmeval: truncate, atb: shots)
     task: str = CEVAL_TASK  # a task file's name (npuinfer/tasks/<task>.yaml); C-Eval's rows and names by default
+    max_gen_toks: int | None = None  # a generation task's token budget; None: its file's generation_kwargs
 
     def __post_init__(self) -> None:
         spec = load_task(self.task)
@@ -74,6 +75,10 @@ class RunSettings:
         if self.shots < 0:
             raise ValueError(f"shots: expected >= 0, got {self.shots}")
         if spec.output_type == "generate_until":
+            if self.max_gen_toks is None:
+                object.__setattr__(self, "max_gen_toks", spec.max_gen_toks)
+            if self.max_gen_toks < 1:
+                raise ValueError(f"max_gen_toks: expected >= 1, got {self.max_gen_toks}")
             if self.template not in spec.templates:
                 raise ValueError(f"template: task {self.task} has {', '.join(spec.templates)}, got {self.template!r}")
             object.__setattr__(self, "fit", "truncate")
@@ -104,7 +109,7 @@ class RunSettings:
         if ident.kernels and ident.kernels != "fused":  # likewise fused, the default; a plain run never mixes
             extra["kernels"] = ident.kernels  # its rows with a fused one
         if self.spec.output_type == "generate_until":
-            extra["max_new_tokens"] = self.spec.max_gen_toks
+            extra["max_new_tokens"] = self.max_gen_toks
         elif self.scoring == "generate":
             extra["max_new_tokens"] = self.max_new_tokens
         if ident.quantization.get("quantization", "none") != "none":  # W8 checkpoints (npuinfer.quant)
@@ -181,7 +186,8 @@ class CevalRun:
         new: list[ScoredRow] = []
         if generation:
             scores = score_generation(self.backend, spec, subject, dev, questions, s.shots,
-                                      batch_size=s.batch_size, stats=stats, skip=set(done),
+                                      batch_size=s.batch_size, max_new_tokens=s.max_gen_toks, stats=stats,
+                                      skip=set(done),
                                       share_prefix=s.scoring != "naive")
         else:
             scores = score_subject(self.backend, subject, dev, questions, s.prompt_template(), s.shots, s.scoring,

@@ -119,6 +119,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--ceval-max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS,
                     dest="ceval_max_new_tokens",
                     help=f"tokens generated per question with --scoring generate (default {DEFAULT_MAX_NEW_TOKENS})")
+    group.addoption("--max-gen-toks", type=positive_int, default=None, dest="accuracy_max_gen_toks",
+                    help="generation tasks (gsm8k, gsm8k_cot): tokens generated at most per question (default: the "
+                         "task file's generation_kwargs.max_gen_toks, 256 as lm-eval's)")
     group.addoption("--max-acc-drop", type=_fraction, default=0.0, dest="ceval_max_acc_drop",
                     help="C-Eval: allowed accuracy drop below the baseline per subject (default 0)")
 
@@ -175,7 +178,8 @@ class CevalOptions:
                     shots=spec.num_fewshot if shots is None else shots, template=opt("ceval_template"),
                     scoring=opt("ceval_scoring"), batch_size=opt("ceval_batch_size"),
                     max_new_tokens=opt("ceval_max_new_tokens"),
-                    fit=opt("ceval_fit") if spec.output_type == "multiple_choice" else None)))
+                    fit=opt("ceval_fit") if spec.output_type == "multiple_choice" else None,
+                    max_gen_toks=opt("accuracy_max_gen_toks") if spec.output_type == "generate_until" else None)))
             except (ValueError, TaskFileError) as exc:
                 raise pytest.UsageError(f"--task {task}: {exc}") from None
         # The run's device as asked for (xdist workers on npu:N/cuda:N add their index): one directory per run;
@@ -213,6 +217,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     models = selected_models(config, [DEFAULT_MODEL])
     pairs = [(m, s) for m in models for s in subjects]
     metafunc.parametrize(("ceval_model", "ceval_subject"), pairs, ids=[f"{m}-{s}" for m, s in pairs])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The C-Eval case function without ``--task ceval``, or test_task without another task, has no cases: its
+    empty parametrization's placeholder (``[NOTSET]``) is no case either, and is left out."""
+    items[:] = [i for i in items if not (getattr(i, "originalname", None) in ("test_ceval", "test_task")
+                                         and i.name.endswith("[NOTSET]"))]
 
 
 def _generate_task_cases(metafunc: pytest.Metafunc) -> None:
