@@ -172,14 +172,14 @@ def test_a_multiple_choice_task_scores_caches_resumes_and_reports(backend, task,
 
 def test_gsm8k_generates_until_the_stop_strings_and_keeps_the_text(backend, tmp_path):
     settings = RunSettings(load_task("gsm8k_cot").sample_dir(), task="gsm8k_cot", shots=8, batch_size=2,
-                           max_gen_toks=48)
+                           max_gen_toks=24)
     run = CevalRun(backend, settings, tmp_path)
     result = run.run_subject("gsm8k_cot")
     run.close()
     assert result.scored_now == 4
     rows = read_cache(tmp_path)
     assert {r.question_id: r.generated for r in rows} == {r.question_id: r.generated for r in result.rows}
-    assert json.loads((tmp_path / "cache_meta.json").read_text())["extra"]["max_new_tokens"] == 48
+    assert json.loads((tmp_path / "cache_meta.json").read_text())["extra"]["max_new_tokens"] == 24
     for row in rows:
         assert row.generated and not any(stop in row.generated for stop in load_task("gsm8k_cot").until)
         assert row.prediction == apply_filter(load_task("gsm8k_cot").filters[0], row.generated)
@@ -201,3 +201,19 @@ def test_pytest_accuracy_runs_tasks_side_by_side(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cmmlu_qwen-tiny_cpu", "mmlu_qwen-tiny_cpu"]
     bad = subprocess.run(cmd[:-4] + ["--task", "mmlu_pro"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--task mmlu_pro: no such task; shipped: ceval, cmmlu" in bad.stderr
+
+
+@pytest.mark.e2e
+def test_gsm8k_through_transformers_generates_what_npuinfer_generates(tmp_path):
+    """(e2e: two suite runs, a minute or two.) --backend hf (transformers' generate on the same weights, cut at the stop strings): the same texts and
+    answers as npuinfer's in-process batched greedy decoding."""
+    texts = {}
+    for backend in ("npuinfer", "hf"):
+        cmd = [sys.executable, "-m", "pytest", "accuracy", "-p", "no:cacheprovider", "-q", "--device", "cpu",
+               "--results-dir", str(tmp_path / backend), "--task", "gsm8k_cot", "--max-gen-toks", "16",
+               "--backend", backend]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (run,) = (tmp_path / backend).glob("gsm8k_cot_*")
+        texts[backend] = {(r.question_id, r.generated, r.prediction) for r in read_cache(run)}
+    assert len(texts["npuinfer"]) == 4 and texts["hf"] == texts["npuinfer"]
