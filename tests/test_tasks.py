@@ -47,6 +47,15 @@ def test_ceval_prompts_come_from_its_task_file_and_are_those_of_before():
         assert (t.answer_delimiter, t.shot_delimiter, t.continuations) == (" ", "\n\n", (" A", " B", " C", " D"))
 
 
+def test_mmlu_and_cmmlu_prompts_are_lm_evals():
+    mmlu, cmmlu = task_templates("mmlu")["lmeval"], task_templates("cmmlu")["lmeval"]
+    assert mmlu.render_description("abstract_algebra") == (
+        "The following are multiple choice questions (with answers) about abstract algebra.\n\n")
+    assert cmmlu.render_description("agronomy") == "以下是关于农学的单项选择题，请直接给出正确答案的选项。\n\n"
+    assert (mmlu.block, mmlu.strip_question) == ("{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nAnswer:", True)
+    assert (cmmlu.block, cmmlu.question_field) == ("{Question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\n答案：", "Question")
+
+
 def write_task(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "t.yaml"
     path.write_text(text, encoding="utf-8")
