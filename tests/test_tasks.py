@@ -200,6 +200,25 @@ def test_gsm8k_generates_until_the_stop_strings_and_keeps_the_text(backend, tmp_
     run.close()
 
 
+def test_any_generated_text_round_trips_through_the_cache(tmp_path):
+    """A tiny model generates carriage returns, NULs and quotes: the text column is a JSON string, one line a row."""
+    from dataclasses import replace
+
+    from npuinfer.ceval.cache import CacheSettings, QuestionCache, merge_parts
+    from npuinfer.ceval.scored import ScoredRow
+
+    settings = CacheSettings("m", "c", "lmeval", 8, "fp32", "test", extra={"task": "gsm8k_cot"})
+    texts = ["a\rb\r\nc\n", 'say "7"\x00,', "", "以下 #### 5"]
+    rows = [ScoredRow("gsm8k_cot", str(i), "5", "5", True, t) for i, t in enumerate(texts)]
+    with QuestionCache(tmp_path, settings) as cache:
+        for row in rows:
+            cache.add(row)
+        assert cache.add(replace(rows[0])) is False  # the same row again: read back equal
+    merge_parts(tmp_path)
+    assert read_cache(tmp_path) == rows
+    assert (tmp_path / "cache.csv").read_bytes().count(b"\n") == len(rows) + 1
+
+
 def test_pytest_accuracy_runs_tasks_side_by_side(tmp_path):
     """--task repeats; test_task[<task>-<model>-<subject>] ids work with -k; each task has its own directory."""
     cmd = [sys.executable, "-m", "pytest", "accuracy", "-p", "no:cacheprovider", "-q", "--device", "cpu",

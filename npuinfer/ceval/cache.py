@@ -215,14 +215,28 @@ def _row_from_fields(fields: list[str], where: str, rules: RowRules | None = Non
         )
     return ScoredRow(
         subject, qid, answer or None, prediction, None if correct == "" else correct == "1",
-        fields[5] if rules.generation else None,
+        _generated_from_field(fields[5], where) if rules.generation else None,
     )
+
+
+def _generated_from_field(field: str, where: str) -> str:
+    """A generation task's text column: a JSON string, so any text (a lone carriage return, NUL, quotes) stays one
+    line of cache.csv and reads back exactly."""
+    try:
+        text = json.loads(field)
+    except json.JSONDecodeError as exc:
+        raise CacheError(f"{where}: generated is not a JSON string ({exc.msg})") from None
+    if not isinstance(text, str):
+        raise CacheError(f"{where}: generated is not a JSON string")
+    return text
 
 
 def _row_to_fields(row: ScoredRow, rules: RowRules | None = None) -> list[str]:
     correct = "" if row.correct is None else ("1" if row.correct else "0")
     fields = [row.subject, row.question_id, row.answer or "", row.prediction, correct]
-    return fields + [row.generated or ""] if (rules or rules_for()).generation else fields
+    if (rules or rules_for()).generation:
+        return fields + [json.dumps(row.generated or "", ensure_ascii=False)]
+    return fields
 
 
 def _parse_records(text: str, path: Path, first_row_no: int, rules: RowRules | None = None
