@@ -245,3 +245,18 @@ def test_gsm8k_through_transformers_generates_what_npuinfer_generates(tmp_path):
         (run,) = (tmp_path / backend).glob("gsm8k_cot_*")
         texts[backend] = {(r.question_id, r.generated, r.prediction) for r in read_cache(run)}
     assert len(texts["npuinfer"]) == 4 and texts["hf"] == texts["npuinfer"]
+
+
+def test_a_task_is_gated_per_subject_against_its_own_baseline(tmp_path):
+    """--baseline: a directory of runs holding <task>_<model>_<device>/; a subject below it fails its case."""
+    cmd = [sys.executable, "-m", "pytest", "accuracy", "-p", "no:cacheprovider", "-q", "--device", "cpu",
+           "--task", "mmlu", "-k", "anatomy"]
+    first = subprocess.run(cmd + ["--results-dir", str(tmp_path / "base")], cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    accs = tmp_path / "base" / "mmlu_qwen-tiny_cpu" / "subject_acc.json"
+    accs.write_text(json.dumps({"anatomy": 1.0}), encoding="utf-8")  # a baseline the tiny model cannot reach
+    gated = subprocess.run(cmd + ["--results-dir", str(tmp_path / "run"), "--baseline", str(tmp_path / "base")],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert gated.returncode == 1, gated.stdout[-3000:] + gated.stderr[-3000:]
+    assert "qwen-tiny-anatomy: accuracy" in gated.stdout and "below the baseline 1.0" in gated.stdout
