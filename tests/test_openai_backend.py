@@ -243,3 +243,24 @@ def test_a_model_the_server_does_not_serve_is_named_with_the_served_ones(server,
                         "--served-model", "nosuch", "--tokenizer", str(checkpoint))
     assert proc.returncode == 4, proc.stdout + proc.stderr
     assert f"--served-model nosuch: not served at {server.base_url}; it serves {SERVED}" in proc.stderr
+
+
+def test_served_gsm8k_generates_what_npuinfer_generates_in_process(server, checkpoint, data, tmp_path):
+    """GSM8K by generation through /v1/completions (token-id prompts, the task's stop strings sent): the text kept
+    per question and the answer read from it are those of npuinfer in-process on the same checkpoint."""
+    import csv
+
+    args = ("--task", "gsm8k_cot", "--max-gen-toks", "24")
+    served = run_accuracy(tmp_path / "served", data, *args, "--backend", "openai", "--base-url", server.base_url,
+                          "--served-model", SERVED, "--tokenizer", str(checkpoint), "--num-concurrent", "2")
+    assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-3000:] + server.log_tail()
+    local = run_accuracy(tmp_path / "local", data, *args, "--model-path", str(checkpoint))
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+
+    def rows(results: Path) -> dict[str, tuple[str, str]]:
+        (run,) = results.glob("gsm8k_cot_*")
+        with open(run / "cache.csv", encoding="utf-8", newline="") as f:
+            return {r["question_id"]: (r["generated"], r["prediction"]) for r in csv.DictReader(f)}
+
+    got, want = rows(tmp_path / "served"), rows(tmp_path / "local")
+    assert len(want) == 4 and all(text for text, _ in want.values()) and got == want

@@ -28,9 +28,10 @@ from typing import Any
 from filelock import FileLock
 
 from npuinfer.atomic import create_atomic, write_atomic
-from npuinfer.ceval.dataset import CHOICES, load_split, split_path
-from npuinfer.ceval.scored import FIELDS, LEGACY_FIELDS, ScoredRow, format_logprobs, parse_logprobs
-from npuinfer.ceval.subjects import SUBJECT_NAMES, official_order
+from npuinfer.ceval.dataset import CHOICES
+from npuinfer.ceval.rows import CEVAL_TASK, RowRules, rules_for, task_of
+from npuinfer.ceval.scored import LEGACY_FIELDS, ScoredRow, format_logprobs, parse_logprobs
+from npuinfer.ceval.taskdata import TaskData
 
 CACHE_FORMAT_VERSION = 1
 CACHE_FILE = "cache.csv"
@@ -182,48 +183,78 @@ def record_in_meta(cache_dir: str | os.PathLike, key: str, entries: Mapping[str,
         write_atomic(d / META_FILE, json.dumps(meta, ensure_ascii=False, indent=2) + "\n")
 
 
-def _row_from_fields(fields: list[str], where: str, width: int = len(FIELDS)) -> ScoredRow:
+def _rules_of(directory: str | os.PathLike) -> RowRules:
+    """The row rules of a cache directory's task (cache_meta.json's extra.task; C-Eval when it has none)."""
+    try:
+        return rules_for(task_of(read_meta(directory)))
+    except CacheError:  # no cache_meta.json (yet), or a broken one: reported where the settings are read
+        return rules_for(CEVAL_TASK)
+
+
+def _row_from_fields(fields: list[str], where: str, rules: RowRules | None = None, width: int | None = None
+                     ) -> ScoredRow:
+    """``width``: the columns of the file the row is in (a multiple-choice cache has a logprobs column or not)."""
+    rules = rules or rules_for()
+    width = width or len(rules.fields)
     if len(fields) != width:
         raise CacheError(f"{where}: {len(fields)} fields, expected {width}")
     subject, qid, answer, prediction, correct = fields[:len(LEGACY_FIELDS)]
     if not subject or not qid:
         raise CacheError(f"{where}: empty subject or question_id")
-    if subject not in SUBJECT_NAMES:
-        raise CacheError(f"{where}: unknown C-Eval subject {subject!r} (not in subjects.csv)")
-    if answer not in ("", *CHOICES):
-        raise CacheError(f"{where}: answer {answer!r} is not empty or one of A, B, C, D")
-    if prediction not in (NO_PREDICTION, *CHOICES):
-        raise CacheError(f"{where}: prediction {prediction!r} is not one of A, B, C, D (or empty: no letter "
-                         "generated)")
-    expected = "" if answer == "" else ("1" if prediction == answer else "0")
+    if subject not in rules.subjects:
+        known = "C-Eval subject" if rules.task == CEVAL_TASK else f"{rules.task} subject"
+        raise CacheError(f"{where}: unknown {known} {subject!r} (not in subjects.csv)")
+    if rules.answers is not None:
+        if answer not in ("", *CHOICES):
+            raise CacheError(f"{where}: answer {answer!r} is not empty or one of A, B, C, D")
+        if prediction not in (NO_PREDICTION, *CHOICES):
+            raise CacheError(f"{where}: prediction {prediction!r} is not one of A, B, C, D (or empty: no letter "
+                             "generated)")
+    expected = "" if answer == "" else ("1" if rules.correct(answer, prediction) else "0")
     if correct != expected:
         raise CacheError(
             f"{where}: correct is {correct!r} but answer {answer!r} and prediction "
             f"{prediction!r} give {expected!r}"
         )
     try:
-        logprobs = parse_logprobs(fields[len(LEGACY_FIELDS)], len(CHOICES)) if width > len(LEGACY_FIELDS) else None
+        wide = not rules.generation and width > len(LEGACY_FIELDS)
+        logprobs = parse_logprobs(fields[len(LEGACY_FIELDS)], len(CHOICES)) if wide else None
     except ValueError as e:
         raise CacheError(f"{where}: {e}") from None
     return ScoredRow(
-        subject, qid, answer or None, prediction, None if correct == "" else correct == "1", logprobs
+        subject, qid, answer or None, prediction, None if correct == "" else correct == "1", logprobs,
+        _generated_from_field(fields[len(LEGACY_FIELDS)], where) if rules.generation else None,
     )
 
 
-def _row_to_fields(row: ScoredRow, wide: bool = True) -> list[str]:
+def _generated_from_field(field: str, where: str) -> str:
+    """A generation task's text column: a JSON string, so any text (a lone carriage return, NUL, quotes) stays one
+    line of cache.csv and reads back exactly."""
+    try:
+        text = json.loads(field)
+    except json.JSONDecodeError as exc:
+        raise CacheError(f"{where}: generated is not a JSON string ({exc.msg})") from None
+    if not isinstance(text, str):
+        raise CacheError(f"{where}: generated is not a JSON string")
+    return text
+
+
+def _row_to_fields(row: ScoredRow, rules: RowRules | None = None, wide: bool = True) -> list[str]:
     correct = "" if row.correct is None else ("1" if row.correct else "0")
-    legacy = [row.subject, row.question_id, row.answer or "", row.prediction, correct]
-    return [*legacy, format_logprobs(row.logprobs)] if wide else legacy
+    fields = [row.subject, row.question_id, row.answer or "", row.prediction, correct]
+    if (rules or rules_for()).generation:
+        return fields + [json.dumps(row.generated or "", ensure_ascii=False)]
+    return [*fields, format_logprobs(row.logprobs)] if wide else fields
 
 
 def _is_wide(rows: Iterable[ScoredRow]) -> bool:
-    """Whether cache.csv holding ``rows`` has the logprobs column: when some row has log-likelihoods (a cache
-    scored by generation, or written before the column, keeps the five columns it always had)."""
+    """Whether a multiple-choice cache.csv holding ``rows`` has the logprobs column: when some row has
+    log-likelihoods (a cache scored by generation, or written before the column, keeps the five columns it had)."""
     return any(r.logprobs is not None for r in rows)
 
 
-def _parse_records(text: str, path: Path, first_row_no: int,
-                   width: int = len(FIELDS)) -> tuple[list[tuple[int, ScoredRow]], bool]:
+def _parse_records(text: str, path: Path, first_row_no: int, rules: RowRules | None = None,
+                   width: int | None = None) -> tuple[list[tuple[int, ScoredRow]], bool]:
     """(row number, row) of CSV lines without a header, and whether the text was cut mid-row.
 
     Text that does not end in a newline was cut mid-write by a crash: its last row is kept when it
@@ -236,15 +267,15 @@ def _parse_records(text: str, path: Path, first_row_no: int,
         where = f"{path}: row {row_no}"
         if cut and row_no == first_row_no + len(records) - 1:
             try:
-                rows.append((row_no, _row_from_fields(fields, where, width)))
+                rows.append((row_no, _row_from_fields(fields, where, rules, width)))
             except CacheError:
                 pass
         else:
-            rows.append((row_no, _row_from_fields(fields, where, width)))
+            rows.append((row_no, _row_from_fields(fields, where, rules, width)))
     return rows, cut
 
 
-def _parse(path: Path) -> tuple[list[tuple[int, ScoredRow]], bool]:
+def _parse(path: Path, rules: RowRules | None = None) -> tuple[list[tuple[int, ScoredRow]], bool]:
     """(row number, row) of one cache file, and whether it needs repair (empty, or cut mid-row)."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -253,13 +284,14 @@ def _parse(path: Path) -> tuple[list[tuple[int, ScoredRow]], bool]:
     if not text:
         return [], True
     header, newline, body = text.partition("\n")
+    rules = rules or rules_for()
     columns = tuple(next(csv.reader([header]), []))
-    if columns not in (FIELDS, LEGACY_FIELDS):
-        raise CacheError(f"{path}: row 0 (header): expected {','.join(FIELDS)} (or, written before the "
-                         f"logprobs column, {','.join(LEGACY_FIELDS)}), found {header}")
+    if columns not in rules.headers:
+        raise CacheError(f"{path}: row 0 (header): expected {' or '.join(','.join(h) for h in rules.headers)}, "
+                         f"found {header}")
     if not newline:  # a header cut before its newline
         return [], True
-    return _parse_records(body, path, 1, len(columns))
+    return _parse_records(body, path, 1, rules, len(columns))
 
 
 def _width(path: Path) -> int:
@@ -268,13 +300,14 @@ def _width(path: Path) -> int:
         return len(next(csv.reader([fh.readline()]), []))
 
 
-def _serialize(rows: Iterable[ScoredRow]) -> str:
+def _serialize(rows: Iterable[ScoredRow], rules: RowRules | None = None) -> str:
     rows = list(rows)
-    wide = _is_wide(rows)
+    rules = rules or rules_for()
+    wide = not rules.generation and _is_wide(rows)
     buf = io.StringIO(newline="")
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(FIELDS if wide else LEGACY_FIELDS)
-    writer.writerows(_row_to_fields(r, wide) for r in rows)
+    writer.writerow(rules.headers[0] if wide or rules.generation else rules.fields)
+    writer.writerows(_row_to_fields(r, rules, wide) for r in rows)
     return buf.getvalue()
 
 
@@ -285,6 +318,7 @@ def _collect(directory: Path) -> tuple[dict[tuple[str, str], ScoredRow], bool]:
     Conflicting rows for one question are an error naming every file and row involved; identical
     duplicates collapse to one, with a warning.
     """
+    rules = _rules_of(directory)
     rows: dict[tuple[str, str], ScoredRow] = {}
     first_at: dict[tuple[str, str], str] = {}
     conflicts: dict[tuple[str, str], list[str]] = {}
@@ -294,7 +328,7 @@ def _collect(directory: Path) -> tuple[dict[tuple[str, str], ScoredRow], bool]:
     for path in [directory / CACHE_FILE, *parts]:
         if not path.exists():
             continue
-        numbered, cut = _parse(path)
+        numbered, cut = _parse(path, rules)
         rewrite |= cut
         for row_no, row in numbered:
             at = f"{path} row {row_no}"
@@ -339,6 +373,7 @@ class QuestionCache:
         self._rows: dict[tuple[str, str], ScoredRow] = {}  # every row in the directory, as of the last catch-up
         with self._lock:
             open_meta(self.dir, settings)
+            self.rules = _rules_of(self.dir)
             self._catch_up()
 
     def _reopen(self) -> None:
@@ -374,7 +409,7 @@ class QuestionCache:
             tail = data.decode("utf-8")
         except UnicodeDecodeError:
             return self._reopen()  # which names the file and the bad bytes
-        numbered, cut = _parse_records(tail, self.path, self._rows_read + 1, self._width)
+        numbered, cut = _parse_records(tail, self.path, self._rows_read + 1, self.rules, self._width)
         if cut:  # another process died mid-row: repair the file, then read it again
             return self._reopen()
         self._rows.update((row.key, row) for _, row in numbered)
@@ -409,12 +444,12 @@ class QuestionCache:
                 raise CacheError(f"{self.path}: {row.subject} id {row.question_id} is already scored with "
                                  f"prediction {old.prediction!r}, now {row.prediction!r}")
             assert self._file is not None
-            if row.logprobs is not None and self._width == len(LEGACY_FIELDS):
+            if row.logprobs is not None and not self.rules.generation and self._width == len(LEGACY_FIELDS):
                 # The first row with log-likelihoods: cache.csv gains the column, rewritten whole (once).
                 _rewrite(self.dir, {**self._rows, row.key: row})
                 self._reopen()
                 return True
-            self._file.write(_serialize_row(row, self._width > len(LEGACY_FIELDS)))
+            self._file.write(_serialize_row(row, self.rules, self._width > len(LEGACY_FIELDS)))
             self._file.flush()
             os.fsync(self._file.fileno())
             self._rows[row.key] = row
@@ -434,9 +469,9 @@ class QuestionCache:
         self.close()
 
 
-def _serialize_row(row: ScoredRow, wide: bool) -> str:
+def _serialize_row(row: ScoredRow, rules: RowRules | None = None, wide: bool = True) -> str:
     buf = io.StringIO(newline="")
-    csv.writer(buf, lineterminator="\n").writerow(_row_to_fields(row, wide))
+    csv.writer(buf, lineterminator="\n").writerow(_row_to_fields(row, rules, wide))
     return buf.getvalue()
 
 
@@ -444,9 +479,9 @@ def _id_key(qid: str) -> tuple[int, int, str]:
     return (0, int(qid), qid) if qid.isdigit() else (1, 0, qid)
 
 
-def sort_key(row: ScoredRow) -> tuple[Any, ...]:
-    """subjects.csv order, then numeric ids numerically."""
-    return (official_order(row.subject), _id_key(row.question_id))
+def sort_key(row: ScoredRow, rules: RowRules | None = None) -> tuple[Any, ...]:
+    """The task's subject order (C-Eval: subjects.csv), then numeric ids numerically."""
+    return ((rules or rules_for()).order(row.subject), _id_key(row.question_id))
 
 
 def read_all(cache_dir: str | os.PathLike) -> list[ScoredRow]:
@@ -457,7 +492,8 @@ def read_all(cache_dir: str | os.PathLike) -> list[ScoredRow]:
     if not (d / CACHE_FILE).exists() and not part_files(d):
         raise CacheError(f"{d / CACHE_FILE}: not found")
     with lock(d):
-        return sorted(_collect(d)[0].values(), key=sort_key)
+        rules = _rules_of(d)
+        return sorted(_collect(d)[0].values(), key=lambda r: sort_key(r, rules))
 
 
 def merge_parts(cache_dir: str | os.PathLike) -> Path:
@@ -479,7 +515,8 @@ def _rewrite(directory: Path, rows: Mapping[tuple[str, str], ScoredRow]) -> Path
     sorted (replaced only when that changes it), and no part file is left."""
     parts = part_files(directory)
     target = directory / CACHE_FILE
-    text = _serialize(sorted(rows.values(), key=sort_key))
+    rules = _rules_of(directory)
+    text = _serialize(sorted(rows.values(), key=lambda r: sort_key(r, rules)), rules)
     if not target.exists() or target.read_bytes() != text.encode("utf-8"):
         write_atomic(target, text)
     for part in parts:
@@ -517,15 +554,17 @@ def check_against_data(cache_dir: str | os.PathLike, data_dir: str | os.PathLike
     problems: list[str] = []
     data: dict[str, dict[str, str | None]] = {}
     with lock(d):
+        rules = _rules_of(d)
+        rows_of = TaskData(rules.spec, data_dir)
         for path in [d / CACHE_FILE, *part_files(d)]:
             if not path.exists():
                 continue
-            for row_no, row in _parse(path)[0]:
+            for row_no, row in _parse(path, rules)[0]:
                 if wanted is not None and row.subject not in wanted:
                     continue
                 if row.subject not in data:
-                    data[row.subject] = {q.question_id: q.answer for q in load_split(data_dir, row.subject, split)}
-                source = split_path(data_dir, row.subject, split)
+                    data[row.subject] = rows_of.answers(row.subject, split)
+                source = rows_of.path(row.subject, split)
                 if row.question_id not in data[row.subject]:
                     problems.append(f"{path} row {row_no}: {row.subject} id {row.question_id} is no question of "
                                     f"{source}")

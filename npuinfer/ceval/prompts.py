@@ -11,10 +11,12 @@ subject until its longest question fits (the Ascend tool's way), cutting only a 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from npuinfer.ceval.dataset import CHOICES, Question
 from npuinfer.ceval.subjects import get_subject
+from npuinfer.tasks.spec import Prompt, TaskSpec, load_task
 
 
 @dataclass(frozen=True)
@@ -22,17 +24,20 @@ class Template:
     name: str
     # Format fields: {name} (subject id), {name_zh}, {display_name} (underscores -> spaces).
     description: str
-    # Format fields: {question}, {A}, {B}, {C}, {D}.
+    # Format fields: {<question_field>}, {A}, {B}, {C}, {D}.
     block: str
     strip_question: bool
     answer_delimiter: str  # between a shot's block and its answer letter
     shot_delimiter: str  # after every shot
     continuations: tuple[str, ...]  # scored after the context, one per choice, in CHOICES order
     fit: str  # default of FITS: how the tool this template follows fits a prompt to the model's length
+    question_field: str = "question"  # the block's name for the question (CMMLU's files call it Question)
+    # The task's subject table (name -> object with name, name_zh, display_name); None: C-Eval's.
+    subjects: Callable[[str], Any] | None = field(default=None, compare=False, repr=False)
 
     def render_block(self, q: Question) -> str:
         text = q.question.strip() if self.strip_question else q.question
-        return self.block.format(question=text, **dict(zip(CHOICES, q.choices)))
+        return self.block.format(**{self.question_field: text}, **dict(zip(CHOICES, q.choices)))
 
     def render_shot(self, q: Question) -> str:
         if q.answer is None:
@@ -40,39 +45,44 @@ class Template:
         return self.render_block(q) + self.answer_delimiter + q.answer + self.shot_delimiter
 
     def render_description(self, subject: str) -> str:
-        s = get_subject(subject)
+        s = (self.subjects or get_subject)(subject)
         return self.description.format(
             name=s.name, name_zh=s.name_zh, display_name=s.display_name
         )
 
 
-# lm-evaluation-harness ceval-valid: description from lm_eval/tasks/ceval/_generate_configs.py,
-# doc_to_text from _default_ceval_yaml, delimiters are TaskConfig's defaults (" " and "\n\n").
-LMEVAL = Template(
-    name="lmeval",
-    description="以下是中国关于{name_zh}的单项选择题，请选出其中的正确答案。\n\n",
-    block="{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\n答案：",
-    strip_question=True,
-    answer_delimiter=" ",
-    shot_delimiter="\n\n",
-    continuations=tuple(" " + c for c in CHOICES),
-    fit="truncate",
-)
+def template_from_task(task: TaskSpec, prompt: Prompt) -> Template:
+    """A multiple-choice task file's prompt as a Template (C-Eval's subject table for the ceval task)."""
+    if tuple(prompt.choices) != CHOICES:
+        raise ValueError(f"{task.path}: doc_to_choice: the multiple-choice scorer reads four choices A, B, C, D "
+                         f"(the files' columns), got {list(prompt.choices)}")
+    return Template(
+        name=prompt.name,
+        description=prompt.description,
+        block=prompt.doc_to_text,
+        strip_question=task.question_column in prompt.strip,
+        answer_delimiter=prompt.target_delimiter,
+        shot_delimiter=prompt.fewshot_delimiter,
+        continuations=tuple(prompt.target_delimiter + c for c in prompt.choices),
+        fit=prompt.fit,
+        question_field=task.question_column,
+        subjects=None if task.task == "ceval" else task.subject,
+    )
 
-# The Ascend tool's MMLU-style English prompt; it generates and takes the first letter A-D,
-# the continuations are offered for log-likelihood scoring of the same prompt.
-ATB = Template(
-    name="atb",
-    description=(
-        "The following are multiple choice questions (with answers) about {display_name}.\n\n"
-    ),
-    block="{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nAnswer:",
-    strip_question=False,
-    answer_delimiter=" ",
-    shot_delimiter="\n\n",
-    continuations=tuple(" " + c for c in CHOICES),
-    fit="shots",
-)
+
+def task_templates(task: TaskSpec | str) -> dict[str, Template]:
+    """Every prompt of a multiple-choice task file, by name."""
+    spec = load_task(task) if isinstance(task, str) else task
+    return {name: template_from_task(spec, p) for name, p in spec.templates.items()}
+
+
+# C-Eval's prompts, from its task file (npuinfer/tasks/ceval.yaml): lmeval is lm-evaluation-harness's
+# ceval-valid (description from lm_eval/tasks/ceval/_generate_configs.py, doc_to_text from _default_ceval_yaml,
+# delimiters TaskConfig's defaults " " and "\n\n"); atb is the Ascend tool's MMLU-style English prompt, which
+# generates and takes the first letter A-D (its continuations are offered for log-likelihood scoring too).
+_CEVAL = task_templates("ceval")
+LMEVAL = _CEVAL["lmeval"]
+ATB = _CEVAL["atb"]
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in (LMEVAL, ATB)}
 FITS: tuple[str, ...] = ("truncate", "shots")

@@ -18,7 +18,7 @@ from tabulate import tabulate
 
 from npuinfer.atomic import write_atomic
 from npuinfer.results.table import accuracy_text, key_value_lines
-from npuinfer.ceval.aggregate import AVG_HARD, Aggregate, aggregate, macro_key
+from npuinfer.ceval.aggregate import AVG, AVG_HARD, Aggregate, aggregate, macro_key
 from npuinfer.ceval.cache import (
     PROMPT_FIT,
     RUN_RECORDS,
@@ -32,7 +32,9 @@ from npuinfer.ceval.cache import (
 )
 from npuinfer.ceval.dataset import CHOICES
 from npuinfer.ceval.scored import ScoredRow
+from npuinfer.ceval.rows import CEVAL_TASK, rules_for, task_of
 from npuinfer.ceval.subjects import CATEGORIES, get_subject, official_order
+from npuinfer.tasks.spec import TaskSpec
 
 SUBJECT_ACC = "subject_acc.json"
 CLASSES_ACC = "classes_acc.json"
@@ -126,6 +128,61 @@ def _scored_summary(agg: Aggregate, settings_lines: list[str], fits: Mapping[str
         "",
     ]
     return "\n".join(lines)
+
+
+def _task_summary(agg: Aggregate, task: TaskSpec, settings_lines: list[str], fits: Mapping[str, Any]) -> str:
+    """summary.md of a task other than C-Eval: the same tables, its own subjects and groups."""
+    subject_rows = [(name, task.subject(name).name_zh or "-", task.subject(name).category, t.total, t.correct,
+                     accuracy_text(t.accuracy), *_fit_columns(fits, name)) for name, t in agg.subjects.items()]
+    class_rows = [(key, t.total, t.correct, accuracy_text(t.accuracy), accuracy_text(agg.macro[key]))
+                  for key, t in agg.classes.items()]
+    metric = "exact match" if task.metric == "exact_match" else "accuracy"
+    lines = [
+        f"# {task.task} results",
+        "",
+        *settings_lines,
+        f"Metric: {metric} ({task.path.name}). Pooled over all questions of a group ({AVG}: every question); the "
+        f"macro average is the mean of the group's subject figures: `{macro_key(AVG)}` etc. in {CLASSES_ACC}.",
+        "",
+        *_fit_lines(fits, agg.subjects),
+        "## Per subject",
+        "",
+        tabulate(subject_rows, headers=["subject", "名称", "category", "n", "correct", metric, "shots",
+                                        "shots dropped", "prompts cut"], tablefmt="github", disable_numparse=True),
+        "",
+        "## Per category",
+        "",
+        tabulate(class_rows, headers=["category", "n", "correct", f"{metric} (pooled)", "macro average"],
+                 tablefmt="github", disable_numparse=True),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def chart_name(task: str) -> str:
+    return CHART if task == CEVAL_TASK else f"{task}_acc.png"
+
+
+def task_chart(agg: Aggregate, task: TaskSpec, settings: Mapping[str, Any] | None = None):
+    """scored_chart's figure for a task other than C-Eval: its categories, its subjects."""
+    from matplotlib.figure import Figure
+
+    meta = dict(settings or {})
+    fig = Figure(figsize=(9, max(6, 2 + 0.18 * len(agg.subjects))), layout="constrained")
+    fig.suptitle(f"{task.task}: {meta.get('model', '?')} ({meta.get('dtype', '?')}), {meta.get('shots', '?')}-shot, "
+                 f"{meta.get('split', '?')} split")
+    top, bottom = fig.subplots(2, 1, height_ratios=[1, 4])
+    keys = list(agg.classes)
+    top.bar(keys, [agg.classes[k].accuracy for k in keys], color="tab:blue")
+    top.set_ylim(0, 1)
+    top.tick_params(axis="x", labelsize=7)
+    names = list(agg.subjects)[::-1]
+    colors = {c: f"C{i}" for i, c in enumerate(task.categories)}
+    bottom.barh(names, [agg.subjects[n].accuracy for n in names],
+                color=[colors.get(task.subject(n).category, "C9") for n in names])
+    bottom.set_xlim(0, 1)
+    bottom.tick_params(axis="y", labelsize=6)
+    return fig
 
 
 def _letter(prediction: str) -> str:
@@ -249,6 +306,9 @@ def write_report(
     rows = list(rows)
     scored = _check_rows(rows)
     settings_lines = _settings_lines(settings)
+    task = task_of(settings.to_meta() if isinstance(settings, CacheSettings) else settings)
+    if task != CEVAL_TASK:
+        return _write_task_report(out, rows, rules_for(task).spec, settings, settings_lines, scored)
     paths = [out / SUBJECT_ACC, out / CLASSES_ACC, out / SUMMARY, out / CHART]
     if scored:
         agg = aggregate(rows)
@@ -271,6 +331,22 @@ def write_report(
         submission.setdefault(r.subject, {})[r.question_id] = r.prediction
     paths.append(out / SUBMISSION)
     _write_json(paths[4], submission)
+    return paths
+
+
+def _write_task_report(out: Path, rows: list[ScoredRow], task: TaskSpec,
+                       settings: Mapping[str, Any] | CacheSettings | None, settings_lines: list[str],
+                       scored: bool) -> list[Path]:
+    if not scored:
+        raise ValueError(f"{task.task}: rows without answers; only C-Eval's test split is scored without them")
+    meta = settings.to_meta() if isinstance(settings, CacheSettings) else settings
+    paths = [out / SUBJECT_ACC, out / CLASSES_ACC, out / SUMMARY, out / chart_name(task.task)]
+    agg = aggregate(rows, task)
+    _write_json(paths[0], {k: t.accuracy for k, t in agg.subjects.items()})
+    _write_json(paths[1], {**{k: t.accuracy for k, t in agg.classes.items()},
+                           **{macro_key(k): v for k, v in agg.macro.items()}})
+    write_atomic(paths[2], _task_summary(agg, task, settings_lines, _prompt_fits(settings)))
+    _save(task_chart(agg, task, meta), paths[3])
     return paths
 
 

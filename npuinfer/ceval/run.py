@@ -14,13 +14,27 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from npuinfer.ceval.cache import PROMPT_FIT, CacheSettings, QuestionCache, check_against_data, record_in_meta
-from npuinfer.ceval.dataset import SPLITS, CevalDataError, data_identity, load_split, split_path
-from npuinfer.ceval.prompts import TEMPLATES, resolve_fit
+from npuinfer.ceval.cache import (
+    META_FILE,
+    PROMPT_FIT,
+    CacheError,
+    CacheSettings,
+    QuestionCache,
+    check_against_data,
+    read_meta,
+    record_in_meta,
+)
+from npuinfer.ceval.dataset import SPLITS, CevalDataError
+from npuinfer.ceval.generation import score_generation
+from npuinfer.ceval.prompts import TEMPLATES, Template, resolve_fit, task_templates
+from npuinfer.ceval.report import SUBJECT_ACC
+from npuinfer.ceval.rows import CEVAL_TASK, TASK_KEY, rules_for, task_of
 from npuinfer.ceval.scored import ScoredRow
 from npuinfer.ceval.subjects import official_order
+from npuinfer.ceval.taskdata import TaskData
 from npuinfer.parallel import dist as tp_dist
 from npuinfer.results.naming import CEVAL, result_path
+from npuinfer.tasks.spec import TaskSpec, load_task
 from npuinfer.ceval.scoring import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_NEW_TOKENS,
@@ -38,35 +52,65 @@ class NonFiniteScores(RuntimeError):
 @dataclass(frozen=True)
 class RunSettings:
     data_dir: Path
-    split: str = "val"
+    split: str | None = None  # None: the task's test_split (C-Eval: val)
     shots: int = 5
     template: str = "lmeval"
     scoring: str = "prefix"
     batch_size: int = DEFAULT_BATCH_SIZE  # not part of the cache settings: results do not depend on it
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # generate mode only
     fit: str | None = None  # prompts.FITS; None: the template's default (lmeval: truncate, atb: shots)
+    task: str = CEVAL_TASK  # a task file's name (npuinfer/tasks/<task>.yaml); C-Eval's rows and names by default
+    max_gen_toks: int | None = None  # a generation task's token budget; None: its file's generation_kwargs
 
     def __post_init__(self) -> None:
-        if self.split not in SPLITS:
+        spec = load_task(self.task)
+        if self.split is None:
+            object.__setattr__(self, "split", spec.test_split)
+        if spec.task != self.task:
+            raise ValueError(f"task: {spec.path} says task {spec.task!r}, asked for {self.task!r}")
+        if spec.layout == "ceval_csv" and self.split not in SPLITS:
             raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {self.split!r}")
-        if self.template not in TEMPLATES:
-            raise ValueError(f"template: expected one of {', '.join(TEMPLATES)}, got {self.template!r}")
         if self.scoring not in SCORING_MODES:
             raise ValueError(f"scoring: expected one of {', '.join(SCORING_MODES)}, got {self.scoring!r}")
         if self.shots < 0:
             raise ValueError(f"shots: expected >= 0, got {self.shots}")
-        object.__setattr__(self, "fit", resolve_fit(self.fit, self.template))
+        if spec.output_type == "generate_until":
+            if self.max_gen_toks is None:
+                object.__setattr__(self, "max_gen_toks", spec.max_gen_toks)
+            if self.max_gen_toks < 1:
+                raise ValueError(f"max_gen_toks: expected >= 1, got {self.max_gen_toks}")
+            if self.template not in spec.templates:
+                raise ValueError(f"template: task {self.task} has {', '.join(spec.templates)}, got {self.template!r}")
+            object.__setattr__(self, "fit", "truncate")
+            return
+        templates = TEMPLATES if self.task == CEVAL_TASK else task_templates(spec)
+        if self.template not in templates:
+            raise ValueError(f"template: expected one of {', '.join(templates)}, got {self.template!r}")
+        object.__setattr__(self, "fit", resolve_fit(self.fit, templates[self.template]))
+
+    @property
+    def spec(self) -> TaskSpec:
+        return load_task(self.task)
+
+    def prompt_template(self) -> Template:
+        """A multiple-choice task's Template (C-Eval: prompts.TEMPLATES)."""
+        return TEMPLATES[self.template] if self.task == CEVAL_TASK else task_templates(self.spec)[self.template]
 
     def cache_settings(self, backend) -> CacheSettings:
         """Everything that changes a prediction: backend, model, weights, prompt, dtype, data, scoring mode."""
         ident = backend.identity()
-        extra: dict[str, object] = {"scoring": self.scoring, **data_identity(self.data_dir, self.split),
+        extra: dict[str, object] = {"scoring": self.scoring,
+                                    **TaskData(self.spec, self.data_dir).identity(self.split),
                                     "max_seq_len": ident.max_length, "fit": self.fit}
+        if self.task != CEVAL_TASK:  # C-Eval's caches name no task (older ones stay valid)
+            extra[TASK_KEY] = self.task
         if ident.backend != "npuinfer":  # npuinfer's (the first backend) adds nothing: older caches stay valid
             extra["backend"] = ident.backend
         if ident.kernels and ident.kernels != "fused":  # likewise fused, the default; a plain run never mixes
             extra["kernels"] = ident.kernels  # its rows with a fused one
-        if self.scoring == "generate":
+        if self.spec.output_type == "generate_until":
+            extra["max_new_tokens"] = self.max_gen_toks
+        elif self.scoring == "generate":
             extra["max_new_tokens"] = self.max_new_tokens
         if ident.quantization.get("quantization", "none") != "none":  # W8 checkpoints (npuinfer.quant)
             extra.update({k: ident.quantization[k] for k in ("quantization", "quant_kernel")})
@@ -75,9 +119,10 @@ class RunSettings:
                              provenance=dict(ident.provenance))
 
 
-def results_dir(root: str | os.PathLike, model: str, device_label: str) -> Path:
-    """``<root>/ceval_<model>_<device>/``: where a run's cache.csv and report files live."""
-    return result_path(CEVAL, root, model, device_label)
+def results_dir(root: str | os.PathLike, model: str, device_label: str, task: str = CEVAL_TASK) -> Path:
+    """``<root>/ceval_<model>_<device>/`` (``<task>_<model>_<device>/`` for another task): where a run's
+    cache.csv and report files live."""
+    return result_path(CEVAL if task == CEVAL_TASK else task, root, model, device_label)
 
 
 @dataclass
@@ -120,18 +165,35 @@ class CevalRun:
 
     def run_subject(self, subject: str) -> SubjectResult:
         s = self.settings
-        questions = load_split(s.data_dir, subject, s.split)
-        dev = load_split(s.data_dir, subject, "dev") if s.shots else []
+        spec = s.spec
+        data = TaskData(spec, s.data_dir)
+        shot_split = spec.fewshot_split or "dev"
+        generation = spec.output_type == "generate_until"
+        if generation:
+            questions = data.problems(subject, s.split)
+            dev = (list(spec.fewshot_samples) if spec.fewshot_samples
+                   else [p.fields for p in data.problems(subject, shot_split)] if s.shots else [])
+        else:
+            questions = data.questions(subject, s.split)
+            dev = data.questions(subject, shot_split) if s.shots else []
         if len(dev) < s.shots:
-            raise CevalDataError(f"{split_path(s.data_dir, subject, 'dev')}: {len(dev)} row(s), and {s.shots} shots "
+            where = spec.path if spec.fewshot_samples else data.path(subject, shot_split)
+            raise CevalDataError(f"{where}: {len(dev)} row(s), and {s.shots} shots "
                                  f"were asked for (--shot): pass --shot {len(dev)} or fewer, or add dev rows")
         check_against_data(self.out_dir, s.data_dir, s.split, [subject])  # before a row is added or trusted
         done = {qid: row for (_, qid), row in self.cache.scored_rows(subject).items()}
         stats = ScoringStats()
         new: list[ScoredRow] = []
-        for scored in score_subject(self.backend, subject, dev, questions, s.template, s.shots, s.scoring,
-                                    s.batch_size, max_new_tokens=s.max_new_tokens, stats=stats,
-                                    skip=set(done), fit=s.fit):
+        if generation:
+            scores = score_generation(self.backend, spec, subject, dev, questions, s.shots,
+                                      batch_size=s.batch_size, max_new_tokens=s.max_gen_toks, stats=stats,
+                                      skip=set(done),
+                                      share_prefix=s.scoring != "naive")
+        else:
+            scores = score_subject(self.backend, subject, dev, questions, s.prompt_template(), s.shots, s.scoring,
+                                   s.batch_size, max_new_tokens=s.max_new_tokens, stats=stats,
+                                   skip=set(done), fit=s.fit)
+        for scored in scores:
             self.cache.add(scored.row)
             new.append(scored.row)
         if stats.nonfinite:
@@ -176,7 +238,27 @@ def _open_cache(out_dir: Path, settings: CacheSettings) -> QuestionCache | _Rank
     return _RankView(QuestionCache.snapshot(out_dir))
 
 
-def record_prompt_fit(out_dir: str | os.PathLike, fits: dict[str, PromptFit]) -> None:
+def record_prompt_fit(out_dir: str | os.PathLike, fits: dict[str, PromptFit], task: str = CEVAL_TASK) -> None:
     """Add each subject's PromptFit to the run's cache_meta.json (a record of the run, not a setting); called
     once by the process that merges the run (the only writer), before the report that shows them is written."""
-    record_in_meta(out_dir, PROMPT_FIT, {s: asdict(f) for s, f in fits.items()}, order=official_order)
+    order = official_order if task == CEVAL_TASK else rules_for(task).order
+    record_in_meta(out_dir, PROMPT_FIT, {s: asdict(f) for s, f in fits.items()}, order=order)
+
+
+def find_task_baseline(baseline: str | os.PathLike, task: str, model: str, device_label: str) -> Path | None:
+    """The subject_acc.json a --baseline holds for this task and model: a run directory of the task holding it,
+    or ``<task>_<model>_<device>/`` in a directory of runs (any device when exactly one other is there)."""
+    path = Path(baseline)
+    candidates = [path / SUBJECT_ACC] if path.is_dir() else [path]
+    for candidate in candidates:
+        if candidate.is_file() and (candidate.parent / META_FILE).is_file():
+            try:
+                if task_of(read_meta(candidate.parent)) == task:
+                    return candidate
+            except CacheError:
+                pass
+    exact = results_dir(path, model, device_label, task) / SUBJECT_ACC
+    if exact.is_file():
+        return exact
+    others = sorted(path.glob(f"{results_dir(path, model, '*', task).name}/{SUBJECT_ACC}"))
+    return others[0] if len(others) == 1 else None

@@ -21,6 +21,7 @@ class ScoredRow:
     # Per choice A..D (log-likelihood scoring); None: generate mode, or a cache without the column. Not compared:
     # the same question scored in another batch may differ in the last bits, and it is still the same row.
     logprobs: tuple[float, ...] | None = field(default=None, compare=False)
+    generated: str | None = None  # a generation task's text (its cache's last column); None for multiple choice
 
     @classmethod
     def make(cls, subject: str, question_id: str, answer: str | None, prediction: str,

@@ -185,6 +185,11 @@ class SubjectScorer:
             self._split[q.question_id] = split
         return split
 
+    def request_ids(self, q: Question) -> tuple[list[int], list[list[int]]]:
+        """(context ids, continuation ids per choice) of one question, whole: what lm-eval's ``_encode_pair``
+        makes of its (context, continuation) pairs (comparisons/tasks_vs_lmeval.py checks it against lm-eval)."""
+        return self._encode(q)
+
     def _is_cut(self, q: Question) -> bool:
         """Whether lm-eval's truncation cuts this question's prompt for some choice."""
         ctx, conts = self._encode(q)

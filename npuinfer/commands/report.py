@@ -8,8 +8,9 @@ import argparse
 from pathlib import Path
 
 from ..ceval.aggregate import aggregate
-from ..ceval.cache import META_FILE, read_cache
+from ..ceval.cache import META_FILE, read_cache, read_meta
 from ..ceval.report import rebuild_report
+from ..ceval.rows import rules_for, task_of
 from ..options import UsageError
 from ..results.table import accuracy_text
 
@@ -19,7 +20,8 @@ def add_parser(sub) -> None:
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
     ceval = kinds.add_parser("ceval", help="C-Eval: subject_acc.json, classes_acc.json, summary.md and the "
                                            "chart from cache.csv and cache_meta.json (part files merged first)")
-    ceval.add_argument("dir", help="a C-Eval results directory, e.g. results/ceval_qwen-tiny_cpu")
+    ceval.add_argument("dir", help="a C-Eval results directory, e.g. results/ceval_qwen-tiny_cpu (or another "
+                                   "task's, e.g. results/mmlu_qwen-tiny_cpu)")
     ceval.set_defaults(run=run_ceval)
 
 
@@ -30,7 +32,7 @@ def run_ceval(args: argparse.Namespace) -> int:
     paths = rebuild_report(args.dir)
     rows = read_cache(args.dir)
     if all(r.answer is not None for r in rows):
-        classes = aggregate(rows).classes
+        classes = aggregate(rows, rules_for(task_of(read_meta(args.dir))).spec).classes  # C-Eval's, or the task's
         table = [(k, t.total, t.correct, accuracy_text(t.accuracy)) for k, t in classes.items()]
         print(tabulate(table, headers=["category", "n", "correct", "accuracy"], tablefmt="github",
                        disable_numparse=True))

@@ -30,8 +30,19 @@ from ..ceval.cache import PROMPT_FIT, CacheError, read_cache, read_meta
 from ..ceval.dataset import SPLITS, CevalDataError, available_subjects, sample_dir
 from ..ceval.prompts import FITS, TEMPLATES
 from ..ceval.report import CLASSES_ACC, SUBJECT_ACC, rebuild_report
+from ..ceval.rows import CEVAL_TASK, rules_for, task_of
+from ..ceval.taskdata import TaskData
+from ..tasks.spec import TaskFileError, load_task, task_names
 from ..parallel import dist as tp_dist
-from ..ceval.run import CevalRun, NonFiniteScores, RunSettings, SubjectResult, record_prompt_fit, results_dir
+from ..ceval.run import (
+    CevalRun,
+    NonFiniteScores,
+    RunSettings,
+    SubjectResult,
+    find_task_baseline,
+    record_prompt_fit,
+    results_dir,
+)
 from ..gates.accuracy import (
     ACC_TESTS,
     CategoryVerdict,
@@ -48,7 +59,6 @@ from ..gates.accuracy import (
 )
 from ..ceval.scoring import PromptFit
 from ..ceval.scoring import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, SCORING_MODES
-from ..ceval.subjects import get_subject, official_order
 from ..device import get_device
 from ..options import RunConfig, non_negative_int, positive_int
 from ..registry import DEFAULT_MODEL
@@ -61,6 +71,7 @@ P_N, P_CORRECT, P_ACC, P_NEW = "ceval_questions", "ceval_correct", "ceval_accura
 P_BASE, P_TOKENS, P_SHOTS = "ceval_baseline", "ceval_prompt_tokens", "ceval_shots"
 P_NOT_GATED = "ceval_not_gated"  # why a case was not compared with the baseline
 P_WITHIN_CHANCE = "ceval_drop_p"  # --acc-test mcnemar: a drop that passed, and its p-value
+P_TASK = "ceval_task"  # a case's task, when it is not C-Eval
 P_DROPPED, P_TRUNCATED = "ceval_dropped_shots", "ceval_truncated"  # how the prompts were fitted to the model
 
 
@@ -88,15 +99,30 @@ def _alpha(text: str) -> float:
     return value
 
 
+def _task_dir(text: str) -> tuple[str, str]:
+    task, sep, directory = text.partition("=")
+    if not sep or not task or not directory:
+        raise argparse.ArgumentTypeError(f"expected TASK=DIR (e.g. mmlu=/data/mmlu), got {text!r}")
+    return task, directory
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup(GROUP)
+    group.addoption("--task", action="append", default=None, dest="accuracy_tasks", metavar="TASK",
+                    help="accuracy task to run, repeatable: a task file shipped in npuinfer/tasks (ceval, cmmlu, "
+                         "mmlu, gsm8k, gsm8k_cot); default ceval. Cases: test_ceval[<model>-<subject>] for C-Eval, "
+                         "test_task[<task>-<model>-<subject>] for the others")
+    group.addoption("--task-dir", action="append", type=_task_dir, default=[], dest="accuracy_task_dirs",
+                    metavar="TASK=DIR", help="a task's data in its official layout (repeatable; default: the small "
+                                             "sample shipped with npuinfer; C-Eval: --ceval-dir)")
     group.addoption("--ceval-dir", default=None, dest="ceval_dir", metavar="DIR",
                     help="C-Eval data in the official layout (dev/, val/, test/); default: the small sample "
                          "shipped with npuinfer")
     group.addoption("--ceval-split", default="val", choices=list(SPLITS), dest="ceval_split",
                     help="split to score (default val); test has no answers: predictions only, no accuracy")
-    group.addoption("--shot", type=non_negative_int, default=5, dest="ceval_shot",
-                    help="k-shot examples from the first dev rows (default 5; dropped from the end to fit)")
+    group.addoption("--shot", type=non_negative_int, default=None, dest="ceval_shot",
+                    help="k-shot examples from the first dev rows (default: the task file's num_fewshot, 5 for "
+                         "C-Eval; dropped from the end to fit with --fit shots)")
     group.addoption("--template", default="lmeval", choices=list(TEMPLATES), dest="ceval_template",
                     help="prompt: lmeval (lm-evaluation-harness ceval-valid) or atb (the Ascend tool's)")
     group.addoption("--fit", default=None, choices=list(FITS), dest="ceval_fit",
@@ -112,6 +138,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--ceval-max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS,
                     dest="ceval_max_new_tokens",
                     help=f"tokens generated per question with --scoring generate (default {DEFAULT_MAX_NEW_TOKENS})")
+    group.addoption("--max-gen-toks", type=positive_int, default=None, dest="accuracy_max_gen_toks",
+                    help="generation tasks (gsm8k, gsm8k_cot): tokens generated at most per question (default: the "
+                         "task file's generation_kwargs.max_gen_toks, 256 as lm-eval's)")
     group.addoption("--max-acc-drop", type=_fraction, default=0.0, dest="ceval_max_acc_drop",
                     help="C-Eval: allowed accuracy drop below the baseline per subject (default 0)")
     group.addoption("--acc-test", default="drop", choices=list(ACC_TESTS), dest="ceval_acc_test",
@@ -135,6 +164,11 @@ class CevalOptions:
     device_label: str  # the results directories' suffix: the device asked for, or the served backend's name
     acc_test: str = "drop"  # ACC_TESTS: how a drop below the baseline fails
     alpha: float = 0.05  # --acc-test mcnemar: the significance level
+    tasks: tuple[str, ...] = (CEVAL_TASK,)
+    task_settings: tuple[tuple[str, RunSettings], ...] = ()  # the other tasks' RunSettings
+
+    def settings_for(self, task: str) -> RunSettings:
+        return self.settings if task == CEVAL_TASK else dict(self.task_settings)[task]
 
     @property
     def data_dir(self) -> Path:
@@ -144,11 +178,38 @@ class CevalOptions:
     def from_config(cls, config: pytest.Config) -> "CevalOptions":
         opt = config.getoption
         run = session_run(config)
-        data_dir = Path(opt("ceval_dir")) if opt("ceval_dir") else sample_dir()
-        settings = RunSettings(data_dir=data_dir, split=opt("ceval_split"), shots=opt("ceval_shot"),
+        tasks = tuple(dict.fromkeys(opt("accuracy_tasks") or [CEVAL_TASK]))
+        known = task_names()
+        for task in tasks:
+            if task not in known:
+                raise pytest.UsageError(f"--task {task}: no such task; shipped: {', '.join(known)}")
+        dirs = dict(opt("accuracy_task_dirs") or [])
+        for task in dirs:
+            if task not in tasks:
+                raise pytest.UsageError(f"--task-dir {task}=...: {task} is not among the tasks run (--task)")
+        ceval_dir = opt("ceval_dir") or dirs.get(CEVAL_TASK)
+        data_dir = Path(ceval_dir) if ceval_dir else sample_dir()
+        shots = opt("ceval_shot")
+        settings = RunSettings(data_dir=data_dir, split=opt("ceval_split"),
+                               shots=load_task(CEVAL_TASK).num_fewshot if shots is None else shots,
                                template=opt("ceval_template"), scoring=opt("ceval_scoring"),
                                batch_size=opt("ceval_batch_size"), max_new_tokens=opt("ceval_max_new_tokens"),
                                fit=opt("ceval_fit"))
+        others = []
+        for task in tasks:
+            if task == CEVAL_TASK:
+                continue
+            spec = load_task(task)
+            try:
+                others.append((task, RunSettings(
+                    data_dir=Path(dirs[task]) if task in dirs else spec.sample_dir(), task=task,
+                    shots=spec.num_fewshot if shots is None else shots, template=opt("ceval_template"),
+                    scoring=opt("ceval_scoring"), batch_size=opt("ceval_batch_size"),
+                    max_new_tokens=opt("ceval_max_new_tokens"),
+                    fit=opt("ceval_fit") if spec.output_type == "multiple_choice" else None,
+                    max_gen_toks=opt("accuracy_max_gen_toks") if spec.output_type == "generate_until" else None)))
+            except (ValueError, TaskFileError) as exc:
+                raise pytest.UsageError(f"--task {task}: {exc}") from None
         # The run's device as asked for (xdist workers on npu:N/cuda:N add their index): one directory per run;
         # a served backend's run is of the endpoint, not of this machine.
         label = run.backend if run.backend in SERVED_BACKENDS else get_device(run.device).label
@@ -157,7 +218,7 @@ class CevalOptions:
                                     f"needs --scoring generate (this run: --backend {run.backend}, --scoring "
                                     f"{settings.scoring})")
         return cls(run, settings, opt("ceval_max_acc_drop"), opt("npuinfer_baseline"), label,
-                   opt("ceval_acc_test"), opt("ceval_alpha"))
+                   opt("ceval_acc_test"), opt("ceval_alpha"), tasks, tuple(others))
 
 
 _OPTIONS = pytest.StashKey[CevalOptions]()
@@ -170,10 +231,15 @@ def ceval_options(config: pytest.Config) -> CevalOptions:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "task_subject" in metafunc.fixturenames:
+        return _generate_task_cases(metafunc)
     if "ceval_subject" not in metafunc.fixturenames:
         return
     config = metafunc.config
     opts = ceval_options(config)
+    if CEVAL_TASK not in opts.tasks:
+        metafunc.parametrize(("ceval_model", "ceval_subject"), [])  # --task without ceval: no C-Eval case
+        return
     try:
         subjects = available_subjects(opts.data_dir, opts.settings.split)
     except CevalDataError as exc:
@@ -184,6 +250,28 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     models = selected_models(config, [DEFAULT_MODEL])
     pairs = [(m, s) for m in models for s in subjects]
     metafunc.parametrize(("ceval_model", "ceval_subject"), pairs, ids=[f"{m}-{s}" for m, s in pairs])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The C-Eval case function without ``--task ceval``, or test_task without another task, has no cases: its
+    empty parametrization's placeholder (``[NOTSET]``) is no case either, and is left out."""
+    items[:] = [i for i in items if not (getattr(i, "originalname", None) in ("test_ceval", "test_task")
+                                         and i.name.endswith("[NOTSET]"))]
+
+
+def _generate_task_cases(metafunc: pytest.Metafunc) -> None:
+    """test_task[<task>-<model>-<subject>]: one case per task (other than C-Eval) x model x subject."""
+    opts = ceval_options(metafunc.config)
+    models = selected_models(metafunc.config, [DEFAULT_MODEL])
+    cases = []
+    for task, settings in opts.task_settings:
+        try:
+            subjects = TaskData(task, settings.data_dir).subjects(settings.split)
+        except CevalDataError as exc:
+            raise pytest.UsageError(f"--task {task}: {exc}") from None
+        cases += [(task, m, s) for m in models for s in subjects]
+    metafunc.parametrize(("task_name", "task_model", "task_subject"), cases,
+                         ids=[f"{t}-{m}-{s}" for t, m, s in cases])
 
 
 class CevalSuite:
@@ -198,32 +286,38 @@ class CevalSuite:
         self.device_label = opts.device_label
         self.max_drop = opts.max_drop
         self.baseline = opts.baseline
+        self.options = opts
         self.acc_test, self.alpha = opts.acc_test, opts.alpha
-        self._base_rows: dict[str, dict | None] = {}  # per model: the baseline's cache.csv rows (None: it has none)
-        self._runs: dict[str, CevalRun | Exception] = {}
-        self._baselines: dict[str, tuple[Path | None, dict[str, float], dict | None]] = {}
+        # per (task, model): the baseline's cache.csv rows (None: it has none)
+        self._base_rows: dict[tuple[str, str], dict | None] = {}
+        self._runs: dict[tuple[str, str], CevalRun | Exception] = {}
+        self._baselines: dict[tuple[str, str], tuple[Path | None, dict[str, float], dict | None]] = {}
 
-    def out_dir(self, model: str) -> Path:
-        return results_dir(self.results_root, model, self.device_label)
+    def out_dir(self, model: str, task: str = CEVAL_TASK) -> Path:
+        return results_dir(self.results_root, model, self.device_label, task)
 
-    def _run(self, model: str) -> CevalRun:
-        if model not in self._runs:
+    def _run(self, model: str, task: str = CEVAL_TASK) -> CevalRun:
+        key = (task, model)
+        if key not in self._runs:
             try:
-                self._runs[model] = CevalRun(self.backend_cache.get(model), self.settings, self.out_dir(model))
+                self._runs[key] = CevalRun(self.backend_cache.get(model), self.options.settings_for(task),
+                                           self.out_dir(model, task))
             except BackendUnsupported as exc:  # e.g. hf on an ALiBi model: every case says why
-                self._runs[model] = exc
+                self._runs[key] = exc
             except CacheError as exc:
-                self._runs[model] = exc
+                self._runs[key] = exc
                 raise
-        run = self._runs[model]
+        run = self._runs[key]
         if isinstance(run, Exception):  # refused once: every case of the model fails with the same reason
             pytest.fail(f"{type(run).__name__}: {run}", pytrace=False)
         return run
 
-    def run_case(self, model: str, subject: str, record) -> SubjectResult:
+    def run_case(self, model: str, subject: str, record, task: str = CEVAL_TASK) -> SubjectResult:
         record(P_MODEL, model)
         record(P_SUBJECT, subject)
-        run = self._run(model)
+        if task != CEVAL_TASK:
+            record(P_TASK, task)
+        run = self._run(model, task)
         # Before scoring: the controller merges this directory even if the case fails midway.
         record(P_DIR, str(run.out_dir))
         try:
@@ -239,27 +333,30 @@ class CevalSuite:
         if result.fit is not None:
             record(P_DROPPED, result.fit.dropped_shots)
             record(P_TRUNCATED, result.fit.truncated)
-        self.gate(model, result, record)
+        self.gate(model, result, record, task)
         return result
 
-    def _baseline_for(self, model: str) -> tuple[Path | None, dict[str, float], dict | None]:
+    def _baseline_for(self, model: str, task: str = CEVAL_TASK) -> tuple[Path | None, dict[str, float], dict | None]:
         """The baseline's subject_acc.json, its accuracies, and its cache_meta.json (None: none beside it)."""
-        if model not in self._baselines:
-            path = find_baseline(self.baseline, model, self.device_label)
+        if (task, model) not in self._baselines:
+            path = (find_baseline(self.baseline, model, self.device_label) if task == CEVAL_TASK
+                    else find_task_baseline(self.baseline, task, model, self.device_label))
             accs = read_subject_accuracy(path) if path else {}
             meta = read_baseline_meta(path) if path else None
-            self._baselines[model] = (path, accs, meta)
-        return self._baselines[model]
+            self._baselines[(task, model)] = (path, accs, meta)
+        return self._baselines[(task, model)]
 
-    def gate(self, model: str, result: SubjectResult, record) -> None:
+    def gate(self, model: str, result: SubjectResult, record, task: str = CEVAL_TASK) -> None:
         if not self.baseline:
             return
-        path, accs, meta = self._baseline_for(model)
+        path, accs, meta = self._baseline_for(model, task)
         differ = []
         if meta is not None:
-            run = self._runs[model]
+            run = self._runs[(task, model)]
             differ = settings_differences(meta, run.settings.cache_settings(run.backend).to_meta(),
                                           prompts_fitted=any_prompt_fitted([result.fit]))
+            if task_of(meta) != task:
+                differ.append(f"task {task_of(meta)!r} (baseline) vs {task!r} (this run)")
         where = path or f"{self.baseline} (no subject_acc.json for {model})"
         if differ:
             record(P_NOT_GATED, "settings differ")
@@ -269,7 +366,8 @@ class CevalSuite:
             return
         if result.accuracy is None:
             warnings.warn(CevalBaselineWarning(
-                f"{model}-{result.subject}: {self.settings.split} split has no accuracy; baseline gate not applied"))
+                f"{model}-{result.subject}: {self.options.settings_for(task).split} split has no accuracy; baseline "
+                "gate not applied"))
             return
         base = accs.get(result.subject)
         if base is None:
@@ -283,7 +381,7 @@ class CevalSuite:
             return
         why = ""
         if self.acc_test == "mcnemar":
-            rows = self._baseline_rows(model, path)
+            rows = self._baseline_rows(model, task, path)
             if rows is None:
                 warnings.warn(CevalBaselineWarning(
                     f"{model}-{result.subject}: --acc-test mcnemar: the baseline {where} has no cache.csv (its "
@@ -298,10 +396,10 @@ class CevalSuite:
                     f"{result.questions}) is {drop:.6g} below the baseline {base!r} from {where}; "
                     f"allowed drop {self.max_drop:g} (--max-acc-drop){why}", pytrace=False)
 
-    def _baseline_rows(self, model: str, path: Path | None) -> dict | None:
-        if model not in self._base_rows:
-            self._base_rows[model] = read_baseline_rows(path) if path else None
-        return self._base_rows[model]
+    def _baseline_rows(self, model: str, task: str, path: Path | None) -> dict | None:
+        if (task, model) not in self._base_rows:
+            self._base_rows[(task, model)] = read_baseline_rows(path) if path else None
+        return self._base_rows[(task, model)]
 
     def close(self) -> None:
         for run in self._runs.values():
@@ -346,18 +444,20 @@ class CevalSessionReport:
         if xdist_worker_id(self.config) is not None or not tp_dist.is_rank0():
             return  # the controller (xdist) or rank 0 (tensor parallel) merges once the others are done
         for out_dir in sorted({c[P_DIR] for c in self.cases}):
+            task = _task_of_dir(self.cases, out_dir)
             try:
                 fits = _prompt_fits([c for c in self.cases if c[P_DIR] == out_dir])
                 if fits:
-                    record_prompt_fit(out_dir, fits)
+                    record_prompt_fit(out_dir, fits, task)
                 paths = rebuild_report(out_dir)
                 rows = read_cache(out_dir)
-                agg = aggregate(rows) if all(r.answer is not None for r in rows) else None
+                spec = None if task == CEVAL_TASK else load_task(task)
+                agg = aggregate(rows, spec) if all(r.answer is not None for r in rows) else None
                 self.written.append((Path(out_dir), paths, agg))
             except (CacheError, ValueError, OSError) as exc:
                 self.written.append((Path(out_dir), [], exc))
                 continue
-            if self.baseline and agg is not None:
+            if self.baseline and agg is not None and task == CEVAL_TASK:  # categories: C-Eval's gate only
                 self._gate_categories(Path(out_dir))
         failed = any(isinstance(v, CategoryVerdict) and v.status == "failed"
                      for _, verdicts in self.category_gates.values() for v in verdicts)
@@ -413,10 +513,12 @@ class CevalSessionReport:
 
         tr = terminalreporter
         for out_dir, paths, agg in self.written:
-            tr.write_sep("-", f"npuinfer C-Eval: {out_dir.name}")
+            task = _task_of_dir(self.cases, str(out_dir))
+            rules = rules_for(task)
+            tr.write_sep("-", f"npuinfer {'C-Eval' if task == CEVAL_TASK else task}: {out_dir.name}")
             mine = sorted((c for c in self.cases if c[P_DIR] == str(out_dir)),
-                          key=lambda c: official_order(c[P_SUBJECT]))
-            rows = [(c[P_SUBJECT], get_subject(c[P_SUBJECT]).category, _fmt(c.get(P_N)), _fmt(c.get(P_CORRECT)),
+                          key=lambda c: rules.order(c[P_SUBJECT]))
+            rows = [(c[P_SUBJECT], rules.spec.subject(c[P_SUBJECT]).category, _fmt(c.get(P_N)), _fmt(c.get(P_CORRECT)),
                      _fmt(c.get(P_ACC)), "not gated" if c.get(P_NOT_GATED) else _fmt(c.get(P_BASE)),
                      _fmt(c.get(P_NEW)), _fmt(c.get(P_SHOTS)), _fmt(c.get(P_DROPPED)), _fmt(c.get(P_TRUNCATED)),
                      c["outcome"]) for c in mine]
@@ -453,6 +555,10 @@ class CevalSessionReport:
                 tr.write_line(f"WARNING: {line.message}", yellow=True, bold=True)
             else:
                 tr.write_line(line.message, green=True)
+
+
+def _task_of_dir(cases: list[dict], out_dir: str) -> str:
+    return next((c.get(P_TASK, CEVAL_TASK) for c in cases if c[P_DIR] == out_dir), CEVAL_TASK)
 
 
 def _prompt_fits(cases: list[dict]) -> dict[str, PromptFit]:

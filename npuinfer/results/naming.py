@@ -1,6 +1,7 @@
 """Result file names, made and read in one place: ``<kind>_<model>_<device>[.csv]``.
 
-Kinds: ``performance``, ``calibration``, ``max_batch`` (CSV files) and ``ceval`` (a directory). The device
+Kinds: ``performance``, ``calibration``, ``max_batch`` (CSV files), ``ceval`` and the other accuracy tasks
+directories (``cmmlu``, ``mmlu``, ``gsm8k``, ``gsm8k_cot``: npuinfer/tasks). The device
 label never holds an underscore (``cpu``, ``npu0``, ``cuda1``), so the model is everything before the last one.
 """
 from __future__ import annotations
@@ -11,9 +12,12 @@ from pathlib import Path
 
 PERFORMANCE, CALIBRATION, MAX_BATCH, CEVAL = "performance", "calibration", "max_batch", "ceval"
 CSV_KINDS = (PERFORMANCE, CALIBRATION, MAX_BATCH)
-KINDS = (*CSV_KINDS, CEVAL)
+TASK_KINDS = ("cmmlu", "mmlu", "gsm8k_cot", "gsm8k")  # accuracy tasks beside C-Eval, one directory a run
+KINDS = (*CSV_KINDS, CEVAL, *TASK_KINDS)
 
-_NAME_RE = re.compile(r"^(?P<kind>performance|calibration|max_batch|ceval)_(?P<rest>.+?)(?P<csv>\.csv)?$")
+# Longest kinds first: gsm8k_cot_<model> is of gsm8k_cot, not gsm8k's model cot_<model>.
+_NAME_RE = re.compile(r"^(?P<kind>" + "|".join(sorted(KINDS, key=len, reverse=True))
+                      + r")_(?P<rest>.+?)(?P<csv>\.csv)?$")
 _MODEL_DEVICE_RE = re.compile(r"^(?P<model>.+)_(?P<device>[^_]+)$")
 
 
