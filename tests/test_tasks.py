@@ -209,7 +209,7 @@ def test_any_generated_text_round_trips_through_the_cache(tmp_path):
 
     settings = CacheSettings("m", "c", "lmeval", 8, "fp32", "test", extra={"task": "gsm8k_cot"})
     texts = ["a\rb\r\nc\n", 'say "7"\x00,', "", "以下 #### 5"]
-    rows = [ScoredRow("gsm8k_cot", str(i), "5", "5", True, t) for i, t in enumerate(texts)]
+    rows = [ScoredRow("gsm8k_cot", str(i), "5", "5", True, generated=t) for i, t in enumerate(texts)]
     with QuestionCache(tmp_path, settings) as cache:
         for row in rows:
             cache.add(row)

@@ -66,7 +66,8 @@ from ..results.table import append_jsonl
 from ..roofline import PeaksFileError, roofline_figures, session_peaks
 from ..timing import BenchCase, measure_case, plain_repeat
 from .bench_options import bench_options
-from .common import DEFAULT_TINY_MODELS, run_config, selected_models, served_backend, xdist_worker_id
+from .common import DEFAULT_TINY_MODELS, SERVED_BACKENDS, run_config, selected_models, served_backend, \
+    xdist_worker_id
 from .noise import make_guard, record_verdict
 
 STATS_ENV = "NPUINFER_BENCH_STATS"  # a path: the session's time accounting is written there as JSON
@@ -626,8 +627,9 @@ def _gate_summary(tr, config: pytest.Config) -> None:
             retried.append(message)
         if slowdown is not None and (worst is None or slowdown > worst[0]):
             worst = (slowdown, where)
+    timing = "raw timing (a served deployment)" if opts.backend in SERVED_BACKENDS else f"{opts.gate_timing} timing"
     tr.write_sep("-", f"npuinfer performance gate: --baseline {baseline}, --max-regression "
-                      f"{100 * opts.max_regression:g}%, {opts.gate_timing} timing, --gate-retries {opts.gate_retries}")
+                      f"{100 * opts.max_regression:g}%, {timing}, --gate-retries {opts.gate_retries}")
     tr.write_line(f"{len(by_status['passed'])} case(s) within the limit, {len(by_status['failed'])} regressed, "
                   f"{len(by_status['skipped'])} NOT GATED (no comparable baseline row, or not measured)"
                   + (f"; {len(retried)} within the limit only when re-measured" if retried else ""))
