@@ -66,7 +66,7 @@ from ..results.table import append_jsonl
 from ..roofline import PeaksFileError, roofline_figures, session_peaks
 from ..timing import BenchCase, measure_case, plain_repeat
 from .bench_options import bench_options
-from .common import DEFAULT_TINY_MODELS, SERVED_BACKENDS, run_config, selected_models, served_backend, \
+from .common import DEFAULT_TINY_MODELS, SERVED_BACKENDS, run_config, selected_models, \
     xdist_worker_id
 from .noise import make_guard, record_verdict
 
