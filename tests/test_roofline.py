@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from npuinfer.results.performance import SERVING_COLUMNS
 import torch
 
 from npuinfer.device import get_device
@@ -145,7 +147,8 @@ def test_bench_rows_carry_the_roofline_columns_and_markdown_shows_mbu(tmp_path, 
     assert header[:8] == ["batch_size", "input_seq_len(Encoding)", "output_seq_len(Decoding)", "ResponseTime(s)",
                           "forward_first_token_time(ms)", "forward_next_token_time(ms)", "pre_next_token_time(ms)",
                           "post_next_token_time_post(ms)"]
-    assert header[-15:-14] == ["weights"] and header[-1] == "spec_source"
+    at = header.index("weights")  # then the roofline's columns, then a served deployment's (empty here)
+    assert header[at + 14] == "spec_source" and header[at + 15:] == SERVING_COLUMNS
     row = rows[0]
     args = registry_args(MODELS["qwen-tiny"])
     assert int(row["weight_bytes_per_step"]) == weight_bytes_per_step(args, 2, 4)
