@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from accuracy_runs import assert_same_rows
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -32,7 +34,9 @@ def test_accuracy_tp2_equals_tp1(tmp_path):
     two = (tmp_path / "tp2" / "ceval_internlm-tiny_cpu")
     rows = _rows(two / "cache.csv")
     assert len(rows) == len({(r["subject"], r["question_id"]) for r in rows}) == 6  # rank 0 alone wrote them
-    assert (two / "cache.csv").read_text() == (one / "cache.csv").read_text()
+    # every column byte for byte; the log-likelihoods within 1e-4 (tp sums the halves' partial products in
+    # another order: the last bits differ)
+    assert_same_rows(two / "cache.csv", one / "cache.csv")
     assert (two / "classes_acc.json").read_text() == (one / "classes_acc.json").read_text()
 
 

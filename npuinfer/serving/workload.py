@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,9 @@ from ..tokenizer import Tokenizer
 from .stream import Prompt
 
 STABLE_POOL = 4096  # token ids that decode and re-encode to themselves, drawn once per tokenizer
-FIT_TRIES = 20
+MIN_WORDS = 32  # " word" tokens enough for random prompts; fewer: any stable token joins the pool
+WORD = re.compile(r" [A-Za-z]+")
+FIT_TRIES = 50
 
 
 class WorkloadError(ValueError):
@@ -70,19 +73,24 @@ class PromptMaker:
         self.pool = self._stable_ids()
 
     def _stable_ids(self) -> list[int]:
+        """Token ids that decode and encode back to themselves. Where the tokenizer has enough of them, only
+        words after a space (" word"): a pre-tokenizer splits text at such words, so a run of them encodes back
+        to the same ids whatever their neighbours (byte-level BPE, tiktoken, most sentencepiece models)."""
         tok = self.tokenizer
         specials = {tok.bos_id, tok.eos_id, tok.pad_id}
         picker = random.Random(0)  # the pool depends on the tokenizer only
-        pool: list[int] = []
-        for _ in range(STABLE_POOL * 4):
-            i = picker.randrange(tok.vocab_size)
+        words: list[int] = []
+        others: list[int] = []
+        for i in picker.sample(range(tok.vocab_size), min(tok.vocab_size, STABLE_POOL * 8)):
             if i in specials:
                 continue
             text = tok.decode([i])
-            if text.strip() and tok.encode(text, add_bos=False) == [i]:
-                pool.append(i)
-                if len(pool) >= STABLE_POOL:
-                    break
+            if not text.strip() or tok.encode(text, add_bos=False) != [i]:
+                continue
+            (words if WORD.fullmatch(text) else others).append(i)
+            if len(words) >= STABLE_POOL:
+                break
+        pool = words if len(words) >= MIN_WORDS else words + others
         if not pool:
             raise WorkloadError(f"{tok!r}: found no token that decodes and encodes back to itself")
         return pool
