@@ -170,10 +170,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # --------------------------------------------------------------------------------------------- the session
 
 
-class ServerGone(RuntimeError):
-    pass
-
-
 def _local_server_pids(base_url: str) -> list[int]:
     """The processes listening on the endpoint's port where the server runs on this machine: their cpu time is the
     measurement's own, not noise (the server's workers are their children)."""

@@ -64,13 +64,18 @@ def new_salt() -> str:
     return secrets.token_hex(4)
 
 
+_POOLS: dict[int, tuple[Tokenizer, list[int]]] = {}  # id(tokenizer) -> (the tokenizer, kept alive; its pool)
+
+
 class PromptMaker:
     """Exact-length prompt text under one tokenizer, from a seeded generator."""
 
     def __init__(self, tokenizer: Tokenizer, seed: int, salt: str):
         self.tokenizer = tokenizer
         self.rng = random.Random(f"{seed}:{salt}")
-        self.pool = self._stable_ids()
+        if id(tokenizer) not in _POOLS:  # every case (and its warm-up) asks again: the pool is drawn once
+            _POOLS[id(tokenizer)] = (tokenizer, self._stable_ids())
+        self.pool = _POOLS[id(tokenizer)][1]
 
     def _stable_ids(self) -> list[int]:
         """Token ids that decode and encode back to themselves. Where the tokenizer has enough of them, only
