@@ -120,6 +120,11 @@ def main() -> int:
     parser.add_argument("--concurrent", type=int, default=4, help="requests in flight, both tools (default 4)")
     parser.add_argument("--batch", type=int, default=8, help="prompts per request, both tools (default 8)")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs of each tool, ABBA order (default 2)")
+    parser.add_argument("--logprob-requests", default="per-context", choices=("per-context", "per-choice"),
+                        help="npuinfer's --logprob-requests (default per-context; per-choice: lm-eval's requests)")
+    parser.add_argument("--prefix-caching", action="store_true",
+                        help="serve with vLLM's prefix cache on (its default), emptied before every timed run "
+                             "(/reset_prefix_cache) so no run reads another's prompts (default: cache off)")
     parser.add_argument("--keep", default=None, metavar="DIR", help="work in DIR and keep it (default: a temp dir)")
     args = parser.parse_args()
     if not args.lmeval_python:
@@ -137,14 +142,19 @@ def main() -> int:
             questions += sum(1 for _ in csv.DictReader(fh))
     model = write_served_checkpoint(work / "neox-64")
     tasks = lmeval_tasks(data, subjects, work / "lmeval_tasks")
-    server = VllmServer(model, SERVED, work / "server.log", extra_args=("--no-enable-prefix-caching",))
+    if args.prefix_caching:
+        os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # for POST /reset_prefix_cache
+    server = VllmServer(model, SERVED, work / "server.log",
+                        extra_args=() if args.prefix_caching else ("--no-enable-prefix-caching",))
     try:
         server.wait_healthy()
-        print(f"{questions} questions, {len(subjects)} subjects, {args.shots}-shot; vLLM at {server.base_url}; "
-              f"{args.concurrent} requests in flight, {args.batch} prompts per request", flush=True)
+        print(f"{questions} questions, {len(subjects)} subjects, {args.shots}-shot; vLLM at {server.base_url}, prefix "
+              f"cache {'on, emptied before each run' if args.prefix_caching else 'off'}; {args.concurrent} requests "
+              f"in flight, {args.batch} prompts per request; npuinfer --logprob-requests {args.logprob_requests}",
+              flush=True)
         served = ("--backend", "openai", "--base-url", server.base_url, "--served-model", SERVED, "--tokenizer",
                   str(model), "--num-concurrent", str(args.concurrent), "--ceval-batch-size", str(args.batch),
-                  "--shot", str(args.shots))
+                  "--shot", str(args.shots), "--logprob-requests", args.logprob_requests)
         lmeval = [args.lmeval_python, "-m", "lm_eval", "--model", "local-completions", "--model_args",
                   f"model={SERVED},base_url={server.base_url}/completions,tokenizer={model},"
                   f"tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent={args.concurrent},"
@@ -157,6 +167,9 @@ def main() -> int:
         runs = [tool for pair in order for tool in pair][:2 * args.repeat]
         for i, tool in enumerate(runs):
             out = work / f"{tool}-{i}"
+            if args.prefix_caching:
+                import httpx
+                httpx.post(server.base_url.rsplit("/v1", 1)[0] + "/reset_prefix_cache", timeout=60).raise_for_status()
             if tool == "npuinfer":
                 took = timed(npuinfer_cmd(out, data, *served), work / f"{tool}-{i}.log")
             else:

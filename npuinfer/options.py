@@ -76,6 +76,8 @@ def memory_limit(text: str) -> int:
 
 MODELS_DEST = "npuinfer_models"  # pytest: --model may repeat (a list)
 MODEL_DEST = "npuinfer_model"  # CLI: one --model
+# --backend openai: how choices are scored: one request per shared context (default), or one per choice (lm-eval)
+LOGPROB_REQUESTS = ("per-context", "per-choice")
 
 
 def add_model_options(addoption: AddOption, *, several: bool = False, model_help: str | None = None,
@@ -154,6 +156,13 @@ def add_endpoint_options(addoption: AddOption) -> None:
     addoption("--max-length", type=positive_int, default=None, dest="npuinfer_max_length", metavar="N",
               help="--backend openai: lm-eval's max_length, the most tokens a request holds: a longer prompt loses "
                    "its first tokens (default 2048, lm-eval's, or the server's max_model_len when smaller)")
+    addoption("--logprob-requests", choices=LOGPROB_REQUESTS, default=LOGPROB_REQUESTS[0],
+              dest="npuinfer_logprob_requests",
+              help="--backend openai, log-likelihood scoring: per-context (default) asks once per question for the "
+                   "log-probs of every one-token choice at the next position (vLLM's logprob_token_ids; the prompt "
+                   "may come from the server's prefix cache), falling back to per-choice where a choice is longer or "
+                   "the server does not answer so; per-choice sends each choice with echo + logprobs, request for "
+                   "request as lm-eval's local-completions")
     addoption("--chat", action="store_true", default=False, dest="npuinfer_chat",
               help="--backend openai with --scoring generate: ask /v1/chat/completions (the prompt as one user "
                    "message) instead of /v1/completions")
@@ -195,6 +204,7 @@ class RunConfig:
     num_concurrent: int = 1
     max_length: int | None = None  # --backend openai: lm-eval's max_length (None: 2048 or the server's, less)
     chat: bool = False  # --backend openai, --scoring generate: /v1/chat/completions
+    logprob_requests: str = "per-context"  # --backend openai: one request per context, or lm-eval's per choice
 
     @classmethod
     def from_options(cls, get: Callable[[str], Any], model: str | None = None) -> "RunConfig":

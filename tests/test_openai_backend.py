@@ -75,9 +75,10 @@ def test_served_ceval_predicts_what_npuinfer_predicts_in_process(clean_run, serv
 
 class FlakyProxy:
     """A proxy in front of the real server that answers 503 to the first ``failures`` POSTs, then forwards
-    everything: a burst of 5xx a real vLLM does not produce on demand."""
+    everything, each POST's JSON body through ``rewrite`` where given: a burst of 5xx, or a server that ignores
+    a field, which a real vLLM does not produce on demand."""
 
-    def __init__(self, upstream: str, failures: int):
+    def __init__(self, upstream: str, failures: int, rewrite=None):
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -97,6 +98,8 @@ class FlakyProxy:
                 if refuse:
                     self._send(503, b'{"error": "overloaded"}')
                     return
+                if method == "POST" and rewrite is not None:
+                    body = json.dumps(rewrite(json.loads(body))).encode()
                 reply = httpx.request(method, upstream.rstrip("/") + self.path, content=body, timeout=120,
                                       headers={"Content-Type": "application/json"})
                 self._send(reply.status_code, reply.content)
@@ -236,6 +239,69 @@ def test_loglikelihoods_through_the_server_equal_npuinfer_in_process(server, che
     want = dict(NpuinferBackend(loaded).loglikelihood(requests))
     assert sorted(got) == list(range(5))
     assert max(abs(got[i].logprob - want[i].logprob) for i in got) < 1e-3
+
+
+def choice_requests(n: int) -> list[LoglikelihoodRequest]:
+    """C-Eval's shape: questions of different lengths, each with four one-token choices, and a two-token choice."""
+    out = []
+    for q in range(n):
+        context = tuple(range(40 + q, 90 + 3 * q))
+        out += [LoglikelihoodRequest(context, (300 + c,)) for c in range(4)]
+    out.append(LoglikelihoodRequest(tuple(range(10, 60)), (7, 8)))
+    return out
+
+
+def test_per_context_requests_score_what_per_choice_requests_score(server, checkpoint):
+    """One request per question (logprob_token_ids at the next position) gives lm-eval's per-choice echo numbers
+    within float rounding, the same greedy flags, in a quarter of the prompts; a longer choice goes per choice."""
+    from npuinfer.backends.base import WorkCounters
+    from npuinfer.tokenizer import load_tokenizer
+    from npuinfer.families import family_of_config
+    from npuinfer.hf_config import read_config
+
+    tokenizer = load_tokenizer(checkpoint, family_of_config(read_config(checkpoint), "config.json"))
+    requests = choice_requests(6)
+    runs = {}
+    for mode in ("per-context", "per-choice"):
+        backend = OpenAIBackend(Endpoint(server.base_url, SERVED, concurrent=2), tokenizer, str(checkpoint), 2048,
+                                logprob_requests=mode)
+        counters = WorkCounters()
+        runs[mode] = (dict(backend.loglikelihood(requests, batch_size=4, counters=counters)), counters)
+        assert backend.per_context == (mode == "per-context")
+    (fast, fast_work), (each, each_work) = runs["per-context"], runs["per-choice"]
+    assert sorted(fast) == sorted(each) == list(range(len(requests)))
+    assert max(abs(fast[i].logprob - each[i].logprob) for i in each) < 1e-4
+    assert [fast[i].is_greedy for i in each] == [each[i].is_greedy for i in each]
+    # 6 contexts in 2 requests + the two-token choice in 1, against 25 prompts in 7 requests
+    assert (fast_work.forwards, each_work.forwards) == (3, 7)
+    assert fast_work.prompt_tokens < each_work.prompt_tokens / 3
+
+
+def test_a_server_ignoring_logprob_token_ids_is_asked_per_choice(server, checkpoint):
+    """A server that drops the field (answers only the greedy token's log-prob): one warning, then per choice,
+    the same numbers as asked per choice from the start."""
+    from npuinfer.backends.openai import PerChoiceFallback
+    from npuinfer.tokenizer import load_tokenizer
+    from npuinfer.families import family_of_config
+    from npuinfer.hf_config import read_config
+
+    def drop(body: dict) -> dict:
+        body.pop("logprob_token_ids", None)
+        return body
+
+    tokenizer = load_tokenizer(checkpoint, family_of_config(read_config(checkpoint), "config.json"))
+    requests = choice_requests(3)
+    proxy = FlakyProxy(server.base_url.rsplit("/v1", 1)[0], failures=0, rewrite=drop)
+    try:
+        backend = OpenAIBackend(Endpoint(proxy.base_url + "/v1", SERVED), tokenizer, str(checkpoint), 2048)
+        with pytest.warns(PerChoiceFallback, match="did not hold the asked tokens' log-probs"):
+            got = dict(backend.loglikelihood(requests, batch_size=2))
+    finally:
+        proxy.close()
+    assert not backend.per_context
+    want = dict(OpenAIBackend(Endpoint(server.base_url, SERVED), tokenizer, str(checkpoint), 2048,
+                              logprob_requests="per-choice").loglikelihood(requests, batch_size=2))
+    assert got == want
 
 
 def test_a_model_the_server_does_not_serve_is_named_with_the_served_ones(server, checkpoint, data, tmp_path):

@@ -1,13 +1,25 @@
 """``--backend openai``: a served deployment (MindIE Service, vllm-ascend, vLLM, any OpenAI-compatible server).
 
-Scoring is lm-evaluation-harness's ``local-completions``, request for request: prompts go as token ids (made
-with the served model's tokenizer, ``--tokenizer DIR``) to ``/v1/completions`` with ``echo``, ``logprobs`` 1,
-``max_tokens`` 1 and temperature 0; a request's input is ``(context + continuation)[-(L - 1):]`` for
-``--max-length`` L (lm-eval keeps one position for the generated token), and its log-likelihood the sum of the
-echoed ``token_logprobs`` over the continuation; ``is_greedy`` compares each with the best of its
-``top_logprobs``. Several prompts go in one request (``--ceval-batch-size``) and ``--num-concurrent``
-requests are in flight; a 5xx answer or a time-out (``--request-timeout``) is retried with backoff.
-``--max-length`` defaults to lm-eval's 2048 (or the server's ``max_model_len`` when smaller).
+Log-likelihood scoring, prompts sent as token ids made with the served model's tokenizer (``--tokenizer DIR``),
+``--logprob-requests``:
+
+- ``per-choice`` is lm-evaluation-harness's ``local-completions``, request for request: each choice's prompt to
+  ``/v1/completions`` with ``echo``, ``logprobs`` 1, ``max_tokens`` 1 and temperature 0; a request's input is
+  ``(context + continuation)[-(L - 1):]`` for ``--max-length`` L (lm-eval keeps one position for the generated
+  token), its log-likelihood the sum of the echoed ``token_logprobs`` over the continuation, ``is_greedy`` each
+  token against the best of its ``top_logprobs``. The server computes every prompt position's log-probs and, for
+  that, reads nothing from its prefix cache (vLLM skips it for prompt log-probs).
+- ``per-context`` (default): where every choice is one token (C-Eval's " A".." D"), one prompt per question, the
+  same context lm-eval's truncation leaves, with ``max_tokens`` 1 and vLLM's ``logprob_token_ids``: the server
+  returns the raw log-probs of exactly those tokens at the next position, the greedy token beside them. The same
+  numbers up to float rounding (the last position's logits computed in a shorter, possibly prefix-cached, pass),
+  a quarter of the prompts, and a few-shot prefix shared by a subject's questions served from the prefix cache.
+  A longer choice is asked per choice; a server that does not answer so (``PerChoiceFallback`` warns) is asked per
+  choice from then on.
+
+Several prompts go in one request (``--ceval-batch-size``) and ``--num-concurrent`` requests are in flight; a 5xx
+answer or a time-out (``--request-timeout``) is retried with backoff. ``--max-length`` defaults to lm-eval's 2048
+(or the server's ``max_model_len`` when smaller).
 
 ``--scoring generate`` asks ``/v1/completions`` greedily for the answer letter (the Ascend tool's way), or with
 ``--chat`` ``/v1/chat/completions``: the prompt decoded to text as one user message, under the server's chat
@@ -21,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +50,10 @@ from .base import BackendUnsupported, GenerateRequest, Generation, Identity, Log
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's for API models
 RETRIES = 4  # after the first try: 5xx answers and time-outs
 BACKOFF_S = 0.5  # doubled each retry
+
+
+class PerChoiceFallback(UserWarning):
+    """The server could not score per context (--logprob-requests per-context): the run asks per choice instead."""
 
 
 class EndpointError(RuntimeError):
@@ -81,8 +98,9 @@ class OpenAIBackend:
     weights = "served"
 
     def __init__(self, endpoint: Endpoint, tokenizer: Tokenizer, tokenizer_dir: str, max_length: int | None = None,
-                 chat: bool = False):
+                 chat: bool = False, logprob_requests: str = "per-context"):
         self.endpoint = endpoint
+        self.per_context = logprob_requests == "per-context"  # False after a server that cannot answer so
         self.chat = chat  # generate_until asks /v1/chat/completions, the prompt as one user message
         self.tokenizer = tokenizer
         self.tokenizer_dir = tokenizer_dir
@@ -98,7 +116,8 @@ class OpenAIBackend:
                         weights=self.weights, dtype="server", max_length=self.max_seq_len,
                         tokenizer=self.tokenizer_dir,
                         provenance={"endpoint": self.endpoint.label, "server_version": self.server_version or "",
-                                    "tokenizer": self.tokenizer_dir})
+                                    "tokenizer": self.tokenizer_dir,
+                                    "logprob_requests": "per-context" if self.per_context else "per-choice"})
 
     def unsupported(self, suite: str) -> str | None:
         return None  # bench/ measures a served deployment by its own cases (npuinfer.pytest_plugin.serving)
@@ -179,7 +198,74 @@ class OpenAIBackend:
         limit = min(self.max_seq_len, max_length or self.max_seq_len)
         counters = counters if counters is not None else WorkCounters()
         fitted = [api_fit(r.context, r.continuation, limit) for r in requests]
-        batches = [list(range(b, min(b + batch_size, len(requests)))) for b in range(0, len(requests), batch_size)]
+        per_choice = list(range(len(requests)))
+        if self.per_context:
+            contexts, per_choice = one_token_contexts(requests, fitted)
+            unanswered: list[int] = []
+            for i, result in self._score_contexts(contexts, requests, batch_size, counters, unanswered):
+                yield i, result
+            per_choice = sorted(per_choice + unanswered)
+        yield from self._score_echoed(per_choice, requests, fitted, batch_size, counters)
+
+    def _score_contexts(self, contexts: dict[tuple[int, ...], list[int]], requests: Sequence[LoglikelihoodRequest],
+                        batch_size: int, counters: WorkCounters, unanswered: list[int]
+                        ) -> Iterator[tuple[int, Loglikelihood]]:
+        """One prompt per context: the log-probs of its continuations' tokens at the next position, from vLLM's
+        ``logprob_token_ids`` (raw log-probs, before any sampling setting); ``is_greedy`` is whether the greedy
+        token is the continuation's. A server that does not answer so leaves its requests in ``unanswered`` and
+        this backend asks per choice from then on."""
+        groups = list(contexts.items())
+        batches = [groups[b:b + batch_size] for b in range(0, len(groups), batch_size)]
+        wave = max(1, self.endpoint.concurrent)
+        for w in range(0, len(batches), wave):
+            if not self.per_context:
+                unanswered.extend(i for batch in batches[w:] for _, members in batch for i in members)
+                return
+            part = batches[w:w + wave]
+            payloads = []
+            for batch in part:
+                wanted = sorted({requests[i].continuation[0] for _, members in batch for i in members})
+                payloads.append({"model": self.endpoint.served_model, "prompt": [list(ctx) for ctx, _ in batch],
+                                 "max_tokens": 1, "logprobs": 1, "logprob_token_ids": wanted,
+                                 "return_tokens_as_token_ids": True, "temperature": 0, "seed": 1234})
+            try:
+                answers = self._run(payloads)
+            except EndpointError as exc:
+                if not _refused_field(str(exc)):
+                    raise _without_logprobs(exc) from None
+                self._stop_per_context(f"it refused logprob_token_ids ({str(exc)[:300]})")
+                unanswered.extend(i for batch in batches[w:] for _, members in batch for i in members)
+                return
+            for batch, answer in zip(part, answers):
+                choices = sorted(answer["choices"], key=lambda c: c["index"])
+                if len(choices) != len(batch):
+                    raise EndpointError(f"{self.endpoint.label}: {len(choices)} choices for {len(batch)} prompts")
+                counters.forwards += 1
+                for (ctx, members), choice in zip(batch, choices):
+                    got = _next_token_logprobs(choice)
+                    if got is None or any(requests[i].continuation[0] not in got[0] for i in members):
+                        self._stop_per_context("its answer did not hold the asked tokens' log-probs "
+                                               "(logprob_token_ids with return_tokens_as_token_ids)")
+                        unanswered.extend(members)
+                        continue
+                    logprobs, greedy_token = got
+                    counters.prompt_tokens += len(ctx)
+                    counters.padded_tokens += len(ctx)
+                    for i in members:
+                        token = requests[i].continuation[0]
+                        yield i, Loglikelihood(logprobs[token], token == greedy_token)
+
+    def _stop_per_context(self, why: str) -> None:
+        if self.per_context:
+            self.per_context = False
+            warnings.warn(PerChoiceFallback(f"{self.endpoint.label}: scoring per choice (echo + logprobs) from now "
+                                            f"on, not per context: {why}"), stacklevel=2)
+
+    def _score_echoed(self, indices: Sequence[int], requests: Sequence[LoglikelihoodRequest],
+                      fitted: Sequence[tuple[list[int], int]], batch_size: int, counters: WorkCounters
+                      ) -> Iterator[tuple[int, Loglikelihood]]:
+        """lm-eval's local-completions, request for request: each choice's whole prompt with echo + logprobs."""
+        batches = [list(indices[b:b + batch_size]) for b in range(0, len(indices), batch_size)]
         wave = max(1, self.endpoint.concurrent)
         for w in range(0, len(batches), wave):  # results leave as each wave of requests finishes
             part = batches[w:w + wave]
@@ -189,10 +275,7 @@ class OpenAIBackend:
             try:
                 answers = self._run(payloads)
             except EndpointError as exc:
-                if "echo" in str(exc) or "logprobs" in str(exc) or "prompt_logprobs" in str(exc):
-                    raise EndpointError(f"{exc}\nthis server does not return prompt log-probabilities (echo + "
-                                        "logprobs); score by generation instead: --scoring generate") from None
-                raise
+                raise _without_logprobs(exc) from None
             for batch, answer in zip(part, answers):
                 choices = sorted(answer["choices"], key=lambda c: c["index"])
                 if len(choices) != len(batch):
@@ -236,6 +319,54 @@ class OpenAIBackend:
                 yield i, Generation(text)
 
 
+def one_token_contexts(requests: Sequence[LoglikelihoodRequest], fitted: Sequence[tuple[list[int], int]]
+                       ) -> tuple[dict[tuple[int, ...], list[int]], list[int]]:
+    """The requests scored by one prompt per context: those whose continuation is one token, grouped by the
+    context lm-eval's truncation leaves them (the fitted prompt less its last token); and the others."""
+    contexts: dict[tuple[int, ...], list[int]] = {}
+    rest = []
+    for i, (request, (prompt, _)) in enumerate(zip(requests, fitted)):
+        if len(request.continuation) == 1 and len(prompt) > 1:
+            contexts.setdefault(tuple(prompt[:-1]), []).append(i)
+        else:
+            rest.append(i)
+    return contexts, rest
+
+
+def _without_logprobs(exc: EndpointError) -> EndpointError:
+    """A refusal of log-probs (echo, logprobs) says what to do instead; another error is left as it is."""
+    if "echo" in str(exc) or "logprobs" in str(exc):
+        return EndpointError(f"{exc}\nthis server does not return prompt log-probabilities (echo + logprobs); score "
+                             "by generation instead: --scoring generate")
+    return exc
+
+
+def _refused_field(error: str) -> bool:
+    """Whether a server's 4xx answer refuses the per-context request's fields (a server that forbids unknown ones)."""
+    return any(word in error for word in ("logprob_token_ids", "return_tokens_as_token_ids", "extra_forbidden",
+                                          "Extra inputs"))
+
+
+def _next_token_logprobs(choice: dict) -> tuple[dict[int, float], int] | None:
+    """The log-probs at the generated position by token id, and the greedy token; None where the answer holds
+    no ``token_id:N`` keys (a server without return_tokens_as_token_ids)."""
+    logprobs = choice.get("logprobs") or {}
+    tokens, tops = logprobs.get("tokens") or [], logprobs.get("top_logprobs") or []
+    if not tokens or not tops or not isinstance(tops[0], dict):
+        return None
+    try:
+        got = {_token_id(key): float(value) for key, value in tops[0].items()}
+        return got, _token_id(tokens[0])
+    except ValueError:
+        return None
+
+
+def _token_id(key: str) -> int:
+    if not key.startswith("token_id:"):
+        raise ValueError(key)
+    return int(key[len("token_id:"):])
+
+
 def _continuation_logprob(choice: dict, ctxlen: int, n: int, where: str) -> Loglikelihood:
     logprobs = choice.get("logprobs") or {}
     token_lps = logprobs.get("token_logprobs")
@@ -263,7 +394,7 @@ def make_openai_backend(source) -> OpenAIBackend:
     endpoint = Endpoint(config.base_url, config.served_model, key, config.request_timeout, config.num_concurrent)
     tok_dir = Path(config.tokenizer)  # the served model's directory: its config.json says which tokenizer files
     tokenizer = load_tokenizer(tok_dir, family_of_config(read_config(tok_dir), str(tok_dir / "config.json")))
-    return OpenAIBackend(endpoint, tokenizer, str(tok_dir), config.max_length, config.chat)
+    return OpenAIBackend(endpoint, tokenizer, str(tok_dir), config.max_length, config.chat, config.logprob_requests)
 
 
 def wait_until_healthy(base_url: str, timeout_s: float) -> bool:
