@@ -4,7 +4,7 @@ and prompts per request; and npuinfer in-process on the same checkpoint. Figures
 docs/MEASUREMENTS.md#c-eval-through-a-served-deployment-npuinfer-vs-lm-eval
 
     python comparisons/ceval_served_vs_lmeval.py --lmeval-python VENV/bin/python [--per-subject N] [--subjects 52]
-        [--shots 5] [--concurrent 4] [--batch 8] [--repeat 2]
+        [--shots 5] [--concurrent 4] [--batch 8] [--repeat 2] [--prefix-caching] [--logprob-requests per-choice]
 
 VENV: a virtual environment with ``lm-eval[api]==0.4.13`` (never a dependency of npuinfer). The data is a
 synthetic C-Eval val split in the official layout, at the official per-subject counts (1346 questions) unless
@@ -12,7 +12,9 @@ synthetic C-Eval val split in the official layout, at the official per-subject c
 "007" into something else) through one task per subject with lm-eval's own ceval-valid prompt (description,
 ``question.strip()``, choices, 答案：, five first dev rows as shots). The served model: a GPT-NeoX saved by
 transformers with gpt-neox-tiny's tokenizer (as tests/test_openai_backend.py serves), prefix caching off so every
-run sees the same server.
+run sees the same server, or with ``--prefix-caching`` on (vLLM's default) and emptied before every timed run.
+npuinfer asks with ``--logprob-requests per-context`` (one request per question) unless told ``per-choice``
+(lm-eval's requests).
 
 Each timed run is a whole process (start, tokenizer, requests, results written), npuinfer and lm-eval in ABBA order.
 Printed: questions, identical predictions (npuinfer served vs lm-eval, served vs in-process), log-likelihood
