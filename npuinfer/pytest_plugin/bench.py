@@ -49,15 +49,7 @@ from ..results.performance import (
 )
 from ..atomic import write_atomic
 from ..generate import NonFiniteLogits
-from ..gates.performance import (
-    GATE_ATTEMPTS,
-    GATE_RETRIES,
-    BaselineError,
-    GateOutcome,
-    PerformanceBaseline,
-    gate_case,
-    persistent_regressions,
-)
+from ..gates.performance import GATE_ATTEMPTS, GateOutcome
 from ..calibration_workload import INTERLEAVED_STEPS, Calibrator
 from ..results.calibration import CALIBRATION, CALIBRATION_FIGURES, CALIBRATION_MIN, calibration_path, \
     calibration_row, \
@@ -69,6 +61,7 @@ from .bench_options import bench_options
 from .common import DEFAULT_TINY_MODELS, SERVED_BACKENDS, run_config, selected_models, \
     xdist_worker_id
 from .noise import make_guard, record_verdict
+from .perf_gate import PerformanceGate
 
 STATS_ENV = "NPUINFER_BENCH_STATS"  # a path: the session's time accounting is written there as JSON
 
@@ -199,10 +192,8 @@ class BenchSession:
         self.baseline_dir: str | None = self.options.baseline
         # The reference workload costs ~25 ms a case: paid when a gate needs it or a baseline is being made.
         self.calibrating: bool = self.options.calibrate or bool(self.baseline_dir)
-        self._baseline: PerformanceBaseline | None = None
-        self.max_regression: float = self.options.max_regression
+        self.gate = PerformanceGate(self.baseline_dir, self.options.max_regression, self.options.gate_retries)
         self.gate_timing: str = self.options.gate_timing
-        self.gate_retries: int = self.options.gate_retries
         self.require_baseline: bool = self.options.require_baseline
         self.noise_guard = make_guard(config, self.device)  # was the machine quiet while each case ran
         self.stats["noise_s"] = 0.0
@@ -289,16 +280,10 @@ class BenchSession:
             # pytest-benchmark's pedantic runs once per test: a re-measurement times its rounds directly
             row, cal_row, timing = self._measure(case, benchmark if not attempts else None, backend, settings, key,
                                                  table, csv_path)
-            outcome = self._compare(row, cal_row)
-            if outcome is not None and outcome.status != "skipped":
-                attempts.append(outcome.figures())
-                # confirmed only when one metric is beyond the limit in every attempt so far
-                outcome.status = "failed" if persistent_regressions(attempts, self.max_regression) else "passed"
-                outcome.attempts = list(attempts)
-                outcome.retries = self.gate_retries
-                row.update({GATE_RETRIES: self.gate_retries, GATE_ATTEMPTS: list(attempts)})
+            outcome = self.gate.judge(row, self.device.label, calibration=cal_row, mode=self.gate_timing)
+            again = self.gate.settle(outcome, attempts, row)
             self._write(case, key, row, cal_row, timing, table, csv_path, attempt=len(attempts) or None)
-            if outcome is None or outcome.status != "failed" or len(attempts) > self.gate_retries:
+            if not again:
                 break
         benchmark.extra_info.update({k: v for k, v in row.items() if k not in ("rounds_detail", GATE_ATTEMPTS)})
         if cal_row is not None:
@@ -426,21 +411,6 @@ class BenchSession:
         value = calibrator.measure(case.batch, case.input_len, steps)
         self.stats["calibration_s"] += time.perf_counter() - start
         return value
-
-    def _compare(self, row: dict, cal_row: dict | None) -> GateOutcome | None:
-        """The gate's verdict on one measurement; None without --baseline."""
-        if not self.baseline_dir:
-            return None
-        if self._baseline is None:
-            if not Path(self.baseline_dir).is_dir():
-                pytest.fail(f"--baseline {self.baseline_dir}: the performance gate needs a directory holding "
-                            "performance_<model>_<device>.csv files", pytrace=False)
-            self._baseline = PerformanceBaseline(self.baseline_dir)
-        try:
-            return gate_case(self._baseline, row, self.device.label, calibration=cal_row,
-                             max_regression=self.max_regression, mode=self.gate_timing)
-        except BaselineError as exc:  # the row was measured and written; only its comparison is refused
-            pytest.fail(f"{row.get('case_id')}: --baseline refused:\n{exc}", pytrace=False)
 
     def _verdict(self, case: BenchCase, outcome: GateOutcome | None) -> None:
         if outcome is not None:

@@ -22,11 +22,10 @@ import httpx
 import psutil
 import pytest
 
-from ..gates.performance import BaselineError, PerformanceBaseline, gate_case, persistent_regressions
 from ..noise import NoiseGuard, Verdict
 from ..options import at_least, positive_ints
 from ..results.performance import (
-    BATCH, BUNCHED, BUNCHED_COLUMN, FIRST, GATE_ATTEMPTS, GATE_RETRIES, INPUT, NEXT, OUTPUT, RESPONSE, THROUGHPUT,
+    BATCH, BUNCHED, BUNCHED_COLUMN, FIRST, INPUT, NEXT, OUTPUT, RESPONSE, THROUGHPUT,
     now_iso, noise_columns,
     performance_path, serving_table,
 )
@@ -40,6 +39,7 @@ from .bench import MaxBatchCase, bench_gate_verdict
 from .bench_options import bench_options
 from .common import GROUP, served_backend
 from .noise import make_guard, record_verdict
+from .perf_gate import PerformanceGate
 
 DEVICE_LABEL = "openai"  # results files of a served deployment: performance_<served model>_openai.csv
 DEFAULT_CONCURRENCY = (1, 4)
@@ -204,7 +204,7 @@ class ServingSession:
         self.gone: str | None = None
         self.guard: NoiseGuard = make_guard(config, None)
         self.guard.also_own = _local_server_pids(self.endpoint.base_url)
-        self._baseline: PerformanceBaseline | None = None
+        self.gate = PerformanceGate(self.options.baseline, self.options.max_regression, self.options.gate_retries)
 
     # -- the server
     def _url(self, path: str) -> str:
@@ -334,17 +334,11 @@ class ServingSession:
         attempts: list[dict] = []
         while True:
             row, result, verdict = self.measure(case)
-            outcome = None
-            if row["status"] == "ok" and self.options.baseline:
-                outcome = self.gate(row)
-                if outcome is not None and outcome.status != "skipped":
-                    attempts.append(outcome.figures())
-                    outcome.status = "failed" if persistent_regressions(attempts, self.options.max_regression) \
-                        else "passed"
-                    outcome.attempts = list(attempts)
-                    row.update({GATE_RETRIES: self.options.gate_retries, GATE_ATTEMPTS: list(attempts)})
+            # a served deployment's rows are compared raw: the local calibration workload says nothing of a server
+            outcome = self.gate.judge(row, DEVICE_LABEL, mode="raw") if row["status"] == "ok" else None
+            again = self.gate.settle(outcome, attempts, row)
             table.upsert(row)  # each attempt's row replaces the last; a Ctrl-C leaves the last complete one
-            if outcome is None or outcome.status != "failed" or len(attempts) > self.options.gate_retries:
+            if not again:
                 break
         if row["status"] != "ok":
             self.check_alive()
@@ -358,18 +352,6 @@ class ServingSession:
             self.verdict(case, outcome)
 
     # -- the gate
-    def gate(self, row: dict):
-        if self._baseline is None:
-            if not Path(self.options.baseline).is_dir():
-                pytest.fail(f"--baseline {self.options.baseline}: the performance gate needs a directory holding "
-                            "performance_<model>_<device>.csv files", pytrace=False)
-            self._baseline = PerformanceBaseline(self.options.baseline)
-        try:  # a served deployment's rows are compared raw: the local calibration workload says nothing of a server
-            return gate_case(self._baseline, row, DEVICE_LABEL, max_regression=self.options.max_regression,
-                             mode="raw")
-        except BaselineError as exc:
-            pytest.fail(f"{row.get('case_id')}: --baseline refused:\n{exc}", pytrace=False)
-
     def verdict(self, case: ServingCase, outcome) -> None:
         bench_gate_verdict(self.config, case.id, outcome)
 
