@@ -209,17 +209,22 @@ def test_generate_scoring_through_completions_and_chat_predict_alike(server, che
 
 
 def test_a_server_refusing_logprobs_gets_one_message_naming_scoring_generate(checkpoint, data, tmp_path):
-    """A second real server, started with --max-logprobs 0: it refuses the echo + logprobs request."""
+    """A second real server, started with --max-logprobs 0: it refuses the echo + logprobs request (lm-eval's,
+    --logprob-requests per-choice). It still answers logprob_token_ids, so the default per-context run passes."""
     from vllm_server import VllmServer
 
     srv = VllmServer(checkpoint, SERVED, tmp_path / "server.log", extra_args=("--max-logprobs", "0"))
     try:
         srv.wait_healthy()
-        proc = run_accuracy(tmp_path / "r", data, *served_args(srv.base_url, checkpoint), "-k", "law")
+        proc = run_accuracy(tmp_path / "r", data, *served_args(srv.base_url, checkpoint, "--logprob-requests",
+                                                               "per-choice"), "-k", "law")
+        per_context = run_accuracy(tmp_path / "c", data, *served_args(srv.base_url, checkpoint), "-k", "law")
         generate = run_accuracy(tmp_path / "g", data, *served_args(srv.base_url, checkpoint, "--scoring", "generate"),
                                 "-k", "law")
     finally:
         srv.stop()
+    assert per_context.returncode == 0, per_context.stdout[-3000:]
+    assert len(predictions(tmp_path / "c")) == 8
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "greater than max allowed: 0" in proc.stdout  # the server's own words, quoted
     assert "this server does not return prompt log-probabilities (echo + logprobs); score by generation instead: " \
@@ -252,8 +257,9 @@ def choice_requests(n: int) -> list[LoglikelihoodRequest]:
 
 
 def test_per_context_requests_score_what_per_choice_requests_score(server, checkpoint):
-    """One request per question (logprob_token_ids at the next position) gives lm-eval's per-choice echo numbers
-    within float rounding, the same greedy flags, in a quarter of the prompts; a longer choice goes per choice."""
+    """One prompt per question (logprob_token_ids at the next position) gives lm-eval's per-choice echo numbers
+    within float rounding, the same greedy flags, in a quarter of the prompts; a two-token choice is asked in two
+    levels (its first token of the context, its second of the context and the first)."""
     from npuinfer.backends.base import WorkCounters
     from npuinfer.tokenizer import load_tokenizer
     from npuinfer.families import family_of_config
@@ -272,7 +278,7 @@ def test_per_context_requests_score_what_per_choice_requests_score(server, check
     assert sorted(fast) == sorted(each) == list(range(len(requests)))
     assert max(abs(fast[i].logprob - each[i].logprob) for i in each) < 1e-4
     assert [fast[i].is_greedy for i in each] == [each[i].is_greedy for i in each]
-    # 6 contexts in 2 requests + the two-token choice in 1, against 25 prompts in 7 requests
+    # level 0: 7 contexts in 2 requests, level 1: the two-token choice's second token; against 25 prompts in 7
     assert (fast_work.forwards, each_work.forwards) == (3, 7)
     assert fast_work.prompt_tokens < each_work.prompt_tokens / 3
 

@@ -9,13 +9,14 @@ Log-likelihood scoring, prompts sent as token ids made with the served model's t
   token), its log-likelihood the sum of the echoed ``token_logprobs`` over the continuation, ``is_greedy`` each
   token against the best of its ``top_logprobs``. The server computes every prompt position's log-probs and, for
   that, reads nothing from its prefix cache (vLLM skips it for prompt log-probs).
-- ``per-context`` (default): where every choice is one token (C-Eval's " A".." D"), one prompt per question, the
-  same context lm-eval's truncation leaves, with ``max_tokens`` 1 and vLLM's ``logprob_token_ids``: the server
-  returns the raw log-probs of exactly those tokens at the next position, the greedy token beside them. The same
-  numbers up to float rounding (the last position's logits computed in a shorter, possibly prefix-cached, pass),
-  a quarter of the prompts, and a few-shot prefix shared by a subject's questions served from the prefix cache.
-  A longer choice is asked per choice; a server that does not answer so (``PerChoiceFallback`` warns) is asked per
-  choice from then on.
+- ``per-context`` (default): each continuation token is a question about the tokens before it, asked with
+  ``max_tokens`` 1 and vLLM's ``logprob_token_ids`` (the raw log-probs of exactly those tokens at the next
+  position, the greedy token beside them), one prompt per distinct prefix: C-Eval's four one-token choices are one
+  prompt per question, the context lm-eval's truncation leaves; a choice's second token is asked after the first
+  level, of a prompt that extends one the server has just seen (its prefix cache may hold it). The same numbers up
+  to float rounding (a position's logits computed in another pass), a quarter of the prompts, and no prompt
+  log-probs, which keep vLLM from reading its prefix cache. A server that does not answer so
+  (``PerChoiceFallback`` warns) is asked per choice from then on.
 
 Several prompts go in one request (``--ceval-batch-size``) and ``--num-concurrent`` requests are in flight; a 5xx
 answer or a time-out (``--request-timeout``) is retried with backoff. ``--max-length`` defaults to lm-eval's 2048
@@ -101,6 +102,7 @@ class OpenAIBackend:
                  chat: bool = False, logprob_requests: str = "per-context"):
         self.endpoint = endpoint
         self.per_context = logprob_requests == "per-context"  # False after a server that cannot answer so
+        self._tls = httpx.create_ssl_context()  # once: a client made for every wave would load the CA file again
         self.chat = chat  # generate_until asks /v1/chat/completions, the prompt as one user message
         self.tokenizer = tokenizer
         self.tokenizer_dir = tokenizer_dir
@@ -183,7 +185,7 @@ class OpenAIBackend:
         """POST every payload, ``concurrent`` in flight; the answers in order."""
         async def main() -> list[dict]:
             limit = asyncio.Semaphore(self.endpoint.concurrent)
-            async with httpx.AsyncClient(timeout=self.endpoint.timeout_s) as client:
+            async with httpx.AsyncClient(timeout=self.endpoint.timeout_s, verify=self._tls) as client:
                 async def one(payload: dict) -> dict:
                     async with limit:
                         return await self._post(client, payload)
@@ -198,62 +200,61 @@ class OpenAIBackend:
         limit = min(self.max_seq_len, max_length or self.max_seq_len)
         counters = counters if counters is not None else WorkCounters()
         fitted = [api_fit(r.context, r.continuation, limit) for r in requests]
-        per_choice = list(range(len(requests)))
+        echoed = list(range(len(requests)))
         if self.per_context:
-            contexts, per_choice = one_token_contexts(requests, fitted)
-            unanswered: list[int] = []
-            for i, result in self._score_contexts(contexts, requests, batch_size, counters, unanswered):
-                yield i, result
-            per_choice = sorted(per_choice + unanswered)
-        yield from self._score_echoed(per_choice, requests, fitted, batch_size, counters)
+            levels, echoed = next_token_steps(fitted)
+            left = {i: len(prompt) - ctxlen for i, (prompt, ctxlen) in enumerate(fitted) if ctxlen >= 1}
+            total = dict.fromkeys(left, 0.0)
+            greedy = dict.fromkeys(left, True)
+            for level in levels:  # a level's prefixes extend the last level's: the server may have them cached
+                for members, got in self._ask_next_tokens(level, batch_size, counters):
+                    logprobs, greedy_token = got
+                    for i, token in members:
+                        total[i] += logprobs[token]
+                        greedy[i] = greedy[i] and token == greedy_token
+                        left[i] -= 1
+                        if not left[i]:
+                            yield i, Loglikelihood(total[i], greedy[i])
+                if not self.per_context:  # the server could not answer so: the rest per choice
+                    break
+            echoed = sorted(echoed + [i for i, n in left.items() if n])
+        yield from self._score_echoed(echoed, requests, fitted, batch_size, counters)
 
-    def _score_contexts(self, contexts: dict[tuple[int, ...], list[int]], requests: Sequence[LoglikelihoodRequest],
-                        batch_size: int, counters: WorkCounters, unanswered: list[int]
-                        ) -> Iterator[tuple[int, Loglikelihood]]:
-        """One prompt per context: the log-probs of its continuations' tokens at the next position, from vLLM's
-        ``logprob_token_ids`` (raw log-probs, before any sampling setting); ``is_greedy`` is whether the greedy
-        token is the continuation's. A server that does not answer so leaves its requests in ``unanswered`` and
-        this backend asks per choice from then on."""
-        groups = list(contexts.items())
+    def _ask_next_tokens(self, level: dict[tuple[int, ...], list[tuple[int, int]]], batch_size: int,
+                         counters: WorkCounters) -> Iterator[tuple[list[tuple[int, int]], tuple[dict[int, float], int]]]:
+        """One prompt per prefix: the log-probs of the tokens its members ask at the next position, from vLLM's
+        ``logprob_token_ids`` (raw log-probs, before any sampling setting), and the greedy token. A server that does
+        not answer so stops this (``per_context`` False, a warning); its prefixes are left unanswered."""
+        groups = list(level.items())
         batches = [groups[b:b + batch_size] for b in range(0, len(groups), batch_size)]
         wave = max(1, self.endpoint.concurrent)
         for w in range(0, len(batches), wave):
-            if not self.per_context:
-                unanswered.extend(i for batch in batches[w:] for _, members in batch for i in members)
-                return
             part = batches[w:w + wave]
-            payloads = []
-            for batch in part:
-                wanted = sorted({requests[i].continuation[0] for _, members in batch for i in members})
-                payloads.append({"model": self.endpoint.served_model, "prompt": [list(ctx) for ctx, _ in batch],
-                                 "max_tokens": 1, "logprobs": 1, "logprob_token_ids": wanted,
-                                 "return_tokens_as_token_ids": True, "temperature": 0, "seed": 1234})
+            payloads = [{"model": self.endpoint.served_model, "prompt": [list(prefix) for prefix, _ in batch],
+                         "max_tokens": 1, "logprobs": 1,
+                         "logprob_token_ids": sorted({t for _, members in batch for _, t in members}),
+                         "return_tokens_as_token_ids": True, "temperature": 0, "seed": 1234} for batch in part]
             try:
                 answers = self._run(payloads)
             except EndpointError as exc:
                 if not _refused_field(str(exc)):
                     raise _without_logprobs(exc) from None
                 self._stop_per_context(f"it refused logprob_token_ids ({str(exc)[:300]})")
-                unanswered.extend(i for batch in batches[w:] for _, members in batch for i in members)
                 return
             for batch, answer in zip(part, answers):
                 choices = sorted(answer["choices"], key=lambda c: c["index"])
                 if len(choices) != len(batch):
                     raise EndpointError(f"{self.endpoint.label}: {len(choices)} choices for {len(batch)} prompts")
                 counters.forwards += 1
-                for (ctx, members), choice in zip(batch, choices):
+                for (prefix, members), choice in zip(batch, choices):
                     got = _next_token_logprobs(choice)
-                    if got is None or any(requests[i].continuation[0] not in got[0] for i in members):
+                    if got is None or any(t not in got[0] for _, t in members):
                         self._stop_per_context("its answer did not hold the asked tokens' log-probs "
                                                "(logprob_token_ids with return_tokens_as_token_ids)")
-                        unanswered.extend(members)
-                        continue
-                    logprobs, greedy_token = got
-                    counters.prompt_tokens += len(ctx)
-                    counters.padded_tokens += len(ctx)
-                    for i in members:
-                        token = requests[i].continuation[0]
-                        yield i, Loglikelihood(logprobs[token], token == greedy_token)
+                        return
+                    counters.prompt_tokens += len(prefix)
+                    counters.padded_tokens += len(prefix)
+                    yield members, got
 
     def _stop_per_context(self, why: str) -> None:
         if self.per_context:
@@ -319,18 +320,24 @@ class OpenAIBackend:
                 yield i, Generation(text)
 
 
-def one_token_contexts(requests: Sequence[LoglikelihoodRequest], fitted: Sequence[tuple[list[int], int]]
-                       ) -> tuple[dict[tuple[int, ...], list[int]], list[int]]:
-    """The requests scored by one prompt per context: those whose continuation is one token, grouped by the
-    context lm-eval's truncation leaves them (the fitted prompt less its last token); and the others."""
-    contexts: dict[tuple[int, ...], list[int]] = {}
-    rest = []
-    for i, (request, (prompt, _)) in enumerate(zip(requests, fitted)):
-        if len(request.continuation) == 1 and len(prompt) > 1:
-            contexts.setdefault(tuple(prompt[:-1]), []).append(i)
-        else:
-            rest.append(i)
-    return contexts, rest
+def next_token_steps(fitted: Sequence[tuple[list[int], int]]
+                     ) -> tuple[list[dict[tuple[int, ...], list[tuple[int, int]]]], list[int]]:
+    """Each continuation token as a question about the tokens before it: by depth (a continuation's k-th token at
+    level k), prefix -> [(request index, token)], so every choice of a question sharing a context is one prompt
+    (C-Eval's " A".." D": one prompt per question). Prompts are lm-eval's truncation (``api_fit``); a request
+    whose context it leaves empty is asked per choice (the second list), as lm-eval cannot score its first token
+    either."""
+    levels: list[dict[tuple[int, ...], list[tuple[int, int]]]] = []
+    echoed = []
+    for i, (prompt, ctxlen) in enumerate(fitted):
+        if ctxlen < 1:
+            echoed.append(i)
+            continue
+        for k in range(len(prompt) - ctxlen):
+            if len(levels) <= k:
+                levels.append({})
+            levels[k].setdefault(tuple(prompt[:ctxlen + k]), []).append((i, prompt[ctxlen + k]))
+    return levels, echoed
 
 
 def _without_logprobs(exc: EndpointError) -> EndpointError:
