@@ -16,7 +16,8 @@ run sees the same server, or with ``--prefix-caching`` on (vLLM's default) and e
 npuinfer asks with ``--logprob-requests per-context`` (one request per question) unless told ``per-choice``
 (lm-eval's requests).
 
-Each timed run is a whole process (start, tokenizer, requests, results written), npuinfer and lm-eval in ABBA order.
+Each timed run is a whole process (start, tokenizer, requests, results written), npuinfer and lm-eval in ABBA order,
+after one untimed subject that warms the server.
 Printed: questions, identical predictions (npuinfer served vs lm-eval, served vs in-process), log-likelihood
 differences, each run's wall time and the lm-eval / npuinfer ratio.
 """
@@ -164,6 +165,8 @@ def main() -> int:
                   "--include_path", str(work / "lmeval_tasks"), "--tasks", ",".join(tasks), "--log_samples"]
         lm_env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         lm_env.pop("PYTHONPATH", None)
+        # untimed: the server's first requests are slower (allocation, first kernels), which would bias run 1
+        timed(npuinfer_cmd(work / "warm-up", data, *served, "-k", subjects[0]), work / "warm-up.log")
         times: dict[str, list[float]] = {"npuinfer": [], "lm-eval": []}
         order = [("npuinfer", "lm-eval"), ("lm-eval", "npuinfer")] * ((args.repeat + 1) // 2)
         runs = [tool for pair in order for tool in pair][:2 * args.repeat]
