@@ -124,8 +124,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--shot", type=non_negative_int, default=None, dest="ceval_shot",
                     help="k-shot examples from the first dev rows (default: the task file's num_fewshot, 5 for "
                          "C-Eval; dropped from the end to fit with --fit shots)")
-    group.addoption("--template", default="lmeval", choices=list(TEMPLATES), dest="ceval_template",
-                    help="prompt: lmeval (lm-evaluation-harness ceval-valid) or atb (the Ascend tool's)")
+    group.addoption("--template", default=None, choices=list(TEMPLATES), dest="ceval_template",
+                    help="prompt: lmeval (lm-evaluation-harness ceval-valid) or atb (the Ascend tool's); default: "
+                         "the task file's own prompt (lmeval for the shipped tasks)")
     group.addoption("--fit", default=None, choices=list(FITS), dest="ceval_fit",
                     help="a prompt over the model's length: truncate (lm-eval's: every prompt keeps the shots, an "
                          "over-long one loses its first tokens; default for --template lmeval) or shots (shots "
@@ -190,7 +191,8 @@ class CevalOptions:
         shots = opt("ceval_shot")
         settings = RunSettings(data_dir=data_dir, split=opt("ceval_split"),
                                shots=load_task(CEVAL_TASK).num_fewshot if shots is None else shots,
-                               template=opt("ceval_template"), scoring=opt("ceval_scoring"),
+                               template=opt("ceval_template") or load_task(CEVAL_TASK).prompt.name,
+                               scoring=opt("ceval_scoring"),
                                batch_size=opt("ceval_batch_size"), max_new_tokens=opt("ceval_max_new_tokens"),
                                fit=opt("ceval_fit"))
         others = []
@@ -201,7 +203,8 @@ class CevalOptions:
             try:
                 others.append((task, RunSettings(
                     data_dir=Path(dirs[task]) if task in dirs else spec.sample_dir(), task=task,
-                    shots=spec.num_fewshot if shots is None else shots, template=opt("ceval_template"),
+                    shots=spec.num_fewshot if shots is None else shots,
+                    template=opt("ceval_template") or spec.prompt.name,
                     scoring=opt("ceval_scoring"), batch_size=opt("ceval_batch_size"),
                     max_new_tokens=opt("ceval_max_new_tokens"),
                     fit=opt("ceval_fit") if spec.output_type == "multiple_choice" else None,
