@@ -194,6 +194,15 @@ def test_a_users_task_file_runs_end_to_end_resumes_gates_and_compares(tmp_path, 
     assert compared.returncode == 0, compared.stderr
     assert "## Accuracy (farm_exam)" in compared.stdout
     assert "8 questions scored by both runs, 8 predicted alike" in compared.stdout
+    # A baseline of another version of the file, made elsewhere (its path not here): not gated, saying why.
+    meta_path = tmp_path / "base" / "farm_exam_qwen-tiny_cpu" / "cache_meta.json"
+    base_meta = json.loads(meta_path.read_text())
+    base_meta["extra"].update(task_file="/elsewhere/farm.yaml", task_sha256="0000")
+    meta_path.write_text(json.dumps(base_meta))
+    other = run([*cmd, "--results-dir", str(tmp_path / "r"), "--baseline", str(tmp_path / "base")])
+    assert other.returncode == 0 and "2 passed" in other.stdout, other.stdout[-3000:] + other.stderr[-3000:]
+    differ = f"task_sha256 '0000' (baseline) vs {meta['extra']['task_sha256']!r} (this run)"
+    assert f"WARNING: categories not gated: the baseline was scored with other settings: {differ}" in other.stdout
 
 
 def test_a_users_task_named_like_a_shipped_one_is_a_usage_error(tmp_path):

@@ -15,7 +15,7 @@ from typing import Any
 from npuinfer.ceval.dataset import CHOICES
 from npuinfer.ceval.scored import FIELDS, LEGACY_FIELDS
 from npuinfer.tasks.extract import exact_match
-from npuinfer.tasks.spec import TaskFileError, TaskSpec, load_task
+from npuinfer.tasks.spec import TaskFileError, TaskSpec, is_known_task, load_task
 
 CEVAL_TASK = "ceval"
 TASK_KEY = "task"  # key of cache_meta.json's extra
@@ -78,13 +78,15 @@ def rules_for(task: str | TaskSpec = CEVAL_TASK) -> RowRules:
 
 def task_of(meta: Mapping[str, Any] | None) -> str:
     """The task a cache_meta.json object is of (C-Eval when it names none). A user's task file named in it
-    (``extra.task_file``) is read, so the name resolves (load_task) in this process too."""
+    (``extra.task_file``) is read when the name is not known yet in this process, so the name resolves
+    (load_task); a task already known by that name (the run's own file) is not read again from another path
+    (a baseline copied from another machine), its version told apart by ``extra.task_sha256``."""
     extra = (meta or {}).get("extra") or {}
     task = extra.get(TASK_KEY, CEVAL_TASK) if isinstance(extra, Mapping) else CEVAL_TASK
     if not isinstance(task, str):
         return CEVAL_TASK
     task_file = extra.get(TASK_FILE_KEY)
-    if isinstance(task_file, str):
+    if isinstance(task_file, str) and not is_known_task(task):
         spec = load_task(task_file)
         if spec.task != task:
             raise TaskFileError(f"{task_file}: task: {spec.task!r}, while the results it was named in are of task "

@@ -109,7 +109,7 @@ def significance_note(counts: PairedCounts, alpha: float) -> str:
             f"--alpha {alpha:g}")
 
 # The settings under which two accuracies are comparable at all; a baseline scored otherwise is not gated.
-GATED_SETTINGS: tuple[str, ...] = ("template", "shots", "split", "scoring", "data_sha256", "fit")
+GATED_SETTINGS: tuple[str, ...] = ("template", "shots", "split", "scoring", "data_sha256", "fit", "task_sha256")
 
 
 def gate_settings(meta: dict) -> dict[str, object]:
@@ -117,7 +117,8 @@ def gate_settings(meta: dict) -> dict[str, object]:
     meta written before a setting existed implies the behaviour of then, cache.IMPLIED_EXTRA)."""
     extra = {**IMPLIED_EXTRA, **(meta.get("extra") or {})}
     return {"template": meta.get("template"), "shots": meta.get("shots"), "split": meta.get("split"),
-            "scoring": extra.get("scoring"), "data_sha256": extra.get("data_sha256"), "fit": extra.get("fit")}
+            "scoring": extra.get("scoring"), "data_sha256": extra.get("data_sha256"), "fit": extra.get("fit"),
+            "task_sha256": extra.get("task_sha256")}  # a user's task file: its version (None for a shipped task)
 
 
 def settings_differences(baseline_meta: dict, run_meta: dict, prompts_fitted: bool = True) -> list[str]:

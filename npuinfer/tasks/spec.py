@@ -163,6 +163,11 @@ def is_task_path(text: str | Path) -> bool:
     return Path(text).suffix in (".yaml", ".yml")
 
 
+def is_known_task(name: str) -> bool:
+    """Whether ``load_task(name)`` finds the task: a shipped one, or a user's whose file was read here."""
+    return name in _USER or (TASKS_DIR / f"{name}.yaml").is_file()
+
+
 def load_task(name_or_path: str | Path) -> TaskSpec:
     """A shipped task by name (``mmlu``), a user's task by the name its file gave once read, or a task file by
     path; read once per process."""
