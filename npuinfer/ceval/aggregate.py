@@ -47,6 +47,11 @@ class Grouping:
     groups: dict[str, tuple[str, ...]]
     order: Callable[[str], tuple[int, str]]
 
+    def keys_of(self, name: str) -> tuple[str, ...]:
+        """The classes a subject's questions count towards: its category, Avg, and each group holding it
+        (KeyError for a subject the task does not have)."""
+        return (self.category(name), AVG, *(key for key, members in self.groups.items() if name in members))
+
 
 CEVAL_GROUPING = Grouping(CLASS_KEYS, lambda name: get_subject(name).category, {AVG_HARD: HARD_SUBJECTS},
                           official_order)
@@ -85,11 +90,8 @@ def aggregate(rows: Iterable[ScoredRow], task: TaskSpec | None = None) -> Aggreg
     }
     groups: dict[str, list[str]] = {c: [] for c in g.class_keys}
     for name in subjects:
-        groups[g.category(name)].append(name)
-        groups[AVG].append(name)
-        for key, members in g.groups.items():
-            if name in members:
-                groups[key].append(name)
+        for key in g.keys_of(name):
+            groups[key].append(name)
     classes = {
         key: Tally(sum(subjects[n].correct for n in names), sum(subjects[n].total for n in names))
         for key, names in groups.items()

@@ -3,7 +3,8 @@
 C-Eval's rows are as they always were (FIELDS, subjects.csv, letters A-D). Another multiple-choice task's rows
 differ only in their subjects; a generation task's (GSM8K) answer is the reference text and its prediction the
 filtered answer, with the generated text in one more column so a disagreement can be read. A cache directory
-says its task in cache_meta.json (``extra.task``; absent: C-Eval, so every older cache reads as before).
+says its task in cache_meta.json (``extra.task``; absent: C-Eval, so every older cache reads as before); a user's
+task file (not shipped) also by its path (``extra.task_file``), so any later process reads its rows by its rules.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from typing import Any
 from npuinfer.ceval.dataset import CHOICES
 from npuinfer.ceval.scored import FIELDS, LEGACY_FIELDS
 from npuinfer.tasks.extract import exact_match
-from npuinfer.tasks.spec import TaskSpec, load_task
+from npuinfer.tasks.spec import TaskFileError, TaskSpec, is_known_task, load_task
 
 CEVAL_TASK = "ceval"
 TASK_KEY = "task"  # key of cache_meta.json's extra
+TASK_FILE_KEY = "task_file"  # a user's task: its file's path (extra), read where the name is not yet known
 GENERATED = "generated"
 GENERATION_FIELDS: tuple[str, ...] = LEGACY_FIELDS + (GENERATED,)
 
@@ -64,18 +66,29 @@ class RowRules:
         return prediction == answer
 
 
-_RULES: dict[str, RowRules] = {}
+_RULES: dict[object, RowRules] = {}
 
 
 def rules_for(task: str | TaskSpec = CEVAL_TASK) -> RowRules:
     spec = task if isinstance(task, TaskSpec) else load_task(task)
-    if spec.task not in _RULES:
-        _RULES[spec.task] = RowRules(spec)
-    return _RULES[spec.task]
+    if spec.path not in _RULES:
+        _RULES[spec.path] = RowRules(spec)
+    return _RULES[spec.path]
 
 
 def task_of(meta: Mapping[str, Any] | None) -> str:
-    """The task a cache_meta.json object is of (C-Eval when it names none)."""
+    """The task a cache_meta.json object is of (C-Eval when it names none). A user's task file named in it
+    (``extra.task_file``) is read when the name is not known yet in this process, so the name resolves
+    (load_task); a task already known by that name (the run's own file) is not read again from another path
+    (a baseline copied from another machine), its version told apart by ``extra.task_sha256``."""
     extra = (meta or {}).get("extra") or {}
     task = extra.get(TASK_KEY, CEVAL_TASK) if isinstance(extra, Mapping) else CEVAL_TASK
-    return task if isinstance(task, str) else CEVAL_TASK
+    if not isinstance(task, str):
+        return CEVAL_TASK
+    task_file = extra.get(TASK_FILE_KEY)
+    if isinstance(task_file, str) and not is_known_task(task):
+        spec = load_task(task_file)
+        if spec.task != task:
+            raise TaskFileError(f"{task_file}: task: {spec.task!r}, while the results it was named in are of task "
+                                f"{task!r}: the file was changed since")
+    return task

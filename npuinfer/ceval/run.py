@@ -10,6 +10,7 @@ Used by the pytest plugin (one test case per subject) and usable as is from a sc
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,12 +29,12 @@ from npuinfer.ceval.dataset import SPLITS, CevalDataError
 from npuinfer.ceval.generation import score_generation
 from npuinfer.ceval.prompts import TEMPLATES, Template, resolve_fit, task_templates
 from npuinfer.ceval.report import SUBJECT_ACC
-from npuinfer.ceval.rows import CEVAL_TASK, TASK_KEY, rules_for, task_of
+from npuinfer.ceval.rows import CEVAL_TASK, TASK_FILE_KEY, TASK_KEY, rules_for, task_of
 from npuinfer.ceval.scored import ScoredRow
 from npuinfer.ceval.subjects import official_order
 from npuinfer.ceval.taskdata import TaskData
 from npuinfer.parallel import dist as tp_dist
-from npuinfer.results.naming import CEVAL, result_path
+from npuinfer.results.naming import CEVAL, TASK_KINDS, ResultName, result_path
 from npuinfer.tasks.spec import TaskSpec, load_task
 from npuinfer.ceval.scoring import (
     DEFAULT_BATCH_SIZE,
@@ -104,6 +105,9 @@ class RunSettings:
                                     "max_seq_len": ident.max_length, "fit": self.fit}
         if self.task != CEVAL_TASK:  # C-Eval's caches name no task (older ones stay valid)
             extra[TASK_KEY] = self.task
+        if not self.spec.shipped:  # a user's file: found again by its path; an edited one never mixes its rows
+            extra[TASK_FILE_KEY] = str(self.spec.path)
+            extra["task_sha256"] = hashlib.sha256(self.spec.path.read_bytes()).hexdigest()[:16]
         if ident.backend != "npuinfer":  # npuinfer's (the first backend) adds nothing: older caches stay valid
             extra["backend"] = ident.backend
         if ident.kernels and ident.kernels != "fused":  # likewise fused, the default; a plain run never mixes
@@ -262,3 +266,36 @@ def find_task_baseline(baseline: str | os.PathLike, task: str, model: str, devic
         return exact
     others = sorted(path.glob(f"{results_dir(path, model, '*', task).name}/{SUBJECT_ACC}"))
     return others[0] if len(others) == 1 else None
+
+
+@dataclass(frozen=True)
+class ResultsDir:
+    """What an accuracy results directory is of: ``<task>_<model>_<device>/`` (results_dir's name)."""
+
+    path: Path
+    task: str
+    model: str
+    device: str
+
+
+def read_results_dir(directory: str | os.PathLike) -> ResultsDir | None:
+    """The task, model and device of an accuracy results directory; None for a directory that is none. The task
+    is its cache_meta.json's (a user's task names its file there); a directory without one is named by a shipped
+    task (``ceval_``, ``mmlu_``, ...). The model and device come from the name after ``<task>_``."""
+    path = Path(directory)
+    task = None
+    if (path / META_FILE).is_file():
+        try:
+            task = task_of(read_meta(path))
+        except CacheError:
+            task = None
+    if task is None:
+        parsed = ResultName.parse(path.name)
+        if parsed is None or parsed.kind not in (CEVAL, *TASK_KINDS):
+            return None
+        return ResultsDir(path, CEVAL_TASK if parsed.kind == CEVAL else parsed.kind, parsed.model, parsed.device)
+    prefix = (CEVAL if task == CEVAL_TASK else task) + "_"
+    if not path.name.startswith(prefix):
+        return ResultsDir(path, task, path.name, "")  # renamed by hand: the whole name stands for the model
+    model, sep, device = path.name[len(prefix):].rpartition("_")
+    return ResultsDir(path, task, model, device) if sep else ResultsDir(path, task, device, "")

@@ -1,6 +1,7 @@
-"""The C-Eval baseline gate, without pytest: a baseline's accuracies and settings found and read, the settings
-that make two runs comparable, and the pooled category verdicts (the per-subject drop is checked by the
-accuracy plugin with ``--max-acc-drop``).
+"""The accuracy baseline gate, without pytest: a baseline's accuracies and settings found and read, the settings
+that make two runs comparable, and the pooled category verdicts of any task, over the groups its task file
+declares (C-Eval's categories, Avg and Avg(Hard); MMLU's four categories and Avg; a task without subjects: Avg
+alone); the per-subject drop is checked by the accuracy plugin with ``--max-acc-drop``.
 
 ``--acc-test``: ``drop`` fails any drop beyond ``--max-acc-drop``; ``mcnemar`` fails such a drop only when it is
 significant: McNemar's exact test on the questions that flipped between the baseline's cache.csv and the run
@@ -13,14 +14,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..ceval.aggregate import AVG, AVG_HARD, CLASS_KEYS
+from ..ceval.aggregate import CEVAL_GROUPING, Grouping
 from ..ceval.cache import CACHE_FILE, IMPLIED_EXTRA, META_FILE, CacheError, read_cache, read_meta
 from ..ceval.scored import ScoredRow
 from ..reports.paired import PairedCounts
 from ..ceval.report import SUBJECT_ACC
-from ..ceval.run import results_dir
+from ..ceval.rows import CEVAL_TASK
+from ..ceval.run import find_task_baseline, results_dir
 from ..ceval.scoring import PromptFit
-from ..ceval.subjects import HARD_SUBJECTS, get_subject
 from ..results.naming import CEVAL, ResultName
 def read_subject_accuracy(path: str | os.PathLike, what: str = "subject") -> dict[str, float]:
     """Accuracies of a subject_acc.json (or, with ``what="category"``, a classes_acc.json); empty for a
@@ -56,6 +57,13 @@ def find_baseline(baseline: str | os.PathLike, model: str, device_label: str) ->
         return exact
     others = sorted(path.glob(f"{ResultName(CEVAL, model, '*').name}/{SUBJECT_ACC}"))
     return others[0] if len(others) == 1 else None
+
+
+def find_run_baseline(baseline: str | os.PathLike, task: str, model: str, device_label: str) -> Path | None:
+    """The subject_acc.json a --baseline holds for a run of this task and model (C-Eval's: find_baseline)."""
+    if task == CEVAL_TASK:
+        return find_baseline(baseline, model, device_label)
+    return find_task_baseline(baseline, task, model, device_label)
 
 
 # --------------------------------------------------------------------------------- gating against a baseline
@@ -101,7 +109,7 @@ def significance_note(counts: PairedCounts, alpha: float) -> str:
             f"--alpha {alpha:g}")
 
 # The settings under which two accuracies are comparable at all; a baseline scored otherwise is not gated.
-GATED_SETTINGS: tuple[str, ...] = ("template", "shots", "split", "scoring", "data_sha256", "fit")
+GATED_SETTINGS: tuple[str, ...] = ("template", "shots", "split", "scoring", "data_sha256", "fit", "task_sha256")
 
 
 def gate_settings(meta: dict) -> dict[str, object]:
@@ -109,7 +117,8 @@ def gate_settings(meta: dict) -> dict[str, object]:
     meta written before a setting existed implies the behaviour of then, cache.IMPLIED_EXTRA)."""
     extra = {**IMPLIED_EXTRA, **(meta.get("extra") or {})}
     return {"template": meta.get("template"), "shots": meta.get("shots"), "split": meta.get("split"),
-            "scoring": extra.get("scoring"), "data_sha256": extra.get("data_sha256"), "fit": extra.get("fit")}
+            "scoring": extra.get("scoring"), "data_sha256": extra.get("data_sha256"), "fit": extra.get("fit"),
+            "task_sha256": extra.get("task_sha256")}  # a user's task file: its version (None for a shipped task)
 
 
 def settings_differences(baseline_meta: dict, run_meta: dict, prompts_fitted: bool = True) -> list[str]:
@@ -146,13 +155,9 @@ def read_baseline_meta(subject_acc: str | os.PathLike) -> dict | None:
         raise ValueError(str(exc)) from None
 
 
-def in_class(subject: str, key: str) -> bool:
-    """Whether a subject's questions count towards a classes_acc.json entry."""
-    if key == AVG:
-        return True
-    if key == AVG_HARD:
-        return subject in HARD_SUBJECTS
-    return get_subject(subject).category == key
+def in_class(subject: str, key: str, grouping: Grouping = CEVAL_GROUPING) -> bool:
+    """Whether a subject's questions count towards a classes_acc.json entry (of the task ``grouping`` is of)."""
+    return key in grouping.keys_of(subject)
 
 
 @dataclass(frozen=True)
@@ -167,8 +172,9 @@ class CategoryVerdict:
 def gate_categories(run_subjects: dict[str, float], run_classes: dict[str, float],
                     base_subjects: dict[str, float], base_classes: dict[str, float],
                     max_drop: float, paired: Callable[[str], PairedCounts] | None = None,
-                    alpha: float = 0.05) -> list[CategoryVerdict]:
-    """The pooled category (and Avg, Avg(Hard)) accuracies of a run against a baseline's.
+                    alpha: float = 0.05, grouping: Grouping = CEVAL_GROUPING) -> list[CategoryVerdict]:
+    """The pooled category (and Avg, and the task file's groups: C-Eval's Avg(Hard)) accuracies of a run against
+    a baseline's; ``grouping``: the task's (aggregate.grouping), C-Eval's by default.
 
     Only categories the baseline has are looked at. A category is gated only when the run holds exactly
     the baseline's subjects of it: a pooled accuracy over other questions is not comparable. ``paired``
@@ -176,12 +182,12 @@ def gate_categories(run_subjects: dict[str, float], run_classes: dict[str, float
     fails only when McNemar's p is below ``alpha``.
     """
     verdicts = []
-    for key in CLASS_KEYS:
+    for key in grouping.class_keys:
         base = base_classes.get(key)
         if base is None:
             continue
-        want = {s for s in base_subjects if in_class(s, key)}
-        have = {s for s in run_subjects if in_class(s, key)}
+        want = {s for s in base_subjects if in_class(s, key, grouping)}
+        have = {s for s in run_subjects if in_class(s, key, grouping)}
         acc = run_classes.get(key)
         if want != have or acc is None:
             extra = f", and {len(have - want)} the baseline lacks" if have - want else ""

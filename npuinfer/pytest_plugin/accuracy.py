@@ -1,12 +1,13 @@
-"""C-Eval suite (accuracy/): options, one case per model x subject, resumable rows, baseline gate, report.
+"""The accuracy suite (accuracy/): options, one case per task x model x subject, resumable rows, baseline gate, report.
 
 A case scores the questions of one subject that the cache does not hold yet (``CevalRun``), records its
 accuracy as user properties, and fails when ``--baseline`` has the subject more than ``--max-acc-drop``
 higher. Every process (xdist workers, concurrent runs) appends to the run's cache.csv under its lock; the
 controller (or the only process of a serial run) rewrites it sorted when the session ends and writes the
-report, so both runs leave the same files. Then it gates the pooled category accuracies (and Avg, Avg(Hard)) of the rebuilt report
-against the baseline's classes_acc.json, for the categories whose subjects the run covers exactly as the
-baseline does; a drop fails the session. A baseline scored with other settings (template, shots, split,
+report, so both runs leave the same files. Then it gates the pooled category accuracies (and Avg, and the task
+file's groups: C-Eval's Avg(Hard), CMMLU's China specific) of each task's rebuilt report against the baseline's
+classes_acc.json of the same task, for the groups whose subjects the run covers exactly as the baseline does; a
+drop fails the session. A baseline scored with other settings (template, shots, split,
 scoring, data, fit) is not gated at all, with a warning naming what differs; fit counts as a difference only when
 a prompt of the run was over the model's length (otherwise both fits give the same prompts).
 ``--acc-test mcnemar --alpha A``: a drop beyond ``--max-acc-drop`` (per subject, and per category at the end) fails
@@ -25,21 +26,21 @@ from pathlib import Path
 import pytest
 
 from ..backends import BackendUnsupported
-from ..ceval.aggregate import aggregate
+from ..ceval.aggregate import aggregate, grouping
 from ..ceval.cache import PROMPT_FIT, CacheError, read_cache, read_meta
 from ..ceval.dataset import SPLITS, CevalDataError, available_subjects, sample_dir
 from ..ceval.prompts import FITS, TEMPLATES
 from ..ceval.report import CLASSES_ACC, SUBJECT_ACC, rebuild_report
 from ..ceval.rows import CEVAL_TASK, rules_for, task_of
 from ..ceval.taskdata import TaskData
-from ..tasks.spec import TaskFileError, load_task, task_names
+from ..tasks.spec import TaskFileError, TaskSpec, is_task_path, load_task, task_names
 from ..parallel import dist as tp_dist
 from ..ceval.run import (
     CevalRun,
     NonFiniteScores,
     RunSettings,
     SubjectResult,
-    find_task_baseline,
+    read_results_dir,
     record_prompt_fit,
     results_dir,
 )
@@ -51,7 +52,7 @@ from ..gates.accuracy import (
     read_baseline_rows,
     significance_note,
     any_prompt_fitted,
-    find_baseline,
+    find_run_baseline,
     gate_categories,
     read_baseline_meta,
     read_subject_accuracy,
@@ -62,7 +63,6 @@ from ..ceval.scoring import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, SCORING_
 from ..device import get_device
 from ..options import RunConfig, non_negative_int, positive_int
 from ..registry import DEFAULT_MODEL
-from ..results.naming import ResultName
 from .common import GROUP, SERVED_BACKENDS, BackendCache, selected_models, session_run, xdist_worker_id
 
 # user_properties keys: how a case's results reach the controller under xdist.
@@ -110,8 +110,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup(GROUP)
     group.addoption("--task", action="append", default=None, dest="accuracy_tasks", metavar="TASK",
                     help="accuracy task to run, repeatable: a task file shipped in npuinfer/tasks (ceval, cmmlu, "
-                         "mmlu, gsm8k, gsm8k_cot); default ceval. Cases: test_ceval[<model>-<subject>] for C-Eval, "
-                         "test_task[<task>-<model>-<subject>] for the others")
+                         "mmlu, gsm8k, gsm8k_cot), or the path of a task file of your own (.yaml; known then by "
+                         "its task: name, which must be its own); default ceval. Cases: "
+                         "test_ceval[<model>-<subject>] for C-Eval, test_task[<task>-<model>-<subject>] for the others")
     group.addoption("--task-dir", action="append", type=_task_dir, default=[], dest="accuracy_task_dirs",
                     metavar="TASK=DIR", help="a task's data in its official layout (repeatable; default: the small "
                                              "sample shipped with npuinfer; C-Eval: --ceval-dir)")
@@ -123,8 +124,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--shot", type=non_negative_int, default=None, dest="ceval_shot",
                     help="k-shot examples from the first dev rows (default: the task file's num_fewshot, 5 for "
                          "C-Eval; dropped from the end to fit with --fit shots)")
-    group.addoption("--template", default="lmeval", choices=list(TEMPLATES), dest="ceval_template",
-                    help="prompt: lmeval (lm-evaluation-harness ceval-valid) or atb (the Ascend tool's)")
+    group.addoption("--template", default=None, choices=list(TEMPLATES), dest="ceval_template",
+                    help="prompt: lmeval (lm-evaluation-harness ceval-valid) or atb (the Ascend tool's); default: "
+                         "the task file's own prompt (lmeval for the shipped tasks)")
     group.addoption("--fit", default=None, choices=list(FITS), dest="ceval_fit",
                     help="a prompt over the model's length: truncate (lm-eval's: every prompt keeps the shots, an "
                          "over-long one loses its first tokens; default for --template lmeval) or shots (shots "
@@ -142,9 +144,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="generation tasks (gsm8k, gsm8k_cot): tokens generated at most per question (default: the "
                          "task file's generation_kwargs.max_gen_toks, 256 as lm-eval's)")
     group.addoption("--max-acc-drop", type=_fraction, default=0.0, dest="ceval_max_acc_drop",
-                    help="C-Eval: allowed accuracy drop below the baseline per subject (default 0)")
+                    help="every task: allowed accuracy drop below the baseline per subject, and per category (group) at "
+                         "the session's end (default 0)")
     group.addoption("--acc-test", default="drop", choices=list(ACC_TESTS), dest="ceval_acc_test",
-                    help="C-Eval gate: drop (default: any drop beyond --max-acc-drop fails) or mcnemar (a drop beyond "
+                    help="accuracy gate: drop (default: any drop beyond --max-acc-drop fails) or mcnemar (a drop beyond "
                          "--max-acc-drop fails only when McNemar's exact test on the questions that flipped against "
                          "the baseline's cache.csv gives p < --alpha; a baseline without cache.csv falls back to "
                          "drop, with a note)")
@@ -178,11 +181,7 @@ class CevalOptions:
     def from_config(cls, config: pytest.Config) -> "CevalOptions":
         opt = config.getoption
         run = session_run(config)
-        tasks = tuple(dict.fromkeys(opt("accuracy_tasks") or [CEVAL_TASK]))
-        known = task_names()
-        for task in tasks:
-            if task not in known:
-                raise pytest.UsageError(f"--task {task}: no such task; shipped: {', '.join(known)}")
+        tasks = tuple(dict.fromkeys(_task_name(t) for t in opt("accuracy_tasks") or [CEVAL_TASK]))
         dirs = dict(opt("accuracy_task_dirs") or [])
         for task in dirs:
             if task not in tasks:
@@ -192,7 +191,8 @@ class CevalOptions:
         shots = opt("ceval_shot")
         settings = RunSettings(data_dir=data_dir, split=opt("ceval_split"),
                                shots=load_task(CEVAL_TASK).num_fewshot if shots is None else shots,
-                               template=opt("ceval_template"), scoring=opt("ceval_scoring"),
+                               template=opt("ceval_template") or load_task(CEVAL_TASK).prompt.name,
+                               scoring=opt("ceval_scoring"),
                                batch_size=opt("ceval_batch_size"), max_new_tokens=opt("ceval_max_new_tokens"),
                                fit=opt("ceval_fit"))
         others = []
@@ -203,7 +203,8 @@ class CevalOptions:
             try:
                 others.append((task, RunSettings(
                     data_dir=Path(dirs[task]) if task in dirs else spec.sample_dir(), task=task,
-                    shots=spec.num_fewshot if shots is None else shots, template=opt("ceval_template"),
+                    shots=spec.num_fewshot if shots is None else shots,
+                    template=opt("ceval_template") or spec.prompt.name,
                     scoring=opt("ceval_scoring"), batch_size=opt("ceval_batch_size"),
                     max_new_tokens=opt("ceval_max_new_tokens"),
                     fit=opt("ceval_fit") if spec.output_type == "multiple_choice" else None,
@@ -213,12 +214,32 @@ class CevalOptions:
         # The run's device as asked for (xdist workers on npu:N/cuda:N add their index): one directory per run;
         # a served backend's run is of the endpoint, not of this machine.
         label = run.backend if run.backend in SERVED_BACKENDS else get_device(run.device).label
-        if run.chat and (run.backend not in SERVED_BACKENDS or settings.scoring != "generate"):
-            raise pytest.UsageError("--chat: asks a served model (--backend openai) for the answer letter, so it "
-                                    f"needs --scoring generate (this run: --backend {run.backend}, --scoring "
-                                    f"{settings.scoring})")
+        by_loglikelihood = [t for t in tasks if load_task(t).output_type == "multiple_choice"
+                            and settings.scoring != "generate"]
+        if run.chat and (run.backend not in SERVED_BACKENDS or by_loglikelihood):
+            raise pytest.UsageError("--chat: asks a served model (--backend openai) for a generation: the answer "
+                                    "letter of a multiple-choice task, so it needs --scoring generate, or a "
+                                    f"generation task's text (this run: --backend {run.backend}, --scoring "
+                                    f"{settings.scoring}, --task {' --task '.join(tasks)})")
         return cls(run, settings, opt("ceval_max_acc_drop"), opt("npuinfer_baseline"), label,
                    opt("ceval_acc_test"), opt("ceval_alpha"), tasks, tuple(others))
+
+
+def _task_name(text: str) -> str:
+    """A --task value as a task name: a shipped name, or a task file's path read (and known from then on by its
+    task: name); an error names the option, the file and the field."""
+    if not is_task_path(text):
+        known = task_names()
+        if text not in known:
+            raise pytest.UsageError(f"--task {text}: no such task; shipped: {', '.join(known)}; or give the path "
+                                    "of a task file (.yaml)")
+        return text
+    if not Path(text).is_file():
+        raise pytest.UsageError(f"--task {text}: no such task file")
+    try:
+        return load_task(text).task
+    except TaskFileError as exc:
+        raise pytest.UsageError(f"--task {text}: {exc}") from None
 
 
 _OPTIONS = pytest.StashKey[CevalOptions]()
@@ -339,8 +360,7 @@ class CevalSuite:
     def _baseline_for(self, model: str, task: str = CEVAL_TASK) -> tuple[Path | None, dict[str, float], dict | None]:
         """The baseline's subject_acc.json, its accuracies, and its cache_meta.json (None: none beside it)."""
         if (task, model) not in self._baselines:
-            path = (find_baseline(self.baseline, model, self.device_label) if task == CEVAL_TASK
-                    else find_task_baseline(self.baseline, task, model, self.device_label))
+            path = find_run_baseline(self.baseline, task, model, self.device_label)
             accs = read_subject_accuracy(path) if path else {}
             meta = read_baseline_meta(path) if path else None
             self._baselines[(task, model)] = (path, accs, meta)
@@ -457,18 +477,20 @@ class CevalSessionReport:
             except (CacheError, ValueError, OSError) as exc:
                 self.written.append((Path(out_dir), [], exc))
                 continue
-            if self.baseline and agg is not None and task == CEVAL_TASK:  # categories: C-Eval's gate only
-                self._gate_categories(Path(out_dir))
+            if self.baseline and agg is not None:
+                self._gate_categories(Path(out_dir), task, spec)
         failed = any(isinstance(v, CategoryVerdict) and v.status == "failed"
                      for _, verdicts in self.category_gates.values() for v in verdicts)
         if failed and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
-    def _gate_categories(self, out_dir: Path) -> None:
-        """Pooled category accuracies of the rebuilt report against the baseline's classes_acc.json."""
-        named = ResultName.parse(out_dir.name)  # ceval_<model>_<device>, made by ceval.run.results_dir
+    def _gate_categories(self, out_dir: Path, task: str, spec: TaskSpec | None) -> None:
+        """Pooled category (group) accuracies of the rebuilt report against the baseline's classes_acc.json, over
+        the groups the task declares (C-Eval's when ``spec`` is None)."""
+        named = read_results_dir(out_dir)  # <task>_<model>_<device>, made by ceval.run.results_dir
         model, device_label = named.model, named.device
-        path = find_baseline(self.baseline, model, device_label)
+        groups = grouping(spec)
+        path = find_run_baseline(self.baseline, task, model, device_label)
         if path is None:
             self.category_gates[out_dir] = (None, [f"categories not gated: no subject_acc.json for {model} "
                                                    f"in {self.baseline}"])
@@ -480,6 +502,8 @@ class CevalSessionReport:
             fitted = any_prompt_fitted((run_meta.get(PROMPT_FIT) or {}).get(s) for s in
                                        read_subject_accuracy(out_dir / SUBJECT_ACC))
             differ = settings_differences(meta, run_meta, prompts_fitted=fitted) if meta is not None else []
+            if meta is not None and task_of(meta) != task:
+                differ.append(f"task {task_of(meta)!r} (baseline) vs {task!r} (this run)")
             if differ:
                 lines = [f"categories not gated: the baseline was scored with other settings: {'; '.join(differ)}"]
             elif not classes.is_file():
@@ -495,11 +519,12 @@ class CevalSessionReport:
                         run_rows = read_cache(out_dir)
 
                         def paired(key: str):
-                            return paired_against(base_rows, [r for r in run_rows if in_class(r.subject, key)], key)
+                            return paired_against(base_rows, [r for r in run_rows
+                                                              if in_class(r.subject, key, groups)], key)
                 lines = gate_categories(read_subject_accuracy(out_dir / SUBJECT_ACC),
                                         read_subject_accuracy(out_dir / CLASSES_ACC, "category"),
                                         read_subject_accuracy(path), read_subject_accuracy(classes, "category"),
-                                        self.max_drop, paired, self.alpha)
+                                        self.max_drop, paired, self.alpha, groups)
                 if meta is None:
                     lines.insert(0, f"settings not checked: no cache_meta.json beside {path}")
                 if note:

@@ -1,9 +1,10 @@
 """Two runs side by side: the tables of a bring-up report (REFERENCE.md section 4).
 
-A run is a results directory: ``performance_<model>_<device>.csv`` files and/or C-Eval directories
-``ceval_<model>_<device>/`` with ``subject_acc.json`` and ``classes_acc.json``. Runs are matched per
-model (the device is what differs between an NPU run and a GPU run); performance rows on
-(model, batch, input, output), accuracy on subject and category.
+A run is a results directory: ``performance_<model>_<device>.csv`` files and/or accuracy directories of any task
+``<task>_<model>_<device>/`` (``ceval_``, ``mmlu_``, ``gsm8k_``, a user's task) with ``subject_acc.json`` and
+``classes_acc.json``. Runs are matched per model (the device is what differs between an NPU run and a GPU run);
+performance rows on (model, batch, input, output), accuracy per task on subject and on the task's categories
+(groups); a task's results are only ever compared with the same task's.
 
 Every row is in one table: a case, subject or model present in one run only is listed with a note
 saying so, never dropped. Ratio columns are ``A/B`` (the published 对比 column), difference columns
@@ -20,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..ceval.aggregate import AVG, AVG_HARD, CLASS_KEYS
+from ..ceval.aggregate import Grouping, grouping
 from ..ceval.report import CLASSES_ACC, SUBJECT_ACC
-from ..ceval.subjects import HARD_SUBJECTS, SUBJECT_NAMES, get_subject
+from ..ceval.rows import CEVAL_TASK
+from ..ceval.run import read_results_dir
+from ..tasks.spec import load_task
 from ..results.performance import BATCH, FIRST, INPUT, NEXT, OUTPUT, POST, PRE, QUIET, QUIET_REASONS, RESPONSE, \
     THROUGHPUT
 from ..results.naming import model_of
@@ -69,7 +72,11 @@ class Run:
     path: Path
     performance: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # model -> rows
     performance_files: dict[str, list[Path]] = field(default_factory=dict)
-    accuracy: dict[str, tuple[Path, dict, dict]] = field(default_factory=dict)  # model -> (dir, subjects, classes)
+    # (task, model) -> (dir, subjects, classes)
+    accuracy: dict[tuple[str, str], tuple[Path, dict, dict]] = field(default_factory=dict)
+
+    def accuracy_models(self) -> set[str]:
+        return {model for _, model in self.accuracy}
 
 
 def _read_json(path: Path) -> dict:
@@ -99,18 +106,21 @@ def read_run(path: str | Path, what: str = "run") -> Run:
             run.performance_files.setdefault(model, [])
             if csv_path not in run.performance_files[model]:
                 run.performance_files[model].append(csv_path)
-    for acc in sorted(root.glob(f"ceval_*/{SUBJECT_ACC}")):
-        model = model_of(acc.parent)
+    for acc in sorted(root.glob(f"*/{SUBJECT_ACC}")):
+        named = read_results_dir(acc.parent)
+        if named is None:
+            continue  # not an accuracy run's directory
+        key = (named.task, named.model)
         classes_path = acc.parent / CLASSES_ACC
         subjects = _read_json(acc)
         classes = _read_json(classes_path) if classes_path.is_file() else {}
-        if model in run.accuracy:
-            raise ValueError(f"{what} {root}: two C-Eval directories for {model} ({run.accuracy[model][0].name}, "
-                             f"{acc.parent.name}): compare runs of one device each")
-        run.accuracy[model] = (acc.parent, subjects, classes)
+        if key in run.accuracy:
+            raise ValueError(f"{what} {root}: two {task_title(named.task)} directories for {named.model} "
+                             f"({run.accuracy[key][0].name}, {acc.parent.name}): compare runs of one device each")
+        run.accuracy[key] = (acc.parent, subjects, classes)
     if not run.performance and not run.accuracy:
         raise ValueError(f"{what} {root}: no performance_<model>_<device>.csv and no "
-                         f"ceval_<model>_<device>/{SUBJECT_ACC}: nothing to compare")
+                         f"<task>_<model>_<device>/{SUBJECT_ACC} (ceval_, mmlu_, gsm8k_, ...): nothing to compare")
     return run
 
 
@@ -239,12 +249,13 @@ def performance_settings(run: Run, model: str) -> str:
 # --------------------------------------------------------------------------------------------- accuracy
 
 
-def _category_order() -> list[str]:
-    return list(CLASS_KEYS)
+def task_title(task: str) -> str:
+    return "C-Eval" if task == CEVAL_TASK else task
 
 
-def _subject_order(name: str) -> tuple[int, str]:
-    return (SUBJECT_NAMES.index(name), name) if name in SUBJECT_NAMES else (len(SUBJECT_NAMES), name)
+def task_grouping(task: str) -> Grouping:
+    """The task's subject groups (its file's; C-Eval's categories, Avg and Avg(Hard))."""
+    return grouping(None if task == CEVAL_TASK else load_task(task))
 
 
 def _accuracies(data: Mapping[str, object]) -> tuple[dict[str, float], str]:
@@ -254,13 +265,14 @@ def _accuracies(data: Mapping[str, object]) -> tuple[dict[str, float], str]:
     return {k: float(v) for k, v in data.items() if _num(v) is not None}, ""
 
 
-def _class_members(subjects: Mapping[str, object]) -> dict[str, set[str]]:
-    """Category / Avg / Avg(Hard) -> the run's subjects pooled into it."""
+def _class_members(subjects: Mapping[str, object], g: Grouping) -> dict[str, set[str]]:
+    """Category / Avg / the task's groups -> the run's subjects pooled into it."""
     members: dict[str, set[str]] = {}
     for name in subjects:
-        if name not in SUBJECT_NAMES:
+        try:
+            keys = g.keys_of(name)
+        except KeyError:  # not a subject of the task (a test-split report's keys)
             continue
-        keys = [get_subject(name).category, AVG] + ([AVG_HARD] if name in HARD_SUBJECTS else [])
         for key in keys:
             members.setdefault(key, set()).add(name)
     return members
@@ -269,24 +281,27 @@ def _class_members(subjects: Mapping[str, object]) -> dict[str, set[str]]:
 def accuracy_rows(a: Run, b: Run, labels: Labels) -> tuple[list[dict[str, object]], list[str]]:
     out: list[dict[str, object]] = []
     notes: list[str] = []
-    for model in sorted(set(a.accuracy) | set(b.accuracy)):
-        if model not in a.accuracy or model not in b.accuracy:
-            notes.append(f"{model}: accuracy only in {labels.a if model in a.accuracy else labels.b}")
-        for group, index, order in (("category", 2, _category_order()), ("subject", 1, None)):
+    for key in sorted(set(a.accuracy) | set(b.accuracy)):
+        task, model = key
+        title = f"{model} {task_title(task)}"
+        if key not in a.accuracy or key not in b.accuracy:
+            notes.append(f"{title}: accuracy only in {labels.a if key in a.accuracy else labels.b}")
+        g = task_grouping(task)
+        for group, index, order in (("category", 2, list(g.class_keys)), ("subject", 1, None)):
             per_run = {}
             for label, run in ((labels.a, a), (labels.b, b)):
-                if model in run.accuracy:
-                    values, why = _accuracies(run.accuracy[model][index])
+                if key in run.accuracy:
+                    values, why = _accuracies(run.accuracy[key][index])
                     per_run[label] = values
                     if why:
-                        notes.append(f"{label} {model}: {why}")
+                        notes.append(f"{label} {title}: {why}")
             names = set().union(*per_run.values()) if per_run else set()
             if order is not None:
                 ordered = [n for n in order if n in names] + sorted(names - set(order))
             else:
-                ordered = sorted(names, key=_subject_order)
-            members = {label: _class_members(run.accuracy[model][1]) for label, run in ((labels.a, a), (labels.b, b))
-                       if model in run.accuracy} if group == "category" else {}
+                ordered = sorted(names, key=g.order)
+            members = {label: _class_members(run.accuracy[key][1], g) for label, run in ((labels.a, a), (labels.b, b))
+                       if key in run.accuracy} if group == "category" else {}
             for name in ordered:
                 va, vb = per_run.get(labels.a, {}).get(name), per_run.get(labels.b, {}).get(name)
                 note = "" if va is not None and vb is not None else f"only in {labels.a if va is not None else labels.b}"
@@ -295,7 +310,7 @@ def accuracy_rows(a: Run, b: Run, labels: Labels) -> tuple[list[dict[str, object
                     if ma != mb:
                         note = (f"pooled over different subjects: {len(ma)} in {labels.a}, {len(mb)} in {labels.b}, "
                                 f"{len(ma & mb)} in both")
-                out.append({"model": model, "group": group, "name": name, labels.a: va, labels.b: vb,
+                out.append({"task": task, "model": model, "group": group, "name": name, labels.a: va, labels.b: vb,
                             labels.diff: difference(va, vb), labels.ratio: ratio(va, vb), "note": note})
     return out, notes
 
@@ -311,7 +326,8 @@ class Comparison:
     performance: list[dict[str, object]]
     accuracy: list[dict[str, object]]
     notes: list[str]
-    paired: dict[str, PairedRuns] = field(default_factory=dict)  # model -> question-by-question comparison
+    # (task, model) -> question-by-question comparison
+    paired: dict[tuple[str, str], PairedRuns] = field(default_factory=dict)
 
     def busy_warning(self) -> str | None:
         """Said when either run has a row measured on a busy machine: its ratios may show the other processes."""
@@ -333,7 +349,7 @@ class Comparison:
 
     def accuracy_columns(self) -> list[str]:
         la = self.labels
-        return ["model", "group", "name", la.a, la.b, la.diff, la.ratio, "note"]
+        return ["task", "model", "group", "name", la.a, la.b, la.diff, la.ratio, "note"]
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, labels: Labels) -> Comparison:
@@ -341,25 +357,36 @@ def compare_runs(run_a: str | Path, run_b: str | Path, labels: Labels) -> Compar
     paired = pair_single_models(a, b)
     perf, perf_notes = performance_rows(a, b, labels)
     acc, acc_notes = accuracy_rows(a, b, labels)
-    questions = {model: pair_runs(a.accuracy[model][0], b.accuracy[model][0])
-                 for model in sorted(a.accuracy.keys() & b.accuracy.keys())
-                 if (a.accuracy[model][0] / "cache.csv").is_file() and (b.accuracy[model][0] / "cache.csv").is_file()}
-    return Comparison(labels, a, b, perf, acc, paired + perf_notes + acc_notes, questions)
+    questions = {key: pair_runs(a.accuracy[key][0], b.accuracy[key][0])
+                 for key in sorted(a.accuracy.keys() & b.accuracy.keys())
+                 if (a.accuracy[key][0] / "cache.csv").is_file() and (b.accuracy[key][0] / "cache.csv").is_file()}
+    return Comparison(labels, a, b, perf, acc, paired + _task_notes(a, b, labels) + perf_notes + acc_notes, questions)
+
+
+def _task_notes(a: Run, b: Run, labels: Labels) -> list[str]:
+    """Runs whose accuracy results share no task: nothing of theirs is compared or paired, and they are told so."""
+    tasks_a, tasks_b = {t for t, _ in a.accuracy}, {t for t, _ in b.accuracy}
+    if not tasks_a or not tasks_b or tasks_a & tasks_b:
+        return []
+    return [f"{labels.a} holds {', '.join(sorted(map(task_title, tasks_a)))} and {labels.b} "
+            f"{', '.join(sorted(map(task_title, tasks_b)))}: no task in both; results of different tasks are never "
+            "compared or paired question by question"]
 
 
 def pair_single_models(a: Run, b: Run) -> list[str]:
     """One model in each run under different names (a float directory and its quantized copy, qwen-7b and
     qwen-7b-w8a16): they are compared with each other, under the name ``A-name / B-name``."""
-    models_a = set(a.performance) | set(a.accuracy)
-    models_b = set(b.performance) | set(b.accuracy)
+    models_a = set(a.performance) | a.accuracy_models()
+    models_b = set(b.performance) | b.accuracy_models()
     if len(models_a) != 1 or len(models_b) != 1 or models_a == models_b:
         return []
     (ma,), (mb,) = models_a, models_b
     name = f"{ma} / {mb}"
     for run, model in ((a, ma), (b, mb)):
-        for table in (run.performance, run.performance_files, run.accuracy):
+        for table in (run.performance, run.performance_files):
             if model in table:
                 table[name] = table.pop(model)
+        run.accuracy = {(task, name if m == model else m): v for (task, m), v in run.accuracy.items()}
     return [f"{name}: one model in each run under different names; compared with each other"]
 
 
@@ -398,19 +425,19 @@ def to_markdown(c: Comparison) -> str:
                       "",
                       markdown_table([r for r in c.performance if r["model"] == model], c.performance_columns()[1:],
                                      numeric={la.a, la.b, la.ratio, la.diff}), ""]
-    if c.accuracy:
-        lines += ["## Accuracy (C-Eval)", ""]
-        for model in dict.fromkeys(r["model"] for r in c.accuracy):
-            rows = [r for r in c.accuracy if r["model"] == model]
+    for task in dict.fromkeys(r["task"] for r in c.accuracy):
+        lines += [f"## Accuracy ({task_title(task)})", ""]
+        for model in dict.fromkeys(r["model"] for r in c.accuracy if r["task"] == task):
+            rows = [r for r in c.accuracy if r["model"] == model and r["task"] == task]
             for group, title in (("category", "by category"), ("subject", "by subject")):
                 part = [r for r in rows if r["group"] == group]
                 if part:
                     lines += [f"### {model}, {title}", "",
                               markdown_table(part, ["name", la.a, la.b, la.diff, la.ratio, "note"],
                                              numeric={la.a, la.b, la.diff, la.ratio}), ""]
-    for model, pr in c.paired.items():
+    for (task, model), pr in c.paired.items():
         o = pr.overall
-        lines += [f"## {model}: question by question", "",
+        lines += [f"## {model} {task_title(task)}: question by question", "",
                   f"{o.questions} questions scored by both runs, {o.agree} predicted alike; {o.right_to_wrong} right in "
                   f"{la.a} and wrong in {la.b}, {o.wrong_to_right} the reverse; McNemar's exact p = {o.p_value:.4g} "
                   f"({'a difference beyond chance at 0.05' if o.p_value < 0.05 else 'no difference beyond chance at 0.05'})"

@@ -1,4 +1,4 @@
-"""Two C-Eval runs of the same questions compared question by question: reference vs deployment, float vs W8,
+"""Two runs of one task on the same questions compared question by question (any task: C-Eval, MMLU, GSM8K...): reference vs deployment, float vs W8,
 tp 1 vs tp 2, in-process vs served. Per subject and overall: how many questions both runs answered alike, the
 flips (right in A and wrong in B, and the reverse), and McNemar's exact test on the flips: whether a difference
 in accuracy is more than chance on these questions (a fixed drop limit cannot tell on 52 small subjects).
@@ -8,8 +8,9 @@ for X ~ Binomial(b + c, 1/2); no flips give p = 1.
 
 Log-prob drift, where both runs scored by log-likelihood (cache.csv's logprobs column): over the questions both
 hold, the largest and the 99th percentile (nearest rank) of |log-likelihood in A - in B|, of every choice and of
-the choice A predicted. A run scored by generation, or cached before the column existed, has none: "not
-available", with the reason.
+the choice A predicted. A run scored by generation (GSM8K: right or wrong by exact match, so flips and McNemar
+apply), or cached before the column existed, has none: "not available", with the reason. Runs of two different
+tasks are never paired: an error naming both.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..ceval.cache import read_cache
+from ..ceval.cache import read_cache, read_meta
+from ..ceval.rows import task_of
 from ..ceval.dataset import CHOICES
 from ..ceval.scored import ScoredRow
 
@@ -107,8 +109,12 @@ def log_prob_drift(pairs: list[tuple[ScoredRow, ScoredRow]], label_a: str = "A",
 
 
 def pair_runs(dir_a: str | Path, dir_b: str | Path) -> PairedRuns:
-    """The questions both C-Eval result directories scored, paired by (subject, question id); a question whose
-    answer differs between the two is an error naming it (the runs are not of the same data)."""
+    """The questions both result directories (of one task) scored, paired by (subject, question id); runs of two
+    tasks, or a question whose answer differs between the two, are an error naming them (not the same data)."""
+    task_a, task_b = task_of(read_meta(dir_a)), task_of(read_meta(dir_b))
+    if task_a != task_b:
+        raise ValueError(f"{dir_a} holds task {task_a!r} and {dir_b} task {task_b!r}: runs of different tasks are "
+                         "never paired question by question")
     a = {r.key: r for r in read_cache(dir_a)}
     b = {r.key: r for r in read_cache(dir_b)}
     per_subject: dict[str, PairedCounts] = {}

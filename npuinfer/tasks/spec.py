@@ -1,6 +1,6 @@
 """Task files: what a benchmark is, as data (lm-evaluation-harness's task yaml, its keys where they fit).
 
-A task file (``npuinfer/tasks/<name>.yaml``, or any path) says where the rows are and in which layout, which
+A task file (``npuinfer/tasks/<name>.yaml``, or a user's file by path) says where the rows are and in which layout, which
 split is scored and which one gives the shots, how a row becomes a prompt, what is scored (choices by
 log-likelihood, or a generation and the pattern its answer is read with), the metric, and the subject table
 the summary groups by. Read with PyYAML's safe loader; templates are Python ``str.format`` strings whose
@@ -15,6 +15,11 @@ Keys (lm-eval's name where it has one):
   subjects_file, categories, groups, description, doc_to_text, strip (row fields stripped before rendering), doc_to_choice,
   doc_to_target, target_delimiter, fewshot_delimiter, generation_kwargs (until, max_gen_toks),
   filter_list (name, regex_pattern, group_select), metric_list, templates (named prompt variants).
+
+Paths in a file (dataset.sample or its synonym dataset.data_dir, subjects_file) are relative to the package for a
+shipped task, to the file's own directory for a user's. A user's task is known by its ``task:`` name once its file
+is read (``load_task(path)``): that name may be neither a shipped task's nor another file's, since its results
+directory and cache are named after it.
 """
 from __future__ import annotations
 
@@ -114,6 +119,11 @@ class TaskSpec:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
+    def shipped(self) -> bool:
+        """A task file of npuinfer's own (npuinfer/tasks/), not a user's."""
+        return self.path.parent == TASKS_DIR.resolve()
+
+    @property
     def subject_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.subjects)
 
@@ -134,7 +144,8 @@ class TaskSpec:
 
     def sample_dir(self) -> Path:
         if self.sample is None:
-            raise TaskFileError(f"{self.path}: dataset.sample: the task ships no sample; pass a data directory")
+            raise TaskFileError(f"{self.path}: dataset.data_dir: none given (nor dataset.sample); pass the data "
+                                f"directory with --task-dir {self.task}=DIR")
         return self.sample
 
 
@@ -144,20 +155,51 @@ def task_names() -> list[str]:
 
 
 _CACHE: dict[Path, TaskSpec] = {}
+_USER: dict[str, Path] = {}  # a user's task name -> its file, once read in this process
+
+
+def is_task_path(text: str | Path) -> bool:
+    """Whether ``--task`` names a task file (a .yaml / .yml path) rather than a task."""
+    return Path(text).suffix in (".yaml", ".yml")
+
+
+def is_known_task(name: str) -> bool:
+    """Whether ``load_task(name)`` finds the task: a shipped one, or a user's whose file was read here."""
+    return name in _USER or (TASKS_DIR / f"{name}.yaml").is_file()
 
 
 def load_task(name_or_path: str | Path) -> TaskSpec:
-    """A shipped task by name (``mmlu``) or a task file by path; read once per process."""
+    """A shipped task by name (``mmlu``), a user's task by the name its file gave once read, or a task file by
+    path; read once per process."""
     path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
+    if not is_task_path(path):
+        if str(name_or_path) in _USER:
+            return _CACHE[_USER[str(name_or_path)]]
         path = TASKS_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             raise TaskFileError(f"unknown task {name_or_path!r}: no {path.name} among the shipped tasks "
                                 f"({', '.join(task_names())}); or pass a task file's path")
     path = path.resolve()
     if path not in _CACHE:
-        _CACHE[path] = _read(path)
+        spec = _read(path)
+        if not spec.shipped:
+            _claim_name(spec)
+        _CACHE[path] = spec
     return _CACHE[path]
+
+
+def _claim_name(spec: TaskSpec) -> None:
+    """A user's task name is its results directory's and its cache's: never a shipped task's, nor another
+    file's in the same process (their rows would mix)."""
+    if spec.task in task_names():
+        raise TaskFileError(f"{spec.path}: task: {spec.task!r} is the name of a shipped task "
+                            f"({TASKS_DIR / (spec.task + '.yaml')}); a task file of your own needs a name of its own "
+                            "(its results directory and its cache are named after it)")
+    other = _USER.get(spec.task)
+    if other is not None and other != spec.path:
+        raise TaskFileError(f"{spec.path}: task: {spec.task!r} is already the name of {other}; two task files "
+                            "need two names (their results directories and caches are named after them)")
+    _USER[spec.task] = spec.path
 
 
 class _Fields:
@@ -237,8 +279,12 @@ def _read(path: Path) -> TaskSpec:
     columns = ds.strings("columns", ())
     if layout == "csv_noheader" and not columns:
         raise ds.err("columns", "missing; a file without a header needs its column names")
+    root = PACKAGE_ROOT if path.parent == TASKS_DIR.resolve() else path.parent
     sample = ds.get("sample", str, None)
-    subjects, categories, hard = _subjects(f)
+    if sample is not None and ds.get("data_dir", str, None) is not None:
+        raise ds.err("data_dir", "give dataset.sample or dataset.data_dir (the same thing), not both")
+    sample = sample if sample is not None else ds.get("data_dir", str, None)
+    subjects, categories, hard = _subjects(f, root)
     row_fields = columns or None
     prompt_name = f.get("prompt_name", str, "default")
     prompt = _prompt(f, prompt_name, row_fields)
@@ -267,7 +313,7 @@ def _read(path: Path) -> TaskSpec:
     return TaskSpec(
         path=path, task=f.get("task", str), output_type=output_type, layout=layout, files=ds.get("files", str),
         columns=columns, id_column=ds.get("id_column", str, None),
-        sample=PACKAGE_ROOT / sample if sample else None, test_split=f.get("test_split", str),
+        sample=root / sample if sample else None, test_split=f.get("test_split", str),
         fewshot_split=f.get("fewshot_split", str, None), num_fewshot=num_fewshot,
         fewshot_sampler=f.choice("fewshot_sampler", SAMPLERS, "first_n"),
         fewshot_samples=tuple(dict(s) for s in shots), subjects=subjects, categories=categories,
@@ -288,7 +334,7 @@ def _prompt(f: _Fields, name: str, row_fields: Sequence[str] | None) -> Prompt:
                   fit=f.choice("fit", ("truncate", "shots"), "truncate"))
 
 
-def _subjects(f: _Fields) -> tuple[tuple[TaskSubject, ...], tuple[str, ...], dict[str, tuple[str, ...]]]:
+def _subjects(f: _Fields, root: Path) -> tuple[tuple[TaskSubject, ...], tuple[str, ...], dict[str, tuple[str, ...]]]:
     """The subject table (CSV: subject, name_zh, category; more columns are ignored) and its categories."""
     rel = f.get("subjects_file", str, None)
     categories = f.strings("categories", ())
@@ -300,7 +346,7 @@ def _subjects(f: _Fields) -> tuple[tuple[TaskSubject, ...], tuple[str, ...], dic
     if rel is None:
         name = f.get("subject", str, f.data.get("task", "main"))
         return (TaskSubject(name, "", categories[0] if categories else "All"),), categories or ("All",), {}
-    path = PACKAGE_ROOT / rel
+    path = root / rel
     try:
         text = path.read_text(encoding="utf-8")
     except OSError:
