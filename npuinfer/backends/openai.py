@@ -221,7 +221,8 @@ class OpenAIBackend:
         yield from self._score_echoed(echoed, requests, fitted, batch_size, counters)
 
     def _ask_next_tokens(self, level: dict[tuple[int, ...], list[tuple[int, int]]], batch_size: int,
-                         counters: WorkCounters) -> Iterator[tuple[list[tuple[int, int]], tuple[dict[int, float], int]]]:
+                         counters: WorkCounters
+                         ) -> Iterator[tuple[list[tuple[int, int]], tuple[dict[int, float], int]]]:
         """One prompt per prefix: the log-probs of the tokens its members ask at the next position, from vLLM's
         ``logprob_token_ids`` (raw log-probs, before any sampling setting), and the greedy token. A server that does
         not answer so stops this (``per_context`` False, a warning); its prefixes are left unanswered."""

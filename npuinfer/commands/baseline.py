@@ -5,8 +5,8 @@
     npuinfer baseline update results/npu results/baselines/npu-qwen7b --model qwen-7b
     npuinfer baseline verify results/baselines/cpu-tiny
 
-Copies the run's performance CSVs with their calibrations and the C-Eval accuracy files
-(subject_acc.json, classes_acc.json, cache_meta.json) into BASELINE_DIR, replacing the same files and
+Copies the run's performance CSVs with their calibrations and each accuracy task's folder (ceval_, mmlu_, ...:
+subject_acc.json, classes_acc.json, cache_meta.json, cache.csv) into BASELINE_DIR, replacing the same files and
 keeping the others, and records their source, date, torch and device in BASELINE_DIR/manifest.json.
 A performance CSV keeps the rows (and calibrations) measured on other machines (cpu models): only the
 run's own machine's rows are replaced. An update is all or nothing: the directory is staged as a whole
@@ -26,7 +26,7 @@ from ..gates.baseline_store import update_baseline, verify_baseline
 def add_parser(sub) -> None:
     parser = sub.add_parser("baseline", help="make or refresh a baseline directory from a run")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    update = actions.add_parser("update", help="copy a run's performance CSVs, calibrations and C-Eval accuracy "
+    update = actions.add_parser("update", help="copy a run's performance CSVs, calibrations and accuracy (every task) "
                                                "files into a baseline directory, with a manifest")
     update.add_argument("run_dir", metavar="RUN_DIR", help="a results directory, e.g. results/ or results/run1")
     update.add_argument("baseline_dir", metavar="BASELINE_DIR", help="e.g. results/baselines/cpu-tiny")

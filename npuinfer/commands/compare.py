@@ -18,9 +18,10 @@ from ..reports.compare import compare_runs, parse_labels, to_markdown, write_com
 
 
 def add_parser(sub) -> None:
-    parser = sub.add_parser("compare", help="two results directories side by side: performance and C-Eval accuracy "
-                                            "with ratio (A/B) and difference (A-B) columns")
-    parser.add_argument("run_a", metavar="RUN_A", help="a results directory (performance_*.csv, ceval_*/)")
+    parser = sub.add_parser("compare", help="two results directories side by side: performance and accuracy (every "
+                                            "task) with ratio (A/B) and difference (A-B) columns")
+    parser.add_argument("run_a", metavar="RUN_A",
+                        help="a results directory (performance_*.csv, a task's <task>_<model>_<device>/)")
     parser.add_argument("run_b", metavar="RUN_B", help="the run to compare with (the ratio's denominator)")
     parser.add_argument("--labels", default=None, metavar="A,B",
                         help="names of the two runs in the tables, e.g. NPU,GPU (default: the directory names)")

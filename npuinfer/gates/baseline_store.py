@@ -1,6 +1,6 @@
 """Baseline storage: `npuinfer baseline update` copies a results directory's gated files (performance and
-calibration CSVs, C-Eval accuracy JSON) into a baseline directory through a staged swap, with a manifest of
-their hashes and the machine they were measured on; `npuinfer baseline verify` checks a baseline against its
+calibration CSVs, each accuracy task's JSON and cache) into a baseline directory through a staged swap, with a
+manifest of their hashes and the machine they were measured on; `npuinfer baseline verify` checks a baseline against its
 manifest. The gate that reads baselines is npuinfer.gates.performance; file names are npuinfer.results.naming.
 """
 from __future__ import annotations
@@ -20,6 +20,8 @@ from filelock import FileLock
 from ..atomic import fsync_tree, recover_interrupted_swap, sibling, swap_directory
 from ..device import cpu_model_name
 from ..results.calibration import calibration_table
+from ..ceval.report import SUBJECT_ACC
+from ..ceval.run import ResultsDir, read_results_dir
 from ..results.naming import CALIBRATION, PERFORMANCE, calibration_of, kind_of, model_of
 from ..results.performance import BATCH
 from ..results.table import read_csv, write_csv
@@ -43,13 +45,14 @@ class UpdatePlan:
 
 def plan_update(run_dir: str | Path, models: Sequence[str] | None = None) -> UpdatePlan:
     """The files of a results directory that make a baseline: performance CSVs with their calibrations,
-    and the C-Eval accuracy JSON files (with the run's settings, cache_meta.json). Errors name the
+    and each accuracy task's JSON files (with the run's settings, cache_meta.json, and its cache.csv). Errors name the
     directory or file and what was expected."""
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"RUN_DIR {run}: not a directory")
     plan = UpdatePlan()
     wanted = set(models) if models else None
+    planned: set[str] = set()  # the models something was copied for
     for csv_path in sorted(run.glob("performance_*.csv")):
         header, rows = read_csv(csv_path)
         if BATCH not in header:
@@ -62,6 +65,7 @@ def plan_update(run_dir: str | Path, models: Sequence[str] | None = None) -> Upd
             plan.warnings.append(f"{csv_path.name}: no measured (status ok) row; copied all the same")
         check_figures(csv_path, rows)
         plan.copies.append((csv_path, Path(csv_path.name)))
+        planned.add(model)
         cal = calibration_of(csv_path)
         if cal.is_file():
             check_figures(cal, read_csv(cal)[1], calibration=True)
@@ -69,32 +73,38 @@ def plan_update(run_dir: str | Path, models: Sequence[str] | None = None) -> Upd
         elif not any(r.get("served_model") for r in rows):  # a served deployment's rows are always compared raw
             plan.warnings.append(f"{csv_path.name}: no {cal.name} beside it: the gate will compare raw times "
                                  "for this model (rerun the sweep with this npuinfer to record calibrations)")
-    for acc in sorted(run.glob("ceval_*/subject_acc.json")):
+    for acc, found in accuracy_dirs(run):
         directory = acc.parent
-        model = model_of(directory)
-        if wanted is not None and model not in wanted:
+        if wanted is not None and found.model not in wanted:
             continue
         data = json.loads(acc.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or data.get("split") == "test":
             raise ValueError(f"{acc}: a test-split report has no accuracy; a baseline needs a val or dev run")
+        planned.add(found.model)
         for name in CEVAL_FILES:
             if (directory / name).is_file():
                 plan.copies.append((directory / name, Path(directory.name) / name))
             elif name not in OPTIONAL_CEVAL_FILES:
                 raise ValueError(f"{directory}: no {name} (run `npuinfer report ceval {directory}` to rebuild it)")
     if wanted is not None:
-        found = {_model_from_name(dest) for _, dest in plan.copies}
-        missing = sorted(wanted - found)
+        missing = sorted(wanted - planned)
         if missing:
             raise ValueError(f"RUN_DIR {run}: nothing for --model {', '.join(missing)}")
     if not plan.copies:
-        raise ValueError(f"RUN_DIR {run}: no performance_<model>_<device>.csv and no ceval_<model>_<device>/"
-                         "subject_acc.json: nothing to make a baseline of")
+        raise ValueError(f"RUN_DIR {run}: no performance_<model>_<device>.csv and no <task>_<model>_<device>/"
+                         "subject_acc.json (ceval_, mmlu_, ...): nothing to make a baseline of")
     return plan
 
 
-def _model_from_name(dest: Path) -> str:
-    return model_of(dest.parts[0])
+def accuracy_dirs(directory: Path) -> list[tuple[Path, ResultsDir]]:
+    """Each accuracy task's results folder in a directory (C-Eval's and every other task's): its subject_acc.json
+    and what it is (npuinfer.ceval.run.read_results_dir)."""
+    found = []
+    for acc in sorted(directory.glob(f"*/{SUBJECT_ACC}")):
+        parsed = read_results_dir(acc.parent)
+        if parsed is not None:
+            found.append((acc, parsed))
+    return found
 
 
 def _file_facts(path: Path) -> dict[str, object]:
@@ -223,7 +233,7 @@ def _as_list(value: object) -> list:
 def baseline_files(directory: Path) -> list[str]:
     """The files of a baseline directory that `update_baseline` writes and the manifest must list."""
     found = [p for p in directory.glob("performance_*.csv")] + [p for p in directory.glob("calibration_*.csv")]
-    found += [p for name in CEVAL_FILES for p in directory.glob(f"ceval_*/{name}")]
+    found += [acc.parent / name for acc, _ in accuracy_dirs(directory) for name in CEVAL_FILES]
     return sorted(p.relative_to(directory).as_posix() for p in found if p.is_file())
 
 
