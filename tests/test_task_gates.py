@@ -213,3 +213,19 @@ def test_a_users_task_named_like_a_shipped_one_is_a_usage_error(tmp_path):
     missing = run(["-m", "pytest", "accuracy", "-p", "no:cacheprovider", "-q", "--device", "cpu",
                    "--task", str(tmp_path / "nope.yaml")])
     assert missing.returncode == 4 and f"--task {tmp_path / 'nope.yaml'}: no such task file" in missing.stderr
+
+
+def test_a_stored_baseline_holds_every_tasks_folder_and_gates_them(baseline, data, tmp_path):
+    """`npuinfer baseline update` stores each task's folder (not only C-Eval's) with its cache.csv, the manifest
+    verifies, and a run gated against the stored baseline compares every task."""
+    from npuinfer.gates.baseline_store import update_baseline, verify_baseline
+
+    stored = tmp_path / "baselines" / "site"
+    update_baseline(baseline, stored)
+    for run_dir in (MMLU_DIR, GSM8K_DIR):
+        assert sorted(p.name for p in (stored / run_dir).iterdir()) == [
+            "cache.csv", "cache_meta.json", "classes_acc.json", "subject_acc.json"]
+    assert verify_baseline(stored) == (8, [])
+    proc = accuracy(tmp_path / "run", data, "--baseline", str(stored), "--acc-test", "mcnemar")
+    assert proc.returncode == 0 and "4 passed" in proc.stdout, proc.stdout[-3000:]
+    assert proc.stdout.count("Category gate against") == 2 and "not gated" not in proc.stdout.lower()
