@@ -7,6 +7,8 @@ import io
 from dataclasses import dataclass
 from importlib.resources import files
 
+from npuinfer.tasks.spec import TaskSubject
+
 CATEGORIES: tuple[str, ...] = ("STEM", "Social Science", "Humanities", "Other")
 
 HARD_SUBJECTS: tuple[str, ...] = (
@@ -22,17 +24,11 @@ HARD_SUBJECTS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
-class Subject:
-    name: str
-    name_zh: str
-    category: str
+class Subject(TaskSubject):
+    """A C-Eval subject: a task file's subject with the official val and dev question counts."""
+
     val_questions: int
     dev_questions: int
-
-    @property
-    def display_name(self) -> str:
-        """English name as prompts print it: underscores turned to spaces."""
-        return self.name.replace("_", " ")
 
 
 def _load() -> tuple[Subject, ...]:

@@ -56,6 +56,7 @@ class TaskSubject:
 
     @property
     def display_name(self) -> str:
+        """English name as prompts print it: underscores turned to spaces."""
         return self.name.replace("_", " ")
 
     def fields(self) -> dict[str, str]:
