@@ -64,9 +64,10 @@ def run_dir(tmp_path) -> Path:
 
 def test_the_committed_baseline_matches_its_manifest(capsys):
     checked, problems = verify_baseline(COMMITTED)
-    assert problems == [] and checked == 41  # 5 files for each of the 8 tiny models, and the served case's row
+    # 6 files for each of the 8 tiny models (performance, calibration, C-Eval's four), and the served case's row
+    assert problems == [] and checked == 49
     assert main(["baseline", "verify", str(COMMITTED)]) == 0
-    assert f"{COMMITTED}: 41 files match manifest.json (sha256, row counts)" in capsys.readouterr().out
+    assert f"{COMMITTED}: 49 files match manifest.json (sha256, row counts)" in capsys.readouterr().out
 
 
 def test_verify_names_each_file_that_differs_from_the_manifest(baseline, capsys):
