@@ -4,14 +4,18 @@ choice) and, for GSM8K, every generated text and its filtered answer.
 
     python comparisons/tasks_vs_lmeval.py --lmeval-python LMEVAL_VENV/bin/python                 # every task
     python comparisons/tasks_vs_lmeval.py --lmeval-python LMEVAL_VENV/bin/python --task mmlu --test 40
+    python comparisons/tasks_vs_lmeval.py --lmeval-python LMEVAL_VENV/bin/python --task cmmlu --test official
+    python comparisons/tasks_vs_lmeval.py --lmeval-python LMEVAL_VENV/bin/python --task mmlu --test official \
+        --subject anatomy --subject virology          # some subjects only (a long run in parts)
     python comparisons/tasks_vs_lmeval.py --lmeval-python LMEVAL_VENV/bin/python --task gsm8k --test 50 --json o.json
 
 The data is a synthetic copy in each task's official layout, written by npuinfer.tasks.synth (C-Eval's by
-npuinfer.ceval.synth): every subject, ``--test`` scored questions each (C-Eval: its official val counts), the
-official 5 dev rows (GSM8K: ``--train`` rows). lm-eval runs in its own interpreter (``--lmeval-python``: a venv
-with lm_eval 0.4.13 and transformers) on the model's checkpoint directory through its ``hf`` model, with each
-task's own yaml settings pointed at the local files (``dataset_path: csv`` / ``json`` with ``data_files``; a
-column keeps its text: every column is read as a string, as the published datasets hold them). npuinfer scores the
+npuinfer.ceval.synth): every subject (or the ``--subject`` ones), ``--test`` scored questions each, or with
+``--test official`` each subject's count in the published test split (CMMLU, MMLU; C-Eval: always its official
+val counts), the official 5 dev rows (GSM8K: ``--train`` rows). lm-eval runs in its own interpreter
+(``--lmeval-python``: a venv with lm_eval 0.4.13 and transformers) on the model's checkpoint directory through
+its ``hf`` model, with each task's own yaml settings pointed at the local files (``dataset_path: csv`` / ``json``
+with ``data_files``; a column keeps its text: every column is read as a string, as the published datasets hold them). npuinfer scores the
 same files in-process (its runtime, fp32, cpu). Token ids: lm-eval's ``_encode_pair`` (multiple choice) and
 ``tok_encode`` of the context (generation) against npuinfer's. Predictions: the argmax of lm-eval's
 log-likelihoods against npuinfer's letter; the largest log-likelihood difference is printed. Generations: the text
@@ -38,8 +42,8 @@ LETTERS = ("A", "B", "C", "D")
 
 # ---------------------------------------------------------------------------------------------- the data and tasks
 
-def write_data(task: str, root: Path, test: int, train: int) -> Path:
-    """A synthetic copy of the task's data in its official layout."""
+def write_data(task: str, root: Path, test: int | None, train: int, subjects: list[str] | None = None) -> Path:
+    """A synthetic copy of the task's data in its official layout (test None: the official test counts)."""
     from npuinfer.ceval.synth import write_synthetic_ceval
     from npuinfer.tasks.synth import write_cmmlu, write_gsm8k, write_mmlu
 
@@ -49,13 +53,13 @@ def write_data(task: str, root: Path, test: int, train: int) -> Path:
     if task == "ceval":
         return write_synthetic_ceval(out)
     if task == "cmmlu":
-        return write_cmmlu(out, test)
+        return write_cmmlu(out, test, subjects=subjects)
     if task == "mmlu":
-        return write_mmlu(out, test)
+        return write_mmlu(out, test, subjects=subjects)
     return write_gsm8k(out, train, test)
 
 
-def lmeval_configs(task: str, data_dir: Path) -> list[dict]:
+def lmeval_configs(task: str, data_dir: Path, subjects: list[str] | None = None) -> list[dict]:
     """lm-eval task configs: each of lm-eval's own task yamls' settings, dataset pointed at the local copy.
 
     Only the loader differs: lm-eval's MMLU rows hold ``choices`` (a list) and ``answer`` (an index) where the
@@ -88,6 +92,8 @@ def lmeval_configs(task: str, data_dir: Path) -> list[dict]:
         return [gsm8k_config(task, data_dir)]
     configs = []
     for s in spec.subjects:
+        if subjects and s.name not in subjects:
+            continue
         data_files = {split: str(data_dir / f.format(s=s.name)) for split, f in files.items()}
         configs.append({
             "task": f"local_{task}_{s.name}", "dataset_path": "csv",
@@ -197,7 +203,8 @@ def run_lmeval(python: str, configs: list[dict], model_dir: Path, generation: bo
 
 # ------------------------------------------------------------------------------------------------ npuinfer's side
 
-def npuinfer_side(task: str, data_dir: Path, loaded, batch_size: int) -> tuple[dict, float]:
+def npuinfer_side(task: str, data_dir: Path, loaded, batch_size: int,
+                  subjects: list[str] | None = None) -> tuple[dict, float]:
     """Every question's ids and prediction (or generation), keyed as lm-eval's samples are."""
     from npuinfer.backends.npuinfer import NpuinferBackend
     from npuinfer.ceval.generation import context, draw_shots, score_generation
@@ -228,6 +235,8 @@ def npuinfer_side(task: str, data_dir: Path, loaded, batch_size: int) -> tuple[d
         return out, time.perf_counter() - start
     template = task_templates(spec)["lmeval"]
     for subject in data.subjects(split):
+        if subjects and subject not in subjects:
+            continue
         questions = data.questions(subject, split)
         scorer = SubjectScorer(backend, subject, data.questions(subject, "dev"), questions, template,
                                spec.num_fewshot, "prefix", batch_size)
@@ -305,6 +314,15 @@ def compare(task: str, ours: dict, theirs: dict) -> dict:
     return result
 
 
+def rows_arg(value: str) -> int | None:
+    """--test: a row count, or 'official' (None)."""
+    if value == "official":
+        return None
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a row count or 'official', got {value!r}")
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lmeval-python", default=os.environ.get("LMEVAL_PYTHON"),
@@ -313,7 +331,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="more packages for lm-eval's interpreter (its hf model imports accelerate)")
     parser.add_argument("--task", action="append", choices=TASKS, help="repeatable; default: every task")
     parser.add_argument("--model", default="qwen2-tiny", help="a tiny model in transformers' own layout")
-    parser.add_argument("--test", type=int, default=20, help="questions per subject (GSM8K: test rows)")
+    parser.add_argument("--test", type=rows_arg, default=20,
+                        help="questions per subject (GSM8K: test rows), or 'official': each CMMLU / MMLU subject's "
+                             "count in the published test split")
+    parser.add_argument("--subject", action="append", default=None,
+                        help="repeatable; only these subjects of a multiple-choice task (default: every subject)")
     parser.add_argument("--train", type=int, default=100, help="GSM8K train rows (the 5-shot pool)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--data", type=Path, default=None, help="where the synthetic copies go (default: a temp dir)")
@@ -325,6 +347,18 @@ def main(argv: list[str] | None = None) -> None:
     if not args.lmeval_python:
         parser.error("--lmeval-python (or $LMEVAL_PYTHON) is required")
     sys.path.insert(0, str(REPO))
+    tasks = args.task or list(TASKS)
+    if args.test is None and any(t.startswith("gsm8k") for t in tasks):
+        parser.error("--test official is for cmmlu, mmlu (and ceval, always official); gsm8k needs a row count")
+    if args.subject:
+        from npuinfer.tasks import load_task
+
+        if any(t.startswith("gsm8k") for t in tasks):
+            parser.error("--subject is for the multiple-choice tasks; gsm8k has no subjects")
+        for t in tasks:
+            unknown = sorted(set(args.subject) - set(load_task(t).subject_names))
+            if unknown:
+                parser.error(f"--subject: {', '.join(unknown)} not a subject of {t}")
     from npuinfer.backends.npuinfer import NpuinferBackend
     from npuinfer.runtime import load_model
 
@@ -333,16 +367,17 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data or Path(tmp)
-        for task in args.task or TASKS:
-            data_dir = write_data(task, root, args.test, args.train)
-            work = Path(tmp) / task
+        for task in tasks:
+            data_dir = write_data(task, root, args.test, args.train, args.subject)
+            work = Path(tmp) / f"{task}_work"  # not the data's folder, which is under tmp too without --data
             work.mkdir()
-            ours, our_wall = npuinfer_side(task, data_dir, loaded, args.batch_size)
+            ours, our_wall = npuinfer_side(task, data_dir, loaded, args.batch_size, args.subject)
             probe = filter_probe(task, data_dir) if task.startswith("gsm8k") else None
-            lm = run_lmeval(args.lmeval_python, lmeval_configs(task, data_dir), model_dir,
+            lm = run_lmeval(args.lmeval_python, lmeval_configs(task, data_dir, args.subject), model_dir,
                             task.startswith("gsm8k"), args.batch_size, NpuinferBackend(loaded).max_seq_len, work,
                             args.lmeval_pythonpath, probe)
             result = compare(task, ours, lm["samples"])
+            result["subjects"] = len({k.rsplit("/", 1)[0] for k in ours})
             if probe:
                 result.update(compare_probe(task, probe, lm["probe"]))
             result.update(npuinfer_wall_s=round(our_wall, 1), lmeval_wall_s=round(lm["wall_s"], 1))

@@ -21,7 +21,7 @@ from npuinfer.ceval.taskdata import TaskData
 from npuinfer.results.naming import ResultName
 from npuinfer.tasks import TaskFileError, load_task, task_names
 from npuinfer.tasks.extract import apply_filter, cut_at_stops, exact_match, reference
-from npuinfer.tasks.synth import write_cmmlu, write_gsm8k, write_mmlu
+from npuinfer.tasks.synth import official_test_counts, write_cmmlu, write_gsm8k, write_mmlu
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,6 +107,16 @@ def test_the_layouts_read_as_their_official_files_are_written(tmp_path):
     write_gsm8k(tmp_path / "gsm8k", 3, 2)
     problems = TaskData("gsm8k", tmp_path / "gsm8k").problems("gsm8k", "test")
     assert len(problems) == 2 and "\n#### " in problems[0].answer
+
+
+def test_official_counts_are_the_published_totals_and_are_written(tmp_path):
+    mmlu, cmmlu = official_test_counts("mmlu"), official_test_counts("cmmlu")
+    assert list(mmlu) == list(load_task("mmlu").subject_names) and sum(mmlu.values()) == 14042
+    assert list(cmmlu) == list(load_task("cmmlu").subject_names) and sum(cmmlu.values()) == 11582
+    write_cmmlu(tmp_path / "cmmlu", None, subjects=["chinese_foreign_policy"])
+    assert len(TaskData("cmmlu", tmp_path / "cmmlu").questions("chinese_foreign_policy", "test")) == 107
+    write_mmlu(tmp_path / "mmlu", None, subjects=["management"])
+    assert len(TaskData("mmlu", tmp_path / "mmlu").questions("management", "test")) == 103
 
 
 def test_bad_rows_name_the_file_and_line(tmp_path):
