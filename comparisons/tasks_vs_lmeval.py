@@ -59,7 +59,8 @@ def write_data(task: str, root: Path, test: int | None, train: int, subjects: li
     return write_gsm8k(out, train, test)
 
 
-def lmeval_configs(task: str, data_dir: Path, subjects: list[str] | None = None) -> list[dict]:
+def lmeval_configs(task: str, data_dir: Path, subjects: list[str] | None = None,
+                   max_gen_toks: int | None = None) -> list[dict]:
     """lm-eval task configs: each of lm-eval's own task yamls' settings, dataset pointed at the local copy.
 
     Only the loader differs: lm-eval's MMLU rows hold ``choices`` (a list) and ``answer`` (an index) where the
@@ -89,7 +90,7 @@ def lmeval_configs(task: str, data_dir: Path, subjects: list[str] | None = None)
         description = "The following are multiple choice questions (with answers) about {display}.\n\n"
         target = "{{['A', 'B', 'C', 'D'].index(answer)}}"
     else:
-        return [gsm8k_config(task, data_dir)]
+        return [gsm8k_config(task, data_dir, max_gen_toks)]
     configs = []
     for s in spec.subjects:
         if subjects and s.name not in subjects:
@@ -109,8 +110,9 @@ def lmeval_configs(task: str, data_dir: Path, subjects: list[str] | None = None)
     return configs
 
 
-def gsm8k_config(task: str, data_dir: Path) -> dict:
-    """lm_eval/tasks/gsm8k/gsm8k.yaml or gsm8k-cot.yaml, the dataset pointed at the local jsonl files."""
+def gsm8k_config(task: str, data_dir: Path, max_gen_toks: int | None = None) -> dict:
+    """lm_eval/tasks/gsm8k/gsm8k.yaml or gsm8k-cot.yaml, the dataset pointed at the local jsonl files;
+    ``max_gen_toks`` for both sides where given (default lm-eval's 256, the task file's)."""
     from npuinfer.tasks import load_task
 
     spec = load_task(task)
@@ -124,7 +126,8 @@ def gsm8k_config(task: str, data_dir: Path) -> dict:
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                          "ignore_case": True, "ignore_punctuation": False,
                          "regexes_to_ignore": list(spec.ignore_regexes)}],
-        "generation_kwargs": {"until": list(spec.until), "do_sample": False, "temperature": 0.0},
+        "generation_kwargs": {"until": list(spec.until), "do_sample": False, "temperature": 0.0,
+                              **({"max_gen_toks": max_gen_toks} if max_gen_toks else {})},
         "repeats": 1, "num_fewshot": spec.num_fewshot,
         "filter_list": [{"name": f.name, "filter": [{"function": "regex", "regex_pattern": f.regex_pattern,
                                                       **({"group_select": f.group_select} if f.group_select else {})},
@@ -204,7 +207,7 @@ def run_lmeval(python: str, configs: list[dict], model_dir: Path, generation: bo
 # ------------------------------------------------------------------------------------------------ npuinfer's side
 
 def npuinfer_side(task: str, data_dir: Path, loaded, batch_size: int,
-                  subjects: list[str] | None = None) -> tuple[dict, float]:
+                  subjects: list[str] | None = None, max_gen_toks: int | None = None) -> tuple[dict, float]:
     """Every question's ids and prediction (or generation), keyed as lm-eval's samples are."""
     from npuinfer.backends.npuinfer import NpuinferBackend
     from npuinfer.ceval.generation import context, draw_shots, score_generation
@@ -228,7 +231,7 @@ def npuinfer_side(task: str, data_dir: Path, loaded, batch_size: int,
             text = context(spec, shots, p.fields)
             out[f"local_{task}/{i}"] = {"ids": backend.tokenizer.encode(text), "context": text}
         for scored in score_generation(backend, spec, subject, pool, problems, spec.num_fewshot,
-                                       batch_size=batch_size):
+                                       batch_size=batch_size, max_new_tokens=max_gen_toks):
             entry = out[f"local_{task}/{scored.row.question_id}"]
             entry.update(text=scored.row.generated, strict=scored.row.prediction,
                          flexible=apply_filter(spec.filters[1], scored.row.generated))
@@ -338,6 +341,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="repeatable; only these subjects of a multiple-choice task (default: every subject)")
     parser.add_argument("--train", type=int, default=100, help="GSM8K train rows (the 5-shot pool)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-gen-toks", type=int, default=None,
+                        help="GSM8K: tokens generated at most, both sides (default the task's, lm-eval's 256): a "
+                             "tiny model never writes a stop string, so each question costs its whole length")
     parser.add_argument("--data", type=Path, default=None, help="where the synthetic copies go (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here too")
     parser.add_argument("--lmeval-side", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
@@ -361,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
                 parser.error(f"--subject: {', '.join(unknown)} not a subject of {t}")
     from npuinfer.backends.npuinfer import NpuinferBackend
     from npuinfer.runtime import load_model
+    from npuinfer.tasks import load_task
 
     loaded = load_model(args.model, device="cpu", dtype="fp32")
     model_dir = loaded.model_dir
@@ -371,13 +378,16 @@ def main(argv: list[str] | None = None) -> None:
             data_dir = write_data(task, root, args.test, args.train, args.subject)
             work = Path(tmp) / f"{task}_work"  # not the data's folder, which is under tmp too without --data
             work.mkdir()
-            ours, our_wall = npuinfer_side(task, data_dir, loaded, args.batch_size, args.subject)
+            ours, our_wall = npuinfer_side(task, data_dir, loaded, args.batch_size, args.subject, args.max_gen_toks)
             probe = filter_probe(task, data_dir) if task.startswith("gsm8k") else None
-            lm = run_lmeval(args.lmeval_python, lmeval_configs(task, data_dir, args.subject), model_dir,
+            configs = lmeval_configs(task, data_dir, args.subject, args.max_gen_toks)
+            lm = run_lmeval(args.lmeval_python, configs, model_dir,
                             task.startswith("gsm8k"), args.batch_size, NpuinferBackend(loaded).max_seq_len, work,
                             args.lmeval_pythonpath, probe)
             result = compare(task, ours, lm["samples"])
             result["subjects"] = len({k.rsplit("/", 1)[0] for k in ours})
+            if task.startswith("gsm8k"):
+                result["max_gen_toks"] = args.max_gen_toks or load_task(task).max_gen_toks
             if probe:
                 result.update(compare_probe(task, probe, lm["probe"]))
             result.update(npuinfer_wall_s=round(our_wall, 1), lmeval_wall_s=round(lm["wall_s"], 1))
