@@ -248,7 +248,7 @@ def test_ctrl_c_leaves_only_complete_rows(served_vllm, tmp_path):
                                       "32x128", "--concurrency", "1,2", "--num-prompts", "24"),
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for_rows(tmp_path, srv.served_name, 1, proc)
-    time.sleep(0.5)  # inside the second case
+    time.sleep(1.5)  # inside the second case's streaming (its prompts made, its warm-up done)
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0 and "KeyboardInterrupt" in out, out[-2000:]
