@@ -255,7 +255,7 @@ def task_title(task: str) -> str:
 
 def task_grouping(task: str) -> Grouping:
     """The task's subject groups (its file's; C-Eval's categories, Avg and Avg(Hard))."""
-    return grouping(None if task == CEVAL_TASK else load_task(task))
+    return grouping(load_task(task))  # ceval's file gives C-Eval's grouping (aggregate.grouping)
 
 
 def _accuracies(data: Mapping[str, object]) -> tuple[dict[str, float], str]:
